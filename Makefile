@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh machine with only Python 3.11 and make:
+# they install uv if it is missing, then the locked dependencies.
+SHELL := /bin/bash
+export PATH := $(HOME)/.local/bin:$(PATH)
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+RUN := $(UV) run --frozen
+
+.PHONY: install demo up test lint typecheck unit bench soak clean
+
+$(UV):
+	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+
+.venv/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+install: .venv/.synced
+
+demo: install
+	$(RUN) agent-orchestrator demo
+
+up: install
+	$(RUN) agent-orchestrator up
+
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: install
+	$(RUN) mypy shared/lib agent_orchestrator agents shared/services/agent-registry
+
+test: lint typecheck
+	$(RUN) pytest
+
+bench: install
+	$(RUN) agent-orchestrator bench all --json support/bench/results/latest.json
+
+soak: install
+	$(RUN) agent-orchestrator bench soak --minutes 60
+
+clean:
+	rm -rf .data .venv .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from agent_orchestrator.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""The ``agent-orchestrator`` command: services, the stack, the demo and operator tools."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import typer
+from rich.console import Console
+
+from shared.lib.errors import OrchestratorError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Run and operate the multi-agent orchestrator.",
+)
+_err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Run and operate the multi-agent orchestrator."""
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the SQL migrations in config/state to DATABASE_URL (or the embedded server)."""
+    from shared.lib.bootstrap import configure_logging
+    from shared.lib.embedded import EmbeddedServers
+    from shared.lib.migrations import apply_migrations
+    from shared.lib.settings import load_settings
+
+    settings = load_settings(dev_mode=True)  # migrating needs no secrets
+    configure_logging(settings.log_level)
+    servers = EmbeddedServers(settings.data_dir)
+    try:
+        db_url, _ = servers.ensure(database_url=settings.database_url, redis_url=settings.redis_url or "unused")
+        result = asyncio.run(apply_migrations(db_url))
+    finally:
+        servers.stop()
+    applied = ", ".join(result.applied) or "nothing to apply"
+    typer.echo(f"schema at version {result.current_version}: {applied}")
+
+
+def main() -> None:
+    """Entry point: errors the project raises print as one line, with no traceback."""
+    try:
+        app()
+    except OrchestratorError as e:
+        _err.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,2 @@
+-- agent_registry: filled by its component.
+SELECT 1;

@@ -1,0 +1,2 @@
+-- events: filled by its component.
+SELECT 1;

@@ -1,0 +1,2 @@
+-- resource_locks: filled by its component.
+SELECT 1;

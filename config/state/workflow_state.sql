@@ -1,0 +1,2 @@
+-- workflow_state: filled by its component.
+SELECT 1;

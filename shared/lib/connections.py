@@ -1,0 +1,111 @@
+"""Connections to PostgreSQL (asyncpg) and Redis (redis-py asyncio).
+
+Pools and clients are created once per process, in a lifespan or a CLI runner,
+and closed there. Connection failures become one-line :class:`StartupError`
+messages that name the server and the reason, with the password redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.lib.errors import StartupError
+
+__all__ = [
+    "connect_postgres",
+    "connect_redis",
+    "create_database",
+    "create_pg_pool",
+    "drop_database",
+    "redact_url",
+    "with_database",
+]
+
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database ``name`` (query string kept)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typ, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        )
+
+
+def _pg_error(url: str, exc: BaseException) -> StartupError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StartupError(f"cannot connect to PostgreSQL at {redact_url(url)}: {reason}")
+
+
+async def connect_postgres(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """One dedicated connection (for locks held across a lease, migrations, admin work)."""
+    try:
+        conn = await asyncpg.connect(url, timeout=_CONNECT_TIMEOUT_S, **kwargs)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+        raise _pg_error(url, e) from e
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """An asyncpg pool with JSON codecs; fails fast with a StartupError if unreachable."""
+    try:
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, timeout=_CONNECT_TIMEOUT_S, init=_init_connection
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+        raise _pg_error(url, e) from e
+    assert pool is not None
+    return pool
+
+
+async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A redis-py asyncio client; pings once so a bad URL fails at start-up."""
+    try:
+        client = aioredis.Redis.from_url(
+            url, max_connections=max_connections, socket_connect_timeout=_CONNECT_TIMEOUT_S, health_check_interval=30
+        )
+        await asyncio.wait_for(client.ping(), _CONNECT_TIMEOUT_S)  # type: ignore[arg-type]
+    except (TimeoutError, RedisError, OSError, ValueError) as e:
+        reason = str(e) or type(e).__name__
+        raise StartupError(f"cannot connect to Redis at {redact_url(url)}: {reason}") from e
+    return client
+
+
+async def create_database(admin_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``admin_url`` and return its URL."""
+    conn = await connect_postgres(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, name)
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    conn = await connect_postgres(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

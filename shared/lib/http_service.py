@@ -1,0 +1,281 @@
+"""What every HTTP service shares: the service context, error handling, body
+limits, API keys, the ``/health`` ``/ready`` ``/metrics`` routes and serving.
+
+A service builds its FastAPI app in a factory, opens a :class:`ServiceContext`
+in its lifespan, and hands the context to routes through :data:`ContextDep`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.errors import OrchestratorError, PayloadTooLarge, StartupError, Unauthorized
+from shared.lib.settings import Settings
+
+__all__ = [
+    "ApiKeyDep",
+    "BodySizeLimit",
+    "ContextDep",
+    "ServiceContext",
+    "announce_mode",
+    "check_port_free",
+    "error_response",
+    "install_error_handlers",
+    "open_context",
+    "ops_router",
+    "serve",
+]
+
+_log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class ServiceContext:
+    """Per-process connections, created in a lifespan and closed there."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def open_context(settings: Settings, *, pg_max_size: int = 10) -> AsyncIterator[ServiceContext]:
+    if settings.database_url is None or settings.redis_url is None:
+        raise StartupError(
+            "DATABASE_URL and REDIS_URL must be set for a service; "
+            "start it through `agent-orchestrator up` to use embedded servers"
+        )
+    pool = await create_pg_pool(settings.database_url, max_size=pg_max_size)
+    try:
+        client = await connect_redis(settings.redis_url)
+    except BaseException:
+        await pool.close()
+        raise
+    try:
+        yield ServiceContext(settings=settings, pool=pool, redis=client)
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+def _context(request: Request) -> ServiceContext:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx
+
+
+ContextDep = Annotated[ServiceContext, Depends(_context)]
+
+
+def _presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_key(request: Request) -> None:
+    """Refuse the request unless it carries one of the configured API keys (dev mode is open)."""
+    settings: Settings = request.app.state.ctx.settings
+    if settings.dev_mode:
+        return
+    presented = _presented_key(request)
+    if presented is None:
+        raise Unauthorized("missing API key; send it in the X-API-Key header", field="X-API-Key")
+    if not any(hmac.compare_digest(presented.encode(), k.encode()) for k in settings.api_keys):
+        raise Unauthorized("wrong API key", field="X-API-Key")
+
+
+ApiKeyDep = Depends(require_api_key)
+
+
+def error_response(exc: OrchestratorError) -> ORJSONResponse:
+    return ORJSONResponse({"error": exc.to_dict()}, status_code=exc.status_code)
+
+
+def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
+    errors = exc.errors()
+    err: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "x"}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        ctx = err.get("ctx") or {}
+        body = {
+            "code": "malformed_json",
+            "field": "body",
+            "message": f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}",
+            "retryable": False,
+        }
+        return ORJSONResponse({"error": body}, status_code=400)
+    field_name = ".".join(loc) or "body"
+    body = {
+        "code": "invalid_input",
+        "field": field_name,
+        "message": f"{field_name}: {err.get('msg')}",
+        "retryable": False,
+    }
+    return ORJSONResponse({"error": body}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every error into a JSON body naming the problem; never leak a traceback."""
+
+    @app.exception_handler(OrchestratorError)
+    async def _orchestrator_error(_: Request, exc: OrchestratorError) -> ORJSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "retryable": False}
+        return ORJSONResponse({"error": body}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+        _log.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = {"code": "internal", "message": "internal error; the service log has the details", "retryable": True}
+        return ORJSONResponse({"error": body}, status_code=500)
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware refusing bodies over ``max_bytes`` with 413, streamed or not."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(self._too_large())(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body exceeds the limit of {self.max_bytes} bytes; "
+            "send a smaller payload or raise AO_MAX_PAYLOAD_BYTES",
+            field="body",
+        )
+
+
+async def _ping(ctx: ServiceContext) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            await ctx.pool.fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means not ready; say which
+        checks["postgres"] = f"error: {type(e).__name__}: {e}"
+    try:
+        async with asyncio.timeout(2):
+            await ctx.redis.ping()  # type: ignore[misc]  # redis-py types ping() as bool | Awaitable
+        checks["redis"] = "ok"
+    except Exception as e:  # noqa: BLE001 - any failure means not ready; say which
+        checks["redis"] = f"error: {type(e).__name__}: {e}"
+    return checks
+
+
+def ops_router(service: str) -> APIRouter:
+    """``/health`` (liveness), ``/ready`` (pings PostgreSQL and Redis) and ``/metrics``."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @router.get("/ready")
+    async def ready(ctx: ContextDep) -> ORJSONResponse:
+        checks = await _ping(ctx)
+        ok = all(v == "ok" for v in checks.values())
+        return ORJSONResponse(
+            {"status": "ready" if ok else "unavailable", "service": service, "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @router.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def announce_mode(service: str, settings: Settings) -> None:
+    """Say loudly, at start-up, when a service runs open in development mode."""
+    if settings.dev_mode:
+        _log.warning(
+            "!!! %s runs in DEVELOPMENT MODE: API keys and signatures are NOT checked. "
+            "Never expose it beyond this machine. !!!",
+            service,
+        )
+
+
+def check_port_free(host: str, port: int, service: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+            raise StartupError(
+                f"{service}: port {port} on {host} {why}; stop the other process "
+                "or choose another port with AO_PORTS or --port"
+            ) from e
+
+
+def serve(app: FastAPI, *, host: str, port: int, service: str, log_level: str = "info") -> None:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT, after checking the port is free."""
+    check_port_free(host, port, service)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if getattr(server, "started", False) is False:
+        raise StartupError(f"{service} failed to start on {host}:{port}; its log above says why")

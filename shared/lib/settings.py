@@ -1,0 +1,172 @@
+"""The one settings class every service and command builds at start-up.
+
+Values come from environment variables. The three connection URLs keep their
+conventional names (``DATABASE_URL``, ``REDIS_URL``, ``REGISTRY_URL``); every
+other variable carries the ``AO_`` prefix. Nothing here runs at import time:
+call :func:`load_settings` from a lifespan or a CLI command.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.lib.errors import StartupError
+
+__all__ = ["AGENT_ID_PATTERN", "SERVICE_PORTS", "Settings", "load_settings"]
+
+#: Agent ids and agent names share one pattern (DESIGN, Guarantees).
+AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+#: Default port per service (DESIGN, Services and ports).
+SERVICE_PORTS: dict[str, int] = {
+    "orchestrator": 8001,
+    "feature-dev": 8002,
+    "code-review": 8003,
+    "infrastructure": 8004,
+    "cicd": 8005,
+    "documentation": 8006,
+    "agent-registry": 8009,
+}
+
+_UNSAFE_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev"}
+
+
+def _url_field(name: str, default: str | None = None) -> Any:
+    return Field(default=default, validation_alias=AliasChoices(name, f"AO_{name}"))
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the orchestrator, the registry and every agent."""
+
+    model_config = SettingsConfigDict(env_prefix="AO_", extra="ignore", populate_by_name=True)
+
+    # -- connections ---------------------------------------------------------------
+    database_url: str | None = _url_field("DATABASE_URL")
+    """PostgreSQL URL; unset means: start the embedded server under data_dir."""
+    redis_url: str | None = _url_field("REDIS_URL")
+    """Redis URL; unset means: start the embedded redis-server under data_dir."""
+    registry_url: str = _url_field("REGISTRY_URL", "http://127.0.0.1:8009")
+    """Where agents and the orchestrator reach the registry service."""
+    pg_prepare_threshold: int | None = 5
+    """psycopg prepare threshold for the checkpointer; set empty/None behind pgbouncer."""
+
+    # -- process ---------------------------------------------------------------------
+    data_dir: Path = Path(".data")
+    """Embedded servers' data, the artifact store and logs live under here."""
+    host: str = "127.0.0.1"
+    """Interface every service binds to."""
+    ports: dict[str, int] = Field(default_factory=lambda: dict(SERVICE_PORTS))
+    """Port per service name, as JSON (``AO_PORTS='{"orchestrator": 9001}'``); merged over the defaults."""
+    dev_mode: bool = False
+    """Open APIs with no keys or signatures. Announced loudly at start-up."""
+    log_level: str = "INFO"
+
+    # -- security --------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated API keys accepted by the orchestrator and registry APIs."""
+    registration_secret: str = ""
+    """Secret an agent presents to register; the registry then issues it a token."""
+    signing_key: str = ""
+    """Shared HMAC-SHA256 key for envelopes on the bus."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest HTTP body or envelope payload accepted, in bytes."""
+
+    # -- messaging -------------------------------------------------------------------
+    redis_prefix: str = "ao"
+    """Prefix of every Redis key, so deployments and tests can share one server."""
+    visibility_timeout_s: float = 30.0
+    """A pending request not renewed for this long is reclaimed by another instance."""
+    max_deliveries: int = 5
+    """Deliveries after which a request goes to the dead-letter stream."""
+    response_ttl_s: int = 24 * 3600
+    """How long a response is kept under its request_id for idempotent replays."""
+    request_timeout_s: float = 30.0
+    """Default timeout of an agent call made by the orchestrator."""
+    stream_maxlen: int = 100_000
+    """Approximate MAXLEN of every request stream (backpressure)."""
+    replay_window_s: float = 300.0
+    """Signed envelopes older than this are refused as possible replays."""
+    agent_concurrency: int = 16
+    """Requests one agent instance handles at once."""
+
+    # -- registry --------------------------------------------------------------------
+    heartbeat_interval_s: float = 5.0
+    """How often an agent heartbeats (jittered by 10 %)."""
+    agent_stale_after_s: float = 20.0
+    """Missed-heartbeat TTL after which an instance is marked offline."""
+    agent_remove_after_s: float = 300.0
+    """Grace period after which an offline instance is removed."""
+
+    # -- workflows -------------------------------------------------------------------
+    approval_timeout_s: float = 3600.0
+    """A pending human approval older than this expires as rejected."""
+    run_lease_ttl_s: float = 15.0
+    """A workflow run whose runner stopped renewing for this long is taken over."""
+    stuck_after_s: float = 600.0
+    """A running workflow with no progress for this long is reported stuck."""
+    checkpoint_retention_s: float = 7 * 24 * 3600.0
+    """Finished workflows keep intermediate checkpoints for this long."""
+    max_concurrent_workflows: int = 64
+    """Workflows one orchestrator replica runs at once."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("ports", mode="after")
+    @classmethod
+    def _merge_ports(cls, value: dict[str, int]) -> dict[str, int]:
+        return {**SERVICE_PORTS, **value}
+
+    @field_validator("database_url", "redis_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_secrets(self) -> Settings:
+        if self.dev_mode:
+            return self
+        for name in ("registration_secret", "signing_key"):
+            if getattr(self, name).strip().lower() in _UNSAFE_SECRETS:
+                raise ValueError(
+                    f"AO_{name.upper()} is unset or a default value; set a random secret "
+                    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`) "
+                    "or run with AO_DEV_MODE=true"
+                )
+        if not self.api_keys:
+            raise ValueError("AO_API_KEYS is empty; set at least one key or run with AO_DEV_MODE=true")
+        return self
+
+    def port_for(self, service: str) -> int:
+        """The configured port of ``service``; agents without a default get none."""
+        try:
+            return self.ports[service]
+        except KeyError as e:
+            raise StartupError(f"no port configured for service {service!r}; set AO_PORTS") from e
+
+    def url_for(self, service: str) -> str:
+        return f"http://{self.host}:{self.port_for(service)}"
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = re.sub(r"^Value error, ", "", str(err.get("msg", "")))
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, turning a validation error into a StartupError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        raise StartupError(f"invalid configuration: {_first_error(e)}") from e
