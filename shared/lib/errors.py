@@ -22,6 +22,7 @@ __all__ = [
     "NotFound",
     "OrchestratorError",
     "PayloadTooLarge",
+    "RequestRejected",
     "ServiceUnavailable",
     "StartupError",
     "Timeout",
@@ -132,6 +133,14 @@ class AgentOffline(OrchestratorError):
     status_code = 503
     code = "agent_offline"
     retryable = True
+
+
+class RequestRejected(OrchestratorError):
+    """The agent refuses the request as such (an unknown request type, a refused envelope);
+    it maps to response status ``rejected``. Send a request type the agent declares."""
+
+    status_code = 422
+    code = "rejected"
 
 
 class ServiceUnavailable(OrchestratorError):

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     """Signed envelopes older than this are refused as possible replays."""
     agent_concurrency: int = 16
     """Requests one agent instance handles at once."""
+    agent_signing_keys: dict[str, str] = Field(default_factory=dict)
+    """Per-agent HMAC keys as JSON (``AO_AGENT_SIGNING_KEYS='{"cicd": "..."}'``); others use signing_key."""
 
     # -- registry --------------------------------------------------------------------
     heartbeat_interval_s: float = 5.0
