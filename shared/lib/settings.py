@@ -104,6 +104,22 @@ class Settings(BaseSettings):
     agent_remove_after_s: float = 300.0
     """Grace period after which an offline instance is removed."""
 
+    # -- agents ----------------------------------------------------------------------
+    agent_llm: str = ""
+    """Chat model of the agents' optional LLM brain, as ``module:attribute``; empty means none."""
+    agent_llm_timeout_s: float = 60.0
+    """Longest wait for one LLM completion; past it the agent answers without the LLM."""
+    agent_drain_grace_s: float = 20.0
+    """On SIGTERM, how long an agent lets in-flight requests finish before it deregisters."""
+    agent_status_debounce_s: float = 0.5
+    """How long in-flight work must stay (or stay gone) before an agent reports busy (or active)."""
+    review_max_file_bytes: int = 1024 * 1024
+    """Files a change adds or grows past this size are an error-level review finding."""
+    pipeline_timeout_s: float = 600.0
+    """Longest run of a repository's test command before the pipeline is failed as timed out."""
+    keep_releases: int = 5
+    """Releases kept per deploy environment; older ones are removed after a deploy."""
+
     # -- workflows -------------------------------------------------------------------
     approval_timeout_s: float = 3600.0
     """A pending human approval older than this expires as rejected."""
