@@ -28,6 +28,7 @@ MIGRATIONS: list[str] = [
     "workflow_state.sql",
     "resource_locks.sql",
     "events.sql",
+    "workflow_runs.sql",
 ]
 
 #: Advisory-lock key guarding migrations (an arbitrary constant: "ao-migr" in ASCII).

@@ -1,0 +1,105 @@
+"""Running one workflow's graph from wherever its checkpoint left it.
+
+The graph is streamed in ``tasks`` mode at durability ``sync``: every finished
+node is checkpointed before the next starts, reported as a ``workflow.node``
+event and timed in ``workflow_node_duration_seconds``. What comes out is an
+:class:`Outcome`: finished (with status and result) or waiting on an interrupt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command
+
+from agent_orchestrator.workflows.base import WorkflowContext
+from shared.lib import metrics
+
+__all__ = ["Outcome", "run_graph"]
+
+NodeCallback = Callable[[str, dict[str, Any], float], Awaitable[None]]
+
+
+@dataclass
+class Outcome:
+    status: str
+    """``succeeded``, ``failed`` or ``interrupted``."""
+    result: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    interrupt: dict[str, Any] | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _initial_state(
+    context: WorkflowContext, workflow_type: str, data: dict[str, Any], correlation_id: str
+) -> dict[str, Any]:
+    return {
+        "workflow_id": context.workflow_id,
+        "workflow_type": workflow_type,
+        "input": data,
+        "correlation_id": correlation_id,
+        "steps": {},
+        "iteration": 0,
+    }
+
+
+async def _graph_input(
+    graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any], resume_value: Any, fresh: dict[str, Any]
+) -> Any:
+    if resume_value is not None:
+        return Command(resume=resume_value)
+    snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
+    return fresh if snapshot.created_at is None else None
+
+
+async def run_graph(
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    *,
+    context: WorkflowContext,
+    config: dict[str, Any],
+    workflow_type: str,
+    data: dict[str, Any],
+    correlation_id: str,
+    resume_value: Any,
+    on_node: NodeCallback,
+) -> Outcome:
+    """Stream the graph to its end or its next interrupt, reporting each finished node."""
+    fresh = _initial_state(context, workflow_type, data, correlation_id)
+    graph_input = await _graph_input(graph, config, resume_value, fresh)
+    started: dict[str, float] = {}
+    async for event in graph.astream(
+        graph_input,
+        config,
+        context=context,  # type: ignore[arg-type]
+        stream_mode="tasks",
+        durability="sync",
+    ):
+        if "input" in event:
+            started[event["id"]] = time.perf_counter()
+            continue
+        elapsed = time.perf_counter() - started.pop(event["id"], time.perf_counter())
+        metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, event["name"]).observe(elapsed)
+        if event.get("error") is None and not event.get("interrupts"):
+            await on_node(event["name"], event.get("result") or {}, elapsed)
+    return await _outcome(graph, config)
+
+
+async def _outcome(graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any]) -> Outcome:
+    snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
+    values = dict(snapshot.values)
+    if snapshot.interrupts:
+        return Outcome(status="interrupted", interrupt=dict(snapshot.interrupts[0].value), values=values)
+    status = values.get("outcome") or "succeeded"
+    result = values.get("result") or {"steps": values.get("steps", {})}
+    return Outcome(
+        status=status,
+        result=result,
+        reason=values.get("reason", ""),
+        errors=list(values.get("errors", [])),
+        values=values,
+    )

@@ -1,0 +1,194 @@
+"""SQL over ``workflow_runs``: enqueue, claim, renew, park, finish, resume, cancel.
+
+Every state change is one statement, guarded by the state it expects, so two
+replicas racing on a row cannot both win. Enqueues and resumes ``NOTIFY`` the
+``ao_workflow_runs`` channel so idle runners wake at once instead of polling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+__all__ = ["CANCEL_CHANNEL", "RUNS_CHANNEL", "RunRow", "RunStore"]
+
+#: Wakes idle runners when a run becomes claimable.
+RUNS_CHANNEL = "ao_workflow_runs"
+#: Tells the replica running a workflow to cancel it now.
+CANCEL_CHANNEL = "ao_workflow_cancel"
+
+
+@dataclass(frozen=True)
+class RunRow:
+    workflow_id: str
+    workflow_type: str
+    state: str
+    runner_id: str | None
+    attempts: int
+    resume_value: Any
+    pending_interrupt: Any
+    wait_deadline: datetime | None
+    cancel_requested: bool
+    stuck_since: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> RunRow:
+        return cls(**{k: r[k] for k in cls.__dataclass_fields__})
+
+
+_COLUMNS = ", ".join(RunRow.__dataclass_fields__)
+
+
+class RunStore:
+    """Run leases in PostgreSQL for one runner (``runner_id``)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, runner_id: str, lease_ttl_s: float) -> None:
+        self.pool = pool
+        self.runner_id = runner_id
+        self.lease_ttl_s = lease_ttl_s
+
+    async def enqueue(self, conn: asyncpg.Connection, workflow_id: str, workflow_type: str) -> None:
+        """Queue a new run inside the caller's transaction (the workflow row is written with it)."""
+        await conn.execute(
+            "INSERT INTO workflow_runs (workflow_id, workflow_type) VALUES ($1, $2) "
+            "ON CONFLICT (workflow_id) DO NOTHING",
+            workflow_id,
+            workflow_type,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
+
+    async def get(self, workflow_id: str) -> RunRow | None:
+        row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM workflow_runs WHERE workflow_id = $1", workflow_id)
+        return RunRow.from_record(row) if row else None
+
+    async def candidates(self, *, limit: int) -> list[str]:
+        """Runs that are queued, or running under an expired lease (their runner died)."""
+        rows = await self.pool.fetch(
+            "SELECT workflow_id FROM workflow_runs WHERE state = 'queued' "
+            "OR (state = 'running' AND lease_expires_at < now()) ORDER BY updated_at LIMIT $1",
+            limit,
+        )
+        return [r["workflow_id"] for r in rows]
+
+    async def claim(self, workflow_id: str) -> RunRow | None:
+        """Take the run if it is still claimable; the caller already holds its advisory lock."""
+        row = await self.pool.fetchrow(
+            f"UPDATE workflow_runs SET state = 'running', runner_id = $2, attempts = attempts + 1, "
+            f"lease_expires_at = now() + make_interval(secs => $3), last_progress_at = now(), stuck_since = NULL, "
+            f"updated_at = now() WHERE workflow_id = $1 AND (state = 'queued' OR (state = 'running' "
+            f"AND lease_expires_at < now())) RETURNING {_COLUMNS}",
+            workflow_id,
+            self.runner_id,
+            self.lease_ttl_s,
+        )
+        return RunRow.from_record(row) if row else None
+
+    async def renew(self, workflow_ids: list[str]) -> dict[str, bool]:
+        """Extend our leases; returns {workflow_id: cancel_requested} for the ones still ours."""
+        rows = await self.pool.fetch(
+            "UPDATE workflow_runs SET lease_expires_at = now() + make_interval(secs => $3) "
+            "WHERE workflow_id = ANY($1::text[]) AND runner_id = $2 AND state = 'running' "
+            "RETURNING workflow_id, cancel_requested",
+            workflow_ids,
+            self.runner_id,
+            self.lease_ttl_s,
+        )
+        return {r["workflow_id"]: r["cancel_requested"] for r in rows}
+
+    async def progress(self, workflow_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE workflow_runs SET last_progress_at = now(), stuck_since = NULL "
+            "WHERE workflow_id = $1 AND runner_id = $2",
+            workflow_id,
+            self.runner_id,
+        )
+
+    async def park(self, workflow_id: str, *, interrupt: Any, wait_s: float) -> None:
+        """The run waits for a human: give up the lease until someone answers or it expires."""
+        await self.pool.execute(
+            "UPDATE workflow_runs SET state = 'waiting', runner_id = NULL, lease_expires_at = NULL, "
+            "resume_value = NULL, pending_interrupt = $2, wait_deadline = now() + make_interval(secs => $3), "
+            "updated_at = now() WHERE workflow_id = $1 AND runner_id = $4",
+            workflow_id,
+            interrupt,
+            wait_s,
+            self.runner_id,
+        )
+
+    async def finish(self, workflow_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE workflow_runs SET state = 'done', runner_id = NULL, lease_expires_at = NULL, "
+            "pending_interrupt = NULL, resume_value = NULL, updated_at = now() WHERE workflow_id = $1",
+            workflow_id,
+        )
+
+    async def requeue(self, workflow_id: str) -> None:
+        """Hand a run back (shutdown, stuck retry) so any replica resumes it from its checkpoint."""
+        await self.pool.execute(
+            "UPDATE workflow_runs SET state = 'queued', runner_id = NULL, lease_expires_at = NULL, "
+            "updated_at = now() WHERE workflow_id = $1 AND runner_id = $2 AND state = 'running'",
+            workflow_id,
+            self.runner_id,
+        )
+        await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
+
+    async def resume(self, workflow_id: str, value: Any) -> bool:
+        """Answer a waiting run; False when it is not waiting."""
+        row = await self.pool.fetchrow(
+            "UPDATE workflow_runs SET state = 'queued', resume_value = $2, pending_interrupt = NULL, "
+            "wait_deadline = NULL, updated_at = now() WHERE workflow_id = $1 AND state = 'waiting' "
+            "RETURNING workflow_id",
+            workflow_id,
+            value,
+        )
+        if row:
+            await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
+        return row is not None
+
+    async def expire_waits(self, *, answer: dict[str, Any]) -> list[str]:
+        """Answer every approval past its deadline with ``answer`` (an expired rejection)."""
+        rows = await self.pool.fetch(
+            "UPDATE workflow_runs SET state = 'queued', resume_value = $1, pending_interrupt = NULL, "
+            "wait_deadline = NULL, updated_at = now() WHERE state = 'waiting' AND wait_deadline < now() "
+            "RETURNING workflow_id",
+            answer,
+        )
+        for r in rows:
+            await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, r["workflow_id"])
+        return [r["workflow_id"] for r in rows]
+
+    async def request_cancel(self, workflow_id: str) -> str | None:
+        """Flag a run for cancellation; returns its state before, None if unknown or done."""
+        row = await self.pool.fetchrow(
+            "UPDATE workflow_runs SET cancel_requested = true, updated_at = now() "
+            "WHERE workflow_id = $1 AND state <> 'done' RETURNING state",
+            workflow_id,
+        )
+        if row:
+            await self.pool.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, workflow_id)
+        return row["state"] if row else None
+
+    async def cancel_idle(self, workflow_id: str) -> bool:
+        """Finish a queued or waiting run as cancelled (nobody runs it); False if it is running."""
+        row = await self.pool.fetchrow(
+            "UPDATE workflow_runs SET state = 'done', pending_interrupt = NULL, updated_at = now() "
+            "WHERE workflow_id = $1 AND state IN ('queued', 'waiting') RETURNING workflow_id",
+            workflow_id,
+        )
+        return row is not None
+
+    async def mark_stuck(self, workflow_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE workflow_runs SET stuck_since = coalesce(stuck_since, now()) WHERE workflow_id = $1", workflow_id
+        )
+
+    async def pending_interrupts(self, *, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT workflow_id, workflow_type, pending_interrupt, wait_deadline, updated_at FROM workflow_runs "
+            "WHERE state = 'waiting' ORDER BY wait_deadline LIMIT $1",
+            limit,
+        )

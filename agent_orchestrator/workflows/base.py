@@ -1,0 +1,80 @@
+"""What a workflow type is, and the context its nodes receive at run time.
+
+A workflow type pairs an input model with a graph builder. Nodes receive a
+:class:`WorkflowContext` through LangGraph's runtime (``Runtime[WorkflowContext]``):
+it carries the agent caller and the lock manager, so nodes hold no globals and
+user workflows get the same tools as the built-in ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from langgraph.graph import StateGraph
+from pydantic import BaseModel
+
+from shared.lib.settings import Settings
+
+__all__ = ["AgentCalls", "AgentReply", "LockHolder", "WorkflowContext", "WorkflowType"]
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    """A successful agent answer: its payload and the instance that produced it."""
+
+    payload: dict[str, Any]
+    agent: str
+    instance: str
+
+
+class AgentCalls(Protocol):
+    """How nodes call agents; the idempotency key comes from the thread, the task and ``label``."""
+
+    async def call(
+        self, agent: str, request_type: str, payload: dict[str, Any], *, label: str, timeout_s: float | None = None
+    ) -> AgentReply: ...
+
+
+class LockHolder(Protocol):
+    """Locks held by the workflow across nodes (``hold``) or for one block (``scoped``)."""
+
+    async def hold(self, resource_id: str, *, ttl_s: float) -> int: ...
+
+    def scoped(self, resource_id: str, *, ttl_s: float, wait_s: float) -> AbstractAsyncContextManager[int]: ...
+
+
+@dataclass
+class WorkflowContext:
+    """Run-time services for nodes, built by the runner for each run."""
+
+    workflow_id: str
+    settings: Settings
+    calls: AgentCalls
+    locks: LockHolder
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkflowType:
+    """A launchable workflow: its name, input model and graph builder.
+
+    User workflows expose one of these through the ``agent_orchestrator.workflows``
+    entry-point group.
+    """
+
+    name: str
+    description: str
+    input_model: type[BaseModel]
+    build: Callable[[], StateGraph[Any, Any, Any, Any]]
+
+    def input_schema(self) -> dict[str, Any]:
+        return self.input_model.model_json_schema()
+
+    def validate_input(self, data: Any) -> dict[str, Any]:
+        return self.input_model.model_validate(data).model_dump(mode="json")
+
+    def mermaid(self) -> str:
+        return self.build().compile().get_graph().draw_mermaid()

@@ -1,0 +1,222 @@
+"""``pr_deployment``: lock the repository, review, test, ask a human, deploy under
+a lock on the environment, verify health, roll back if it fails.
+
+The approval is a LangGraph ``interrupt()``; the workflow is resumed through the
+API or the CLI with ``{"decision": "approve"|"reject", "by": ..., "comment": ...}``.
+An approval not given within ``approval_timeout_s`` is answered by the runner
+with an ``expired`` rejection, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import interrupt
+from pydantic import BaseModel, Field, ValidationError
+
+from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from shared.lib.multi_agent_state import MultiAgentState
+
+__all__ = ["PR_DEPLOYMENT", "ApprovalDecision", "PrDeploymentInput"]
+
+_REPO_LOCK_TTL_S = 3600.0
+_ENV_LOCK_TTL_S = 600.0
+_ENV_LOCK_WAIT_S = 120.0
+
+
+class PrDeploymentInput(BaseModel):
+    repo_path: str = Field(min_length=1, description="Path of the git repository.")
+    base: str = Field(min_length=1, description="Base revision of the change.")
+    head: str = Field(min_length=1, description="Revision to review, test and deploy.")
+    environment: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Deploy environment name.")
+    health_targets: list[dict[str, Any]] = Field(default_factory=list, description="Extra HEALTH_CHECK targets.")
+    approval_timeout_s: float | None = Field(default=None, gt=0, description="Override of AO_APPROVAL_TIMEOUT_S.")
+
+
+class ApprovalDecision(BaseModel):
+    decision: Literal["approve", "reject"]
+    by: str = Field(default="unknown", max_length=200)
+    comment: str = Field(default="", max_length=4000)
+    expired: bool = False
+
+
+def _args(state: MultiAgentState) -> PrDeploymentInput:
+    return PrDeploymentInput.model_validate(state["input"])
+
+
+def _fail(step: str, reason: str, output: dict[str, Any]) -> dict[str, Any]:
+    return {"current_step": step, "steps": {step: output}, "outcome": "failed", "reason": reason}
+
+
+async def lock_repo(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    resource = f"repo:{_args(state).repo_path}"
+    token = await runtime.context.locks.hold(resource, ttl_s=_REPO_LOCK_TTL_S)
+    return {
+        "current_step": "lock_repo",
+        "locks": [resource],
+        "steps": {"lock_repo": {"resource": resource, "token": token}},
+    }
+
+
+async def review(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    args = _args(state)
+    reply = await runtime.context.calls.call(
+        "code-review",
+        "REVIEW_CODE",
+        {"repo_path": args.repo_path, "base": args.base, "head": args.head},
+        label="review",
+    )
+    out = {**reply.payload, "instance": reply.instance}
+    if not reply.payload.get("approved"):
+        errors = [f for f in reply.payload.get("findings", []) if f.get("severity") == "error"]
+        return {
+            **_fail("review", f"code review did not approve: {len(errors)} error finding(s)", out),
+            "agents": [reply.instance],
+        }
+    return {"current_step": "review", "steps": {"review": out}, "agents": [reply.instance]}
+
+
+def _pipeline_passed(payload: dict[str, Any]) -> bool:
+    if "success" in payload:
+        return bool(payload["success"])
+    return payload.get("exit_code") == 0 and not payload.get("failed")
+
+
+async def test(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    args = _args(state)
+    reply = await runtime.context.calls.call(
+        "cicd",
+        "RUN_PIPELINE",
+        {"repo_path": args.repo_path, "revision": args.head},
+        label="pipeline",
+        timeout_s=max(runtime.context.settings.request_timeout_s, 300.0),
+    )
+    out = {**reply.payload, "instance": reply.instance}
+    if not _pipeline_passed(reply.payload):
+        tail = str(reply.payload.get("log_tail", ""))[-2000:]
+        return {**_fail("test", f"tests failed; log tail:\n{tail}", out), "agents": [reply.instance]}
+    return {"current_step": "test", "steps": {"test": out}, "agents": [reply.instance]}
+
+
+def _summary(state: MultiAgentState, timeout_s: float) -> dict[str, Any]:
+    steps = state.get("steps", {})
+    rv, tst = steps.get("review", {}), steps.get("test", {})
+    return {
+        "question": f"Deploy {_args(state).head} to {_args(state).environment}?",
+        "review": {"approved": rv.get("approved"), "findings": len(rv.get("findings", []))},
+        "tests": {k: tst.get(k) for k in ("passed", "failed", "duration_s") if k in tst},
+        "expires_at": (datetime.now(UTC) + timedelta(seconds=timeout_s)).isoformat(),
+        "answer_with": {"decision": "approve|reject", "by": "name", "comment": "text"},
+    }
+
+
+async def approval(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    timeout_s = _args(state).approval_timeout_s or runtime.context.settings.approval_timeout_s
+    answer = interrupt({"kind": "approval", "timeout_s": timeout_s, **_summary(state, timeout_s)})
+    try:
+        decision = ApprovalDecision.model_validate(answer)
+    except ValidationError as e:
+        return _fail("approval", f"approval answer was not understood: {e.errors()[0]['msg']}", {"answer": answer})
+    out = decision.model_dump()
+    if decision.decision == "reject":
+        why = f"approval expired after {timeout_s:.0f}s" if decision.expired else f"rejected by {decision.by}"
+        return _fail("approval", f"{why}{': ' + decision.comment if decision.comment else ''}", out)
+    return {"current_step": "approval", "steps": {"approval": out}}
+
+
+async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    args, calls = _args(state), runtime.context.calls
+    async with runtime.context.locks.scoped(
+        f"env:{args.environment}", ttl_s=_ENV_LOCK_TTL_S, wait_s=_ENV_LOCK_WAIT_S
+    ) as token:
+        art = await calls.call(
+            "cicd", "DEPLOY_ARTIFACT", {"repo_path": args.repo_path, "revision": args.head}, label="artifact"
+        )
+        rel = await calls.call(
+            "infrastructure",
+            "DEPLOY_SERVICE",
+            {"artifact": art.payload["artifact"], "environment": args.environment},
+            label="deploy",
+        )
+    out = {"artifact": art.payload, "release": rel.payload, "lock_token": token}
+    return {
+        "current_step": "deploy",
+        "steps": {"deploy": out},
+        "agents": [art.instance, rel.instance],
+        "actions": [{"action": "deploy", "environment": args.environment, "revision": args.head}],
+    }
+
+
+async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    args = _args(state)
+    targets = [{"type": "release", "environment": args.environment}, *args.health_targets]
+    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", {"targets": targets}, label="health")
+    return {"current_step": "verify", "steps": {"verify": reply.payload}, "agents": [reply.instance]}
+
+
+def _healthy(state: MultiAgentState) -> bool:
+    return not state.get("steps", {}).get("verify", {}).get("issues")
+
+
+async def rollback(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    env = _args(state).environment
+    async with runtime.context.locks.scoped(f"env:{env}", ttl_s=_ENV_LOCK_TTL_S, wait_s=_ENV_LOCK_WAIT_S):
+        reply = await runtime.context.calls.call("infrastructure", "ROLLBACK", {"environment": env}, label="rollback")
+    issues = state.get("steps", {}).get("verify", {}).get("issues", [])
+    return {
+        **_fail("rollback", f"health check found {len(issues)} issue(s); rolled back", reply.payload),
+        "actions": [{"action": "rollback", "environment": env}],
+    }
+
+
+async def finish(state: MultiAgentState) -> dict[str, Any]:
+    steps = state.get("steps", {})
+    return {
+        "current_step": "finish",
+        "outcome": "succeeded",
+        "reason": "",
+        "result": {"deployed": state["input"]["head"], "environment": state["input"]["environment"], "steps": steps},
+    }
+
+
+def _next_unless_failed(target: str) -> Any:
+    def route(state: MultiAgentState) -> str:
+        return END if state.get("outcome") == "failed" else target
+
+    return route
+
+
+def build() -> StateGraph[Any, Any, Any, Any]:
+    g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
+    for name, fn in [
+        ("lock_repo", lock_repo),
+        ("review", review),
+        ("test", test),
+        ("approval", approval),
+        ("deploy", deploy),
+        ("verify", verify),
+        ("rollback", rollback),
+        ("finish", finish),
+    ]:
+        g.add_node(name, fn)
+    g.add_edge(START, "lock_repo")
+    g.add_edge("lock_repo", "review")
+    g.add_conditional_edges("review", _next_unless_failed("test"), ["test", END])
+    g.add_conditional_edges("test", _next_unless_failed("approval"), ["approval", END])
+    g.add_conditional_edges("approval", _next_unless_failed("deploy"), ["deploy", END])
+    g.add_edge("deploy", "verify")
+    g.add_conditional_edges("verify", lambda s: "finish" if _healthy(s) else "rollback", ["finish", "rollback"])
+    g.add_edge("rollback", END)
+    g.add_edge("finish", END)
+    return g
+
+
+PR_DEPLOYMENT = WorkflowType(
+    name="pr_deployment",
+    description="Review, test, approve (human), deploy under an environment lock, verify, roll back on failure.",
+    input_model=PrDeploymentInput,
+    build=build,
+)

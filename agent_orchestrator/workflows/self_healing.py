@@ -1,0 +1,128 @@
+"""``self_healing``: detect, diagnose, fix, verify, looping at most ``max_iterations``.
+
+Detection and verification are the infrastructure agent's ``HEALTH_CHECK``; the
+diagnosis maps each issue to the remediation the infrastructure agent offers for
+it; the fix runs those remediations. The final result is
+``{is_resolved, iterations, actions}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from pydantic import BaseModel, Field
+
+from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from shared.lib.errors import OrchestratorError
+from shared.lib.multi_agent_state import MultiAgentState
+
+__all__ = ["SELF_HEALING", "SelfHealingInput"]
+
+
+class SelfHealingInput(BaseModel):
+    targets: list[dict[str, Any]] = Field(default_factory=list, description="HEALTH_CHECK targets to watch.")
+    max_iterations: int = Field(default=3, ge=1, le=20, description="Diagnose-fix-verify rounds at most.")
+
+
+async def _health(runtime: Runtime[WorkflowContext], targets: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", {"targets": targets}, label=label)
+    return reply.payload
+
+
+async def detect(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    report = await _health(runtime, SelfHealingInput.model_validate(state["input"]).targets, "detect")
+    return {"current_step": "detect", "iteration": 0, "steps": {"detect": report, "verify": report}}
+
+
+def _open_issues(state: MultiAgentState) -> list[dict[str, Any]]:
+    issues: list[dict[str, Any]] = state.get("steps", {}).get("verify", {}).get("issues", [])
+    return issues
+
+
+async def diagnose(state: MultiAgentState) -> dict[str, Any]:
+    plan = []
+    for issue in _open_issues(state):
+        remediation = issue.get("remediation")
+        if remediation:
+            plan.append({"issue": issue.get("kind", issue.get("type", "issue")), "remediation": remediation})
+    return {
+        "current_step": "diagnose",
+        "iteration": state.get("iteration", 0) + 1,
+        "steps": {"diagnose": {"plan": plan, "unfixable": len(_open_issues(state)) - len(plan)}},
+    }
+
+
+async def fix(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    actions = []
+    iteration = state.get("iteration", 1)
+    for n, item in enumerate(state["steps"]["diagnose"]["plan"]):
+        remediation = item["remediation"]
+        try:
+            reply = await runtime.context.calls.call(
+                "infrastructure",
+                str(remediation["request_type"]),
+                dict(remediation.get("payload", {})),
+                label=f"fix:{iteration}:{n}",
+            )
+            actions.append({"iteration": iteration, **item, "ok": True, "result": reply.payload})
+        except OrchestratorError as e:
+            actions.append({"iteration": iteration, **item, "ok": False, "error": e.message})
+    return {"current_step": "fix", "actions": actions}
+
+
+async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    targets = SelfHealingInput.model_validate(state["input"]).targets
+    report = await _health(runtime, targets, f"verify:{state.get('iteration', 1)}")
+    return {"current_step": "verify", "steps": {"verify": report}}
+
+
+async def conclude(state: MultiAgentState) -> dict[str, Any]:
+    remaining = _open_issues(state)
+    resolved = not remaining
+    result = {
+        "is_resolved": resolved,
+        "iterations": state.get("iteration", 0),
+        "actions": state.get("actions", []),
+        "remaining_issues": remaining,
+        "detected": state.get("steps", {}).get("detect", {}).get("issues", []),
+    }
+    reason = "" if resolved else f"{len(remaining)} issue(s) remain after {result['iterations']} iteration(s)"
+    return {
+        "current_step": "conclude",
+        "result": result,
+        "outcome": "succeeded" if resolved else "failed",
+        "reason": reason,
+    }
+
+
+def _after_check(state: MultiAgentState) -> str:
+    if not _open_issues(state):
+        return "conclude"
+    limit = SelfHealingInput.model_validate(state["input"]).max_iterations
+    return "diagnose" if state.get("iteration", 0) < limit else "conclude"
+
+
+def build() -> StateGraph[Any, Any, Any, Any]:
+    g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
+    g.add_node("detect", detect)
+    g.add_node("diagnose", diagnose)
+    g.add_node("fix", fix)
+    g.add_node("verify", verify)
+    g.add_node("conclude", conclude)
+    g.add_edge(START, "detect")
+    g.add_conditional_edges("detect", _after_check, ["diagnose", "conclude"])
+    g.add_edge("diagnose", "fix")
+    g.add_edge("fix", "verify")
+    g.add_conditional_edges("verify", _after_check, ["diagnose", "conclude"])
+    g.add_edge("conclude", END)
+    return g
+
+
+SELF_HEALING = WorkflowType(
+    name="self_healing",
+    description="Detect, diagnose, fix and verify infrastructure issues, looping at most max_iterations times.",
+    input_model=SelfHealingInput,
+    build=build,
+)
