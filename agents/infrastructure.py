@@ -1,0 +1,188 @@
+"""The infrastructure agent: DEPLOY_SERVICE and ROLLBACK of environment
+directories, HEALTH_CHECK of a deployment, and REMEDIATE for the issues a
+health check reports.
+
+Environments live under ``data_dir/environments/<name>`` unless an absolute
+path is given. The orchestrator's workflow holds the ``env:<environment>`` lock
+around a deploy; a repeated deploy of the current revision changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.sdk.agent import Agent, skill
+from agents.work.health import Issue, Probe, probe_environment, probe_http, probe_pending, probe_tcp
+from agents.work.pipeline import file_sha256
+from agents.work.release import deploy_release, environment_dir, rollback
+from shared.lib.errors import InvalidInput, NotFound
+
+__all__ = ["DeployServiceInput", "HealthCheckInput", "InfrastructureAgent", "RemediateInput", "RollbackInput"]
+
+_ARTIFACT_REV = re.compile(r"-([0-9a-f]{7,64})\.tar\.gz$")
+
+
+class DeployServiceInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str = Field(min_length=1, description="path of a .tar.gz from DEPLOY_ARTIFACT")
+    environment: str = Field(min_length=1, description="a name under data_dir/environments, or an absolute path")
+    revision: str | None = Field(default=None, description="default: from the artifact's manifest")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="checked when given")
+    keep_releases: int | None = Field(default=None, ge=1, le=100)
+
+
+class RollbackInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str = Field(min_length=1)
+    to: str | None = Field(default=None, description="a kept release; default: the one before current")
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["http", "tcp"]
+    url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    expect_status: int = Field(default=200, ge=100, le=599)
+
+    @model_validator(mode="after")
+    def _address(self) -> Target:
+        if self.kind == "http" and not self.url:
+            raise ValueError("an http target needs a url")
+        if self.kind == "tcp" and (not self.host or self.port is None):
+            raise ValueError("a tcp target needs a host and a port")
+        return self
+
+
+class HealthCheckInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[Target] = Field(default_factory=list, max_length=256)
+    environment: str | None = None
+    agents: list[str] = Field(default_factory=list, description="agents whose pending requests to count")
+    max_pending: int = Field(default=100, ge=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+
+class RemediateInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["rollback"]
+    environment: str | None = None
+    to: str | None = None
+
+
+def _manifest(artifact: Path) -> dict[str, Any]:
+    path = artifact.with_name(artifact.name + ".json")
+    return dict(orjson.loads(path.read_bytes())) if path.is_file() else {}
+
+
+def _revision_of(artifact: Path, given: str | None) -> str:
+    if not artifact.is_file():
+        raise NotFound(f"artifact: {artifact} does not exist; package the revision first", field="artifact")
+    if given:
+        return given
+    manifest = _manifest(artifact)
+    if isinstance(manifest.get("revision"), str):
+        return str(manifest["revision"])
+    if (match := _ARTIFACT_REV.search(artifact.name)) is not None:
+        return match.group(1)
+    raise InvalidInput("revision: the artifact has no manifest; pass the revision", field="revision")
+
+
+class InfrastructureAgent(Agent):
+    name = "infrastructure"
+    version = "1.0.0"
+    description = "Deploys artifacts into environment directories, rolls back, checks health and remediates."
+
+    def _env(self, environment: str) -> Path:
+        return environment_dir(environment, root=self.settings.data_dir / "environments")
+
+    @skill(
+        "DEPLOY_SERVICE",
+        description="Unpack an artifact into <env>/releases/<rev> and switch <env>/current atomically; keeps the "
+        "last N releases. Idempotent per environment and revision.",
+        tags=("deploy", "release", "environment"),
+    )
+    async def deploy_service(self, payload: DeployServiceInput) -> dict[str, Any]:
+        artifact = Path(payload.artifact)
+        env = self._env(payload.environment)
+        revision = await asyncio.to_thread(_revision_of, artifact, payload.revision)
+        if payload.sha256 is not None:
+            await _check_sha256(artifact, payload.sha256)
+        keep = payload.keep_releases or self.settings.keep_releases
+        return (await deploy_release(artifact, env, revision, keep_releases=keep)).as_dict()
+
+    @skill(
+        "ROLLBACK",
+        description="Switch <env>/current back to the release deployed before it, or to a named kept release.",
+        tags=("deploy", "rollback", "environment"),
+    )
+    async def rollback(self, payload: RollbackInput) -> dict[str, Any]:
+        return (await rollback(self._env(payload.environment), to=payload.to)).as_dict()
+
+    @skill(
+        "HEALTH_CHECK",
+        description="Probe HTTP and TCP targets, the release an environment serves, and the requests pending "
+        "for agents on the bus; returns every probe and the issues found.",
+        tags=("health", "monitoring", "probe"),
+    )
+    async def health_check(self, payload: HealthCheckInput) -> dict[str, Any]:
+        probes, issues = await self._probe_targets(payload)
+        if payload.environment is not None:
+            probe, issue = await asyncio.to_thread(probe_environment, self._env(payload.environment))
+            probes.append(probe)
+            issues += [issue] if issue else []
+        if payload.agents:
+            pending_probes, pending_issues = await probe_pending(
+                self.require("redis"), self.settings.redis_prefix, payload.agents, max_pending=payload.max_pending
+            )
+            probes += pending_probes
+            issues += pending_issues
+        return {
+            "healthy": not any(i.severity == "critical" for i in issues),
+            "probes": [p.as_dict() for p in probes],
+            "issues": [i.as_dict() for i in issues],
+        }
+
+    async def _probe_targets(self, payload: HealthCheckInput) -> tuple[list[Probe], list[Issue]]:
+        checks = [
+            probe_http(t.url or "", timeout_s=payload.timeout_s, expect_status=t.expect_status)
+            if t.kind == "http"
+            else probe_tcp(t.host or "", t.port or 0, timeout_s=payload.timeout_s)
+            for t in payload.targets
+        ]
+        results = await asyncio.gather(*checks)
+        return [p for p, _ in results], [i for _, i in results if i is not None]
+
+    @skill(
+        "REMEDIATE",
+        description="Apply the fix a health check proposed: roll an environment back.",
+        tags=("remediation", "self-healing"),
+    )
+    async def remediate(self, payload: RemediateInput) -> dict[str, Any]:
+        if payload.environment is None:
+            raise InvalidInput("environment: rollback needs the environment", field="environment")
+        result = await rollback(self._env(payload.environment), to=payload.to)
+        return {"action": payload.action, "applied": result.changed, "result": result.as_dict()}
+
+
+def _sha256_of(artifact: Path) -> str:
+    if not artifact.is_file():
+        raise InvalidInput(f"artifact: {artifact} does not exist", field="artifact")
+    return file_sha256(artifact)
+
+
+async def _check_sha256(artifact: Path, expected: str) -> None:
+    actual = await asyncio.to_thread(_sha256_of, artifact)
+    if actual != expected:
+        raise InvalidInput(f"sha256: the artifact's checksum is {actual}, not {expected}", field="sha256")

@@ -1,0 +1,163 @@
+"""Releases of an environment directory: unpack, switch ``current`` atomically,
+keep the last N, roll back.
+
+Layout of an environment::
+
+    <env>/releases/<rev>/     one unpacked artifact per revision
+    <env>/current -> releases/<rev>
+    <env>/history.json        revisions in the order they were deployed (newest last)
+
+``current`` is switched by creating a symlink under a temporary name and
+``os.replace``-ing it over ``current``: a reader sees the old release or the new
+one, never neither. A release is unpacked into a temporary directory and renamed
+into place, so a half-unpacked release is never visible. Deploying a revision
+that is already current changes nothing (idempotent per environment and
+revision). A rollback walks back through the deploy order without rewriting
+it, so rolling back twice from C in ``[A, B, C]`` reaches A. The caller holds
+the ``env:<environment>`` lock around these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared.lib.errors import Conflict, InvalidInput, NotFound
+
+__all__ = ["ReleaseResult", "current_release", "deploy_release", "environment_dir", "release_history", "rollback"]
+
+_REV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ENV = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    environment: str
+    revision: str
+    previous: str | None
+    path: str
+    changed: bool
+    releases: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def environment_dir(environment: str, *, root: Path) -> Path:
+    """``environment`` as a directory: an absolute path as given, a name under ``root``."""
+    if os.path.isabs(environment):
+        return Path(environment)
+    if not _ENV.match(environment):
+        raise InvalidInput(
+            f"environment: {environment!r} must match {_ENV.pattern} or be an absolute path", field="environment"
+        )
+    return root / environment
+
+
+def current_release(env: Path) -> str | None:
+    """The revision ``current`` points at, or None before the first deploy."""
+    link = env / "current"
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def release_history(env: Path) -> list[str]:
+    """Revisions in the order they were deployed, oldest first."""
+    path = env / "history.json"
+    return list(orjson.loads(path.read_bytes())) if path.is_file() else []
+
+
+def _write_history(env: Path, history: list[str]) -> None:
+    tmp = env / f".history.{os.getpid()}.tmp"
+    tmp.write_bytes(orjson.dumps(history))
+    os.replace(tmp, env / "history.json")
+
+
+def _switch_current(env: Path, revision: str) -> None:
+    tmp = env / f".current.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path("releases") / revision, tmp)
+    os.replace(tmp, env / "current")
+
+
+def _unpack(artifact: Path, releases: Path, revision: str) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=releases))
+    try:
+        with tarfile.open(artifact, "r:*") as tar:
+            tar.extractall(staging, filter="data")
+        stamp = {"revision": revision, "artifact": str(artifact), "unpacked_at": datetime.now(UTC).isoformat()}
+        (staging / ".release.json").write_bytes(orjson.dumps(stamp))
+        os.rename(staging, releases / revision)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _prune(env: Path, history: list[str], *, keep: int) -> list[str]:
+    """Drop releases beyond the newest ``keep`` (never the current one); returns the kept history."""
+    current = current_release(env)
+    kept = history[-keep:]
+    if current is not None and current not in kept:
+        kept.insert(0, current)
+    for revision in {*history} - {*kept}:
+        shutil.rmtree(env / "releases" / revision, ignore_errors=True)
+    return kept
+
+
+def _deploy_sync(artifact: Path, env: Path, revision: str, keep: int) -> ReleaseResult:
+    if not artifact.is_file():
+        raise NotFound(f"artifact: {artifact} does not exist; package the revision first", field="artifact")
+    releases = env / "releases"
+    releases.mkdir(parents=True, exist_ok=True)
+    previous = current_release(env)
+    history = release_history(env)
+    if previous == revision and (releases / revision).is_dir():
+        return ReleaseResult(env.name, revision, previous, str(releases / revision), False, history)
+    if not (releases / revision).is_dir():
+        _unpack(artifact, releases, revision)
+    _switch_current(env, revision)
+    history = [r for r in history if r != revision] + [revision]
+    history = _prune(env, history, keep=keep)
+    _write_history(env, history)
+    return ReleaseResult(env.name, revision, previous, str(releases / revision), True, history)
+
+
+async def deploy_release(artifact: Path, env: Path, revision: str, *, keep_releases: int = 5) -> ReleaseResult:
+    """Unpack ``artifact`` as ``releases/<revision>`` of ``env`` and make it current."""
+    if not _REV.match(revision):
+        raise InvalidInput(f"revision: {revision!r} is not a valid release name", field="revision")
+    if keep_releases < 1:
+        raise InvalidInput("keep_releases must be at least 1", field="keep_releases")
+    try:
+        return await asyncio.to_thread(_deploy_sync, artifact, env, revision, keep_releases)
+    except tarfile.TarError as e:
+        raise InvalidInput(f"artifact: {artifact} is not a readable tar archive ({e})", field="artifact") from e
+
+
+def _rollback_sync(env: Path, to: str | None) -> ReleaseResult:
+    history = release_history(env)
+    current = current_release(env)
+    if to is None:
+        if current not in history or history.index(current) == 0:
+            raise Conflict(f"{env.name} has no release before {current}; nothing to roll back to", resource=str(env))
+        to = history[history.index(current) - 1]
+    if not (env / "releases" / to).is_dir():
+        raise NotFound(f"to: release {to} is not kept in {env.name}; pick one of {history}", field="to")
+    _switch_current(env, to)
+    return ReleaseResult(env.name, to, current, str(env / "releases" / to), to != current, history)
+
+
+async def rollback(env: Path, *, to: str | None = None) -> ReleaseResult:
+    """Make the release before the current one (or ``to``) current again."""
+    if not (env / "current").is_symlink():
+        raise NotFound(f"environment: {env} has never been deployed", field="environment")
+    return await asyncio.to_thread(_rollback_sync, env, to)

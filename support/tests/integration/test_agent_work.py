@@ -1,0 +1,346 @@
+"""The six agents' real work on real git repositories made in each test.
+
+Every call goes through ``Agent.run`` (payload validation included), which is
+the path both the bus and ``POST /agent-request`` take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+from agents.catalogue import AGENTS
+from agents.sdk.agent import Agent
+from agents.sdk.brain import ChatModelBrain
+from agents.work.release import current_release, release_history
+from shared.lib.errors import Conflict, InvalidInput, NotFound
+from shared.lib.settings import Settings
+from support.tests.conftest import TEST_SECRETS
+
+FAKE_AWS_KEY = "AKIA" + "IOSFODNN7EXAMPLE"  # split so this file never trips a secret scanner itself
+
+
+class Repo:
+    """A git repository in a temporary directory, with helpers to write files and commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True)
+        self.git("init", "-q", "-b", "main")
+        self.git("config", "user.email", "dev@example.com")
+        self.git("config", "user.name", "Dev")
+        self.git("config", "commit.gpgsign", "false")
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", *args], cwd=self.path, check=True, capture_output=True, text=True).stdout.strip()
+
+    def commit(self, files: dict[str, str], message: str = "change") -> str:
+        for name, text in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    return Repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        api_keys=[TEST_SECRETS["AO_API_KEYS"]],
+        registration_secret=TEST_SECRETS["AO_REGISTRATION_SECRET"],
+        signing_key=TEST_SECRETS["AO_SIGNING_KEY"],
+        keep_releases=2,
+    )
+
+
+@pytest.fixture
+def agent(settings: Settings) -> Callable[..., Agent]:
+    def make(name: str, *, brain: Any = None) -> Agent:
+        return AGENTS[name](settings, brain=brain)
+
+    return make
+
+
+CLEAN = '"""Arithmetic."""\n\n\ndef add(a: int, b: int) -> int:\n    """Add two numbers."""\n    return a + b\n'
+
+
+async def test_review_rejects_a_lint_error_and_an_aws_key(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """A change adding an unused import and an AWS access key id is not approved, with both findings located."""
+    base = repo.commit({"calc.py": CLEAN})
+    head = repo.commit({"calc.py": "import os\n" + CLEAN + f'\nAWS_KEY_ID = "{FAKE_AWS_KEY}"\n'})
+    result = await agent("code-review").run("REVIEW_CODE", {"repo_path": str(repo.path), "base": base, "head": head})
+    assert result["approved"] is False
+    rules = {(f["rule"], f["file"], f["line"], f["severity"]) for f in result["findings"]}
+    assert ("ruff/F401", "calc.py", 1, "error") in rules
+    assert ("secret/aws-access-key-id", "calc.py", 9, "error") in rules
+    assert result["python_files"] == ["calc.py"]
+
+
+async def test_review_approves_a_clean_change(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """A change with no error-level finding is approved and leaves no worktree behind."""
+    base = repo.commit({"README.md": "# calc\n"})
+    head = repo.commit({"calc.py": CLEAN})
+    result = await agent("code-review").run("REVIEW_CODE", {"repo_path": str(repo.path), "base": base, "head": head})
+    assert result["approved"] is True, result["findings"]
+    assert result["counts"]["error"] == 0
+    assert repo.git("worktree", "list").count("\n") == 0  # only the main worktree is left
+
+
+async def test_review_flags_conflict_markers_and_oversized_files(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """Conflict markers and a file over the size limit are error-level findings."""
+    base = repo.commit({"notes.txt": "one\n"})
+    head = repo.commit({"notes.txt": "<<<<<<< HEAD\none\n=======\ntwo\n>>>>>>> branch\n", "blob.bin": "x" * 5000})
+    payload = {"repo_path": str(repo.path), "base": base, "head": head, "max_file_bytes": 1000}
+    result = await agent("code-review").run("REVIEW_CODE", payload)
+    rules = [(f["file"], f["rule"]) for f in result["findings"]]
+    assert rules.count(("notes.txt", "conflict-marker")) == 3
+    assert ("blob.bin", "file-too-large") in rules
+    assert result["approved"] is False
+
+
+async def test_review_summary_comes_from_the_configured_llm(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """With an LLM brain configured, the review adds its summary on top of the deterministic findings."""
+    brain = ChatModelBrain(GenericFakeChatModel(messages=iter([AIMessage("Remove the unused import.")])))
+    base = repo.commit({"calc.py": CLEAN})
+    head = repo.commit({"calc.py": "import os\n" + CLEAN})
+    payload = {"repo_path": str(repo.path), "base": base, "head": head}
+    result = await agent("code-review", brain=brain).run("REVIEW_CODE", payload)
+    assert result["summary"] == "Remove the unused import."
+    assert result["approved"] is False
+
+
+async def test_explain_code_summarizes_a_module(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """EXPLAIN_CODE lists the module's classes, methods and function signatures from its AST."""
+    source = CLEAN + '\n\nclass Acc:\n    """Accumulates."""\n\n    def push(self, x: int) -> None:\n        pass\n'
+    repo.commit({"pkg/calc.py": source})
+    result = await agent("code-review").run("EXPLAIN_CODE", {"repo_path": str(repo.path), "path": "pkg/calc.py"})
+    assert result["module"] == "pkg.calc"
+    assert [f["signature"] for f in result["functions"]] == ["def add(a: int, b: int) -> int"]
+    assert result["classes"][0]["name"] == "Acc"
+    assert [m["name"] for m in result["classes"][0]["methods"]] == ["push"]
+
+
+TEST_OK = "from calc import add\n\n\ndef test_add():\n    assert add(1, 2) == 3\n"
+TEST_BAD = TEST_OK + "\n\ndef test_wrong():\n    assert add(1, 1) == 3\n"
+
+
+async def test_pipeline_fails_on_a_failing_test(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """A revision whose tests pass passes; the next one, with a failing test, fails with the counts."""
+    good = repo.commit({"calc.py": CLEAN, "test_calc.py": TEST_OK})
+    bad = repo.commit({"test_calc.py": TEST_BAD})
+    cicd = agent("cicd")
+    passed = await cicd.run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": good})
+    failed = await cicd.run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": bad})
+    assert (passed["success"], passed["passed"], passed["failed"]) == (True, 1, 0), passed["log_tail"]
+    assert (failed["success"], failed["passed"], failed["failed"]) == (False, 1, 1), failed["log_tail"]
+    assert failed["exit_code"] != 0 and "test_wrong" in failed["log_tail"]
+    assert failed["command_source"] == "default"
+
+
+async def test_pipeline_runs_the_declared_command_and_times_out(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """The pyproject's test-command is used, and a command past its timeout fails as timed out."""
+    declared = '[tool.agent-orchestrator]\ntest-command = "python -c \\"print(\'3 passed in 0.01s\')\\""\n'
+    rev = repo.commit({"pyproject.toml": declared})
+    cicd = agent("cicd")
+    result = await cicd.run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
+    assert result["command_source"] == "pyproject" and result["passed"] == 3 and result["success"] is True
+    slow = {"repo_path": str(repo.path), "revision": rev, "command": "sleep 30", "timeout_s": 0.5}
+    timed = await cicd.run("RUN_PIPELINE", slow)
+    assert timed["timed_out"] is True and timed["success"] is False and timed["duration_s"] < 5
+
+
+async def test_validate_build_names_the_file_that_does_not_compile(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """VALIDATE_BUILD compiles every Python file of the revision and reports the broken one."""
+    rev = repo.commit({"calc.py": CLEAN, "broken.py": "def f(:\n"})
+    result = await agent("cicd").run("VALIDATE_BUILD", {"repo_path": str(repo.path), "revision": rev})
+    assert result["valid"] is False and result["files_checked"] == 2
+    assert [e["file"] for e in result["errors"]] == ["broken.py"]
+
+
+async def _package(cicd: Agent, repo: Repo, rev: str) -> dict[str, Any]:
+    return await cicd.run("DEPLOY_ARTIFACT", {"repo_path": str(repo.path), "revision": rev})
+
+
+async def test_artifact_is_archived_with_its_checksum(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """DEPLOY_ARTIFACT writes a tar.gz of the revision with its sha256; packaging again reuses it."""
+    rev = repo.commit({"calc.py": CLEAN})
+    cicd = agent("cicd")
+    first = await _package(cicd, repo, rev)
+    again = await _package(cicd, repo, rev)
+    path = Path(first["path"])
+    assert first["created"] is True and again["created"] is False and again["sha256"] == first["sha256"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == first["sha256"]
+    with tarfile.open(path) as tar:
+        assert "calc.py" in tar.getnames()
+
+
+async def test_deploy_switches_current_and_rollback_switches_back(
+    repo: Repo, agent: Callable[..., Agent], settings: Settings
+) -> None:
+    """A deploy switches current atomically, a repeat changes nothing, a rollback restores the previous release."""
+    cicd, infra = agent("cicd"), agent("infrastructure")
+    one = await _package(cicd, repo, repo.commit({"app.py": "VERSION = 1\n"}))
+    two = await _package(cicd, repo, repo.commit({"app.py": "VERSION = 2\n"}))
+    env = settings.data_dir / "environments" / "staging"
+    await infra.run("DEPLOY_SERVICE", {"artifact": one["path"], "environment": "staging", "sha256": one["sha256"]})
+    result = await infra.run("DEPLOY_SERVICE", {"artifact": two["path"], "environment": "staging"})
+    assert (result["changed"], result["previous"], result["revision"]) == (True, one["revision"], two["revision"])
+    assert (env / "current").is_symlink() and (env / "current" / "app.py").read_text() == "VERSION = 2\n"
+    repeat = await infra.run("DEPLOY_SERVICE", {"artifact": two["path"], "environment": "staging"})
+    assert repeat["changed"] is False and len(os.listdir(env / "releases")) == 2
+    back = await infra.run("ROLLBACK", {"environment": "staging"})
+    assert back["revision"] == one["revision"] and current_release(env) == one["revision"]
+    assert (env / "current" / "app.py").read_text() == "VERSION = 1\n"
+
+
+async def test_deploy_keeps_the_last_n_releases(repo: Repo, agent: Callable[..., Agent], settings: Settings) -> None:
+    """Past keep_releases, the oldest release directories are removed; the current one always stays."""
+    cicd, infra = agent("cicd"), agent("infrastructure")
+    revs = []
+    for n in range(3):
+        artifact = await _package(cicd, repo, repo.commit({"app.py": f"VERSION = {n}\n"}))
+        await infra.run("DEPLOY_SERVICE", {"artifact": artifact["path"], "environment": "prod"})
+        revs.append(artifact["revision"])
+    env = settings.data_dir / "environments" / "prod"
+    assert sorted(os.listdir(env / "releases")) == sorted(revs[1:])
+    assert release_history(env) == revs[1:]
+
+
+async def test_rollback_without_a_previous_release_is_a_conflict(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """Rolling back the first release is refused; an unknown artifact names the field."""
+    cicd, infra = agent("cicd"), agent("infrastructure")
+    env = str(tmp_path / "abs-env")
+    artifact = await _package(cicd, repo, repo.commit({"app.py": "VERSION = 1\n"}))
+    await infra.run("DEPLOY_SERVICE", {"artifact": artifact["path"], "environment": env})
+    with pytest.raises(Conflict):
+        await infra.run("ROLLBACK", {"environment": env})
+    with pytest.raises(NotFound) as missing:
+        await infra.run("DEPLOY_SERVICE", {"artifact": str(tmp_path / "nope.tar.gz"), "environment": env})
+    assert missing.value.field == "artifact"
+
+
+async def test_health_check_reports_unreachable_targets(agent: Callable[..., Agent], tmp_path: Path) -> None:
+    """A closed TCP port and an unanswered URL are critical issues; an undeployed environment is a warning."""
+    from support.tests.procs import free_port
+
+    port = free_port()
+    payload = {
+        "targets": [
+            {"kind": "tcp", "host": "127.0.0.1", "port": port},
+            {"kind": "http", "url": f"http://127.0.0.1:{port}/"},
+        ],
+        "environment": str(tmp_path / "never"),
+        "timeout_s": 1,
+    }
+    result = await agent("infrastructure").run("HEALTH_CHECK", payload)
+    assert result["healthy"] is False
+    assert sorted(i["kind"] for i in result["issues"]) == ["http_unreachable", "not_deployed", "tcp_unreachable"]
+
+
+MODULE = '"""Shapes."""\n\n__all__ = ["area", "Square"]\n\n\ndef area(w: float, h: float) -> float:\n    """Area of a rectangle."""\n    return w * h\n\n\ndef _hidden() -> None:\n    pass\n\n\nclass Square:\n    """A square."""\n\n    def side(self) -> float:\n        """Its side."""\n        return 1.0\n'
+
+
+async def test_generated_docs_list_the_functions_of_the_module(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """The API reference names every public function and class, with signatures and docstrings."""
+    repo.commit({"shapes/geometry.py": MODULE, "shapes/__init__.py": "", "tests/test_x.py": "def test(): pass\n"})
+    payload = {"repo_path": str(repo.path), "doc_type": "api"}
+    result = await agent("documentation").run("GENERATE_DOCS", payload)
+    assert result["functions"] == ["shapes.geometry.area"]
+    assert result["modules"] == ["shapes", "shapes.geometry"]
+    markdown = result["markdown"]
+    assert "def area(w: float, h: float) -> float" in markdown and "Area of a rectangle." in markdown
+    assert "class `Square`" in markdown and "`side`" in markdown and "_hidden" not in markdown
+    assert result["prose"] is None
+
+
+async def test_guide_uses_the_readme_and_llm_prose(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """The user guide carries the README, and a configured LLM adds its prose."""
+    repo.commit({"README.md": "# Shapes\n\nCompute areas.\n"})
+    brain = ChatModelBrain(GenericFakeChatModel(messages=iter([AIMessage("An introduction.")])))
+    result = await agent("documentation", brain=brain).run(
+        "GENERATE_DOCS", {"repo_path": str(repo.path), "doc_type": "guide"}
+    )
+    assert "Compute areas." in result["markdown"] and result["prose"] == "An introduction."
+
+
+async def test_update_readme_is_idempotent(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """UPDATE_README inserts the module list once and leaves the rest of the README alone."""
+    repo.commit({"README.md": "# Shapes\n\nIntro.\n", "shapes/geometry.py": MODULE})
+    docs = agent("documentation")
+    first = await docs.run("UPDATE_README", {"repo_path": str(repo.path)})
+    second = await docs.run("UPDATE_README", {"repo_path": str(repo.path)})
+    text = (repo.path / "README.md").read_text()
+    assert first["changed"] is True and second["changed"] is False
+    assert text.startswith("# Shapes\n\nIntro.\n") and "`shapes.geometry`: Shapes. (area, Square)" in text
+
+
+async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """GENERATE_CODE scaffolds a module and a test that pass the pipeline; it refuses to overwrite them."""
+    repo.commit({"README.md": "# app\n"})
+    payload = {"repo_path": str(repo.path), "module": "app.billing", "functions": ["invoice", "refund"]}
+    dev = agent("feature-dev")
+    result = await dev.run("GENERATE_CODE", {**payload, "description": "Billing."})
+    assert sorted(result["written"]) == ["app/__init__.py", "app/billing.py", "tests/test_billing.py"]
+    rev = repo.commit({}, "scaffold")
+    pipeline = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
+    assert pipeline["success"] is True and pipeline["passed"] == 2, pipeline["log_tail"]
+    with pytest.raises(Conflict):
+        await dev.run("GENERATE_CODE", payload)
+
+
+async def test_generated_code_comes_from_the_llm_when_it_parses(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """With an LLM brain, a module that parses and defines the functions replaces the template."""
+    answer = "```python\ndef invoice():\n    return 42\n```"
+    brain = ChatModelBrain(GenericFakeChatModel(messages=iter([AIMessage(answer)])))
+    payload = {"repo_path": str(repo.path), "module": "billing", "functions": ["invoice"], "write": False}
+    result = await agent("feature-dev", brain=brain).run("GENERATE_CODE", payload)
+    assert result["generator"] == "llm" and "return 42" in result["module_source"] and result["written"] == []
+
+
+async def test_refactor_fixes_and_formats_returning_the_diff(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """REFACTOR_CODE removes an unused import and reformats the file, returning the unified diff."""
+    repo.commit({"messy.py": "import os\ndef f( a,b ):\n  return a+b\n"})
+    result = await agent("feature-dev").run("REFACTOR_CODE", {"repo_path": str(repo.path), "files": ["messy.py"]})
+    assert result["changed"] == ["messy.py"]
+    assert "-import os" in result["diff"] and "+def f(a, b):" in result["diff"]
+    assert (repo.path / "messy.py").read_text() == "def f(a, b):\n    return a + b\n"
+    with pytest.raises(InvalidInput) as escaped:
+        await agent("feature-dev").run("REFACTOR_CODE", {"repo_path": str(repo.path), "files": ["../x.py"]})
+    assert escaped.value.field == "files"
+
+
+async def test_decompose_and_aggregate(agent: Callable[..., Agent]) -> None:
+    """A deploy task decomposes into ordered steps with their dependencies; failures fail the aggregate."""
+    orchestrator = agent("orchestrator")
+    plan = await orchestrator.run(
+        "DECOMPOSE_TASK", {"task": "review and deploy the PR", "context": {"repo_path": "/r", "base": "a"}}
+    )
+    steps = {s["id"]: s for s in plan["steps"]}
+    assert list(steps) == ["review", "package", "deploy", "health"]
+    assert steps["review"]["payload"] == {"repo_path": "/r", "base": "a"} and steps["review"]["missing"] == ["head"]
+    assert steps["deploy"]["depends_on"] == ["package"]
+    results = [
+        {"agent": "code-review", "status": "success", "payload": {"approved": False, "findings": [{"rule": "x"}]}},
+        {"agent": "cicd", "status": "error", "error": {"code": "timeout"}},
+    ]
+    merged = await orchestrator.run("AGGREGATE_RESULTS", {"results": results})
+    assert (merged["status"], merged["failed"], merged["rejected_by_checks"]) == ("failed", 1, 1)
+    assert merged["findings"] == [{"rule": "x"}]
