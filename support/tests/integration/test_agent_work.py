@@ -149,7 +149,8 @@ async def test_pipeline_fails_on_a_failing_test(repo: Repo, agent: Callable[...,
     failed = await cicd.run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": bad})
     assert (passed["success"], passed["passed"], passed["failed"]) == (True, 1, 0), passed["log_tail"]
     assert (failed["success"], failed["passed"], failed["failed"]) == (False, 1, 1), failed["log_tail"]
-    assert failed["exit_code"] != 0 and "test_wrong" in failed["log_tail"]
+    assert failed["exit_code"] != 0
+    assert "test_wrong" in failed["log_tail"]
     assert failed["command_source"] == "default"
 
 
@@ -159,17 +160,22 @@ async def test_pipeline_runs_the_declared_command_and_times_out(repo: Repo, agen
     rev = repo.commit({"pyproject.toml": declared})
     cicd = agent("cicd")
     result = await cicd.run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
-    assert result["command_source"] == "pyproject" and result["passed"] == 3 and result["success"] is True
+    assert result["command_source"] == "pyproject"
+    assert result["passed"] == 3
+    assert result["success"] is True
     slow = {"repo_path": str(repo.path), "revision": rev, "command": "sleep 30", "timeout_s": 0.5}
     timed = await cicd.run("RUN_PIPELINE", slow)
-    assert timed["timed_out"] is True and timed["success"] is False and timed["duration_s"] < 5
+    assert timed["timed_out"] is True
+    assert timed["success"] is False
+    assert timed["duration_s"] < 5
 
 
 async def test_validate_build_names_the_file_that_does_not_compile(repo: Repo, agent: Callable[..., Agent]) -> None:
     """VALIDATE_BUILD compiles every Python file of the revision and reports the broken one."""
     rev = repo.commit({"calc.py": CLEAN, "broken.py": "def f(:\n"})
     result = await agent("cicd").run("VALIDATE_BUILD", {"repo_path": str(repo.path), "revision": rev})
-    assert result["valid"] is False and result["files_checked"] == 2
+    assert result["valid"] is False
+    assert result["files_checked"] == 2
     assert [e["file"] for e in result["errors"]] == ["broken.py"]
 
 
@@ -184,7 +190,9 @@ async def test_artifact_is_archived_with_its_checksum(repo: Repo, agent: Callabl
     first = await _package(cicd, repo, rev)
     again = await _package(cicd, repo, rev)
     path = Path(first["path"])
-    assert first["created"] is True and again["created"] is False and again["sha256"] == first["sha256"]
+    assert first["created"] is True
+    assert again["created"] is False
+    assert again["sha256"] == first["sha256"]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == first["sha256"]
     with tarfile.open(path) as tar:
         assert "calc.py" in tar.getnames()
@@ -201,11 +209,14 @@ async def test_deploy_switches_current_and_rollback_switches_back(
     await infra.run("DEPLOY_SERVICE", {"artifact": one["path"], "environment": "staging", "sha256": one["sha256"]})
     result = await infra.run("DEPLOY_SERVICE", {"artifact": two["path"], "environment": "staging"})
     assert (result["changed"], result["previous"], result["revision"]) == (True, one["revision"], two["revision"])
-    assert (env / "current").is_symlink() and (env / "current" / "app.py").read_text() == "VERSION = 2\n"
+    assert (env / "current").is_symlink()
+    assert (env / "current" / "app.py").read_text() == "VERSION = 2\n"
     repeat = await infra.run("DEPLOY_SERVICE", {"artifact": two["path"], "environment": "staging"})
-    assert repeat["changed"] is False and len(os.listdir(env / "releases")) == 2
+    assert repeat["changed"] is False
+    assert len(os.listdir(env / "releases")) == 2
     back = await infra.run("ROLLBACK", {"environment": "staging"})
-    assert back["revision"] == one["revision"] and current_release(env) == one["revision"]
+    assert back["revision"] == one["revision"]
+    assert current_release(env) == one["revision"]
     assert (env / "current" / "app.py").read_text() == "VERSION = 1\n"
 
 
@@ -255,7 +266,27 @@ async def test_health_check_reports_unreachable_targets(agent: Callable[..., Age
     assert sorted(i["kind"] for i in result["issues"]) == ["http_unreachable", "not_deployed", "tcp_unreachable"]
 
 
-MODULE = '"""Shapes."""\n\n__all__ = ["area", "Square"]\n\n\ndef area(w: float, h: float) -> float:\n    """Area of a rectangle."""\n    return w * h\n\n\ndef _hidden() -> None:\n    pass\n\n\nclass Square:\n    """A square."""\n\n    def side(self) -> float:\n        """Its side."""\n        return 1.0\n'
+MODULE = """\"\"\"Shapes.\"\"\"
+
+__all__ = ["area", "Square"]
+
+
+def area(w: float, h: float) -> float:
+    \"\"\"Area of a rectangle.\"\"\"
+    return w * h
+
+
+def _hidden() -> None:
+    pass
+
+
+class Square:
+    \"\"\"A square.\"\"\"
+
+    def side(self) -> float:
+        \"\"\"Its side.\"\"\"
+        return 1.0
+"""
 
 
 async def test_generated_docs_list_the_functions_of_the_module(repo: Repo, agent: Callable[..., Agent]) -> None:
@@ -266,8 +297,11 @@ async def test_generated_docs_list_the_functions_of_the_module(repo: Repo, agent
     assert result["functions"] == ["shapes.geometry.area"]
     assert result["modules"] == ["shapes", "shapes.geometry"]
     markdown = result["markdown"]
-    assert "def area(w: float, h: float) -> float" in markdown and "Area of a rectangle." in markdown
-    assert "class `Square`" in markdown and "`side`" in markdown and "_hidden" not in markdown
+    assert "def area(w: float, h: float) -> float" in markdown
+    assert "Area of a rectangle." in markdown
+    assert "class `Square`" in markdown
+    assert "`side`" in markdown
+    assert "_hidden" not in markdown
     assert result["prose"] is None
 
 
@@ -278,7 +312,8 @@ async def test_guide_uses_the_readme_and_llm_prose(repo: Repo, agent: Callable[.
     result = await agent("documentation", brain=brain).run(
         "GENERATE_DOCS", {"repo_path": str(repo.path), "doc_type": "guide"}
     )
-    assert "Compute areas." in result["markdown"] and result["prose"] == "An introduction."
+    assert "Compute areas." in result["markdown"]
+    assert result["prose"] == "An introduction."
 
 
 async def test_update_readme_is_idempotent(repo: Repo, agent: Callable[..., Agent]) -> None:
@@ -288,8 +323,10 @@ async def test_update_readme_is_idempotent(repo: Repo, agent: Callable[..., Agen
     first = await docs.run("UPDATE_README", {"repo_path": str(repo.path)})
     second = await docs.run("UPDATE_README", {"repo_path": str(repo.path)})
     text = (repo.path / "README.md").read_text()
-    assert first["changed"] is True and second["changed"] is False
-    assert text.startswith("# Shapes\n\nIntro.\n") and "`shapes.geometry`: Shapes. (area, Square)" in text
+    assert first["changed"] is True
+    assert second["changed"] is False
+    assert text.startswith("# Shapes\n\nIntro.\n")
+    assert "`shapes.geometry`: Shapes. (area, Square)" in text
 
 
 async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[..., Agent]) -> None:
@@ -301,7 +338,7 @@ async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[...,
     assert sorted(result["written"]) == ["app/__init__.py", "app/billing.py", "tests/test_billing.py"]
     rev = repo.commit({}, "scaffold")
     pipeline = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
-    assert pipeline["success"] is True and pipeline["passed"] == 2, pipeline["log_tail"]
+    assert (pipeline["success"], pipeline["passed"]) == (True, 2), pipeline["log_tail"]
     with pytest.raises(Conflict):
         await dev.run("GENERATE_CODE", payload)
 
@@ -312,7 +349,9 @@ async def test_generated_code_comes_from_the_llm_when_it_parses(repo: Repo, agen
     brain = ChatModelBrain(GenericFakeChatModel(messages=iter([AIMessage(answer)])))
     payload = {"repo_path": str(repo.path), "module": "billing", "functions": ["invoice"], "write": False}
     result = await agent("feature-dev", brain=brain).run("GENERATE_CODE", payload)
-    assert result["generator"] == "llm" and "return 42" in result["module_source"] and result["written"] == []
+    assert result["generator"] == "llm"
+    assert "return 42" in result["module_source"]
+    assert result["written"] == []
 
 
 async def test_refactor_fixes_and_formats_returning_the_diff(repo: Repo, agent: Callable[..., Agent]) -> None:
@@ -320,7 +359,8 @@ async def test_refactor_fixes_and_formats_returning_the_diff(repo: Repo, agent: 
     repo.commit({"messy.py": "import os\ndef f( a,b ):\n  return a+b\n"})
     result = await agent("feature-dev").run("REFACTOR_CODE", {"repo_path": str(repo.path), "files": ["messy.py"]})
     assert result["changed"] == ["messy.py"]
-    assert "-import os" in result["diff"] and "+def f(a, b):" in result["diff"]
+    assert "-import os" in result["diff"]
+    assert "+def f(a, b):" in result["diff"]
     assert (repo.path / "messy.py").read_text() == "def f(a, b):\n    return a + b\n"
     with pytest.raises(InvalidInput) as escaped:
         await agent("feature-dev").run("REFACTOR_CODE", {"repo_path": str(repo.path), "files": ["../x.py"]})
@@ -335,7 +375,8 @@ async def test_decompose_and_aggregate(agent: Callable[..., Agent]) -> None:
     )
     steps = {s["id"]: s for s in plan["steps"]}
     assert list(steps) == ["review", "package", "deploy", "health"]
-    assert steps["review"]["payload"] == {"repo_path": "/r", "base": "a"} and steps["review"]["missing"] == ["head"]
+    assert steps["review"]["payload"] == {"repo_path": "/r", "base": "a"}
+    assert steps["review"]["missing"] == ["head"]
     assert steps["deploy"]["depends_on"] == ["package"]
     results = [
         {"agent": "code-review", "status": "success", "payload": {"approved": False, "findings": [{"rule": "x"}]}},
