@@ -1,0 +1,200 @@
+"""What the requesting and the serving side of the bus share: connections, keys,
+signing, the handler path (errors to responses) and the writes that finish or
+dead-letter a request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from shared.lib import _bus_scripts as scripts
+from shared.lib import metrics
+from shared.lib import redis_keys as keys
+from shared.lib.agent_events import (
+    AgentRequestEvent,
+    AgentResponseEvent,
+    error_to_payload,
+    sign,
+    signing_key_for,
+)
+from shared.lib.errors import DeadlineExpired, InvalidInput, OrchestratorError, RequestRejected, Timeout
+from shared.lib.settings import Settings
+
+__all__ = ["Handler", "HandlerOutcome", "_Core"]
+
+_log = logging.getLogger("shared.lib.event_bus")
+
+Handler = Callable[[AgentRequestEvent], Awaitable[dict[str, Any]]]
+"""``async def handler(request) -> dict``: the success payload, or raise an OrchestratorError."""
+
+
+@dataclass(frozen=True)
+class HandlerOutcome:
+    """A signed response and its wire bytes."""
+
+    response: AgentResponseEvent
+    raw: bytes
+
+
+def _status_for(exc: OrchestratorError) -> str:
+    if isinstance(exc, RequestRejected):
+        return "rejected"
+    if isinstance(exc, DeadlineExpired | Timeout):
+        return "timeout"
+    return "error"
+
+
+@dataclass
+class _Core:
+    """Per-bus state shared by :class:`EventBus` and its servers."""
+
+    redis: aioredis.Redis
+    settings: Settings
+    instance_id: str
+    admit: AsyncScript
+    heartbeat: AsyncScript
+    in_flight: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    _keys: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, redis: aioredis.Redis, settings: Settings, instance_id: str) -> _Core:
+        return cls(
+            redis=redis,
+            settings=settings,
+            instance_id=instance_id,
+            admit=redis.register_script(scripts.ADMIT),
+            heartbeat=redis.register_script(scripts.HEARTBEAT),
+        )
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.redis_prefix
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def key_for(self, agent: str) -> bytes:
+        """The HMAC key of calls to ``agent`` (cached: it is on every hot path)."""
+        key = self._keys.get(agent)
+        if key is None:
+            key = self._keys[agent] = signing_key_for(self.settings, agent)
+        return key
+
+    def verify_key(self, agent: str) -> bytes | None:
+        """The key to verify with, or None in development mode (which still signs)."""
+        return None if self.settings.dev_mode else self.key_for(agent)
+
+    def signed_json(self, data: dict[str, Any], agent: str) -> bytes:
+        data["signature"] = sign(data, self.key_for(agent))
+        return orjson.dumps(data)
+
+    def check_window(self, request: AgentRequestEvent, *, now: float) -> None:
+        """Refuse envelopes made outside the replay window (replays, or badly skewed clocks)."""
+        if abs(now - request.created_at) > self.settings.replay_window_s:
+            raise RequestRejected(
+                f"envelope created_at is outside the {self.settings.replay_window_s:.0f}s replay window; "
+                "send a fresh request",
+                field="created_at",
+            )
+
+    async def run_handler(self, request: AgentRequestEvent, handler: Handler, *, agent: str) -> HandlerOutcome:
+        """Run ``handler`` and turn its result or error into a signed response (never raises
+        for handler errors: OrchestratorErrors name the problem, anything else is ``internal``)."""
+        start = time.perf_counter()
+        self.in_flight += 1
+        metrics.AGENT_REQUESTS_ACTIVE.labels(agent).inc()
+        try:
+            payload = await handler(request)
+            if not isinstance(payload, dict):
+                raise InvalidInput("handler returned a non-object payload", field="payload")
+            status, error = "success", None
+        except OrchestratorError as e:
+            payload, status, error = {}, _status_for(e), error_to_payload(e)
+        finally:
+            self.in_flight -= 1
+            metrics.AGENT_REQUESTS_ACTIVE.labels(agent).dec()
+        elapsed = time.perf_counter() - start
+        return self.outcome(request, status, payload, error=error, duration_s=elapsed)
+
+    def outcome(
+        self,
+        request: AgentRequestEvent,
+        status: str,
+        payload: dict[str, Any],
+        *,
+        error: dict[str, Any] | None = None,
+        duration_s: float = 0.0,
+    ) -> HandlerOutcome:
+        """Sign the response to ``request`` and record it in the metrics."""
+        response = request.respond(
+            status,  # type: ignore[arg-type]
+            payload,
+            error=error,
+            served_by=self.instance_id,
+            duration_ms=duration_s * 1000,
+        )
+        data = response.to_dict()
+        raw = self.signed_json(data, request.target_agent)
+        metrics.AGENT_REQUESTS.labels(request.source_agent, request.target_agent, request.request_type, status).inc()
+        metrics.AGENT_REQUEST_DURATION.labels(request.target_agent).observe(duration_s)
+        return HandlerOutcome(response=response.model_copy(update={"signature": data["signature"]}), raw=raw)
+
+    async def finish(self, request: AgentRequestEvent, raw: bytes, *, stream: str | None, entry_id: Any) -> None:
+        """Store the response under its idempotency key, push it to the requester and ack
+        the stream entry, all in one MULTI: the ack never lands without the response."""
+        agent = request.target_agent
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(keys.response_key(self.prefix, agent, request.idempotency_key), raw, ex=self.settings.response_ttl_s)
+        if request.reply_to:
+            pipe.publish(keys.reply_channel(self.prefix, request.reply_to), raw)
+        if stream is not None:
+            pipe.xack(stream, agent, entry_id)
+            pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def dead_letter(
+        self,
+        agent: str,
+        raw: bytes | None,
+        *,
+        reason: str,
+        message: str,
+        stream: str | None = None,
+        entry_id: Any = None,
+        deliveries: int = 1,
+    ) -> None:
+        """Move a request to the agent's dead-letter stream with its reason (and ack it)."""
+        fields: dict[Any, Any] = {
+            "e": raw or b"",
+            "reason": reason,
+            "message": message[:2000],
+            "deliveries": deliveries,
+            "dead_at": f"{time.time():.3f}",
+            "stream": stream or "http",
+            "entry_id": entry_id or "",
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            keys.dead_letter_stream(self.prefix, agent), fields, maxlen=self.settings.stream_maxlen, approximate=True
+        )
+        if stream is not None:
+            pipe.xack(stream, agent, entry_id)
+            pipe.xdel(stream, entry_id)
+        await pipe.execute()
+        metrics.AGENT_REQUESTS_DEAD_LETTERED.labels(reason).inc()
+        self.count("dead_lettered")
+        _log.warning("dead-lettered a request to %s: %s (%s)", agent, reason, message)
+
+    async def notify(self, request_data: dict[str, Any], raw: bytes) -> None:
+        """Push a response that is not stored (expired, dead-lettered) so the caller learns at once."""
+        reply_to = request_data.get("reply_to")
+        if isinstance(reply_to, str) and reply_to:
+            await self.redis.publish(keys.reply_channel(self.prefix, reply_to), raw)

@@ -1,0 +1,186 @@
+"""Broadcast events: an append-only ``events`` table first, then Redis pub/sub for live
+subscribers. The table is the record; pub/sub only tells who is listening now."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.lib import metrics
+from shared.lib import redis_keys as keys
+from shared.lib.agent_events import Event
+from shared.lib.errors import InvalidInput, ServiceUnavailable
+
+__all__ = ["EventCallback", "Subscription", "emit", "events_since", "publish", "subscribe"]
+
+_log = logging.getLogger("shared.lib.event_bus")
+
+EventCallback = Callable[[Event], Awaitable[None] | None]
+"""Called with each live event; may be sync or async. Errors are logged and counted."""
+
+_COLUMNS = "id, event_type, aggregate_type, aggregate_id, payload, metadata, schema_version, created_at"
+
+
+def _event(row: asyncpg.Record) -> Event:
+    return Event.model_validate(dict(row))
+
+
+def _require(pool: asyncpg.Pool | None) -> asyncpg.Pool:
+    if pool is None:
+        raise ServiceUnavailable("this EventBus was built without a PostgreSQL pool; pass pool= to use events")
+    return pool
+
+
+async def publish(redis: aioredis.Redis, prefix: str, event: Event) -> None:
+    """Publish a stored event to live subscribers (used by emit and by replay)."""
+    await redis.publish(keys.events_channel(prefix, event.event_type), event.to_json())
+
+
+async def emit(
+    pool: asyncpg.Pool | None,
+    redis: aioredis.Redis,
+    prefix: str,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    aggregate_type: str | None = None,
+    aggregate_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Event:
+    """INSERT the event, then PUBLISH it. A failed publish is logged: the row is the record."""
+    probe = {"id": 0, "event_type": event_type, "payload": data, "created_at": datetime.now()}
+    try:
+        Event.model_validate(probe)
+    except ValueError as e:
+        raise InvalidInput(f"invalid event: {e}", field="event_type") from e
+    row = await _require(pool).fetchrow(
+        f"INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "  # noqa: S608 - constant columns
+        f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
+        event_type,
+        aggregate_type,
+        aggregate_id,
+        data,
+        metadata or {},
+    )
+    event = _event(row)
+    metrics.EVENT_BUS_EVENTS_EMITTED.labels(event_type).inc()
+    try:
+        await publish(redis, prefix, event)
+    except (RedisError, OSError) as e:
+        _log.warning("event %s stored but not published (%s); subscribers can replay it", event.id, e)
+    return event
+
+
+async def events_since(
+    pool: asyncpg.Pool | None,
+    after_id: int,
+    *,
+    event_type: str | None = None,
+    aggregate_type: str | None = None,
+    aggregate_id: str | None = None,
+    since: datetime | None = None,
+    limit: int = 1000,
+) -> list[Event]:
+    """Stored events with ``id > after_id`` (and the given filters), oldest first."""
+    rows = await _require(pool).fetch(
+        f"SELECT {_COLUMNS} FROM events WHERE id > $1 "  # noqa: S608 - constant columns
+        "AND ($2::text IS NULL OR event_type = $2) "
+        "AND ($3::text IS NULL OR aggregate_type = $3) "
+        "AND ($4::text IS NULL OR aggregate_id = $4) "
+        "AND ($5::timestamptz IS NULL OR created_at >= $5) "
+        "ORDER BY id LIMIT $6",
+        after_id,
+        event_type,
+        aggregate_type,
+        aggregate_id,
+        since,
+        limit,
+    )
+    return [_event(r) for r in rows]
+
+
+class Subscription:
+    """A live pattern subscription; :meth:`close` ends it. Reconnects after a Redis outage
+    (events published meanwhile are missed live: replay them with ``events_since``)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        channel_pattern: str,
+        callback: EventCallback,
+        *,
+        on_close: Callable[[Subscription], None] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._on_close = on_close
+        self._pattern = channel_pattern
+        self._callback = callback
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def wait_ready(self, *, timeout_s: float = 5.0) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close(self)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        delay_s = 0.05
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.psubscribe(self._pattern)
+                async for message in pubsub.listen():
+                    delay_s = 0.05
+                    if message.get("type") == "psubscribe":
+                        self._ready.set()  # confirmed: nothing published from now on is missed
+                        continue
+                    await self._deliver(message)
+            except (RedisError, OSError) as e:
+                _log.warning("event subscription %s lost (%s); resubscribing", self._pattern, e)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "pmessage":
+            return
+        try:
+            event = Event.model_validate(orjson.loads(message["data"]))
+            result = self._callback(event)
+            if inspect.isawaitable(result):
+                await result
+            metrics.EVENT_BUS_EVENTS_DELIVERED.inc()
+        except Exception:  # noqa: BLE001 - one bad callback or event must not end the subscription
+            metrics.EVENT_BUS_SUBSCRIBER_ERRORS.inc()
+            _log.exception("event subscriber %s failed", self._pattern)
+
+
+async def subscribe(
+    redis: aioredis.Redis,
+    prefix: str,
+    pattern: str,
+    callback: EventCallback,
+    *,
+    on_close: Callable[[Subscription], None] | None = None,
+) -> Subscription:
+    """Subscribe ``callback`` to events whose type matches the glob ``pattern``."""
+    sub = Subscription(redis, keys.events_channel(prefix, pattern), callback, on_close=on_close)
+    await sub.wait_ready()
+    return sub

@@ -1,0 +1,48 @@
+"""Lua scripts of the bus: each is one atomic round trip on keys of one agent (one hash slot)."""
+
+from __future__ import annotations
+
+__all__ = ["ADMIT", "ADMIT_ACCEPTED", "ADMIT_FULL", "ADMIT_IN_FLIGHT", "ADMIT_OFFLINE", "ADMIT_STORED", "HEARTBEAT"]
+
+ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL = 0, 1, 2, 3, 4
+
+#: Admission of a request, in one round trip: a stored response is returned
+#: (idempotency), a duplicate still in flight is reported, an agent with no live
+#: consumer or a full queue is refused, otherwise an in-flight marker is set and
+#: (with ARGV[5] == "x") the envelope is queued.
+#: KEYS: response key, request stream, consumers zset.
+#: ARGV: envelope JSON, marker TTL ms, stream max length, check liveness ("1"/"0"), "x" to queue.
+ADMIT = """
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  if stored == 'P' then return {2, ''} end
+  return {1, stored}
+end
+if ARGV[4] == '1' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if redis.call('ZCOUNT', KEYS[3], now, '+inf') == 0 then return {3, ''} end
+end
+if ARGV[5] == 'x' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then return {4, ''} end
+redis.call('SET', KEYS[1], 'P', 'PX', ARGV[2])
+if ARGV[5] == 'x' then
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+  return {0, id}
+end
+return {0, ''}
+"""
+
+#: A consumer's liveness: live until now + ARGV[2] ms on the server's clock (so
+#: requesters and servers on different hosts agree); old members are pruned.
+#: KEYS: consumers zset. ARGV: consumer name, lifetime ms ("0" removes it).
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[2] == '0' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
+return now
+"""

@@ -1,0 +1,323 @@
+"""The serving side of the bus: one consumer of an agent's request streams.
+
+A reader task blocks on XREADGROUP over the agent's priority bands (high band
+first), a maintenance task renews liveness, keeps the claims of running
+handlers alive (XCLAIM ... JUSTID), reclaims entries idle past the visibility
+timeout (XAUTOCLAIM) and dead-letters those delivered too often. Each entry
+runs in its own task under the instance's concurrency limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from shared.lib import metrics
+from shared.lib import redis_keys as keys
+from shared.lib._bus_core import Handler, _Core
+from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
+from shared.lib.errors import OrchestratorError
+
+__all__ = ["Server"]
+
+_log = logging.getLogger("shared.lib.event_bus")
+
+#: How long one XREADGROUP blocks; also the longest a stop waits for the reader.
+_BLOCK_MS = 250
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass
+class _Entry:
+    stream: str
+    entry_id: Any
+    raw: bytes | None
+    deliveries: int
+
+
+class Server:
+    """Serves ``agent`` as ``consumer`` until :meth:`stop`; see ``EventBus.serve``."""
+
+    def __init__(self, core: _Core, agent: str, handler: Handler, *, concurrency: int, consumer: str) -> None:
+        self.core = core
+        self.agent = agent
+        self.handler = handler
+        self.consumer = consumer
+        self.concurrency = concurrency
+        self.streams = [keys.request_stream(core.prefix, agent, band) for band in keys.BANDS]
+        self._slots = asyncio.Semaphore(concurrency)
+        self._held: dict[Any, str] = {}  # entry id -> stream, for keepalive
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._done = asyncio.Event()
+        self.queue_depth = 0
+        self.pending = 0
+        self.redelivered = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        await self._ensure_groups()
+        await self.core.redis.sadd(keys.agents_set(self.core.prefix), self.agent)  # type: ignore[misc]
+        await self._beat()
+        self._loops = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._maintain_loop())]
+        await self._done.wait()
+
+    async def stop(self, *, grace_s: float) -> None:
+        """Stop reading, let running handlers finish for ``grace_s``, cancel the rest
+        (their entries stay pending and are reclaimed by a live instance)."""
+        self._stopping.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self.core.heartbeat(keys=[keys.consumers_key(self.core.prefix, self.agent)], args=[self.consumer, 0])
+        self._done.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def _ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.core.redis.xgroup_create(stream, self.agent, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def _beat(self) -> None:
+        lifetime_ms = int(self.core.settings.visibility_timeout_s * 1000)
+        await self.core.heartbeat(
+            keys=[keys.consumers_key(self.core.prefix, self.agent)], args=[self.consumer, lifetime_ms]
+        )
+
+    # -- reading -----------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        delay_s = 0.05
+        while not self._stopping.is_set():
+            try:
+                await self._read_once()
+                delay_s = 0.05
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                await self._ensure_groups()  # the server lost its data (restart without persistence)
+            except _TRANSIENT as e:
+                _log.warning("reading requests for %s failed (%s); retrying in %.2fs", self.agent, e, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    async def _read_once(self) -> None:
+        """Drain the high band first (no block), then block on all bands: an urgent request
+        queued behind a normal backlog is always started next."""
+        free = self.concurrency - len(self._tasks)
+        if free <= 0:
+            await asyncio.sleep(0.001)
+            return
+        redis = self.core.redis
+        high = self.streams[0]
+        high_only: dict[Any, Any] = {high: ">"}
+        reply = await redis.xreadgroup(self.agent, self.consumer, high_only, count=free)
+        if not reply:
+            streams: dict[Any, Any] = dict.fromkeys(self.streams, ">")
+            reply = await redis.xreadgroup(self.agent, self.consumer, streams, count=free, block=_BLOCK_MS)
+        by_stream = {(s.decode() if isinstance(s, bytes) else s): entries for s, entries in reply or []}
+        for stream in self.streams:  # high band first
+            for entry_id, fields in by_stream.get(stream, []):
+                self._dispatch(_Entry(stream, entry_id, (fields or {}).get(b"e"), 1))
+
+    def _dispatch(self, entry: _Entry) -> None:
+        self._held[entry.entry_id] = entry.stream
+        task = asyncio.create_task(self._handle(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- handling ----------------------------------------------------------------------
+    async def _handle(self, entry: _Entry) -> None:
+        try:
+            async with self._slots:
+                await self._process(entry)
+        except asyncio.CancelledError:
+            raise
+        except OrchestratorError as e:  # raised by our own checks before the handler
+            _log.warning("request %s to %s left pending: %s", entry.entry_id, self.agent, e)
+        except Exception:  # noqa: BLE001 - a handler bug must not end the loop; the entry is redelivered
+            _log.exception("handler for %s failed; the request stays pending for redelivery", self.agent)
+        finally:
+            self._held.pop(entry.entry_id, None)
+
+    async def _process(self, entry: _Entry) -> None:
+        core = self.core
+        try:
+            data = parse_envelope(entry.raw or b"", max_bytes=core.settings.max_payload_bytes)
+            request = request_from_dict(data, key=core.verify_key(self.agent))
+            self._check_target(request)
+            core.check_window(request, now=time.time())
+        except OrchestratorError as e:
+            await self._refuse(entry, e)
+            return
+        if request.deadline < time.time():
+            await self._expire(entry, request, data)
+            return
+        if entry.deliveries > 1 and await self._replay_stored(entry, request):
+            return
+        outcome = await core.run_handler(request, self.handler, agent=self.agent)
+        await asyncio.shield(self._finish(request, outcome.raw, entry))
+
+    def _check_target(self, request: AgentRequestEvent) -> None:
+        if request.target_agent != self.agent:
+            raise OrchestratorError(
+                f"request addressed to {request.target_agent!r} found in the stream of {self.agent!r}",
+                field="target_agent",
+            )
+
+    async def _finish(self, request: AgentRequestEvent, raw: bytes, entry: _Entry) -> None:
+        """The finishing write, retried through a Redis outage for up to the visibility timeout."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(_TRANSIENT),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(self.core.settings.visibility_timeout_s),
+            reraise=True,
+        ):
+            with attempt:
+                await self.core.finish(request, raw, stream=entry.stream, entry_id=entry.entry_id)
+
+    async def _refuse(self, entry: _Entry, exc: OrchestratorError) -> None:
+        await self.core.dead_letter(
+            self.agent,
+            entry.raw,
+            reason=exc.code,
+            message=exc.message,
+            stream=entry.stream,
+            entry_id=entry.entry_id,
+            deliveries=entry.deliveries,
+        )
+
+    async def _expire(self, entry: _Entry, request: AgentRequestEvent, data: dict[str, Any]) -> None:
+        """Not executed: ack it and tell the caller (who has given up or is about to)."""
+        error = {"code": "deadline_expired", "message": "the request's deadline passed before it could run"}
+        outcome = self.core.outcome(request, "timeout", {}, error=error)
+        pipe = self.core.redis.pipeline(transaction=True)
+        pipe.xack(entry.stream, self.agent, entry.entry_id)
+        pipe.xdel(entry.stream, entry.entry_id)
+        await pipe.execute()
+        await self.core.notify(data, outcome.raw)
+        self.core.count("expired")
+
+    async def _replay_stored(self, entry: _Entry, request: AgentRequestEvent) -> bool:
+        """A redelivered request whose response was already stored is answered from the store."""
+        key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
+        stored = await self.core.redis.get(key)
+        if not stored or stored == b"P":
+            return False
+        await self.core.finish(request, stored, stream=entry.stream, entry_id=entry.entry_id)
+        return True
+
+    # -- maintenance -------------------------------------------------------------------
+    async def _maintain_loop(self) -> None:
+        interval_s = max(min(self.core.settings.visibility_timeout_s / 3, 5.0), 0.05)
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._maintain()
+            except (RedisError, OSError) as e:
+                _log.warning("maintenance of %s failed (%s); retrying next tick", self.agent, e)
+
+    async def _maintain(self) -> None:
+        await self._beat()
+        await self._keep_claims()
+        for stream in self.streams:
+            await self._reclaim(stream)
+        pipe = self.core.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xlen(stream)
+            pipe.xpending(stream, self.agent)
+        results = await pipe.execute()
+        self.queue_depth = sum(results[0::2])
+        self.pending = sum(int(p["pending"]) for p in results[1::2])
+        metrics.AGENT_REQUEST_QUEUE_DEPTH.labels(self.agent).set(self.queue_depth)
+
+    async def _keep_claims(self) -> None:
+        """Reset the idle time of every entry this instance holds, so none is reclaimed."""
+        by_stream: dict[str, list[Any]] = {}
+        for entry_id, stream in list(self._held.items()):
+            by_stream.setdefault(stream, []).append(entry_id)
+        if not by_stream:
+            return
+        pipe = self.core.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xclaim(stream, self.agent, self.consumer, 0, ids, justid=True)
+        await pipe.execute()
+
+    async def _reclaim(self, stream: str) -> None:
+        free = self.concurrency - len(self._tasks)
+        if free <= 0:
+            return
+        min_idle_ms = int(self.core.settings.visibility_timeout_s * 1000)
+        result = await self.core.redis.xautoclaim(stream, self.agent, self.consumer, min_idle_ms, "0-0", count=free)
+        claimed = [(eid, fields) for eid, fields in result[1] if eid is not None and eid not in self._held]
+        if not claimed:
+            return
+        counts = await self._delivery_counts(stream, [eid for eid, _ in claimed])
+        for entry_id, fields in claimed:
+            entry = _Entry(stream, entry_id, (fields or {}).get(b"e"), counts.get(entry_id, 2))
+            await self._redeliver(entry)
+
+    async def _delivery_counts(self, stream: str, ids: list[Any]) -> dict[Any, int]:
+        pipe = self.core.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(stream, self.agent, min=entry_id, max=entry_id, count=1)
+        counts: dict[Any, int] = {}
+        for rows in await pipe.execute():
+            for row in rows:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        return counts
+
+    async def _redeliver(self, entry: _Entry) -> None:
+        if entry.raw is None:  # trimmed from the stream while pending: nothing left to run
+            await self.core.redis.xack(entry.stream, self.agent, entry.entry_id)
+            return
+        if entry.deliveries > self.core.settings.max_deliveries:
+            await self.core.dead_letter(
+                self.agent,
+                entry.raw,
+                reason="max_deliveries",
+                message=f"delivered {entry.deliveries - 1} times without a stored response",
+                stream=entry.stream,
+                entry_id=entry.entry_id,
+                deliveries=entry.deliveries - 1,
+            )
+            await self._clear_marker(entry)
+            return
+        self.redelivered += 1
+        self.core.count("redelivered")
+        metrics.AGENT_REQUESTS_REDELIVERED.labels(self.agent).inc()
+        self._dispatch(entry)
+
+    async def _clear_marker(self, entry: _Entry) -> None:
+        """Tell the caller at once, and let a retry of a dead-lettered request be admitted again."""
+        try:
+            data = parse_envelope(entry.raw or b"", max_bytes=self.core.settings.max_payload_bytes)
+            request = request_from_dict(data, key=self.core.verify_key(self.agent))
+        except OrchestratorError:
+            return
+        key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
+        if await self.core.redis.get(key) == b"P":
+            await self.core.redis.delete(key)
+        error = {"code": "dead_lettered", "message": "the request was redelivered too often; see `dlq list`"}
+        await self.core.notify(data, self.core.outcome(request, "error", {}, error=error).raw)

@@ -1,0 +1,567 @@
+"""The bus: request/response to named agents over Redis Streams, and broadcast events.
+
+Request path (one Redis round trip each way):
+
+1. ``request_agent`` signs the envelope and runs one Lua script that returns a
+   stored response for a repeated idempotency key, refuses an agent with no
+   live consumer (``AgentOffline``) or a full queue, and otherwise sets an
+   in-flight marker and XADDs the request to the agent's stream for its
+   priority band.
+2. An instance serving the agent (``serve``) reads it with XREADGROUP (group =
+   agent name, consumer = instance), verifies and runs the handler, then in one
+   MULTI stores the response under the idempotency key (TTL), PUBLISHes it on
+   the requester instance's reply channel and XACKs (+XDELs) the entry.
+3. One reader task per requester instance resolves the waiting future.
+
+Pub/sub can drop a reply (no listener, a reconnect); the stored response is the
+durable copy, read back after a reconnect and before giving up on a timeout.
+A request held by a dead instance is reclaimed with XAUTOCLAIM after
+``Settings.visibility_timeout_s``; running handlers renew their claim; a
+request delivered more than ``Settings.max_deliveries`` times goes to the
+agent's dead-letter stream with its reason, as does any refused envelope.
+
+Trust: envelopes are signed (HMAC-SHA256, see ``agent_events``) and verified on
+receipt. Replays are stopped by ``request_id``/idempotency key at admission
+(a repeat gets the stored response, never a second run) and by the
+``created_at`` replay window on receipt.
+
+Events: ``emit`` INSERTs into the append-only ``events`` table, then PUBLISHes;
+``events_since`` reads the table (ids increase: usable as SSE ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.lib import _bus_events, metrics
+from shared.lib import _bus_scripts as scripts
+from shared.lib import redis_keys as keys
+from shared.lib._bus_core import Handler, _Core
+from shared.lib._bus_events import EventCallback, Subscription
+from shared.lib._bus_serve import Server
+from shared.lib.agent_events import (
+    AgentRequestEvent,
+    AgentResponseEvent,
+    Event,
+    check_payload_size,
+    parse_envelope,
+    request_from_dict,
+    response_from_dict,
+)
+from shared.lib.errors import (
+    AgentOffline,
+    Conflict,
+    DeadlineExpired,
+    InvalidInput,
+    NotFound,
+    OrchestratorError,
+    ServiceUnavailable,
+    Timeout,
+)
+from shared.lib.settings import AGENT_ID_PATTERN, Settings
+
+__all__ = ["DeadLetter", "EventBus", "EventCallback", "Handler", "Subscription"]
+
+_log = logging.getLogger(__name__)
+
+_AGENT_RE = re.compile(AGENT_ID_PATTERN)
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: Dead-letter reasons that are safe to requeue (the envelope itself was valid).
+_REQUEUEABLE = {"max_deliveries"}
+#: How often a caller whose duplicate is in flight elsewhere looks for the stored response.
+_POLL_S = 0.02
+_TRANSIENT = (RedisError, OSError)
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[AgentResponseEvent]
+    target: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-lettered request. ``id`` is ``"<agent>/<stream entry id>"`` (for requeue)."""
+
+    id: str
+    agent: str
+    reason: str
+    message: str
+    deliveries: int
+    dead_at: float
+    request: dict[str, Any] | None
+
+
+def _default_instance_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:60]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_agent(name: str, *, field: str) -> None:
+    if not isinstance(name, str) or not _AGENT_RE.match(name):
+        raise InvalidInput(f"{field} {name!r} must match {AGENT_ID_PATTERN}", field=field)
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class EventBus:
+    """Agent request/response and broadcast events over Redis (and PostgreSQL for events).
+
+    ``EventBus(redis, settings, *, pool=None, instance_id=None)``: ``redis`` is a
+    redis-py asyncio client (not closed by the bus), ``pool`` an asyncpg pool
+    needed by ``emit``/``events_since``, ``instance_id`` names this process's
+    reply channel (default: host-pid-random). Call ``await bus.close()`` at the end.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        instance_id = instance_id or _default_instance_id()
+        if not _INSTANCE_RE.match(instance_id):
+            raise InvalidInput(f"instance_id {instance_id!r} must match {_INSTANCE_RE.pattern}", field="instance_id")
+        self.settings = settings
+        self.pool = pool
+        self.instance_id = instance_id
+        self._core = _Core.build(redis, settings, instance_id)
+        self._waiters: dict[str, _Waiter] = {}
+        self._reply_task: asyncio.Task[None] | None = None
+        self._replies_ready = asyncio.Event()
+        self._servers: list[Server] = []
+        self._subscriptions: set[Subscription] = set()
+        self._sweeps: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._core.redis
+
+    # -- lifecycle and introspection ---------------------------------------------------
+    async def close(self) -> None:
+        """Stop serving (no grace), stop the reply reader, fail waiting calls, end subscriptions."""
+        self._closed = True
+        await self.stop_serving(grace_s=0)
+        tasks = [t for t in (self._reply_task, *self._sweeps) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(ServiceUnavailable("the event bus was closed while waiting"))
+        for sub in list(self._subscriptions):
+            await sub.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this process's handlers are running now (stream and HTTP); busy if > 0."""
+        return self._core.in_flight
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: in flight, waiting calls, counters, and per served agent its queue
+        depth and pending entries (as of the last maintenance tick)."""
+        counters = self._core.counters
+        return {
+            "instance_id": self.instance_id,
+            "in_flight": self.in_flight,
+            "waiting_replies": len(self._waiters),
+            "redelivered": counters.get("redelivered", 0),
+            "dead_lettered": counters.get("dead_lettered", 0),
+            "expired": counters.get("expired", 0),
+            "agents": {
+                s.agent: {
+                    "consumer": s.consumer,
+                    "concurrency": s.concurrency,
+                    "active": s.active,
+                    "queue_depth": s.queue_depth,
+                    "pending": s.pending,
+                    "redelivered": s.redelivered,
+                }
+                for s in self._servers
+            },
+        }
+
+    # -- requesting --------------------------------------------------------------------
+    async def request_agent(self, request: AgentRequestEvent, *, timeout_s: float) -> AgentResponseEvent:
+        """Send ``request`` to ``request.target_agent`` and wait for its response.
+
+        The deadline is the earlier of the request's and now + ``timeout_s``.
+        Returns the response (status success, error or rejected); raises
+        ``Timeout`` if none arrives in time (or the agent reports the deadline
+        passed), ``AgentOffline`` at once if the agent has no live consumer,
+        ``PayloadTooLarge``/``InvalidInput`` for a bad envelope and
+        ``ServiceUnavailable`` when Redis cannot be reached or the queue is full.
+        A repeated ``idempotency_key`` gets the stored response, not a second run.
+        """
+        if self._closed:
+            raise ServiceUnavailable("the event bus is closed")
+        check_payload_size(request.payload, max_bytes=self.settings.max_payload_bytes)
+        now = time.time()
+        deadline = min(request.deadline, now + timeout_s)
+        if deadline <= now:
+            raise DeadlineExpired("the request's deadline has already passed; set a later one", field="deadline")
+        await self._ensure_replies()
+        data = request.to_dict()
+        data.update(created_at=now, deadline=deadline, reply_to=self.instance_id)
+        raw = self._core.signed_json(data, request.target_agent)
+        rid = request.request_id
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), request.target_agent, request.idempotency_key)
+        mine = rid not in self._waiters
+        if mine:
+            self._waiters[rid] = waiter
+        try:
+            return await self._send(request, raw, waiter, deadline)
+        finally:
+            if mine:
+                del self._waiters[rid]
+
+    async def _send(
+        self, request: AgentRequestEvent, raw: bytes, waiter: _Waiter, deadline: float
+    ) -> AgentResponseEvent:
+        stream = keys.request_stream(self._core.prefix, request.target_agent, keys.band_of(request.priority))
+        code, value = await self._admit(request, raw, stream=stream, deadline=deadline, queue=True)
+        if code == scripts.ADMIT_STORED:
+            return self._decode_stored(value, request.target_agent)
+        if code == scripts.ADMIT_OFFLINE:
+            raise AgentOffline(
+                f"agent {request.target_agent!r} has no live instance; start one or check the registry",
+                field="target_agent",
+                resource=request.target_agent,
+            )
+        if code == scripts.ADMIT_FULL:
+            raise ServiceUnavailable(
+                f"the queue of agent {request.target_agent!r} is full ({self.settings.stream_maxlen}); retry later",
+                resource=request.target_agent,
+            )
+        if code == scripts.ADMIT_IN_FLIGHT:
+            return await self._await_stored(request, deadline)
+        return await self._await_reply(request, waiter, deadline)
+
+    async def _admit(
+        self, request: AgentRequestEvent, raw: bytes, *, stream: str, deadline: float, queue: bool
+    ) -> tuple[int, Any]:
+        agent = request.target_agent
+        marker_ms = int(max(deadline - time.time(), 0) * 1000) + keys.IN_FLIGHT_MARKER_MARGIN_MS
+        mode = ("1", "x") if queue else ("0", "n")  # check liveness and queue, or only mark
+        args: list[bytes | str | int] = [raw, marker_ms, self.settings.stream_maxlen, *mode]
+        script_keys = [
+            keys.response_key(self._core.prefix, agent, request.idempotency_key),
+            stream,
+            keys.consumers_key(self._core.prefix, agent),
+        ]
+        try:
+            code, value = await self._core.admit(keys=script_keys, args=args)
+        except _TRANSIENT as e:
+            raise ServiceUnavailable(f"cannot reach Redis to send the request: {e}; retry it") from e
+        return int(code), value
+
+    async def _await_reply(self, request: AgentRequestEvent, waiter: _Waiter, deadline: float) -> AgentResponseEvent:
+        try:
+            response = await asyncio.wait_for(waiter.future, max(deadline - time.time(), 0.0))
+        except TimeoutError:
+            stored = await self._fetch_stored(request.target_agent, request.idempotency_key)
+            if stored is None:
+                metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+                raise Timeout(
+                    f"agent {request.target_agent!r} did not answer {request.request_type} in time; "
+                    "retry with the same request_id to get its response if it finishes",
+                    resource=request.target_agent,
+                ) from None
+            response = stored
+        if response.status == "timeout":
+            metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+            raise Timeout(f"agent {request.target_agent!r} got {request.request_type} after its deadline")
+        return response
+
+    async def _await_stored(self, request: AgentRequestEvent, deadline: float) -> AgentResponseEvent:
+        """A duplicate is in flight (sent elsewhere): wait for its stored response."""
+        while time.time() < deadline:
+            stored = await self._fetch_stored(request.target_agent, request.idempotency_key)
+            if stored is not None:
+                return stored
+            await asyncio.sleep(_POLL_S)
+        metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+        raise Timeout(f"agent {request.target_agent!r} did not finish the in-flight duplicate in time")
+
+    async def _fetch_stored(self, agent: str, idempotency_key: str) -> AgentResponseEvent | None:
+        try:
+            value = await self._core.redis.get(keys.response_key(self._core.prefix, agent, idempotency_key))
+        except _TRANSIENT:
+            return None
+        if not value or value == b"P":
+            return None
+        return self._decode_stored(value, agent)
+
+    def _decode_stored(self, raw: bytes, agent: str) -> AgentResponseEvent:
+        data = parse_envelope(raw, max_bytes=self.settings.max_payload_bytes)
+        return response_from_dict(data, key=self._core.verify_key(agent))
+
+    # -- replies -----------------------------------------------------------------------
+    async def _ensure_replies(self) -> None:
+        if self._replies_ready.is_set():
+            return
+        if self._reply_task is None:
+            self._reply_task = asyncio.create_task(self._reply_loop())
+        try:
+            await asyncio.wait_for(self._replies_ready.wait(), 5.0)
+        except TimeoutError as e:
+            raise ServiceUnavailable("cannot subscribe to the reply channel on Redis; retry") from e
+
+    async def _reply_loop(self) -> None:
+        channel = keys.reply_channel(self._core.prefix, self.instance_id)
+        delay_s, first = 0.05, True
+        while True:
+            pubsub = self._core.redis.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self._on_reply(message["data"])
+                    elif message["type"] == "subscribe":
+                        delay_s = 0.05
+                        if not first:
+                            self._start_sweep()
+                        first = False
+                        self._replies_ready.set()
+            except _TRANSIENT as e:
+                _log.warning("reply channel lost (%s); resubscribing in %.2fs", e, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+            finally:
+                with contextlib.suppress(*_TRANSIENT):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_reply(self, raw: bytes) -> None:
+        try:
+            data = orjson.loads(raw)
+            waiter = self._waiters.get(data.get("request_id"))
+            if waiter is None or waiter.future.done():
+                metrics.AGENT_RESPONSES_DROPPED.labels("late").inc()
+                return
+            response = response_from_dict(data, key=self._core.verify_key(waiter.target))
+        except (orjson.JSONDecodeError, AttributeError, OrchestratorError) as e:
+            metrics.AGENT_RESPONSES_DROPPED.labels("invalid").inc()
+            _log.warning("dropped an invalid response: %s", e)
+            return
+        if response.source_agent != waiter.target:
+            metrics.AGENT_RESPONSES_DROPPED.labels("invalid").inc()
+            return
+        waiter.future.set_result(response)
+
+    def _start_sweep(self) -> None:
+        task = asyncio.create_task(self._sweep())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep(self) -> None:
+        """After a reconnect: responses published while we were away are read from the store."""
+        for waiter in list(self._waiters.values()):
+            if waiter.future.done():
+                continue
+            stored = await self._fetch_stored(waiter.target, waiter.idempotency_key)
+            if stored is not None and not waiter.future.done():
+                waiter.future.set_result(stored)
+
+    # -- serving -----------------------------------------------------------------------
+    async def serve(self, agent_name: str, handler: Handler, *, concurrency: int, consumer: str) -> None:
+        """Serve requests to ``agent_name`` as ``consumer`` until :meth:`stop_serving`.
+
+        ``handler(request) -> dict`` returns the success payload; an
+        OrchestratorError it raises becomes an ``error`` response naming the
+        problem (``RequestRejected`` -> ``rejected``); any other exception leaves
+        the request pending for redelivery (and, past ``max_deliveries``, the
+        dead-letter stream). At most ``concurrency`` handlers run at once.
+        """
+        _check_agent(agent_name, field="agent_name")
+        if not _INSTANCE_RE.match(consumer):
+            raise InvalidInput(f"consumer {consumer!r} must match {_INSTANCE_RE.pattern}", field="consumer")
+        if concurrency < 1:
+            raise InvalidInput("concurrency must be at least 1", field="concurrency")
+        server = Server(self._core, agent_name, handler, concurrency=concurrency, consumer=consumer)
+        self._servers.append(server)
+        try:
+            await server.run()
+        except asyncio.CancelledError:
+            await asyncio.shield(server.stop(grace_s=0))
+            raise
+        finally:
+            self._servers.remove(server)
+
+    async def stop_serving(self, *, grace_s: float = 10.0) -> None:
+        """Stop taking work; running handlers get ``grace_s`` to finish, the rest stay
+        pending and are reclaimed by a live instance after the visibility timeout."""
+        await asyncio.gather(*(s.stop(grace_s=grace_s) for s in list(self._servers)))
+
+    async def execute(self, request: AgentRequestEvent, handler: Handler) -> AgentResponseEvent:
+        """Run a request that arrived over HTTP through the same checks as the stream path.
+
+        Raises ``PayloadTooLarge``, ``InvalidSignature``, ``RequestRejected``
+        (replay window) or ``DeadlineExpired`` for a refused envelope (which is
+        also dead-lettered); returns the stored response for a repeat, else the
+        handler's response, stored under the idempotency key.
+        """
+        core = self._core
+        agent = request.target_agent
+        await self._refuse_bad(request)
+        if request.deadline < time.time():
+            raise DeadlineExpired("the request's deadline has passed; send it with a later one", field="deadline")
+        stream = keys.request_stream(core.prefix, agent, keys.band_of(request.priority))
+        code, value = await self._admit(request, b"", stream=stream, deadline=request.deadline, queue=False)
+        if code == scripts.ADMIT_STORED:
+            return self._decode_stored(value, agent)
+        if code == scripts.ADMIT_IN_FLIGHT:
+            return await self._await_stored(request, request.deadline)
+        outcome = await core.run_handler(request, handler, agent=agent)
+        await asyncio.shield(core.finish(request, outcome.raw, stream=None, entry_id=None))
+        return outcome.response
+
+    async def _refuse_bad(self, request: AgentRequestEvent) -> None:
+        core = self._core
+        try:
+            check_payload_size(request.payload, max_bytes=self.settings.max_payload_bytes)
+            key = core.verify_key(request.target_agent)
+            if key is not None:
+                request.verify(key)
+            core.check_window(request, now=time.time())
+        except OrchestratorError as e:
+            with contextlib.suppress(*_TRANSIENT):
+                await core.dead_letter(request.target_agent, request.to_json(), reason=e.code, message=e.message)
+            raise
+
+    # -- dead letters ------------------------------------------------------------------
+    async def dead_letters(self, agent_name: str | None = None, *, limit: int = 100) -> list[DeadLetter]:
+        """Newest first, for one agent or every agent that ever served."""
+        if agent_name is not None:
+            _check_agent(agent_name, field="agent_name")
+            agents = [agent_name]
+        else:
+            members = await self._core.redis.smembers(keys.agents_set(self._core.prefix))  # type: ignore[misc]
+            agents = sorted(_str(m) for m in members)
+        letters: list[DeadLetter] = []
+        for agent in agents:
+            rows = await self._core.redis.xrevrange(keys.dead_letter_stream(self._core.prefix, agent), count=limit)
+            letters.extend(self._dead_letter(agent, entry_id, fields) for entry_id, fields in rows)
+        letters.sort(key=lambda d: d.dead_at, reverse=True)
+        return letters[:limit]
+
+    def _dead_letter(self, agent: str, entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+        raw = fields.get(b"e") or b""
+        try:
+            request: dict[str, Any] | None = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            request = None
+        return DeadLetter(
+            id=f"{agent}/{_str(entry_id)}",
+            agent=agent,
+            reason=_str(fields.get(b"reason", b"")),
+            message=_str(fields.get(b"message", b"")),
+            deliveries=int(fields.get(b"deliveries", b"0") or 0),
+            dead_at=float(fields.get(b"dead_at", b"0") or 0),
+            request=request if isinstance(request, dict) else None,
+        )
+
+    async def requeue_dead_letter(self, entry_id: str) -> AgentRequestEvent:
+        """Send a dead-lettered request again (fresh timestamps and deadline, re-signed) and
+        remove it from the dead-letter stream. Refused envelopes cannot be requeued."""
+        agent, _, sid = entry_id.partition("/")
+        _check_agent(agent, field="entry_id")
+        dead_key = keys.dead_letter_stream(self._core.prefix, agent)
+        rows = await self._core.redis.xrange(dead_key, min=sid, max=sid) if sid else []
+        if not rows:
+            raise NotFound(f"no dead letter {entry_id!r}; list them with `dlq list`", resource=entry_id)
+        letter = self._dead_letter(agent, rows[0][0], rows[0][1])
+        if letter.reason not in _REQUEUEABLE or letter.request is None:
+            raise Conflict(
+                f"dead letter {entry_id!r} was refused ({letter.reason}); send a new, valid request instead",
+                resource=entry_id,
+            )
+        request = request_from_dict(letter.request, key=self._core.verify_key(agent))
+        now = time.time()
+        span_s = max(request.deadline - request.created_at, 1.0)
+        data = request.to_dict()
+        data.update(created_at=now, deadline=now + span_s)
+        raw = self._core.signed_json(data, agent)
+        pipe = self._core.redis.pipeline(transaction=True)
+        stream = keys.request_stream(self._core.prefix, agent, keys.band_of(request.priority))
+        pipe.xadd(stream, {"e": raw}, maxlen=self.settings.stream_maxlen, approximate=True)
+        pipe.xdel(dead_key, sid)
+        await pipe.execute()
+        return AgentRequestEvent.model_validate(orjson.loads(raw))
+
+    # -- events ------------------------------------------------------------------------
+    async def emit(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        aggregate_type: str | None = None,
+        aggregate_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Event:
+        """INSERT the event into ``events`` (the record), then PUBLISH it to live subscribers."""
+        return await _bus_events.emit(
+            self.pool,
+            self._core.redis,
+            self._core.prefix,
+            event_type,
+            data,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            metadata=metadata,
+        )
+
+    async def subscribe(self, pattern: str, callback: EventCallback) -> Subscription:
+        """Call ``callback(event)`` for each live event whose type matches the glob ``pattern``.
+        Returns once subscribed; ``await sub.close()`` ends it."""
+        sub = await _bus_events.subscribe(
+            self._core.redis, self._core.prefix, pattern, callback, on_close=self._subscriptions.discard
+        )
+        self._subscriptions.add(sub)
+        return sub
+
+    async def events_since(
+        self,
+        after_id: int,
+        *,
+        event_type: str | None = None,
+        aggregate_type: str | None = None,
+        aggregate_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Event]:
+        """Stored events with ``id > after_id`` matching the filters, oldest first."""
+        return await _bus_events.events_since(
+            self.pool,
+            after_id,
+            event_type=event_type,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            since=since,
+            limit=limit,
+        )
+
+    async def republish(self, event: Event) -> None:
+        """Publish a stored event again (replay); subscribers dedupe by ``event.id``."""
+        await _bus_events.publish(self._core.redis, self._core.prefix, event)

@@ -1,0 +1,324 @@
+"""The bus against real Redis and PostgreSQL: request/response, load sharing, idempotency,
+deadlines, refusals, dead letters, priorities, the HTTP path and events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from shared.lib import redis_keys as keys
+from shared.lib.agent_events import AgentRequestEvent, Event
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.errors import (
+    AgentOffline,
+    DeadlineExpired,
+    InvalidInput,
+    InvalidSignature,
+    PayloadTooLarge,
+    RequestRejected,
+    Timeout,
+)
+from shared.lib.event_bus import EventBus
+from shared.lib.settings import Settings
+
+BusFactory = Callable[..., Awaitable[EventBus]]
+
+
+@pytest.fixture
+async def make_bus(settings_factory: Callable[..., Settings]) -> AsyncIterator[BusFactory]:
+    """Build buses (own Redis client each, shared PG pool); all are closed at teardown."""
+    made: list[tuple[EventBus, aioredis.Redis]] = []
+    pools: list[asyncpg.Pool] = []
+
+    async def make(**overrides: Any) -> EventBus:
+        settings = settings_factory(**{"visibility_timeout_s": 1.0, **overrides})
+        client = await connect_redis(settings.redis_url or "")
+        if not pools:
+            pools.append(await create_pg_pool(settings.database_url or "", max_size=4))
+        bus = EventBus(client, settings, pool=pools[0])
+        made.append((bus, client))
+        return bus
+
+    yield make
+    for bus, client in made:
+        await bus.close()
+        await client.aclose()
+    for pool in pools:
+        await pool.close()
+
+
+def _serve(bus: EventBus, agent: str, handler: Any, *, concurrency: int = 8, consumer: str = "c1") -> asyncio.Task:
+    return asyncio.create_task(bus.serve(agent, handler, concurrency=concurrency, consumer=consumer))
+
+
+async def _wait_live(bus: EventBus, agent: str) -> None:
+    key = keys.consumers_key(bus.settings.redis_prefix, agent)
+    for _ in range(200):
+        if await bus.redis.zcard(key):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{agent} never became live")
+
+
+def _req(target: str = "echo", payload: dict[str, Any] | None = None, **kw: Any) -> AgentRequestEvent:
+    return AgentRequestEvent.create(
+        source_agent="tester", target_agent=target, request_type="ECHO", payload=payload or {}, **kw
+    )
+
+
+async def _echo(request: AgentRequestEvent) -> dict[str, Any]:
+    if request.payload.get("bad"):
+        raise InvalidInput("bad is not allowed", field="payload.bad")
+    if request.payload.get("unknown"):
+        raise RequestRejected("no such request type", field="request_type")
+    return {"echo": request.payload, "trace": request.trace}
+
+
+async def test_round_trip_carries_payload_and_trace(make_bus: BusFactory) -> None:
+    """A request reaches the serving handler and its signed response comes back, trace intact."""
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    response = await client.request_agent(_req(payload={"n": 1}, metadata={"trace": {"h": "v"}}), timeout_s=5)
+    assert response.status == "success"
+    assert response.payload == {"echo": {"n": 1}, "trace": {"h": "v"}}
+    assert response.metadata["trace"] == {"h": "v"}
+    assert response.served_by == server.instance_id
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_handler_errors_become_error_responses_and_serving_goes_on(make_bus: BusFactory) -> None:
+    """InvalidInput -> error naming the field, RequestRejected -> rejected; the loop keeps serving."""
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    bad = await client.request_agent(_req(payload={"bad": True}), timeout_s=5)
+    assert bad.status == "error"
+    assert bad.error is not None
+    assert bad.error["code"] == "invalid_input"
+    assert bad.error["field"] == "payload.bad"
+    rejected = await client.request_agent(_req(payload={"unknown": True}), timeout_s=5)
+    assert rejected.status == "rejected"
+    with pytest.raises(RequestRejected):
+        rejected.raise_for_status()
+    ok = await client.request_agent(_req(payload={"n": 2}), timeout_s=5)
+    assert ok.raise_for_status() == {"echo": {"n": 2}, "trace": {}}
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_two_instances_share_the_load(make_bus: BusFactory) -> None:
+    """Two consumers of one agent both serve a burst of concurrent requests."""
+    a, b, client = await make_bus(), await make_bus(), await make_bus()
+
+    async def slow(request: AgentRequestEvent) -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        return {}
+
+    tasks = [_serve(a, "echo", slow, concurrency=4, consumer="a"), _serve(b, "echo", slow, concurrency=4, consumer="b")]
+    await _wait_live(client, "echo")
+    responses = await asyncio.gather(*(client.request_agent(_req(), timeout_s=10) for _ in range(40)))
+    served = Counter(r.served_by for r in responses)
+    assert set(served) == {a.instance_id, b.instance_id}
+    assert min(served.values()) >= 8
+    for bus in (a, b):
+        await bus.stop_serving(grace_s=1)
+    await asyncio.gather(*tasks)
+
+
+async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory) -> None:
+    """A repeat of a request (same request_id) gets the stored response; the handler runs once."""
+    server, client = await make_bus(), await make_bus()
+    calls: list[str] = []
+
+    async def counting(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        return {"n": len(calls)}
+
+    task = _serve(server, "echo", counting)
+    await _wait_live(client, "echo")
+    request = _req()
+    first = await client.request_agent(request, timeout_s=5)
+    again = await client.request_agent(request, timeout_s=5)
+    assert first.payload == again.payload == {"n": 1}
+    assert calls == [request.request_id]
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_offline_agent_fails_at_once(make_bus: BusFactory) -> None:
+    """A request to an agent with no live consumer raises AgentOffline without waiting."""
+    client = await make_bus()
+    start = time.monotonic()
+    with pytest.raises(AgentOffline) as err:
+        await client.request_agent(_req("nobody"), timeout_s=10)
+    assert time.monotonic() - start < 1.0
+    assert err.value.field == "target_agent"
+
+
+async def test_deadline_expiry_times_out_and_expired_work_is_not_run(make_bus: BusFactory) -> None:
+    """The caller gets Timeout; a request found expired in the queue is acked and never executed."""
+    server, client = await make_bus(), await make_bus()
+    calls: list[str] = []
+
+    async def slow(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        await asyncio.sleep(0.5)
+        return {}
+
+    task = _serve(server, "echo", slow, concurrency=1)
+    await _wait_live(client, "echo")
+    first = asyncio.create_task(client.request_agent(_req(), timeout_s=5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Timeout):
+        await client.request_agent(_req(), timeout_s=0.1)  # queued behind `first`, expires there
+    await first
+    await asyncio.sleep(0.2)
+    assert len(calls) == 1
+    assert server.stats()["expired"] == 1
+    assert client.stats()["waiting_replies"] == 0
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_send_side_refusals_name_the_field(make_bus: BusFactory) -> None:
+    """An oversized payload and an invalid agent id are refused before anything is sent."""
+    client = await make_bus(max_payload_bytes=1000)
+    with pytest.raises(PayloadTooLarge) as big:
+        await client.request_agent(_req(payload={"blob": "x" * 2000}), timeout_s=1)
+    assert big.value.field == "payload"
+    with pytest.raises(InvalidInput) as bad_id:
+        _req(target="Not An Agent!")
+    assert bad_id.value.field == "target_agent"
+
+
+async def test_bad_signature_is_dead_lettered_and_answered(make_bus: BusFactory) -> None:
+    """An envelope signed with the wrong key is refused: dead-lettered with its reason, caller told."""
+    server = await make_bus()
+    forger = await make_bus(signing_key="a-completely-different-key-0123456")
+    task = _serve(server, "echo", _echo)
+    await _wait_live(forger, "echo")
+    with pytest.raises(Timeout):
+        await forger.request_agent(_req(), timeout_s=0.5)
+    letters = await server.dead_letters("echo")
+    assert [d.reason for d in letters] == ["bad_signature"]
+    assert server.stats()["dead_lettered"] == 1
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_poison_message_is_dead_lettered_after_max_deliveries(make_bus: BusFactory) -> None:
+    """A handler that keeps crashing: redelivered max_deliveries times, then dead-lettered and requeueable."""
+    server = await make_bus(visibility_timeout_s=0.2, max_deliveries=3)
+    client = await make_bus()
+    attempts: list[int] = []
+
+    async def crashing(request: AgentRequestEvent) -> dict[str, Any]:
+        attempts.append(1)
+        if len(attempts) <= 3:
+            raise RuntimeError("handler bug")
+        return {"finally": True}
+
+    task = _serve(server, "echo", crashing)
+    await _wait_live(client, "echo")
+    response = await client.request_agent(_req(), timeout_s=10)
+    assert response.status == "error"
+    assert response.error is not None
+    assert response.error["code"] == "dead_lettered"
+    assert len(attempts) == 3
+    letters = await client.dead_letters()
+    assert [(d.agent, d.reason, d.deliveries) for d in letters] == [("echo", "max_deliveries", 3)]
+    requeued = await client.requeue_dead_letter(letters[0].id)
+    stored = keys.response_key(client.settings.redis_prefix, "echo", requeued.idempotency_key)
+    for _ in range(100):
+        if (await client.redis.get(stored) or b"P") != b"P":
+            break
+        await asyncio.sleep(0.02)
+    assert len(attempts) == 4
+    assert await client.dead_letters("echo") == []
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_urgent_requests_are_served_before_normal_ones(make_bus: BusFactory) -> None:
+    """With a backlog queued, the urgent band is drained first."""
+    client = await make_bus()
+    server = await make_bus()
+    order: list[str] = []
+
+    async def record(request: AgentRequestEvent) -> dict[str, Any]:
+        order.append(request.priority)
+        return {}
+
+    # queue first (a live consumer must exist for admission), then start serving
+    blocker = _serve(server, "echo", record, concurrency=1, consumer="warm")
+    await _wait_live(client, "echo")
+    await server.stop_serving(grace_s=1)
+    await blocker
+    await client.redis.zadd(keys.consumers_key(client.settings.redis_prefix, "echo"), {"fake": 2**62})
+    calls = [asyncio.create_task(client.request_agent(_req(priority="low"), timeout_s=10)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    calls += [asyncio.create_task(client.request_agent(_req(priority="urgent"), timeout_s=10)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    order.clear()
+    task = _serve(server, "echo", record, concurrency=1, consumer="drain")
+    await asyncio.gather(*calls)
+    assert order[:5] == ["urgent"] * 5
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_execute_runs_http_requests_through_the_same_checks(make_bus: BusFactory) -> None:
+    """execute(): verified, idempotent, stored; bad signatures and expired deadlines are refused."""
+    bus = await make_bus()
+    calls: list[str] = []
+
+    async def handler(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        return {"ok": True}
+
+    key = bus.settings.signing_key.encode()
+    request = _req().signed(key)
+    first = await bus.execute(request, handler)
+    again = await bus.execute(request, handler)
+    assert first.status == again.status == "success"
+    assert calls == [request.request_id]
+    with pytest.raises(InvalidSignature):
+        await bus.execute(_req().signed(b"wrong-key"), handler)
+    with pytest.raises(InvalidSignature):
+        await bus.execute(_req(), handler)  # unsigned
+    expired = _req(timeout_s=-1).signed(key)
+    with pytest.raises(DeadlineExpired):
+        await bus.execute(expired, handler)
+    assert [d.reason for d in await bus.dead_letters("echo")] == ["bad_signature", "bad_signature"]
+    assert bus.in_flight == 0
+
+
+async def test_events_are_persisted_delivered_live_and_replayed(make_bus: BusFactory) -> None:
+    """emit() stores the event, live subscribers get it, events_since() reads it back by cursor."""
+    bus = await make_bus()
+    got: asyncio.Queue[Event] = asyncio.Queue()
+    sub = await bus.subscribe("workflow.*", got.put_nowait)
+    first = await bus.emit("workflow.started", {"n": 1}, aggregate_type="workflow", aggregate_id="w1")
+    second = await bus.emit("workflow.finished", {"n": 2}, aggregate_type="workflow", aggregate_id="w1")
+    await bus.emit("other.thing", {"n": 3})
+    live = [await asyncio.wait_for(got.get(), 5), await asyncio.wait_for(got.get(), 5)]
+    assert [e.id for e in live] == [first.id, second.id]
+    assert second.id > first.id
+    assert [e.event_type for e in await bus.events_since(first.id, aggregate_id="w1")] == ["workflow.finished"]
+    assert len(await bus.events_since(0, event_type="other.thing")) == 1
+    await bus.republish(first)
+    replayed = await asyncio.wait_for(got.get(), 5)
+    assert replayed == first
+    await sub.close()
+    with contextlib.suppress(asyncio.QueueEmpty):
+        got.get_nowait()
