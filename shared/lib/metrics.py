@@ -16,3 +16,55 @@ __all__ = ["LATENCY_BUCKETS_S"]
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 _ = (Counter, Gauge, Histogram)  # each component's block below uses these
+
+# -- messaging (shared.lib.event_bus) ------------------------------------------------
+__all__ += [
+    "AGENT_REQUESTS",
+    "AGENT_REQUESTS_ACTIVE",
+    "AGENT_REQUESTS_DEAD_LETTERED",
+    "AGENT_REQUESTS_REDELIVERED",
+    "AGENT_REQUEST_DURATION",
+    "AGENT_REQUEST_QUEUE_DEPTH",
+    "AGENT_REQUEST_TIMEOUTS",
+    "AGENT_RESPONSES_DROPPED",
+    "EVENT_BUS_EVENTS_DELIVERED",
+    "EVENT_BUS_EVENTS_EMITTED",
+    "EVENT_BUS_SUBSCRIBER_ERRORS",
+]
+
+AGENT_REQUESTS = Counter(
+    "agent_requests_total",
+    "Requests answered by this process's agent instances (stream and HTTP), by outcome.",
+    ["source_agent", "target_agent", "request_type", "status"],
+)
+AGENT_REQUEST_DURATION = Histogram(
+    "agent_request_duration_seconds",
+    "Handler time of answered requests, from the start of the handler to the stored response.",
+    ["target_agent"],
+    buckets=LATENCY_BUCKETS_S,
+)
+AGENT_REQUESTS_ACTIVE = Gauge("agent_requests_active", "Requests this process is handling right now.", ["agent"])
+AGENT_REQUEST_TIMEOUTS = Counter(
+    "agent_request_timeouts_total", "Calls that got no response before their deadline (caller side).", ["target_agent"]
+)
+AGENT_REQUESTS_REDELIVERED = Counter(
+    "agent_requests_redelivered_total", "Requests reclaimed from an instance that stopped renewing them.", ["agent"]
+)
+AGENT_REQUESTS_DEAD_LETTERED = Counter(
+    "agent_requests_dead_lettered_total",
+    "Requests moved to a dead-letter stream (max_deliveries, bad_signature, payload_too_large...).",
+    ["reason"],
+)
+AGENT_REQUEST_QUEUE_DEPTH = Gauge(
+    "agent_request_queue_depth", "Requests queued or pending for an agent, all priority bands.", ["agent"]
+)
+AGENT_RESPONSES_DROPPED = Counter(
+    "agent_responses_dropped_total", "Responses a requester discarded (late, unsigned, malformed).", ["reason"]
+)
+EVENT_BUS_EVENTS_EMITTED = Counter(
+    "event_bus_events_emitted_total", "Events written to the events table and published.", ["event_type"]
+)
+EVENT_BUS_EVENTS_DELIVERED = Counter("event_bus_events_delivered_total", "Events handed to a live subscriber callback.")
+EVENT_BUS_SUBSCRIBER_ERRORS = Counter(
+    "event_bus_subscriber_errors_total", "Subscriber callbacks that raised (the subscription carries on)."
+)
