@@ -1,0 +1,106 @@
+"""How workflow nodes call agents: over the bus, with keys that make re-runs safe.
+
+LangGraph re-runs a node after an interrupt resume, a retry or a crash
+recovery. Each call's idempotency key is derived from the thread, the task (its
+id is stable across those re-runs) and a label the node gives the call, so the
+bus hands back the stored response instead of running the side effect again.
+
+Transient failures retry with a tenacity policy. A timeout or an offline agent
+keeps the key (the first attempt may still complete and its answer be stored);
+a retryable *error response* is stored under its key, so the next attempt gets
+a fresh key with the attempt number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from langgraph.config import get_config
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from agent_orchestrator.workflows.base import AgentReply
+from shared.lib.agent_events import AgentRequestEvent
+from shared.lib.errors import AgentOffline, OrchestratorError, Timeout
+from shared.lib.event_bus import EventBus
+from shared.lib.settings import Settings
+
+__all__ = ["BusAgentCalls", "call_key"]
+
+_ATTEMPTS = 4
+SOURCE_AGENT = "orchestrator"
+
+
+def call_key(label: str) -> str:
+    """``wf:<thread>:<task namespace>:<label>``, from the running node's config."""
+    conf = get_config().get("configurable", {})
+    return f"wf:{conf.get('thread_id')}:{conf.get('checkpoint_ns', '')}:{label}"
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, OrchestratorError) and exc.retryable
+
+
+class BusAgentCalls:
+    """The :class:`~agent_orchestrator.workflows.base.AgentCalls` of one workflow run."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        settings: Settings,
+        *,
+        workflow_id: str,
+        correlation_id: str,
+        trace_headers: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.workflow_id = workflow_id
+        self.correlation_id = correlation_id
+        self.trace_headers = trace_headers
+
+    async def call(
+        self, agent: str, request_type: str, payload: dict[str, Any], *, label: str, timeout_s: float | None = None
+    ) -> AgentReply:
+        key = call_key(label)
+        timeout = timeout_s or self.settings.request_timeout_s
+        bumped = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(_ATTEMPTS),
+            reraise=True,
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            retry=retry_if_exception(_retryable),
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    return await self._once(
+                        agent, request_type, payload, key=key if not bumped else f"{key}~{bumped}", timeout_s=timeout
+                    )
+                except (Timeout, AgentOffline):
+                    raise
+                except OrchestratorError as e:
+                    if e.retryable:
+                        bumped += 1
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    async def _once(
+        self, agent: str, request_type: str, payload: dict[str, Any], *, key: str, timeout_s: float
+    ) -> AgentReply:
+        metadata: dict[str, Any] = {"workflow_id": self.workflow_id}
+        if self.trace_headers is not None:
+            metadata["trace"] = self.trace_headers()
+        request = AgentRequestEvent.create(
+            source_agent=SOURCE_AGENT,
+            target_agent=agent,
+            request_type=request_type,
+            payload=payload,
+            timeout_s=timeout_s,
+            correlation_id=self.correlation_id,
+            idempotency_key=key,
+            metadata=metadata,
+        )
+        response = await self.bus.request_agent(request, timeout_s=timeout_s)
+        result = response.raise_for_status()
+        return AgentReply(payload=result, agent=agent, instance=response.served_by or agent)

@@ -1,0 +1,179 @@
+"""The orchestrator's HTTP API (port 8001): workflows, their events and history,
+pending human approvals, workflow types.
+
+Every route except the operations ones needs an API key outside dev mode. Every
+body is a pydantic model, so a wrong type or a missing field gets a 422 naming
+the field; anything the service refuses comes back through the one error
+handler as a JSON body naming the field or resource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel, Field
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from agent_orchestrator.records import WorkflowRecord
+from agent_orchestrator.service import Orchestrator
+from shared.lib.errors import InvalidInput
+from shared.lib.http_service import ApiKeyDep
+
+__all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
+
+_ID = Path(pattern=r"^[0-9a-f-]{36}$", description="Workflow id (a UUID).")
+_STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
+_SSE_POLL_S = 1.0
+
+
+class LaunchRequest(BaseModel):
+    workflow_type: str = Field(min_length=1, max_length=100)
+    input: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ResumeRequest(BaseModel):
+    decision: Any = Field(description="The answer to the pending interrupt, e.g. {'decision': 'approve', 'by': 'ana'}")
+
+
+def _orchestrator(request: Request) -> Orchestrator:
+    orch: Orchestrator = request.app.state.orchestrator
+    return orch
+
+
+OrchestratorDep = Annotated[Orchestrator, Depends(_orchestrator)]
+
+
+def _view(record: WorkflowRecord) -> dict[str, Any]:
+    return record.to_api()
+
+
+def workflows_router() -> APIRouter:
+    router = APIRouter(dependencies=[ApiKeyDep])
+
+    @router.post("/workflows", status_code=202)
+    async def launch(body: LaunchRequest, orch: OrchestratorDep) -> ORJSONResponse:
+        record, created = await orch.launch(body.workflow_type, body.input, idempotency_key=body.idempotency_key)
+        return ORJSONResponse(
+            {"workflow_id": record.workflow_id, "status": record.status, "created": created}, status_code=202
+        )
+
+    @router.get("/workflows")
+    async def list_workflows(
+        orch: OrchestratorDep,
+        status: str | None = None,
+        type: str | None = None,  # noqa: A002 - the API's name
+        limit: int = Query(default=50, ge=1, le=500),
+        cursor: str | None = None,
+    ) -> dict[str, Any]:
+        if status is not None and status not in _STATUSES:
+            raise InvalidInput(f"status must be one of {list(_STATUSES)}", field="status")
+        items, next_cursor = await orch.records.list(status=status, workflow_type=type, limit=limit, cursor=cursor)
+        return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
+
+    @router.get("/workflows/{workflow_id}")
+    async def get_workflow(orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+        return _view(await orch.records.get(workflow_id))
+
+    @router.post("/workflows/{workflow_id}/resume", status_code=202)
+    async def resume(body: ResumeRequest, orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+        return _view(await orch.resume(workflow_id, body.decision))
+
+    @router.post("/workflows/{workflow_id}/cancel", status_code=202)
+    async def cancel(orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+        return _view(await orch.cancel(workflow_id))
+
+    @router.get("/workflows/{workflow_id}/history")
+    async def history(
+        orch: OrchestratorDep, workflow_id: str = _ID, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        return {"workflow_id": workflow_id, "checkpoints": await orch.history(workflow_id, limit=limit)}
+
+    @router.get("/workflows/{workflow_id}/events")
+    async def events(
+        orch: OrchestratorDep,
+        request: Request,
+        workflow_id: str = _ID,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> EventSourceResponse:
+        await orch.records.get(workflow_id)  # 404 before the stream starts
+        after = _parse_last_id(last_event_id)
+        return EventSourceResponse(_event_stream(orch, request, workflow_id, after), ping=15)
+
+    @router.get("/interrupts")
+    async def interrupts(orch: OrchestratorDep, limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
+        rows = await orch.records.run_store.pending_interrupts(limit=limit)
+        return {
+            "items": [
+                {
+                    "workflow_id": r["workflow_id"],
+                    "workflow_type": r["workflow_type"],
+                    "interrupt": r["pending_interrupt"],
+                    "expires_at": r["wait_deadline"],
+                    "waiting_since": r["updated_at"],
+                }
+                for r in rows
+            ]
+        }
+
+    @router.get("/workflow-types")
+    async def workflow_types(orch: OrchestratorDep) -> dict[str, Any]:
+        return {
+            "items": [
+                {"name": t.name, "description": t.description, "input_schema": t.input_schema(), "mermaid": t.mermaid()}
+                for t in orch.types.values()
+            ]
+        }
+
+    return router
+
+
+def _parse_last_id(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    if not value.isdigit():
+        raise InvalidInput("Last-Event-ID must be the integer id of an event already received", field="Last-Event-ID")
+    return int(value)
+
+
+_TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+async def _event_stream(
+    orch: Orchestrator, request: Request, workflow_id: str, after: int
+) -> AsyncIterator[ServerSentEvent]:
+    """Replay stored events after ``after``, then follow live ones until a terminal status.
+
+    The live side subscribes before reading the table and wakes on publication,
+    but always reads from the table, so a reconnect with ``Last-Event-ID`` misses
+    nothing and never sees an event twice.
+    """
+    wake = asyncio.Event()
+
+    async def on_event(_: Any) -> None:
+        wake.set()
+
+    sub = await orch.bus.subscribe("workflow.*", on_event)
+    try:
+        while not await request.is_disconnected():
+            batch = await orch.bus.events_since(after, aggregate_type="workflow", aggregate_id=workflow_id, limit=500)
+            for ev in batch:
+                after = ev.id
+                yield ServerSentEvent(data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id))
+                if ev.event_type == "workflow.status" and ev.payload.get("status") in _TERMINAL:
+                    return
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=_SSE_POLL_S)
+    finally:
+        await sub.close()
+
+
+def mount(app: FastAPI) -> None:
+    app.include_router(workflows_router())

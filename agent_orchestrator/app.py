@@ -1,0 +1,81 @@
+"""The orchestrator service: the FastAPI app, its lifespan and its background runner.
+
+Everything with a lifecycle (pools, the bus, the saver, the runner, the
+orchestrator agent's registration) is created in the lifespan and closed there,
+in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+
+from agent_orchestrator.api import mount
+from agent_orchestrator.checkpointer import open_checkpointer
+from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.run_store import RunStore
+from agent_orchestrator.runner import WorkflowRunner
+from agent_orchestrator.service import Orchestrator
+from agent_orchestrator.workflows import load_workflow_types
+from shared.lib.event_bus import EventBus
+from shared.lib.http_service import BodySizeLimit, install_error_handlers, open_context, ops_router
+from shared.lib.resource_lock import ResourceLockManager
+from shared.lib.settings import Settings
+from shared.lib.workflow_state import WorkflowStateManager
+
+__all__ = ["create_app"]
+
+_log = logging.getLogger(__name__)
+
+
+def _replica_id(settings: Settings, port: int) -> str:
+    return f"orchestrator-{socket.gethostname()[:20].lower()}-{port}-{os.getpid()}".replace(".", "-")
+
+
+def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
+    """The orchestrator API; ``port`` names this replica in leases and logs."""
+    replica = _replica_id(settings, port or settings.port_for("orchestrator"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            ctx = await stack.enter_async_context(open_context(settings, pg_max_size=20))
+            app.state.ctx = ctx
+            bus = EventBus(ctx.redis, settings, pool=ctx.pool, instance_id=replica)
+            stack.push_async_callback(bus.close)
+            locks = ResourceLockManager(ctx.pool, settings, emit=bus.emit)
+            await locks.start()
+            stack.push_async_callback(locks.close)
+            saver = await stack.enter_async_context(open_checkpointer(settings, max_size=20))
+            run_store = RunStore(ctx.pool, runner_id=replica, lease_ttl_s=settings.run_lease_ttl_s)
+            records = WorkflowRecords(ctx.pool, WorkflowStateManager(ctx.pool), run_store)
+            orch = Orchestrator(
+                settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=load_workflow_types()
+            )
+            runner = WorkflowRunner(
+                ctx.pool,
+                settings,
+                execute=orch.execute,
+                on_finished=orch.on_finished,
+                on_stuck=orch.on_stuck,
+                runner_id=replica,
+            )
+            orch.runner = runner
+            app.state.orchestrator = orch
+            await runner.start()
+            stack.push_async_callback(runner.stop)
+            _log.info("orchestrator %s ready with workflow types %s", replica, sorted(orch.types))
+            yield
+
+    app = FastAPI(title="agent-orchestrator", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes)
+    install_error_handlers(app)
+    app.include_router(ops_router("orchestrator"))
+    mount(app)
+    return app

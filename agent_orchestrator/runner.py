@@ -1,0 +1,295 @@
+"""The background runner: claims workflow runs, executes them, keeps their leases.
+
+Several replicas share one database. A replica runs a workflow only while it
+holds that workflow's session-level advisory lock on its own dedicated
+connection (never a pooled one, whose reset would drop it), so no workflow runs
+twice at once. If a replica dies its locks die with its session; once the
+lease runs out another replica claims the run and resumes from the last
+checkpoint. A watchdog answers expired approvals and reports stuck runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from agent_orchestrator.execution import Outcome
+from agent_orchestrator.run_store import CANCEL_CHANNEL, RUNS_CHANNEL, RunRow, RunStore
+from shared.lib import metrics
+from shared.lib.connections import connect_postgres
+from shared.lib.settings import Settings
+
+__all__ = ["LocalRun", "RunExecutor", "WorkflowRunner", "advisory_key"]
+
+_log = logging.getLogger(__name__)
+
+#: How often an idle runner looks for claimable runs when no NOTIFY woke it.
+_POLL_S = 1.0
+#: How many times a stuck run is retried before it fails.
+_MAX_STUCK_RETRIES = 2
+
+EXPIRED_APPROVAL = {
+    "decision": "reject",
+    "by": "system",
+    "comment": "no answer before the approval deadline",
+    "expired": True,
+}
+
+RunExecutor = Callable[[RunRow], Any]
+"""``async def execute(run) -> Outcome``: runs the graph; raising means the workflow failed."""
+
+
+def advisory_key(workflow_id: str) -> int:
+    """A signed 64-bit advisory-lock key for a workflow (no 32-bit ``hashtext`` collisions)."""
+    digest = hashlib.blake2b(f"workflow:{workflow_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass
+class LocalRun:
+    run: RunRow
+    task: asyncio.Task[None] | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    cancel_reason: str | None = None
+    stuck: bool = False
+
+
+class WorkflowRunner:
+    """Claims and runs workflows on this replica, up to ``max_concurrent_workflows`` at once."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        *,
+        execute: RunExecutor,
+        on_finished: Callable[[RunRow, Outcome | BaseException], Any],
+        on_stuck: Callable[[RunRow], Any] | None = None,
+        runner_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
+        self.store = RunStore(pool, runner_id=self.runner_id, lease_ttl_s=settings.run_lease_ttl_s)
+        self._execute = execute
+        self._on_finished = on_finished
+        self._on_stuck_hook = on_stuck
+        self._local: dict[str, LocalRun] = {}
+        self._lock_conn: asyncpg.Connection | None = None
+        self._lock_conn_mutex = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        assert self.settings.database_url is not None
+        self._lock_conn = await connect_postgres(self.settings.database_url)
+        await self._lock_conn.add_listener(RUNS_CHANNEL, self._on_notify)
+        await self._lock_conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="runner-claim"),
+            asyncio.create_task(self._lease_loop(), name="runner-lease"),
+            asyncio.create_task(self._watchdog_loop(), name="runner-watchdog"),
+        ]
+        _log.info("workflow runner %s started", self.runner_id)
+
+    async def stop(self, *, grace_s: float = 5.0) -> None:
+        """Stop claiming; hand running workflows back so another replica resumes them."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = [lr for lr in self._local.values() if lr.task is not None]
+        for lr in running:
+            lr.cancel_reason = "shutdown"
+            assert lr.task is not None
+            lr.task.cancel()
+        if running:
+            await asyncio.wait([lr.task for lr in running if lr.task], timeout=grace_s)
+        if self._lock_conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._lock_conn.close(), timeout=2)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._local)
+
+    # -- notifications ---------------------------------------------------------------------------
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    def _on_cancel_notify(self, _conn: Any, _pid: int, _channel: str, workflow_id: str) -> None:
+        self.cancel_local(workflow_id, reason="cancelled")
+
+    def cancel_local(self, workflow_id: str, *, reason: str) -> bool:
+        lr = self._local.get(workflow_id)
+        if lr is None or lr.task is None:
+            return False
+        lr.cancel_reason = reason
+        lr.task.cancel()
+        return True
+
+    # -- claiming --------------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._claim_available()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                _log.warning("claiming runs failed (%s); retrying", e)
+                await self._reconnect_lock_conn()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=_POLL_S)
+
+    async def _claim_available(self) -> None:
+        free = self.settings.max_concurrent_workflows - len(self._local)
+        if free <= 0:
+            return
+        for workflow_id in await self.store.candidates(limit=free * 2):
+            if len(self._local) >= self.settings.max_concurrent_workflows:
+                return
+            if workflow_id not in self._local:
+                await self._try_claim(workflow_id)
+
+    async def _try_claim(self, workflow_id: str) -> None:
+        if not await self._advisory(workflow_id, take=True):
+            return  # a live replica still runs it
+        run = await self.store.claim(workflow_id)
+        if run is None:
+            await self._advisory(workflow_id, take=False)
+            return
+        lr = LocalRun(run=run)
+        self._local[workflow_id] = lr
+        lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{workflow_id}")
+
+    async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
+        assert self._lock_conn is not None
+        sql = "SELECT pg_try_advisory_lock($1)" if take else "SELECT pg_advisory_unlock($1)"
+        async with self._lock_conn_mutex:
+            return bool(await self._lock_conn.fetchval(sql, advisory_key(workflow_id)))
+
+    async def _reconnect_lock_conn(self) -> None:
+        """The lock session is gone, and our advisory locks with it: stop every local run."""
+        for workflow_id in list(self._local):
+            self.cancel_local(workflow_id, reason="lost-lock")
+        with contextlib.suppress(Exception):
+            assert self._lock_conn is not None
+            self._lock_conn.terminate()
+        await asyncio.sleep(_POLL_S)
+        assert self.settings.database_url is not None
+        self._lock_conn = await connect_postgres(self.settings.database_url)
+        await self._lock_conn.add_listener(RUNS_CHANNEL, self._on_notify)
+        await self._lock_conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+
+    # -- running ---------------------------------------------------------------------------------
+    async def _run(self, lr: LocalRun) -> None:
+        run = lr.run
+        metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).inc()
+        try:
+            outcome: Outcome | BaseException = await self._execute(run)
+        except asyncio.CancelledError:
+            outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
+        except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
+            _log.exception("workflow %s failed", run.workflow_id)
+            outcome = e
+        finally:
+            metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).dec()
+        try:
+            await asyncio.shield(self._settle(lr, outcome))
+        finally:
+            self._local.pop(run.workflow_id, None)
+            with contextlib.suppress(Exception):
+                await self._advisory(run.workflow_id, take=False)
+            self._wake.set()
+
+    async def _settle(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
+        """Record how the run ended; a run handed back is requeued, not finished."""
+        run = lr.run
+        if isinstance(outcome, asyncio.CancelledError) and lr.cancel_reason in {"shutdown", "lost-lock", "stuck"}:
+            if lr.cancel_reason == "stuck" and run.attempts > _MAX_STUCK_RETRIES:
+                await self._finish(
+                    run,
+                    RuntimeError(f"no progress for {self.settings.stuck_after_s:.0f}s after {run.attempts} attempts"),
+                )
+                return
+            if lr.cancel_reason != "lost-lock":
+                await self.store.requeue(run.workflow_id)
+            return
+        if isinstance(outcome, Outcome) and outcome.status == "interrupted":
+            wait_s = float((outcome.interrupt or {}).get("timeout_s") or self.settings.approval_timeout_s)
+            await self.store.park(run.workflow_id, interrupt=outcome.interrupt, wait_s=wait_s)
+            await self._on_finished(run, outcome)
+            return
+        await self._finish(run, outcome)
+
+    async def _finish(self, run: RunRow, outcome: Outcome | BaseException) -> None:
+        await self.store.finish(run.workflow_id)
+        await self._on_finished(run, outcome)
+
+    async def progress(self, workflow_id: str) -> None:
+        """Called by the executor after each node: feeds the watchdog and the lease row."""
+        lr = self._local.get(workflow_id)
+        if lr is not None:
+            lr.last_progress = time.monotonic()
+            lr.stuck = False
+        await self.store.progress(workflow_id)
+
+    # -- leases and watchdog ---------------------------------------------------------------------
+    async def _lease_loop(self) -> None:
+        period = max(self.settings.run_lease_ttl_s / 3, 0.2)
+        while not self._stopping:
+            await asyncio.sleep(period)
+            if not self._local:
+                continue
+            try:
+                held = await self.store.renew(list(self._local))
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                _log.warning("renewing leases failed: %s", e)
+                continue
+            for workflow_id, cancel in held.items():
+                if cancel:
+                    self.cancel_local(workflow_id, reason="cancelled")
+
+    async def _watchdog_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(min(1.0, self.settings.stuck_after_s / 4))
+            try:
+                for workflow_id in await self.store.expire_waits(answer=EXPIRED_APPROVAL):
+                    _log.info("approval of workflow %s expired; resuming it as rejected", workflow_id)
+                await self._check_stuck()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                _log.warning("watchdog pass failed: %s", e)
+
+    async def _check_stuck(self) -> None:
+        now = time.monotonic()
+        counts: dict[str, int] = {}
+        for workflow_id, lr in list(self._local.items()):
+            if now - lr.last_progress < self.settings.stuck_after_s:
+                continue
+            counts[lr.run.workflow_type] = counts.get(lr.run.workflow_type, 0) + 1
+            if not lr.stuck:
+                lr.stuck = True
+                _log.warning(
+                    "workflow %s made no progress for %.0fs; retrying it", workflow_id, self.settings.stuck_after_s
+                )
+                await self.store.mark_stuck(workflow_id)
+                await self._on_stuck(lr)
+        for wtype in {lr.run.workflow_type for lr in self._local.values()} | set(counts):
+            metrics.WORKFLOWS_STUCK.labels(wtype).set(counts.get(wtype, 0))
+
+    async def _on_stuck(self, lr: LocalRun) -> None:
+        if self._on_stuck_hook is not None:
+            await self._on_stuck_hook(lr.run)
+        self.cancel_local(lr.run.workflow_id, reason="stuck")

@@ -1,0 +1,254 @@
+"""The orchestrator: launches, runs, resumes and cancels workflows.
+
+One :class:`Orchestrator` per process, built in the API's lifespan. It owns the
+workflow runner (background runs with leases), turns a claimed run into a graph
+execution with a :class:`WorkflowContext`, and reports every transition as a
+``workflow.*`` event on the bus (stored in the ``events`` table, so the API's
+event stream can replay them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from langgraph.graph.state import CompiledStateGraph
+
+from agent_orchestrator.agent_calls import BusAgentCalls
+from agent_orchestrator.execution import Outcome, run_graph
+from agent_orchestrator.records import WorkflowRecord, WorkflowRecords
+from agent_orchestrator.run_locks import RunLocks
+from agent_orchestrator.run_store import RunRow
+from agent_orchestrator.runner import WorkflowRunner
+from agent_orchestrator.workflows import WorkflowContext, WorkflowType
+from shared.lib import metrics
+from shared.lib.errors import Conflict, InvalidInput, NotFound
+from shared.lib.event_bus import EventBus
+from shared.lib.resource_lock import ResourceLockManager
+from shared.lib.settings import Settings
+from shared.lib.tracing import trace_headers
+
+__all__ = ["Orchestrator"]
+
+_log = logging.getLogger(__name__)
+
+#: Workflow locks are held for the run; their TTL covers a long pipeline, renewed never.
+_RUN_LOCK_TTL_S = 3600.0
+
+
+@dataclass
+class Orchestrator:
+    settings: Settings
+    records: WorkflowRecords
+    bus: EventBus
+    locks: ResourceLockManager
+    saver: Any
+    types: dict[str, WorkflowType]
+    runner: WorkflowRunner | None = None
+
+    def __post_init__(self) -> None:
+        self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
+
+    def graph(self, workflow_type: str) -> CompiledStateGraph[Any, Any, Any, Any]:
+        if workflow_type not in self._graphs:
+            self._graphs[workflow_type] = self.types[workflow_type].build().compile(checkpointer=self.saver)
+        return self._graphs[workflow_type]
+
+    # -- API operations --------------------------------------------------------------------------
+    async def launch(
+        self, workflow_type: str, data: Any, *, idempotency_key: str | None
+    ) -> tuple[WorkflowRecord, bool]:
+        """Validate and queue a workflow; the same idempotency key returns the same workflow."""
+        wtype = self.types.get(workflow_type)
+        if wtype is None:
+            raise InvalidInput(
+                f"unknown workflow_type {workflow_type!r}; known types: {sorted(self.types)}", field="workflow_type"
+            )
+        try:
+            validated = wtype.validate_input(data)
+        except ValueError as e:  # pydantic.ValidationError is a ValueError
+            raise _input_error(e) from e
+        record, created = await self.records.create(workflow_type, validated, idempotency_key=idempotency_key)
+        if created:
+            metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
+            await self._emit(record.workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
+            if self.runner is not None:
+                self.runner.wake()
+        return record, created
+
+    async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
+        record = await self.records.get(workflow_id)
+        if record.status != "interrupted" or not await self.records.run_store.resume(workflow_id, decision):
+            raise Conflict(
+                f"workflow {workflow_id} is {record.status}, not waiting on an interrupt; "
+                "only an interrupted workflow can be resumed",
+                resource=workflow_id,
+                details={"status": record.status},
+            )
+        waited = (time.time() - record.updated_at.timestamp()) if record.updated_at else 0.0
+        metrics.WORKFLOW_INTERRUPT_WAIT.observe(max(waited, 0.0))
+        await self._emit(workflow_id, "workflow.resumed", {"decision": decision})
+        return await self.records.get(workflow_id)
+
+    async def cancel(self, workflow_id: str) -> WorkflowRecord:
+        record = await self.records.get(workflow_id)
+        if record.status in {"succeeded", "failed", "cancelled"}:
+            raise Conflict(
+                f"workflow {workflow_id} already finished as {record.status}; nothing to cancel",
+                resource=workflow_id,
+                details={"status": record.status},
+            )
+        state = await self.records.run_store.request_cancel(workflow_id)
+        if state in {"queued", "waiting"} and await self.records.run_store.cancel_idle(workflow_id):
+            await self._finalize(workflow_id, record.workflow_type, "cancelled", reason="cancelled by request")
+        elif self.runner is not None:
+            self.runner.cancel_local(workflow_id, reason="cancelled")
+        return await self.records.get(workflow_id)
+
+    async def history(self, workflow_id: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        record = await self.records.get(workflow_id)
+        config = {"configurable": {"thread_id": workflow_id}}
+        out = []
+        async for cp in self.graph(record.workflow_type).aget_state_history(config, limit=limit):  # type: ignore[arg-type]
+            out.append(
+                {
+                    "checkpoint_id": cp.config["configurable"]["checkpoint_id"],
+                    "created_at": cp.created_at,
+                    "step": cp.metadata.get("step") if cp.metadata else None,
+                    "next": list(cp.next),
+                    "current_step": cp.values.get("current_step"),
+                    "writes": (cp.metadata or {}).get("writes"),
+                }
+            )
+        return out
+
+    # -- runner callbacks ------------------------------------------------------------------------
+    async def execute(self, run: RunRow) -> Outcome:
+        record = await self.records.get(run.workflow_id)
+        await self.records.set_status(run.workflow_id, "running")
+        await self._emit(run.workflow_id, "workflow.status", {"status": "running", "attempt": run.attempts})
+        locks = RunLocks(self.locks, owner=f"workflow:{run.workflow_id}")
+        context = WorkflowContext(
+            workflow_id=run.workflow_id,
+            settings=self.settings,
+            locks=locks,
+            calls=BusAgentCalls(
+                self.bus,
+                self.settings,
+                workflow_id=run.workflow_id,
+                correlation_id=record.correlation_id,
+                trace_headers=trace_headers,
+            ),
+        )
+        graph = self.graph(run.workflow_type)
+        config = self._config(record)
+        try:
+            snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
+            await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
+            return await run_graph(
+                graph,
+                context=context,
+                config=config,
+                workflow_type=run.workflow_type,
+                data=record.input,
+                correlation_id=record.correlation_id,
+                resume_value=run.resume_value,
+                on_node=self._node_reporter(run),
+            )
+        finally:
+            await locks.release_all()
+
+    def _config(self, record: WorkflowRecord) -> dict[str, Any]:
+        meta = {
+            "workflow_id": record.workflow_id,
+            "workflow_type": record.workflow_type,
+            "correlation_id": record.correlation_id,
+        }
+        return {
+            "configurable": {"thread_id": record.workflow_id},
+            "run_name": f"workflow:{record.workflow_type}",
+            "metadata": meta,
+            "tags": [record.workflow_type],
+            "recursion_limit": 200,
+        }
+
+    def _node_reporter(self, run: RunRow) -> Any:
+        async def on_node(node: str, update: dict[str, Any], elapsed_s: float) -> None:
+            assert self.runner is not None
+            await self.runner.progress(run.workflow_id)
+            await self.records.step(run.workflow_id, node, agents=list(update.get("agents", [])))
+            await self._emit(
+                run.workflow_id,
+                "workflow.node",
+                {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
+            )
+
+        return on_node
+
+    async def on_finished(self, run: RunRow, outcome: Outcome | BaseException) -> None:
+        if isinstance(outcome, Outcome) and outcome.status == "interrupted":
+            await self.records.set_status(run.workflow_id, "interrupted")
+            await self._emit(
+                run.workflow_id, "workflow.status", {"status": "interrupted", "interrupt": outcome.interrupt}
+            )
+            return
+        if isinstance(outcome, Outcome):
+            await self._finalize(
+                run.workflow_id,
+                run.workflow_type,
+                outcome.status,
+                result=outcome.result,
+                reason=outcome.reason,
+                errors=outcome.errors,
+            )
+            return
+        status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
+        reason = "cancelled by request" if status == "cancelled" else f"{type(outcome).__name__}: {outcome}"
+        await self._finalize(
+            run.workflow_id,
+            run.workflow_type,
+            status,
+            reason=reason,
+            errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
+        )
+
+    async def on_stuck(self, run: RunRow) -> None:
+        await self._emit(
+            run.workflow_id, "workflow.stuck", {"after_s": self.settings.stuck_after_s, "attempt": run.attempts}
+        )
+
+    async def _finalize(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        status: str,
+        *,
+        result: dict[str, Any] | None = None,
+        reason: str = "",
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        record = await self.records.finish(workflow_id, status, result=result or {}, reason=reason, errors=errors or [])
+        metrics.WORKFLOWS_FINISHED.labels(workflow_type, status).inc()
+        if record.created_at is not None:
+            metrics.WORKFLOW_DURATION.labels(workflow_type).observe(time.time() - record.created_at.timestamp())
+        await self._emit(workflow_id, "workflow.status", {"status": status, "reason": reason})
+
+    async def _emit(self, workflow_id: str, event_type: str, data: dict[str, Any]) -> None:
+        await self.bus.emit(event_type, data, aggregate_type="workflow", aggregate_id=workflow_id)
+
+
+def _input_error(exc: ValueError) -> InvalidInput:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        field = f"input.{loc}" if loc else "input"
+        return InvalidInput(f"{field}: {first.get('msg')}", field=field)
+    return InvalidInput(f"input: {exc}", field="input")
+
+
+def new_workflow_id() -> str:
+    return str(uuid.uuid4())

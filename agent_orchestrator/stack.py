@@ -1,0 +1,213 @@
+"""The whole platform as OS processes: servers, registry, agents, orchestrators.
+
+``agent-orchestrator up`` and ``demo`` use :class:`Stack`. It starts embedded
+PostgreSQL and Redis unless URLs are configured, then each service as its own
+``python -m agent_orchestrator ...`` process with its log under
+``<data_dir>/logs``, waits until each answers ``/ready``, and stops everything
+it started, in reverse order, on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from shared.lib.embedded import EmbeddedServers
+from shared.lib.errors import StartupError
+from shared.lib.settings import Settings
+
+__all__ = ["AGENT_NAMES", "Stack", "StackProcess"]
+
+_log = logging.getLogger(__name__)
+
+AGENT_NAMES = ("feature-dev", "code-review", "infrastructure", "cicd", "documentation")
+_READY_TIMEOUT_S = 60.0
+_STOP_GRACE_S = 20.0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackProcess:
+    name: str
+    args: list[str]
+    url: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    """Servers and services for one machine; ``extra_instances`` adds instances per agent."""
+
+    settings: Settings
+    dev_mode: bool = False
+    extra_instances: dict[str, int] = field(default_factory=dict)
+    orchestrator_replicas: int = 1
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    processes: list[StackProcess] = field(default_factory=list)
+    api_key: str = ""
+    _servers: EmbeddedServers | None = None
+    _env: dict[str, str] = field(default_factory=dict)
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._start_servers()
+            self._spawn_and_wait(
+                [self._service("agent-registry", ["registry"], self.settings.port_for("agent-registry"))]
+            )
+            agents = [self._service(n, ["agent", n], self.settings.port_for(n), instance=f"{n}-1") for n in AGENT_NAMES]
+            for name, extra in self.extra_instances.items():
+                agents += [
+                    self._service(name, ["agent", name], _free_port(self.settings.host), instance=f"{name}-{i + 2}")
+                    for i in range(extra)
+                ]
+            orchestrators = [
+                self._service(
+                    "orchestrator", ["serve"], self.settings.port_for("orchestrator"), instance="orchestrator-1"
+                )
+            ]
+            orchestrators += [
+                self._service(
+                    "orchestrator", ["serve"], _free_port(self.settings.host), instance=f"orchestrator-{i + 2}"
+                )
+                for i in range(self.orchestrator_replicas - 1)
+            ]
+            self._spawn_and_wait(agents + orchestrators)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_servers(self) -> None:
+        self._servers = EmbeddedServers(self.settings.data_dir)
+        db_url, redis_url = self._servers.ensure(
+            database_url=self.settings.database_url, redis_url=self.settings.redis_url
+        )
+        self.settings = self.settings.model_copy(update={"database_url": db_url, "redis_url": redis_url})
+        self._env = {
+            **os.environ,
+            **self._secrets(),
+            **self.env_overrides,
+            "DATABASE_URL": db_url,
+            "REDIS_URL": redis_url,
+            "REGISTRY_URL": self.settings.url_for("agent-registry"),
+            "AO_PORTS": json.dumps(self.settings.ports),
+            "AO_DATA_DIR": str(self.settings.data_dir.resolve()),
+            "AO_REDIS_PREFIX": self.settings.redis_prefix,
+            "AO_HOST": self.settings.host,
+        }
+
+    def _secrets(self) -> dict[str, str]:
+        """Random secrets for any that are unset, so the stack never runs on defaults."""
+        s = self.settings
+        out = {"AO_DEV_MODE": "true" if self.dev_mode else "false"}
+        keys = s.api_keys or [secrets.token_urlsafe(24)]
+        out["AO_API_KEYS"] = ",".join(keys)
+        out["AO_REGISTRATION_SECRET"] = s.registration_secret or secrets.token_urlsafe(32)
+        out["AO_SIGNING_KEY"] = s.signing_key or secrets.token_urlsafe(32)
+        self.api_key = keys[0]
+        return out
+
+    def _service(self, name: str, args: list[str], port: int, *, instance: str | None = None) -> StackProcess:
+        log_dir = self.settings.data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        label = instance or name
+        full = [*args, "--port", str(port)]
+        if instance and args[0] == "agent":
+            full += ["--instance-id", label]
+        return StackProcess(
+            name=label, args=full, url=f"http://{self.settings.host}:{port}", log=log_dir / f"{label}.log"
+        )
+
+    def _spawn_and_wait(self, group: list[StackProcess]) -> None:
+        for sp in group:
+            out = sp.log.open("ab")
+            sp.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent_orchestrator", *sp.args],
+                env=self._env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            out.close()
+            self.processes.append(sp)
+        for sp in group:
+            self._wait_ready(sp)
+
+    def _wait_ready(self, sp: StackProcess) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        assert sp.proc is not None
+        while time.monotonic() < deadline:
+            if sp.proc.poll() is not None:
+                raise StartupError(
+                    f"{sp.name} exited with code {sp.proc.returncode} during start-up: "
+                    f"{sp.tail(3).strip()} (log: {sp.log})"
+                )
+            try:
+                if httpx.get(f"{sp.url}/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise StartupError(f"{sp.name} was not ready within {_READY_TIMEOUT_S:.0f}s (log: {sp.log})")
+
+    # -- operate ---------------------------------------------------------------------------------
+    def find(self, name: str) -> list[StackProcess]:
+        return [p for p in self.processes if p.name == name or p.name.startswith(f"{name}-")]
+
+    def kill9(self, sp: StackProcess) -> None:
+        if sp.proc is not None and sp.proc.poll() is None:
+            os.kill(sp.proc.pid, signal.SIGKILL)
+            sp.proc.wait(timeout=10)
+
+    @property
+    def orchestrator_url(self) -> str:
+        return self.settings.url_for("orchestrator")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self._env)
+
+    # -- stop ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """SIGTERM every service (orchestrators first), then SIGKILL stragglers, then the servers."""
+        alive = [p for p in reversed(self.processes) if p.proc is not None and p.proc.poll() is None]
+        for sp in alive:
+            assert sp.proc is not None
+            sp.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for sp in alive:
+            assert sp.proc is not None
+            try:
+                sp.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _log.warning("%s ignored SIGTERM for %.0fs; killing it", sp.name, _STOP_GRACE_S)
+                sp.proc.kill()
+                sp.proc.wait(timeout=10)
+        self.processes.clear()
+        if self._servers is not None:
+            self._servers.stop()
+            self._servers = None

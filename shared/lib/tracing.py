@@ -1,0 +1,57 @@
+"""LangSmith tracing across processes.
+
+When ``LANGSMITH_TRACING=true`` and a key are set, LangGraph traces each
+workflow run (one trace per workflow, with its id, type and correlation id as
+metadata). An agent call becomes a child run; its headers travel in the
+envelope's ``metadata["trace"]`` over Redis and the agent resumes them, so the
+agent's own spans nest under the node that called it. With tracing off, every
+function here is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from langsmith import run_helpers, utils
+
+__all__ = ["agent_span", "child_span", "trace_headers", "tracing_enabled"]
+
+
+def tracing_enabled() -> bool:
+    """True when LangSmith tracing is switched on by the environment."""
+    return bool(utils.tracing_is_enabled())
+
+
+def trace_headers() -> dict[str, str]:
+    """Headers naming the current run as parent, for a call that leaves this process."""
+    run = run_helpers.get_current_run_tree()
+    return dict(run.to_headers()) if run is not None else {}
+
+
+@contextlib.asynccontextmanager
+async def child_span(
+    name: str, *, run_type: str = "tool", inputs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+) -> AsyncIterator[Any]:
+    """A child run of the current run (an agent call seen from the caller)."""
+    if not tracing_enabled():
+        yield None
+        return
+    with run_helpers.trace(name, run_type=run_type, inputs=inputs or {}, metadata=metadata or {}) as run:  # type: ignore[arg-type]
+        yield run
+
+
+@contextlib.asynccontextmanager
+async def agent_span(
+    name: str, *, headers: dict[str, Any], inputs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+) -> AsyncIterator[Any]:
+    """The agent's side of a call: a run nested under the caller's, resumed from ``headers``."""
+    if not tracing_enabled() or not headers:
+        yield None
+        return
+    with (
+        run_helpers.tracing_context(parent=headers),
+        run_helpers.trace(name, run_type="chain", inputs=inputs or {}, metadata=metadata or {}) as run,
+    ):
+        yield run

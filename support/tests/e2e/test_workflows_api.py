@@ -1,0 +1,214 @@
+"""The three reference workflows, end to end through the orchestrator API, on real processes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from agent_orchestrator.stack import Stack
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def launch(api: httpx.Client, workflow_type: str, data: dict[str, Any], **extra: Any) -> str:
+    r = api.post("/workflows", json={"workflow_type": workflow_type, "input": data, **extra})
+    assert r.status_code == 202, r.text
+    return str(r.json()["workflow_id"])
+
+
+def follow(api: httpx.Client, workflow_id: str, until: set[str], timeout_s: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        wf = api.get(f"/workflows/{workflow_id}").json()
+        if wf["status"] in until:
+            return dict(wf)
+        time.sleep(0.2)
+    raise AssertionError(f"{workflow_id} never reached {until}: {api.get(f'/workflows/{workflow_id}').json()}")
+
+
+def pr_input(repo: tuple[Path, str, str], **extra: Any) -> dict[str, Any]:
+    path, base, head = repo
+    return {"repo_path": str(path), "base": base, "head": head, "environment": "staging", **extra}
+
+
+def test_pr_deployment_deploys_after_approval(
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
+) -> None:
+    """pr_deployment reviews, tests, waits for approval, deploys the head revision and verifies it."""
+    wf_id = launch(api, "pr_deployment", pr_input(sample_repo))
+    wf = follow(api, wf_id, {"interrupted"} | TERMINAL)
+    assert wf["status"] == "interrupted", wf
+    assert wf["pending_interrupt"]["review"]["approved"] is True
+    assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
+    r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
+    assert r.status_code == 202, r.text
+    wf = follow(api, wf_id, TERMINAL)
+    assert wf["status"] == "succeeded", wf
+    steps = wf["result"]["steps"]
+    assert steps["test"]["passed"] >= 3 and steps["approval"]["by"] == "ana"
+    current = stack.settings.data_dir / "environments" / "staging" / "current"
+    assert current.resolve().name.startswith(sample_repo[2][:12])
+    history = api.get(f"/workflows/{wf_id}/history").json()["checkpoints"]
+    assert len(history) >= 8
+
+
+def test_unanswered_approval_expires_as_rejected(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """An approval not given within approval_timeout_s fails the workflow with the reason recorded."""
+    wf_id = launch(api, "pr_deployment", pr_input(sample_repo, approval_timeout_s=1, environment="expiry"))
+    wf = follow(api, wf_id, TERMINAL)
+    assert wf["status"] == "failed"
+    assert "expired" in wf["reason"]
+
+
+def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """parallel_docs documents each module on the documentation agent's instances and merges the parts."""
+    wf_id = launch(
+        api,
+        "parallel_docs",
+        {"repo_path": str(sample_repo[0]), "modules": ["calc", "calc.ops", "tests", "nosuchmodule"]},
+    )
+    wf = follow(api, wf_id, TERMINAL)
+    assert wf["status"] == "succeeded", wf
+    result = wf["result"]
+    assert result["parts"] == 4
+    assert [p["unit"] for p in result["failed_parts"]] == ["nosuchmodule"]
+    ops_doc = Path(next(f for f in result["files"] if f.endswith("calc.ops.md"))).read_text()
+    assert "def add" in ops_doc or "add(" in ops_doc
+
+
+def test_cancel_waiting_workflow_and_refuse_finished(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """Cancelling an interrupted workflow cancels it; cancelling it again is a 409."""
+    wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cancelme"))
+    follow(api, wf_id, {"interrupted"})
+    assert api.post(f"/workflows/{wf_id}/cancel").status_code == 202
+    assert follow(api, wf_id, TERMINAL)["status"] == "cancelled"
+    again = api.post(f"/workflows/{wf_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+
+
+def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """Launching twice with one idempotency key returns the same workflow id."""
+    body = {
+        "workflow_type": "parallel_docs",
+        "input": {"repo_path": str(sample_repo[0]), "modules": ["calc"]},
+        "idempotency_key": f"k-{time.time()}",
+    }
+    first, second = api.post("/workflows", json=body).json(), api.post("/workflows", json=body).json()
+    assert first["workflow_id"] == second["workflow_id"] and second["created"] is False
+    other = api.post("/workflows", json={**body, "input": {"repo_path": "/elsewhere"}})
+    assert other.status_code == 409
+
+
+def test_events_stream_in_order_and_resume_from_last_event_id(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """SSE events arrive in id order; reconnecting with Last-Event-ID yields exactly the rest."""
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc", "tests"]})
+    follow(api, wf_id, TERMINAL)
+    full = read_sse(api, wf_id)
+    ids = [e["id"] for e in full]
+    assert ids == sorted(ids) and len(ids) >= 4
+    assert full[-1]["data"]["status"] == "succeeded"
+    rest = read_sse(api, wf_id, last_event_id=ids[1])
+    assert [e["id"] for e in rest] == ids[2:]
+
+
+def read_sse(api: httpx.Client, wf_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    events, current = [], {}
+    with api.stream("GET", f"/workflows/{wf_id}/events", headers=headers, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("id:"):
+                current["id"] = int(line[3:].strip())
+            elif line.startswith("event:"):
+                current["event"] = line[6:].strip()
+            elif line.startswith("data:"):
+                current["data"] = orjson.loads(line[5:].strip())
+            elif line == "" and "id" in current:
+                events.append(current)
+                current = {}
+    return events
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("POST", "/workflows", b"{not json", 400, "body"),
+        ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
+        ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
+        ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "self_healing", "input": {"max_iterations": "many"}},
+            422,
+            "input.max_iterations",
+        ),
+        ("GET", "/workflows/not-a-uuid", None, 422, "workflow_id"),
+        ("GET", "/workflows/00000000-0000-0000-0000-000000000000", None, 404, None),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve"}, 404, None),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", None, 404, None),
+        ("GET", "/workflows?status=bogus", None, 422, "status"),
+        ("GET", "/workflows?limit=0", None, 422, "limit"),
+    ],
+)
+def test_bad_input_gets_4xx_naming_the_problem(
+    api: httpx.Client, method: str, path: str, body: Any, status: int, field: str | None
+) -> None:
+    """Malformed JSON, wrong types, unknown types and bad ids get a 4xx JSON error, never a 500."""
+    content = body if isinstance(body, bytes) else (orjson.dumps(body) if body is not None else None)
+    r = api.request(method, path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if field is not None:
+        assert err["field"] == field
+
+
+def test_oversized_body_and_missing_key_are_refused(api: httpx.Client, stack: Stack) -> None:
+    """A body over the payload limit gets 413; a missing or wrong API key gets 401."""
+    big = {"workflow_type": "parallel_docs", "input": {"repo_path": "x" * (stack.settings.max_payload_bytes + 10)}}
+    assert api.post("/workflows", json=big).status_code == 413
+    bare = httpx.get(f"{stack.orchestrator_url}/workflows")
+    assert bare.status_code == 401 and bare.json()["error"]["field"] == "X-API-Key"
+    wrong = httpx.get(f"{stack.orchestrator_url}/workflows", headers={"X-API-Key": "wrong"})
+    assert wrong.status_code == 401
+
+
+def test_workflow_types_list_schema_and_mermaid(api: httpx.Client) -> None:
+    """GET /workflow-types gives each type's input schema and its graph as Mermaid."""
+    items = {t["name"]: t for t in api.get("/workflow-types").json()["items"]}
+    assert {"pr_deployment", "parallel_docs", "self_healing"} <= set(items)
+    assert "environment" in items["pr_deployment"]["input_schema"]["properties"]
+    assert "approval" in items["pr_deployment"]["mermaid"]
+
+
+def test_resume_of_running_or_finished_workflow_is_refused(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """Resuming a workflow that is not interrupted gets a 409 naming its status."""
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
+    follow(api, wf_id, TERMINAL)
+    r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve"}})
+    assert r.status_code == 409 and r.json()["error"]["details"]["status"] == "succeeded"
+
+
+def test_list_filters_and_paginates(api: httpx.Client) -> None:
+    """GET /workflows filters by type and status and pages with a cursor without repeats."""
+    page1 = api.get("/workflows", params={"type": "parallel_docs", "limit": 2}).json()
+    assert all(w["workflow_type"] == "parallel_docs" for w in page1["items"])
+    if page1["next_cursor"]:
+        page2 = api.get(
+            "/workflows", params={"type": "parallel_docs", "limit": 2, "cursor": page1["next_cursor"]}
+        ).json()
+        assert not {w["workflow_id"] for w in page1["items"]} & {w["workflow_id"] for w in page2["items"]}
+    succeeded = api.get("/workflows", params={"status": "succeeded"}).json()["items"]
+    assert all(w["status"] == "succeeded" for w in succeeded)
