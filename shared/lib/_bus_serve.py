@@ -105,9 +105,12 @@ class Server:
 
     # -- reading -----------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        delay_s = 0.05
+        delay_s, recovering = 0.05, False
         while not self._stopping.is_set():
             try:
+                if recovering:  # renew liveness at once: an outage may have outlasted it
+                    await self._beat()
+                    recovering = False
                 await self._read_once()
                 delay_s = 0.05
             except ResponseError as e:
@@ -117,7 +120,7 @@ class Server:
             except _TRANSIENT as e:
                 _log.warning("reading requests for %s failed (%s); retrying in %.2fs", self.agent, e, delay_s)
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+                delay_s, recovering = min(delay_s * 2, 0.5), True
 
     async def _read_once(self) -> None:
         """Drain the high band first (no block), then block on all bands: an urgent request

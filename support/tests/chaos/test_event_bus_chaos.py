@@ -1,0 +1,216 @@
+"""The bus under failure: an instance killed with SIGKILL while holding requests, and
+Redis restarted while load is running.
+
+Run as a module (``python -m support.tests.chaos.test_event_bus_chaos CONSUMER``), this
+file is also the serving process the kill test starts: it serves agent ``chaos`` with a
+handler that records a side effect per execution before it sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from shared.lib import redis_keys as keys
+from shared.lib.agent_events import AgentRequestEvent
+from shared.lib.connections import connect_redis
+from shared.lib.embedded import EmbeddedRedis
+from shared.lib.errors import AgentOffline, ServiceUnavailable, Timeout
+from shared.lib.event_bus import EventBus
+from shared.lib.settings import Settings, load_settings
+
+AGENT = "chaos"
+HANDLER_SLEEP_S = 0.3
+
+
+def _effects_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}:{{{AGENT}}}:effects:{request_id}"
+
+
+async def _worker(consumer: str) -> None:
+    """Serve AGENT until SIGTERM; each execution appends this consumer to the request's effects."""
+    settings = load_settings()
+    client = await connect_redis(settings.redis_url or "")
+    bus = EventBus(client, settings, instance_id=consumer)
+
+    async def handler(request: AgentRequestEvent) -> dict[str, Any]:
+        await client.rpush(_effects_key(settings.redis_prefix, request.request_id), consumer)  # type: ignore[misc]
+        await asyncio.sleep(HANDLER_SLEEP_S)
+        return {"by": consumer}
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bus.stop_serving(grace_s=2)))
+    await bus.serve(AGENT, handler, concurrency=8, consumer=consumer)
+    await bus.close()
+    await client.aclose()
+
+
+@pytest.fixture
+def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """Start serving processes (this module as __main__); all are killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(consumer: str) -> subprocess.Popen[bytes]:
+        env = {**service_env, "AO_VISIBILITY_TIMEOUT_S": "1"}
+        log = (tmp_path / f"{consumer}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "support.tests.chaos.test_event_bus_chaos", consumer],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _wait_consumers(url: str, prefix: str, count: int, *, timeout_s: float = 30) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if client.zcard(keys.consumers_key(prefix, AGENT)) >= count:
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise AssertionError(f"{count} consumers of {AGENT} never became live")
+
+
+def _request() -> AgentRequestEvent:
+    return AgentRequestEvent.create(source_agent="tester", target_agent=AGENT, request_type="WORK", timeout_s=30)
+
+
+@pytest.mark.slow
+async def test_kill9_with_requests_in_flight_loses_nothing(
+    workers: Callable[[str], subprocess.Popen[bytes]], settings_factory: Callable[..., Settings], redis_url: str
+) -> None:
+    """SIGKILL of an instance mid-work: the survivor answers every request, and no request whose
+    result was stored ran again (only the killed instance's unfinished work ran twice)."""
+    settings = settings_factory(visibility_timeout_s=1.0)
+    victim = workers("worker-a")
+    workers("worker-b")
+    _wait_consumers(redis_url, settings.redis_prefix, 2)
+    client = await connect_redis(redis_url)
+    bus = EventBus(client, settings)
+    try:
+        requests = [_request() for _ in range(48)]
+        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=30)) for r in requests]
+        await asyncio.sleep(HANDLER_SLEEP_S * 1.5)
+        os.kill(victim.pid, signal.SIGKILL)
+        responses = await asyncio.gather(*calls)
+        effects = {
+            r.request_id: [
+                e.decode() for e in await client.lrange(_effects_key(settings.redis_prefix, r.request_id), 0, -1)
+            ]  # type: ignore[misc]
+            for r in requests
+        }
+    finally:
+        await bus.close()
+        await client.aclose()
+    assert all(r.status == "success" for r in responses)
+    served = Counter(r.served_by for r in responses)
+    assert served["worker-b"] > 0
+    assert served["worker-a"] > 0
+    twice = 0
+    for response in responses:
+        ran = effects[response.request_id]
+        assert ran[-1] == response.served_by  # the stored result came from the last execution
+        assert len(ran) <= 2
+        if len(ran) == 2:
+            assert ran == ["worker-a", "worker-b"]  # only work the dead instance had not finished
+            twice += 1
+    assert twice >= 1  # the kill really caught requests in flight
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own (short unix-socket path), so it can be stopped and started."""
+    with tempfile.TemporaryDirectory(prefix="aoredis", dir="/tmp") as tmp:
+        server = EmbeddedRedis(Path(tmp))
+        yield server
+        server.stop()
+
+
+@pytest.mark.slow
+async def test_redis_restart_under_load(
+    private_redis: EmbeddedRedis, settings_factory: Callable[..., Settings]
+) -> None:
+    """Redis stopped and restarted mid-load: every request is answered or fails with a clear
+    error (ServiceUnavailable / Timeout), none hangs, and service resumes afterwards."""
+    url = await asyncio.to_thread(private_redis.start)
+    settings = settings_factory(redis_url=url, visibility_timeout_s=1.0)
+    server_client, client = await connect_redis(url), await connect_redis(url)
+    server, bus = EventBus(server_client, settings), EventBus(client, settings)
+
+    async def handler(request: AgentRequestEvent) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        return {"ok": True}
+
+    serving = asyncio.create_task(server.serve(AGENT, handler, concurrency=16, consumer="s1"))
+    outcomes: Counter[str] = Counter()
+    restarted = asyncio.Event()
+
+    async def call() -> None:
+        try:
+            response = await bus.request_agent(_request(), timeout_s=8)
+            outcomes[response.status] += 1
+        except (ServiceUnavailable, Timeout, AgentOffline) as e:
+            outcomes[type(e).__name__] += 1
+
+    async def load() -> None:
+        """Rounds of 8 concurrent calls until 0.5 s after Redis is back."""
+        while not restarted.is_set():
+            await asyncio.gather(*(call() for _ in range(8)))
+        await asyncio.sleep(0)
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            await asyncio.gather(*(call() for _ in range(8)))
+
+    try:
+        await asyncio.sleep(0.2)
+        running = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        in_flight_at_stop = sum(outcomes.values())
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.sleep(1.0)
+        assert await asyncio.to_thread(private_redis.start) == url
+        restarted.set()
+        await asyncio.wait_for(running, 60)
+        before = outcomes["success"]
+        await asyncio.wait_for(asyncio.gather(*(call() for _ in range(16))), 30)
+    finally:
+        await server.stop_serving(grace_s=1)
+        await serving
+        await bus.close()
+        await server.close()
+        await client.aclose()
+        await server_client.aclose()
+    assert in_flight_at_stop > 0  # load was running when Redis went down
+    # AgentOffline: the outage outlasted the consumer's liveness (1 s here) until its next beat
+    assert set(outcomes) <= {"success", "ServiceUnavailable", "Timeout", "AgentOffline"}
+    assert sum(outcomes.values()) % 8 == 0  # every call of every round came back
+    assert outcomes["success"] - before == 16  # fully recovered
+
+
+if __name__ == "__main__":
+    asyncio.run(_worker(sys.argv[1]))
