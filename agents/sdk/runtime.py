@@ -1,0 +1,186 @@
+"""An agent's life as a service: register, serve the bus, keep ``busy``/``active``
+from in-flight work, heartbeat, and on shutdown drain and deregister.
+
+Order at start: register as ``initializing`` -> serve the bus -> heartbeat ->
+``active`` once the bus consumer is live. Order at :meth:`AgentRuntime.drain`
+(SIGTERM): stop taking new work (bus and HTTP) -> let in-flight work finish for
+``Settings.agent_drain_grace_s`` -> deregister. A registry that is down at
+shutdown only costs a log line: the registry marks the instance offline after
+its TTL anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from agents.sdk.agent import Agent
+from shared.lib import redis_keys
+from shared.lib.errors import OrchestratorError, ServiceUnavailable
+from shared.lib.event_bus import EventBus
+from shared.lib.http_service import ServiceContext
+from shared.lib.registry_client import RegistryClient
+from shared.lib.registry_models import AgentStatus, Registration
+
+__all__ = ["AgentRuntime"]
+
+_log = logging.getLogger(__name__)
+
+#: How long start-up waits for the bus consumer to show as live before giving up.
+_CONSUMER_LIVE_TIMEOUT_S = 10.0
+
+
+class AgentRuntime:
+    """One running instance of ``agent``: its bus server, registry client and status keeper."""
+
+    def __init__(self, agent: Agent, ctx: ServiceContext, *, instance_id: str, endpoint: str) -> None:
+        self.agent = agent
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.instance_id = instance_id
+        self.endpoint = endpoint
+        self.bus = EventBus(ctx.redis, ctx.settings, pool=ctx.pool, instance_id=instance_id)
+        api_key = ctx.settings.api_keys[0] if ctx.settings.api_keys else None
+        self.registry = RegistryClient(
+            ctx.settings.registry_url, registration_secret=ctx.settings.registration_secret, api_key=api_key
+        )
+        self.draining = False
+        self.reported: AgentStatus | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self._drained: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        agent.services.registry = self.registry
+        agent.services.redis = ctx.redis
+        agent.services.pool = ctx.pool
+        agent.services.bus = self.bus
+
+    @property
+    def in_flight(self) -> int:
+        return self.bus.in_flight
+
+    async def start(self) -> None:
+        """Register, serve the bus, heartbeat, then report ``active``."""
+        self._loop = asyncio.get_running_loop()
+        registration = Registration(
+            name=self.agent.name,
+            version=self.agent.version,
+            endpoint=self.endpoint,
+            capabilities=self.agent.capabilities(),
+            metadata={"instance_id": self.instance_id, "request_types": self.agent.request_types},
+            agent_id=self.instance_id,
+            status=AgentStatus.INITIALIZING,
+        )
+        await self.registry.register(registration)
+        self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.agent.name}")
+        await self._wait_consumer_live()
+        self.registry.start_heartbeat(interval_s=self.settings.heartbeat_interval_s, load=lambda: self.in_flight)
+        await self._report(AgentStatus.ACTIVE)
+        self._status_task = asyncio.create_task(self._keep_status(), name=f"status-{self.agent.name}")
+        _log.info("%s is serving as %s at %s", self.agent.name, self.instance_id, self.endpoint)
+
+    async def _serve(self) -> None:
+        consumer = self.instance_id
+        await self.bus.serve(self.agent.name, self.agent.handle, concurrency=self.settings.agent_concurrency,
+                             consumer=consumer)  # fmt: skip
+
+    async def _wait_consumer_live(self) -> None:
+        key = redis_keys.consumers_key(self.settings.redis_prefix, self.agent.name)
+        deadline = time.monotonic() + _CONSUMER_LIVE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._serve_task is not None and self._serve_task.done():
+                self._serve_task.result()  # raises the serving error
+            if await self.ctx.redis.zscore(key, self.instance_id) is not None:
+                return
+            await asyncio.sleep(0.02)
+        raise ServiceUnavailable(f"{self.agent.name} could not start consuming its requests on Redis")
+
+    # -- status ------------------------------------------------------------------------
+    async def _report(self, status: AgentStatus) -> None:
+        try:
+            await self.registry.set_status(status)
+        except (OrchestratorError, httpx.HTTPError) as e:
+            _log.warning("could not report %s to the registry (%s); retrying", status.value, e)
+            return
+        self.reported = status
+
+    def _wanted(self) -> AgentStatus:
+        return AgentStatus.BUSY if self.in_flight > 0 else AgentStatus.ACTIVE
+
+    async def _keep_status(self) -> None:
+        """Report ``busy``/``active`` once the in-flight state has held for the debounce time."""
+        debounce_s = self.settings.agent_status_debounce_s
+        tick_s = max(debounce_s / 4, 0.02)
+        since = time.monotonic()
+        last = self._wanted()
+        while not self.draining:
+            await asyncio.sleep(tick_s)
+            wanted = self._wanted()
+            if wanted != last:
+                last, since = wanted, time.monotonic()
+            if wanted != self.reported and time.monotonic() - since >= debounce_s:
+                await self._report(wanted)
+
+    # -- shutdown ----------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Start draining soon; safe to call from a signal handler (it only schedules the work)."""
+        self.draining = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> asyncio.Task[None]:
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_task(self._drain(), name="agent-drain")
+        return self._drained
+
+    async def drain(self) -> None:
+        """Stop taking work, let in-flight work finish (up to the grace period), deregister."""
+        self.draining = True
+        await asyncio.shield(self._start_drain())
+
+    async def _drain(self) -> None:
+        grace_s = self.settings.agent_drain_grace_s
+        started = time.monotonic()
+        await self._stop_task(self._status_task)
+        await self.bus.stop_serving(grace_s=grace_s)
+        await self._stop_task(self._serve_task)
+        await self._wait_idle(deadline=started + grace_s)  # requests that came over HTTP
+        if self.in_flight:
+            _log.warning("%d requests still running after %.1fs; leaving them", self.in_flight, grace_s)
+        try:
+            await self.registry.deregister()
+        except (OrchestratorError, httpx.HTTPError) as e:
+            _log.warning("could not deregister %s (%s); the registry will mark it offline", self.instance_id, e)
+        _log.info("%s (%s) drained and deregistered", self.agent.name, self.instance_id)
+
+    async def _wait_idle(self, *, deadline: float) -> None:
+        """Poll (every 50 ms) until nothing is in flight or ``deadline`` (monotonic) passes."""
+        while time.monotonic() < deadline:
+            if self.in_flight == 0:
+                return
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Drain if not done yet, then close the bus and the registry client."""
+        with contextlib.suppress(OrchestratorError):
+            await self.drain()
+        await self.bus.close()
+        await self.registry.aclose()
+
+    @staticmethod
+    async def _stop_task(task: asyncio.Task[Any] | None) -> None:
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        except (asyncio.CancelledError, OrchestratorError):
+            pass
