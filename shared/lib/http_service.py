@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.lib.connections import connect_redis, create_pg_pool
 from shared.lib.errors import OrchestratorError, PayloadTooLarge, StartupError, Unauthorized
+from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.settings import Settings
 
 __all__ = [
@@ -213,6 +214,8 @@ async def _ping(ctx: ServiceContext) -> dict[str, str]:
         checks["redis"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure means not ready; say which
         checks["redis"] = f"error: {type(e).__name__}: {e}"
+    for dependency, outcome in checks.items():
+        SERVICE_DEPENDENCY_UP.labels(dependency).set(1 if outcome == "ok" else 0)
     return checks
 
 
@@ -234,7 +237,8 @@ def ops_router(service: str) -> APIRouter:
         )
 
     @router.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics(ctx: ContextDep) -> PlainTextResponse:
+        await _ping(ctx)  # refreshes service_dependency_up, so a scrape never reads a stale probe
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -68,3 +68,14 @@ EVENT_BUS_EVENTS_DELIVERED = Counter("event_bus_events_delivered_total", "Events
 EVENT_BUS_SUBSCRIBER_ERRORS = Counter(
     "event_bus_subscriber_errors_total", "Subscriber callbacks that raised (the subscription carries on)."
 )
+
+# -- service readiness (shared.lib.http_service) ----------------------------------------
+__all__ += ["SERVICE_DEPENDENCY_UP"]
+
+#: Set by every service's readiness ping (``/ready``, and each ``/metrics`` scrape), so an
+#: alert sees PostgreSQL or Redis unreachable from the service's own side of the network.
+SERVICE_DEPENDENCY_UP = Gauge(
+    "service_dependency_up",
+    "1 if this service's last ping of the dependency (postgres, redis) succeeded, else 0.",
+    ["dependency"],
+)
