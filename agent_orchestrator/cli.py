@@ -8,6 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
+from agent_orchestrator.cli_bus import dlq_app, events_app
 from shared.lib.errors import OrchestratorError
 
 __all__ = ["app", "main"]
@@ -44,6 +45,10 @@ def migrate() -> None:
         servers.stop()
     applied = ", ".join(result.applied) or "nothing to apply"
     typer.echo(f"schema at version {result.current_version}: {applied}")
+
+
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(events_app, name="events")
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""Operator commands of the bus: ``dlq list|requeue`` and ``events replay``.
+
+Each command opens its own connections (embedded servers when no URL is set),
+does its work and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.embedded import EmbeddedServers
+from shared.lib.errors import InvalidInput
+from shared.lib.event_bus import DeadLetter, EventBus
+from shared.lib.settings import Settings, load_settings
+
+__all__ = ["dlq_app", "events_app"]
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered agent requests: list and requeue.")
+events_app = typer.Typer(no_args_is_help=True, help="The events log: replay stored events to live subscribers.")
+_out = Console()
+T = TypeVar("T")
+_REPLAY_PAGE = 500
+
+
+@contextlib.asynccontextmanager
+async def _open_bus(settings: Settings, *, with_pool: bool) -> AsyncIterator[EventBus]:
+    servers = EmbeddedServers(settings.data_dir)
+    db_url, redis_url = servers.ensure(
+        database_url=settings.database_url if with_pool else settings.database_url or "unused",
+        redis_url=settings.redis_url,
+    )
+    client = await connect_redis(redis_url, max_connections=4)
+    pool = await create_pg_pool(db_url, max_size=2) if with_pool else None
+    bus = EventBus(client, settings, pool=pool)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+        if pool is not None:
+            await pool.close()
+        await client.aclose()
+        servers.stop()
+
+
+def _run(settings: Settings, work: Callable[[EventBus], Awaitable[T]], *, with_pool: bool = False) -> T:
+    async def main() -> T:
+        async with _open_bus(settings, with_pool=with_pool) as bus:
+            return await work(bus)
+
+    return asyncio.run(main())
+
+
+def _table(letters: list[DeadLetter]) -> Table:
+    table = Table("id", "reason", "deliveries", "dead at", "request type", "message")
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.dead_at))
+        request_type = str((d.request or {}).get("request_type", "?"))
+        table.add_row(d.id, d.reason, str(d.deliveries), when, request_type, d.message)
+    return table
+
+
+@dlq_app.command("list")
+def dlq_list(
+    agent: Annotated[str | None, typer.Option(help="Only this agent's dead letters.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+) -> None:
+    """List dead-lettered requests with the reason each was moved there."""
+    settings = load_settings(dev_mode=True)  # reading needs no secrets
+    letters = _run(settings, lambda bus: bus.dead_letters(agent, limit=limit))
+    if as_json:
+        for d in letters:
+            typer.echo(orjson.dumps(d.__dict__).decode())
+        return
+    if not letters:
+        typer.echo("no dead letters")
+        return
+    _out.print(_table(letters))
+
+
+@dlq_app.command("requeue")
+def dlq_requeue(
+    entry_ids: Annotated[list[str], typer.Argument(help="Ids as printed by `dlq list` (agent/stream-id).")],
+) -> None:
+    """Send dead-lettered requests again, with a fresh deadline, and remove them from the list."""
+    settings = load_settings()  # re-signing needs the real signing keys
+
+    async def work(bus: EventBus) -> list[str]:
+        return [(await bus.requeue_dead_letter(entry_id)).request_id for entry_id in entry_ids]
+
+    for entry_id, request_id in zip(entry_ids, _run(settings, work), strict=True):
+        typer.echo(f"requeued {entry_id} as request {request_id}")
+
+
+def _parse_since(value: str | None) -> tuple[int, datetime | None]:
+    if value is None:
+        return 0, None
+    if value.isdigit():
+        return int(value), None
+    try:
+        return 0, datetime.fromisoformat(value)
+    except ValueError as e:
+        raise InvalidInput(
+            f"--since {value!r} is neither an event id nor an ISO timestamp (2025-01-31T12:00:00+00:00)",
+            field="since",
+        ) from e
+
+
+@events_app.command("replay")
+def events_replay(
+    since: Annotated[
+        str | None, typer.Option(help="After this event id, or from this ISO timestamp (default: everything).")
+    ] = None,
+    event_type: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
+    aggregate: Annotated[str | None, typer.Option(help="Only this aggregate: TYPE or TYPE:ID.")] = None,
+) -> None:
+    """Publish stored events again, oldest first, to live subscribers (they dedupe by id)."""
+    after_id, since_at = _parse_since(since)
+    aggregate_type, _, aggregate_id = (aggregate or "").partition(":")
+    settings = load_settings(dev_mode=True)  # publishing stored events needs no secrets
+
+    async def work(bus: EventBus) -> int:
+        cursor, count = after_id, 0
+        while True:
+            page = await bus.events_since(
+                cursor,
+                event_type=event_type,
+                aggregate_type=aggregate_type or None,
+                aggregate_id=aggregate_id or None,
+                since=since_at,
+                limit=_REPLAY_PAGE,
+            )
+            for event in page:
+                await bus.republish(event)
+            count += len(page)
+            if len(page) < _REPLAY_PAGE:
+                return count
+            cursor = page[-1].id
+
+    typer.echo(f"replayed {_run(settings, work, with_pool=True)} events")
