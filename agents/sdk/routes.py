@@ -21,8 +21,9 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 
 from agents.sdk.card import agent_card
 from agents.sdk.runtime import AgentRuntime
@@ -84,12 +85,16 @@ async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str,
     )
 
 
+def _json(body: dict[str, Any], *, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
 def agent_routes() -> APIRouter:
     """The agent-specific routes; the app keeps the :class:`AgentRuntime` at ``app.state.runtime``."""
     router = APIRouter(tags=["agent"])
 
     @router.post("/agent-request")
-    async def agent_request(request: Request) -> ORJSONResponse:
+    async def agent_request(request: Request) -> Response:
         runtime = _runtime(request)
         data = parse_envelope(await request.body(), max_bytes=runtime.settings.max_payload_bytes)
         data = await _authenticate(runtime, request, data)
@@ -100,11 +105,11 @@ def agent_routes() -> APIRouter:
             )
         response = await runtime.bus.execute(envelope, runtime.agent.handle)
         status = 200 if response.ok else status_for_error_code((response.error or {}).get("code"))
-        return ORJSONResponse(response.to_dict(), status_code=status)
+        return _json(response.to_dict(), status_code=status)
 
     @router.get("/.well-known/agent-card.json")
-    async def card(request: Request) -> ORJSONResponse:
+    async def card(request: Request) -> Response:
         runtime: AgentRuntime = request.app.state.runtime
-        return ORJSONResponse(agent_card(runtime.agent, url=runtime.endpoint))
+        return _json(agent_card(runtime.agent, url=runtime.endpoint))
 
     return router

@@ -1,0 +1,190 @@
+"""Agents as real processes next to a real registry, over real PostgreSQL and Redis.
+
+Lifecycle: register -> heartbeat -> busy under load -> active again -> SIGTERM
+with work in flight -> the work finishes -> deregistered. Plus the HTTP side:
+the A2A card, authentication, and errors naming the field or the supported types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from a2a.types import AgentCard
+from google.protobuf.json_format import ParseDict
+
+from shared.lib.agent_events import AgentRequestEvent, AgentResponseEvent
+from shared.lib.connections import connect_redis
+from shared.lib.errors import NotFound
+from shared.lib.event_bus import EventBus
+from shared.lib.registry_client import RegistryClient
+from shared.lib.registry_models import AgentInstance
+from shared.lib.settings import Settings
+from support.tests.conftest import TEST_SECRETS
+from support.tests.procs import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+AGENT_ENV = {"AO_AGENT_STATUS_DEBOUNCE_S": "0.1", "AO_AGENT_DRAIN_GRACE_S": "15"}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, str]:
+    """A one-commit git repository and its revision."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    _git(path, "init", "-q", "-b", "main")
+    (path / "calc.py").write_text('"""Arithmetic."""\n\n\ndef add(a, b):\n    return a + b\n')
+    _git(path, "add", "-A")
+    _git(path, "-c", "user.email=d@example.com", "-c", "user.name=D", "commit", "-q", "-m", "one")
+    return path, _git(path, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def stack(spawn: Callable[..., ServiceProcess], ports: dict[str, int]) -> Callable[[str], ServiceProcess]:
+    """Start the registry, then return a starter for agent processes registered with it."""
+    spawn("registry", url=f"http://127.0.0.1:{ports['agent-registry']}", name="registry")
+
+    def start_agent(name: str) -> ServiceProcess:
+        port = str(ports[name])
+        url = f"http://127.0.0.1:{port}"
+        return spawn("agent", name, "--port", port, "--instance-id", f"{name}-1", url=url, env=AGENT_ENV, name=name)
+
+    return start_agent
+
+
+@pytest.fixture
+async def bus(settings_factory: Callable[..., Settings], redis_url: str) -> AsyncIterator[EventBus]:
+    settings = settings_factory()
+    redis = await connect_redis(redis_url)
+    event_bus = EventBus(redis, settings, instance_id="tester-1")
+    yield event_bus
+    await event_bus.close()
+    await redis.aclose()
+
+
+@pytest.fixture
+async def registry(ports: dict[str, int]) -> AsyncIterator[RegistryClient]:
+    client = RegistryClient(
+        f"http://127.0.0.1:{ports['agent-registry']}",
+        registration_secret=TEST_SECRETS["AO_REGISTRATION_SECRET"],
+        api_key=TEST_SECRETS["AO_API_KEYS"],
+    )
+    yield client
+    await client.aclose()
+
+
+async def _call(bus: EventBus, agent: str, request_type: str, payload: dict[str, Any]) -> AgentResponseEvent:
+    request = AgentRequestEvent.create(
+        source_agent="tester", target_agent=agent, request_type=request_type, payload=payload, timeout_s=30
+    )
+    return await bus.request_agent(request, timeout_s=30)
+
+
+async def _wait_status(registry: RegistryClient, agent_id: str, status: str, *, timeout_s: float) -> AgentInstance:
+    deadline = time.monotonic() + timeout_s
+    seen = ""
+    while time.monotonic() < deadline:
+        instance = await registry.get(agent_id)
+        seen = instance.status.value
+        if seen == status:
+            return instance
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{agent_id} stayed {seen}, never {status}")
+
+
+def _slow_pipeline(repo: tuple[Path, str], seconds: float) -> dict[str, Any]:
+    return {"repo_path": str(repo[0]), "revision": repo[1], "command": f"sleep {seconds}"}
+
+
+async def test_agent_lifecycle(
+    stack: Callable[[str], ServiceProcess], bus: EventBus, registry: RegistryClient, repo: tuple[Path, str]
+) -> None:
+    """An agent registers, heartbeats, is busy under load then active; on SIGTERM it finishes its work, deregisters."""
+    proc = stack("cicd")
+    first = await _wait_status(registry, "cicd-1", "active", timeout_s=10)
+    assert {s.id for s in first.capabilities} == {"RUN_PIPELINE", "VALIDATE_BUILD", "DEPLOY_ARTIFACT"}
+    await asyncio.sleep(1.5)  # AO_HEARTBEAT_INTERVAL_S=1 in the child
+    assert (await registry.get("cicd-1")).last_heartbeat > first.last_heartbeat
+
+    work = asyncio.create_task(_call(bus, "cicd", "RUN_PIPELINE", _slow_pipeline(repo, 1.5)))
+    await _wait_status(registry, "cicd-1", "busy", timeout_s=5)
+    assert (await work).status == "success"
+    await _wait_status(registry, "cicd-1", "active", timeout_s=5)
+
+    in_flight = asyncio.create_task(_call(bus, "cicd", "RUN_PIPELINE", _slow_pipeline(repo, 2)))
+    await _wait_status(registry, "cicd-1", "busy", timeout_s=5)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    response = await in_flight
+    assert response.status == "success", response.error
+    assert response.payload["exit_code"] == 0
+    assert await asyncio.to_thread(proc.proc.wait, 20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    with pytest.raises(NotFound):
+        await registry.get("cicd-1")
+    assert "drained and deregistered" in proc.output()
+
+
+async def test_agent_http_and_bus_errors(
+    stack: Callable[[str], ServiceProcess], bus: EventBus, repo: tuple[Path, str], ports: dict[str, int]
+) -> None:
+    """The card parses with a2a-sdk; a bad payload names the field, an unknown type is rejected (HTTP and bus)."""
+    stack("code-review")
+    base = f"http://127.0.0.1:{ports['code-review']}"
+    key = {"X-API-Key": TEST_SECRETS["AO_API_KEYS"]}
+    explain = {"repo_path": str(repo[0]), "path": "calc.py"}
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        card = ParseDict((await http.get("/.well-known/agent-card.json")).json(), AgentCard())
+        assert card.supported_interfaces[0].url == f"{base}/agent-request"
+        assert (await http.get("/metrics")).status_code == 200
+
+        def envelope(request_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+            request = AgentRequestEvent.create(
+                source_agent="tester", target_agent="code-review", request_type=request_type, payload=payload
+            )
+            return request.to_dict()
+
+        unauthenticated = await http.post("/agent-request", json=envelope("EXPLAIN_CODE", explain))
+        assert unauthenticated.status_code == 401
+        assert unauthenticated.json()["error"]["field"] == "signature"
+
+        ok = await http.post("/agent-request", json=envelope("EXPLAIN_CODE", explain), headers=key)
+        assert ok.status_code == 200
+        assert ok.json()["payload"]["functions"][0]["name"] == "add"
+
+        bad = await http.post(
+            "/agent-request", json=envelope("REVIEW_CODE", {"repo_path": "/x", "base": "a"}), headers=key
+        )
+        assert bad.status_code == 422
+        assert bad.json()["error"]["field"] == "head"
+
+        unknown = await http.post("/agent-request", json=envelope("DANCE", {}), headers=key)
+        assert unknown.status_code == 422
+        assert unknown.json()["status"] == "rejected"
+        assert "EXPLAIN_CODE, REVIEW_CODE" in unknown.json()["error"]["message"]
+
+        forged = {**envelope("EXPLAIN_CODE", explain), "signature": "0" * 64}
+        assert (await http.post("/agent-request", json=forged)).status_code == 401
+
+        malformed = await http.post("/agent-request", content=b"{not json", headers=key)
+        assert malformed.status_code in (400, 422)
+
+    over_bus = await _call(bus, "code-review", "REVIEW_CODE", {"repo_path": str(repo[0]), "base": repo[1], "head": 7})
+    assert over_bus.status == "error"
+    assert over_bus.error is not None
+    assert over_bus.error["field"] == "head"
+    rejected = await _call(bus, "code-review", "DANCE", {})
+    assert rejected.status == "rejected"
+    assert rejected.error is not None
+    assert rejected.error["details"]["supported"] == ["EXPLAIN_CODE", "REVIEW_CODE"]
