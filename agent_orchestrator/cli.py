@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from agent_orchestrator.cli_bus import dlq_app, events_app
+from agent_orchestrator.cli_registry import registry
 from shared.lib.errors import OrchestratorError
 
 __all__ = ["app", "main"]
@@ -47,6 +48,7 @@ def migrate() -> None:
     typer.echo(f"schema at version {result.current_version}: {applied}")
 
 
+app.command("registry")(registry)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
 

@@ -79,3 +79,27 @@ SERVICE_DEPENDENCY_UP = Gauge(
     "1 if this service's last ping of the dependency (postgres, redis) succeeded, else 0.",
     ["dependency"],
 )
+
+# -- agent registry ----------------------------------------------------------------
+__all__ += [
+    "REGISTRY_AGENTS",
+    "REGISTRY_HEARTBEATS",
+    "REGISTRY_HEARTBEAT_LAG",
+    "REGISTRY_STALE_AGENTS",
+]
+
+REGISTRY_AGENTS = Gauge(
+    "registry_agents",
+    "Registered agent instances by status and agent name (refreshed by the reaper loop, not per request).",
+    ["status", "name"],
+)
+REGISTRY_HEARTBEATS = Counter("registry_heartbeats_total", "Heartbeats accepted by this registry replica.")
+REGISTRY_STALE_AGENTS = Counter(
+    "registry_stale_agents_total", "Instances marked offline after missing heartbeats for the TTL.", ["name"]
+)
+#: A heartbeat interval is 1-5 s; lag past the TTL (20 s by default) means the instance goes stale.
+REGISTRY_HEARTBEAT_LAG = Histogram(
+    "registry_heartbeat_lag_seconds",
+    "Time between an instance's heartbeat and its previous one, as the registry saw them.",
+    buckets=(0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
