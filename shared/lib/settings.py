@@ -132,6 +132,18 @@ class Settings(BaseSettings):
     max_concurrent_workflows: int = 64
     """Workflows one orchestrator replica runs at once."""
 
+    # -- resource locks --------------------------------------------------------------
+    lock_ttl_s: float = 60.0
+    """Default lease TTL: a lease not renewed for this long expires and the next acquirer gets it."""
+    lock_max_connections: int = 64
+    """Dedicated PostgreSQL sessions one process uses for leases (one per held lease, plus attempts)."""
+    lock_idle_connections: int = 4
+    """Dedicated lock sessions kept open between leases, so a grant costs no connect."""
+    lock_poll_max_s: float = 0.5
+    """Longest sleep of a waiting acquirer between tries when no release notification comes."""
+    lock_sweep_interval_s: float = 1.0
+    """How often a process expires its own overdue leases and, after that grace, anyone's."""
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
