@@ -21,7 +21,17 @@ from agents.sdk.agent import Agent, skill
 from agents.work.health import Issue, Probe, probe_environment, probe_http, probe_pending, probe_tcp
 from agents.work.pipeline import file_sha256
 from agents.work.release import deploy_release, environment_dir, rollback
+from agents.work.remediation import (
+    dead_consumers,
+    deregister_instance,
+    expired_locks,
+    reclaim_pending,
+    release_lock,
+    stale_instances,
+)
 from shared.lib.errors import InvalidInput, NotFound
+from shared.lib.resource_lock import ResourceLockManager
+from shared.lib.settings import AGENT_ID_PATTERN
 
 __all__ = ["DeployServiceInput", "HealthCheckInput", "InfrastructureAgent", "RemediateInput", "RollbackInput"]
 
@@ -70,15 +80,38 @@ class HealthCheckInput(BaseModel):
     environment: str | None = None
     agents: list[str] = Field(default_factory=list, description="agents whose pending requests to count")
     max_pending: int = Field(default=100, ge=0)
+    registry: bool = Field(default=False, description="look for stale instances in the registry")
+    locks: bool = Field(default=False, description="look for expired or abandoned lock leases")
     timeout_s: float = Field(default=5.0, gt=0, le=120)
 
 
 class RemediateInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["rollback"]
-    environment: str | None = None
-    to: str | None = None
+    action: Literal["rollback", "deregister_instance", "reclaim_pending", "release_lock"]
+    environment: str | None = Field(default=None, description="rollback")
+    to: str | None = Field(default=None, description="rollback: a kept release")
+    agent_id: str | None = Field(default=None, pattern=AGENT_ID_PATTERN, description="deregister_instance")
+    agent: str | None = Field(default=None, pattern=AGENT_ID_PATTERN, description="reclaim_pending")
+    consumer: str | None = Field(default=None, min_length=1, max_length=128, description="reclaim_pending")
+    resource_id: str | None = Field(default=None, min_length=1, max_length=512, description="release_lock")
+    reason: str = Field(default="remediation by the infrastructure agent", min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _needs(self) -> RemediateInput:
+        needed = _NEEDS[self.action]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{self.action} needs {', '.join(missing)}")
+        return self
+
+
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "rollback": ("environment",),
+    "deregister_instance": ("agent_id",),
+    "reclaim_pending": ("agent", "consumer"),
+    "release_lock": ("resource_id",),
+}
 
 
 def _manifest(artifact: Path) -> dict[str, Any]:
@@ -143,16 +176,31 @@ class InfrastructureAgent(Agent):
             probes.append(probe)
             issues += [issue] if issue else []
         if payload.agents:
-            pending_probes, pending_issues = await probe_pending(
-                self.require("redis"), self.settings.redis_prefix, payload.agents, max_pending=payload.max_pending
-            )
+            pending_probes, pending_issues = await self._pending(payload)
             probes += pending_probes
             issues += pending_issues
+        if payload.registry:
+            issues += await stale_instances(self.require("registry"), stale_after_s=self.settings.agent_stale_after_s)
+        if payload.locks:
+            issues += await expired_locks(self._locks())
         return {
             "healthy": not any(i.severity == "critical" for i in issues),
             "probes": [p.as_dict() for p in probes],
             "issues": [i.as_dict() for i in issues],
         }
+
+    async def _pending(self, payload: HealthCheckInput) -> tuple[list[Probe], list[Issue]]:
+        redis, prefix = self.require("redis"), self.settings.redis_prefix
+        probes, issues = await probe_pending(redis, prefix, payload.agents, max_pending=payload.max_pending)
+        for agent in payload.agents:
+            for consumer, held in (await dead_consumers(redis, prefix, agent)).items():
+                fix = {"action": "reclaim_pending", "agent": agent, "consumer": consumer}
+                message = f"{held} requests to {agent} are held by {consumer}, which is no longer live"
+                issues.append(Issue("dead_consumer", f"{agent}/{consumer}", "warning", message, fix))
+        return probes, issues
+
+    def _locks(self) -> ResourceLockManager:
+        return ResourceLockManager(self.require("pool"), self.settings)
 
     async def _probe_targets(self, payload: HealthCheckInput) -> tuple[list[Probe], list[Issue]]:
         checks = [
@@ -166,14 +214,34 @@ class InfrastructureAgent(Agent):
 
     @skill(
         "REMEDIATE",
-        description="Apply the fix a health check proposed: roll an environment back.",
+        description="Apply the fix a health check proposed: rollback an environment, deregister a dead "
+        "instance, reclaim the requests a dead consumer holds, or release an expired lock.",
         tags=("remediation", "self-healing"),
     )
     async def remediate(self, payload: RemediateInput) -> dict[str, Any]:
-        if payload.environment is None:
-            raise InvalidInput("environment: rollback needs the environment", field="environment")
-        result = await rollback(self._env(payload.environment), to=payload.to)
-        return {"action": payload.action, "applied": result.changed, "result": result.as_dict()}
+        result = await getattr(self, f"_remediate_{payload.action}")(payload)
+        return {"action": payload.action, **result}
+
+    async def _remediate_rollback(self, payload: RemediateInput) -> dict[str, Any]:
+        result = await rollback(self._env(payload.environment or ""), to=payload.to)
+        return {"applied": result.changed, "result": result.as_dict()}
+
+    async def _remediate_deregister_instance(self, payload: RemediateInput) -> dict[str, Any]:
+        api_key = self.settings.api_keys[0] if self.settings.api_keys else None
+        removed = await deregister_instance(self.settings.registry_url, payload.agent_id or "", api_key=api_key,
+                                            timeout_s=10.0)  # fmt: skip
+        return {"applied": removed, "agent_id": payload.agent_id}
+
+    async def _remediate_reclaim_pending(self, payload: RemediateInput) -> dict[str, Any]:
+        marked = await reclaim_pending(
+            self.require("redis"), self.settings.redis_prefix, payload.agent or "", payload.consumer or "",
+            visibility_timeout_s=self.settings.visibility_timeout_s,
+        )  # fmt: skip
+        return {"applied": marked > 0, "reclaimable": marked}
+
+    async def _remediate_release_lock(self, payload: RemediateInput) -> dict[str, Any]:
+        result = await release_lock(self._locks(), payload.resource_id or "", reason=payload.reason)
+        return {"applied": result["released"], **result}
 
 
 def _sha256_of(artifact: Path) -> str:
