@@ -20,12 +20,13 @@ import pytest
 from a2a.types import AgentCard
 from google.protobuf.json_format import ParseDict
 
+from agents.infrastructure import InfrastructureAgent
 from shared.lib.agent_events import AgentRequestEvent, AgentResponseEvent
 from shared.lib.connections import connect_redis
 from shared.lib.errors import NotFound
 from shared.lib.event_bus import EventBus
 from shared.lib.registry_client import RegistryClient
-from shared.lib.registry_models import AgentInstance
+from shared.lib.registry_models import AgentInstance, Registration
 from shared.lib.settings import Settings
 from support.tests.conftest import TEST_SECRETS
 from support.tests.procs import ServiceProcess
@@ -188,3 +189,26 @@ async def test_agent_http_and_bus_errors(
     assert rejected.status == "rejected"
     assert rejected.error is not None
     assert rejected.error["details"]["supported"] == ["EXPLAIN_CODE", "REVIEW_CODE"]
+
+
+async def test_stale_instance_is_found_and_deregistered(
+    spawn: Callable[..., ServiceProcess],
+    ports: dict[str, int],
+    registry: RegistryClient,
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """An instance that stopped heartbeating is a health issue; the remediation removes it from the registry."""
+    env = {"AO_AGENT_STALE_AFTER_S": "0.5"}
+    spawn("registry", url=f"http://127.0.0.1:{ports['agent-registry']}", env=env, name="registry")
+    endpoint = "http://127.0.0.1:1"
+    await registry.register(Registration(name="ghost", version="1", endpoint=endpoint, agent_id="ghost-1"))
+    infra = InfrastructureAgent(settings_factory(agent_stale_after_s=0.5))
+    infra.services.registry = registry
+    await asyncio.sleep(1.0)
+    report = await infra.run("HEALTH_CHECK", {"registry": True})
+    [issue] = [i for i in report["issues"] if i["kind"] == "stale_instance"]
+    assert issue["remediation"] == {"action": "deregister_instance", "agent_id": "ghost-1"}
+    done = await infra.run("REMEDIATE", issue["remediation"])
+    assert done["applied"] is True
+    with pytest.raises(NotFound):
+        await registry.get("ghost-1")
