@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from agent_orchestrator.cli_bus import dlq_app, events_app
+from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_registry import registry
 from shared.lib.errors import OrchestratorError
 
@@ -49,6 +50,7 @@ def migrate() -> None:
 
 
 app.command("registry")(registry)
+app.command("agent")(agent)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
 
