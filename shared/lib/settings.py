@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     def _merge_ports(cls, value: dict[str, int]) -> dict[str, int]:
         return {**SERVICE_PORTS, **value}
 
-    @field_validator("database_url", "redis_url", mode="before")
+    @field_validator("database_url", "redis_url", "pg_prepare_threshold", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
