@@ -11,6 +11,7 @@ from rich.console import Console
 from agent_orchestrator.cli_bus import dlq_app, events_app
 from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_registry import registry
+from agent_orchestrator.config_reference import config_reference
 from shared.lib.errors import OrchestratorError
 
 __all__ = ["app", "main"]
@@ -53,6 +54,7 @@ app.command("registry")(registry)
 app.command("agent")(agent)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
+app.command("config-reference")(config_reference)
 
 
 def main() -> None:
