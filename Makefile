@@ -5,7 +5,7 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: install demo up test lint typecheck unit bench soak clean
+.PHONY: install demo up test lint typecheck unit bench soak clean tools
 
 $(UV):
 	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
@@ -29,7 +29,14 @@ lint: install
 typecheck: install
 	$(RUN) mypy shared/lib agent_orchestrator agents shared/services/agent-registry
 
-test: lint typecheck
+# promtool and prometheus (Debian package) for the rule checks and the live dashboard test;
+# installed only when missing and possible (root with apt-get), else those tests skip.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } \
+		|| echo "prometheus is not installed: the Prometheus checks will be skipped"
+
+test: lint typecheck tools
 	$(RUN) pytest
 
 bench: install
