@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from agent_orchestrator.cli_bus import dlq_app, events_app
+from agent_orchestrator.cli_locks import locks_app
 from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_registry import registry
 from agent_orchestrator.config_reference import config_reference
@@ -54,6 +55,7 @@ app.command("registry")(registry)
 app.command("agent")(agent)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
+app.add_typer(locks_app, name="locks")
 app.command("config-reference")(config_reference)
 
 

@@ -1,0 +1,112 @@
+"""Operator commands for resource locks: ``locks list`` and ``locks release``.
+
+Each command connects to DATABASE_URL (or the embedded server, as ``migrate``
+does), does its work and closes. A forced release is announced on the event
+bus as ``resource.unlocked`` like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.embedded import EmbeddedServers
+from shared.lib.event_bus import EventBus
+from shared.lib.resource_lock import LockInfo, ResourceLockManager
+from shared.lib.settings import Settings, load_settings
+
+__all__ = ["locks_app"]
+
+locks_app = typer.Typer(no_args_is_help=True, help="Resource locks: list the leases, force one free.")
+_out = Console()
+_STATE_STYLE = {"held": "green", "expired": "yellow", "abandoned": "red"}
+
+
+@contextlib.asynccontextmanager
+async def _open_locks(settings: Settings, *, with_bus: bool) -> AsyncIterator[ResourceLockManager]:
+    """A lock manager (and, to announce releases, an event bus) over fresh connections."""
+    servers = EmbeddedServers(settings.data_dir)
+    db_url, redis_url = servers.ensure(
+        database_url=settings.database_url, redis_url=settings.redis_url if with_bus else "unused"
+    )
+    pool = await create_pg_pool(db_url, max_size=2)
+    redis = await connect_redis(redis_url, max_connections=2) if with_bus else None
+    bus = EventBus(redis, settings, pool=pool) if redis is not None else None
+    manager = ResourceLockManager(pool, settings, dsn=db_url, emit=bus.emit if bus is not None else None)
+    try:
+        yield manager
+    finally:
+        await manager.close()
+        if bus is not None:
+            await bus.close()
+        if redis is not None:
+            await redis.aclose()
+        await pool.close()
+        servers.stop()
+
+
+def _ago(moment: datetime, now: datetime) -> str:
+    seconds = (moment - now).total_seconds()
+    return f"in {seconds:.0f}s" if seconds >= 0 else f"{-seconds:.0f}s ago"
+
+
+def _table(locks: list[LockInfo]) -> Table:
+    now = datetime.now(UTC)
+    table = Table(title="Resource locks", show_lines=False)
+    for column in ("resource", "owner", "token", "state", "acquired", "expires", "session"):
+        table.add_column(column, overflow="fold")
+    for lock in locks:
+        style = _STATE_STYLE.get(lock.state, "")
+        table.add_row(
+            lock.resource_id,
+            lock.owner,
+            str(lock.token),
+            f"[{style}]{lock.state}[/]",
+            _ago(lock.acquired_at, now),
+            _ago(lock.expires_at, now),
+            str(lock.backend_pid or "-"),
+        )
+    return table
+
+
+@locks_app.command("list")
+def list_locks() -> None:
+    """Show every lease that has not ended: holder, fencing token, state and expiry."""
+    settings = load_settings(dev_mode=True)  # reading needs no secrets
+
+    async def main() -> list[LockInfo]:
+        async with _open_locks(settings, with_bus=False) as locks:
+            return await locks.list_locks()
+
+    held = asyncio.run(main())
+    if not held:
+        _out.print("no resource is locked")
+        return
+    _out.print(_table(held))
+
+
+@locks_app.command("release")
+def release(
+    resource: Annotated[str, typer.Argument(help="The resource id, e.g. repo:acme/api")],
+    reason: Annotated[str, typer.Option("--reason", help="Why the lock is taken away (kept in the history)")],
+) -> None:
+    """Force a lock free by ending its holder's session; the holder's next renew or release fails."""
+    settings = load_settings(dev_mode=True)  # the lock tables need no secrets; events are not signed
+
+    async def main() -> LockInfo:
+        async with _open_locks(settings, with_bus=True) as locks:
+            return await locks.force_release(resource, reason)
+
+    ended = asyncio.run(main())
+    _out.print(
+        f"released [bold]{ended.resource_id}[/] held by [bold]{ended.owner}[/] (token {ended.token}): {reason}",
+        highlight=False,
+    )
