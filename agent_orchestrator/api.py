@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, Field
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from agent_orchestrator.records import WorkflowRecord
 from agent_orchestrator.service import Orchestrator
@@ -68,13 +68,13 @@ def workflows_router() -> APIRouter:
     async def list_workflows(
         orch: OrchestratorDep,
         status: str | None = None,
-        type: str | None = None,  # noqa: A002 - the API's name
+        type: str | None = None,
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = None,
     ) -> dict[str, Any]:
         if status is not None and status not in _STATUSES:
             raise InvalidInput(f"status must be one of {list(_STATUSES)}", field="status")
-        items, next_cursor = await orch.records.list(status=status, workflow_type=type, limit=limit, cursor=cursor)
+        items, next_cursor = await orch.records.page(status=status, workflow_type=type, limit=limit, cursor=cursor)
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 
     @router.get("/workflows/{workflow_id}")
@@ -88,6 +88,13 @@ def workflows_router() -> APIRouter:
     @router.post("/workflows/{workflow_id}/cancel", status_code=202)
     async def cancel(orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
         return _view(await orch.cancel(workflow_id))
+
+    return router
+
+
+def _workflow_views_router() -> APIRouter:
+    """History, events, pending interrupts and workflow types: reads beside the workflow itself."""
+    router = APIRouter(dependencies=[ApiKeyDep])
 
     @router.get("/workflows/{workflow_id}/history")
     async def history(
@@ -177,3 +184,4 @@ async def _event_stream(
 
 def mount(app: FastAPI) -> None:
     app.include_router(workflows_router())
+    app.include_router(_workflow_views_router())

@@ -12,22 +12,27 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
+from shared.lib.workflow_state import WorkflowStateManager
 
 from agent_orchestrator.api import mount
 from agent_orchestrator.checkpointer import open_checkpointer
+from agent_orchestrator.orchestrator_agent import WorkflowOrchestratorAgent
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.run_store import RunStore
 from agent_orchestrator.runner import WorkflowRunner
 from agent_orchestrator.service import Orchestrator
 from agent_orchestrator.workflows import load_workflow_types
+from agents.sdk.routes import agent_routes
+from agents.sdk.runtime import AgentRuntime
 from shared.lib.event_bus import EventBus
 from shared.lib.http_service import BodySizeLimit, install_error_handlers, open_context, ops_router
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
-from shared.lib.workflow_state import WorkflowStateManager
 
 __all__ = ["create_app"]
 
@@ -36,6 +41,20 @@ _log = logging.getLogger(__name__)
 
 def _replica_id(settings: Settings, port: int) -> str:
     return f"orchestrator-{socket.gethostname()[:20].lower()}-{port}-{os.getpid()}".replace(".", "-")
+
+
+def _orchestrator(
+    settings: Settings, pool: asyncpg.Pool, bus: EventBus, locks: ResourceLockManager, saver: Any, replica: str
+) -> Orchestrator:
+    run_store = RunStore(pool, runner_id=replica, lease_ttl_s=settings.run_lease_ttl_s)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), run_store)
+    orch = Orchestrator(
+        settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=load_workflow_types()
+    )
+    orch.runner = WorkflowRunner(
+        pool, settings, execute=orch.execute, on_finished=orch.on_finished, on_stuck=orch.on_stuck, runner_id=replica
+    )
+    return orch
 
 
 def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
@@ -47,29 +66,24 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
         async with contextlib.AsyncExitStack() as stack:
             ctx = await stack.enter_async_context(open_context(settings, pg_max_size=20))
             app.state.ctx = ctx
-            bus = EventBus(ctx.redis, settings, pool=ctx.pool, instance_id=replica)
-            stack.push_async_callback(bus.close)
-            locks = ResourceLockManager(ctx.pool, settings, emit=bus.emit)
-            await locks.start()
-            stack.push_async_callback(locks.close)
+            agent = WorkflowOrchestratorAgent(settings)
+            runtime = AgentRuntime(
+                agent,
+                ctx,
+                instance_id=replica,
+                endpoint=settings.url_for("orchestrator") if port is None else f"http://{settings.host}:{port}",
+            )
+            stack.push_async_callback(runtime.close)
+            locks = await stack.enter_async_context(ResourceLockManager(ctx.pool, settings, emit=runtime.bus.emit))
             saver = await stack.enter_async_context(open_checkpointer(settings, max_size=20))
-            run_store = RunStore(ctx.pool, runner_id=replica, lease_ttl_s=settings.run_lease_ttl_s)
-            records = WorkflowRecords(ctx.pool, WorkflowStateManager(ctx.pool), run_store)
-            orch = Orchestrator(
-                settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=load_workflow_types()
-            )
-            runner = WorkflowRunner(
-                ctx.pool,
-                settings,
-                execute=orch.execute,
-                on_finished=orch.on_finished,
-                on_stuck=orch.on_stuck,
-                runner_id=replica,
-            )
-            orch.runner = runner
+            orch = _orchestrator(settings, ctx.pool, runtime.bus, locks, saver, replica)
+            agent.services.extras["orchestrator"] = orch
             app.state.orchestrator = orch
-            await runner.start()
-            stack.push_async_callback(runner.stop)
+            app.state.runtime = runtime
+            assert orch.runner is not None
+            await orch.runner.start()
+            stack.push_async_callback(orch.runner.stop)
+            await runtime.start()
             _log.info("orchestrator %s ready with workflow types %s", replica, sorted(orch.types))
             yield
 
@@ -78,4 +92,5 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops_router("orchestrator"))
     mount(app)
+    app.include_router(agent_routes())
     return app

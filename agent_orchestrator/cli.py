@@ -8,9 +8,10 @@ import sys
 import typer
 from rich.console import Console
 
+from agent_orchestrator import cli_client, cli_stack
+from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_bus import dlq_app, events_app
 from agent_orchestrator.cli_locks import locks_app
-from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_registry import registry
 from agent_orchestrator.config_reference import config_reference
 from shared.lib.errors import OrchestratorError
@@ -53,6 +54,15 @@ def migrate() -> None:
 
 app.command("registry")(registry)
 app.command("agent")(agent)
+app.command("serve")(cli_stack.serve)
+app.command("up")(cli_stack.up)
+app.command("demo")(cli_stack.demo)
+app.command("run")(cli_client.run)
+app.command("status")(cli_client.status)
+app.command("approve")(cli_client.approve)
+app.command("reject")(cli_client.reject)
+
+
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
 app.add_typer(locks_app, name="locks")

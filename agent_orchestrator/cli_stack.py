@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -79,7 +80,7 @@ def up(
 
 
 def demo(
-    work_dir: Path | None = typer.Option(None, help="Where the sample repository goes (default: data dir)."),
+    work_dir: Annotated[Path | None, typer.Option(help="Where the sample repository goes (default: data dir).")] = None,
 ) -> None:
     """Start the stack, run the three reference workflows through the API, print what they did, stop."""
     from agent_orchestrator.demo import run_demo, summary_table

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ _FOLLOW_TIMEOUT_S = 240.0
 _TERMINAL = {"succeeded", "failed", "cancelled"}
 
 _PACKAGE = {
-    "calc/__init__.py": '"""A tiny calculator package."""\n\nfrom calc.ops import add, sub\n\n__all__ = ["add", "sub"]\n',
+    "calc/__init__.py": '"""A tiny calculator package."""\n\nfrom calc.ops import add, sub\n\n'
+    '__all__ = ["add", "sub"]\n',
     "calc/ops.py": '"""Arithmetic operations."""\n\n\ndef add(a: int, b: int) -> int:\n    """Return a + b."""\n'
     '    return a + b\n\n\ndef sub(a: int, b: int) -> int:\n    """Return a - b."""\n    return a - b\n',
+    "calc/stats.py": '"""Statistics over sequences of numbers."""\n\n\ndef mean(values: list[float]) -> float:\n'
+    '    """The arithmetic mean of ``values``."""\n    return sum(values) / len(values)\n',
     "tests/test_ops.py": "from calc.ops import add, sub\n\n\ndef test_add():\n    assert add(2, 3) == 5\n\n\n"
     "def test_sub():\n    assert sub(5, 3) == 2\n",
     "README.md": "# calc\n\nA tiny calculator, used by the orchestrator demo.\n",
@@ -88,8 +92,9 @@ class DemoResult:
 
 
 class _Api:
-    def __init__(self, base_url: str, api_key: str) -> None:
+    def __init__(self, base_url: str, api_key: str, *, registry_url: str) -> None:
         self.http = httpx.Client(base_url=base_url, headers={"X-API-Key": api_key}, timeout=30.0)
+        self.registry_url = registry_url
 
     def launch(self, workflow_type: str, data: dict[str, Any]) -> str:
         r = self.http.post("/workflows", json={"workflow_type": workflow_type, "input": data})
@@ -127,7 +132,7 @@ def _pr_deployment(api: _Api, repo: Path, base: str, head: str, out: Console) ->
     res.summary = (
         f"review approved={steps.get('review', {}).get('approved')}, "
         f"tests passed={steps.get('test', {}).get('passed')}, "
-        f"deployed {head[:8]} -> {release.get('current') or release.get('release_dir', '?')}"
+        f"deployed {head[:8]} -> {release.get('path', '?')}"
         if res.ok
         else str(wf.get("reason") or wf.get("errors"))
     )
@@ -136,7 +141,9 @@ def _pr_deployment(api: _Api, repo: Path, base: str, head: str, out: Console) ->
 
 def _parallel_docs(api: _Api, repo: Path) -> DemoResult:
     res = DemoResult("parallel_docs")
-    res.workflow_id = api.launch("parallel_docs", {"repo_path": str(repo), "modules": ["calc", "calc.ops", "tests"]})
+    res.workflow_id = api.launch(
+        "parallel_docs", {"repo_path": str(repo), "modules": ["calc", "calc.ops", "calc.stats"]}
+    )
     wf = api.follow(res.workflow_id, until=_TERMINAL)
     res.status, res.detail = wf["status"], wf
     result = wf.get("result") or {}
@@ -154,30 +161,43 @@ def _self_healing(api: _Api, stack: Stack, out: Console) -> DemoResult:
     victim = stack.find("documentation")[-1]
     stack.kill9(victim)
     out.print(f"  injected fault: SIGKILL to {victim.name} (pid gone, still registered)")
-    res.workflow_id = api.launch("self_healing", {"targets": [{"type": "registry"}], "max_iterations": 3})
+    _wait_noticed(api, victim.name)
+    res.workflow_id = api.launch("self_healing", {"registry": True, "agents": ["documentation"], "max_iterations": 3})
     wf = api.follow(res.workflow_id, until=_TERMINAL)
     res.status, res.detail = wf["status"], wf
     result = wf.get("result") or {}
     res.summary = (
         f"is_resolved={result.get('is_resolved')} after {result.get('iterations')} iteration(s), "
-        f"actions={[a.get('remediation', {}).get('request_type') for a in result.get('actions', [])]}"
+        f"actions={[a.get('remediation', {}).get('action') for a in result.get('actions', [])]}"
         if wf["status"] in _TERMINAL
         else ""
     )
     return res
 
 
+def _wait_noticed(api: _Api, instance: str, *, timeout_s: float = 30.0) -> None:
+    """Wait until the registry stops counting the killed instance as healthy (its TTL passes)."""
+    registry = httpx.Client(base_url=api.registry_url, headers=api.http.headers, timeout=10.0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = registry.get(f"/agents/{instance}")
+        if r.status_code == 404 or r.json().get("status") not in {"active", "busy", "initializing"}:
+            return
+        time.sleep(0.5)
+
+
 def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
     """Run the three workflows against a started stack and return what each did."""
-    api = _Api(stack.orchestrator_url, stack.api_key)
+    api = _Api(stack.orchestrator_url, stack.api_key, registry_url=stack.settings.url_for("agent-registry"))
     repo, base, head = make_sample_repo(work_dir)
     out.print(f"sample repository: {repo} ({base[:8]} -> {head[:8]})")
     results = []
-    for name, step in [
+    steps: list[tuple[str, Callable[[], DemoResult]]] = [
         ("pr_deployment", lambda: _pr_deployment(api, repo, base, head, out)),
         ("parallel_docs", lambda: _parallel_docs(api, repo)),
         ("self_healing", lambda: _self_healing(api, stack, out)),
-    ]:
+    ]
+    for name, step in steps:
         out.rule(name)
         started = time.monotonic()
         try:

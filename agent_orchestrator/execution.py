@@ -72,10 +72,10 @@ async def run_graph(
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh)
     started: dict[str, float] = {}
-    async for event in graph.astream(
+    async for event in graph.astream(  # type: ignore[call-overload]
         graph_input,
         config,
-        context=context,  # type: ignore[arg-type]
+        context=context,
         stream_mode="tasks",
         durability="sync",
     ):

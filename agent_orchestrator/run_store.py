@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 
 __all__ = ["CANCEL_CHANNEL", "RUNS_CHANNEL", "RunRow", "RunStore"]
 
@@ -40,7 +39,12 @@ class RunRow:
         return cls(**{k: r[k] for k in cls.__dataclass_fields__})
 
 
-_COLUMNS = ", ".join(RunRow.__dataclass_fields__)
+_CLAIM_SQL = (
+    "UPDATE workflow_runs SET state = 'running', runner_id = $2, attempts = attempts + 1, "
+    "lease_expires_at = now() + make_interval(secs => $3), last_progress_at = now(), stuck_since = NULL, "
+    "updated_at = now() WHERE workflow_id = $1 AND (state = 'queued' OR (state = 'running' "
+    "AND lease_expires_at < now())) RETURNING *"
+)
 
 
 class RunStore:
@@ -62,7 +66,7 @@ class RunStore:
         await conn.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 
     async def get(self, workflow_id: str) -> RunRow | None:
-        row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM workflow_runs WHERE workflow_id = $1", workflow_id)
+        row = await self.pool.fetchrow("SELECT * FROM workflow_runs WHERE workflow_id = $1", workflow_id)
         return RunRow.from_record(row) if row else None
 
     async def candidates(self, *, limit: int) -> list[str]:
@@ -77,10 +81,7 @@ class RunStore:
     async def claim(self, workflow_id: str) -> RunRow | None:
         """Take the run if it is still claimable; the caller already holds its advisory lock."""
         row = await self.pool.fetchrow(
-            f"UPDATE workflow_runs SET state = 'running', runner_id = $2, attempts = attempts + 1, "
-            f"lease_expires_at = now() + make_interval(secs => $3), last_progress_at = now(), stuck_since = NULL, "
-            f"updated_at = now() WHERE workflow_id = $1 AND (state = 'queued' OR (state = 'running' "
-            f"AND lease_expires_at < now())) RETURNING {_COLUMNS}",
+            _CLAIM_SQL,
             workflow_id,
             self.runner_id,
             self.lease_ttl_s,
@@ -187,8 +188,10 @@ class RunStore:
         )
 
     async def pending_interrupts(self, *, limit: int) -> list[asyncpg.Record]:
-        return await self.pool.fetch(
-            "SELECT workflow_id, workflow_type, pending_interrupt, wait_deadline, updated_at FROM workflow_runs "
-            "WHERE state = 'waiting' ORDER BY wait_deadline LIMIT $1",
-            limit,
+        return list(
+            await self.pool.fetch(
+                "SELECT workflow_id, workflow_type, pending_interrupt, wait_deadline, updated_at FROM workflow_runs "
+                "WHERE state = 'waiting' ORDER BY wait_deadline LIMIT $1",
+                limit,
+            )
         )

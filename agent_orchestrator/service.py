@@ -25,7 +25,7 @@ from agent_orchestrator.run_store import RunRow
 from agent_orchestrator.runner import WorkflowRunner
 from agent_orchestrator.workflows import WorkflowContext, WorkflowType
 from shared.lib import metrics
-from shared.lib.errors import Conflict, InvalidInput, NotFound
+from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings

@@ -32,7 +32,9 @@ class PrDeploymentInput(BaseModel):
     base: str = Field(min_length=1, description="Base revision of the change.")
     head: str = Field(min_length=1, description="Revision to review, test and deploy.")
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Deploy environment name.")
-    health_targets: list[dict[str, Any]] = Field(default_factory=list, description="Extra HEALTH_CHECK targets.")
+    health_targets: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra HEALTH_CHECK targets ({kind: http, url} or {kind: tcp, host, port})."
+    )
     approval_timeout_s: float | None = Field(default=None, gt=0, description="Override of AO_APPROVAL_TIMEOUT_S.")
 
 
@@ -138,7 +140,7 @@ async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> d
         rel = await calls.call(
             "infrastructure",
             "DEPLOY_SERVICE",
-            {"artifact": art.payload["artifact"], "environment": args.environment},
+            {"artifact": art.payload["path"], "sha256": art.payload["sha256"], "environment": args.environment},
             label="deploy",
         )
     out = {"artifact": art.payload, "release": rel.payload, "lock_token": token}
@@ -152,8 +154,8 @@ async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> d
 
 async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     args = _args(state)
-    targets = [{"type": "release", "environment": args.environment}, *args.health_targets]
-    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", {"targets": targets}, label="health")
+    check = {"environment": args.environment, "targets": args.health_targets}
+    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", check, label="health")
     return {"current_step": "verify", "steps": {"verify": reply.payload}, "agents": [reply.instance]}
 
 
@@ -191,17 +193,14 @@ def _next_unless_failed(target: str) -> Any:
 
 def build() -> StateGraph[Any, Any, Any, Any]:
     g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
-    for name, fn in [
-        ("lock_repo", lock_repo),
-        ("review", review),
-        ("test", test),
-        ("approval", approval),
-        ("deploy", deploy),
-        ("verify", verify),
-        ("rollback", rollback),
-        ("finish", finish),
-    ]:
-        g.add_node(name, fn)
+    g.add_node("lock_repo", lock_repo)
+    g.add_node("review", review)
+    g.add_node("test", test)
+    g.add_node("approval", approval)
+    g.add_node("deploy", deploy)
+    g.add_node("verify", verify)
+    g.add_node("rollback", rollback)
+    g.add_node("finish", finish)
     g.add_edge(START, "lock_repo")
     g.add_edge("lock_repo", "review")
     g.add_conditional_edges("review", _next_unless_failed("test"), ["test", END])

@@ -22,17 +22,27 @@ __all__ = ["SELF_HEALING", "SelfHealingInput"]
 
 
 class SelfHealingInput(BaseModel):
-    targets: list[dict[str, Any]] = Field(default_factory=list, description="HEALTH_CHECK targets to watch.")
+    targets: list[dict[str, Any]] = Field(
+        default_factory=list, description="HTTP/TCP probes: {kind: http, url} or {kind: tcp, host, port}."
+    )
+    environment: str | None = Field(default=None, description="Check the release this environment serves.")
+    agents: list[str] = Field(default_factory=list, description="Agents whose pending requests to check.")
+    registry: bool = Field(default=False, description="Look for stale instances in the registry.")
+    locks: bool = Field(default=False, description="Look for expired or abandoned lock leases.")
     max_iterations: int = Field(default=3, ge=1, le=20, description="Diagnose-fix-verify rounds at most.")
 
+    def health_check(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"max_iterations"}, exclude_none=True)
 
-async def _health(runtime: Runtime[WorkflowContext], targets: list[dict[str, Any]], label: str) -> dict[str, Any]:
-    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", {"targets": targets}, label=label)
+
+async def _health(runtime: Runtime[WorkflowContext], state: MultiAgentState, label: str) -> dict[str, Any]:
+    check = SelfHealingInput.model_validate(state["input"]).health_check()
+    reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", check, label=label)
     return reply.payload
 
 
 async def detect(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
-    report = await _health(runtime, SelfHealingInput.model_validate(state["input"]).targets, "detect")
+    report = await _health(runtime, state, "detect")
     return {"current_step": "detect", "iteration": 0, "steps": {"detect": report, "verify": report}}
 
 
@@ -46,7 +56,9 @@ async def diagnose(state: MultiAgentState) -> dict[str, Any]:
     for issue in _open_issues(state):
         remediation = issue.get("remediation")
         if remediation:
-            plan.append({"issue": issue.get("kind", issue.get("type", "issue")), "remediation": remediation})
+            plan.append(
+                {"issue": issue.get("kind", "issue"), "target": issue.get("target"), "remediation": remediation}
+            )
     return {
         "current_step": "diagnose",
         "iteration": state.get("iteration", 0) + 1,
@@ -61,10 +73,7 @@ async def fix(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict
         remediation = item["remediation"]
         try:
             reply = await runtime.context.calls.call(
-                "infrastructure",
-                str(remediation["request_type"]),
-                dict(remediation.get("payload", {})),
-                label=f"fix:{iteration}:{n}",
+                "infrastructure", "REMEDIATE", dict(remediation), label=f"fix:{iteration}:{n}"
             )
             actions.append({"iteration": iteration, **item, "ok": True, "result": reply.payload})
         except OrchestratorError as e:
@@ -73,8 +82,7 @@ async def fix(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict
 
 
 async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
-    targets = SelfHealingInput.model_validate(state["input"]).targets
-    report = await _health(runtime, targets, f"verify:{state.get('iteration', 1)}")
+    report = await _health(runtime, state, f"verify:{state.get('iteration', 1)}")
     return {"current_step": "verify", "steps": {"verify": report}}
 
 

@@ -17,6 +17,44 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 _ = (Counter, Gauge, Histogram)  # each component's block below uses these
 
+# -- agent registry ----------------------------------------------------------------
+__all__ += [
+    "REGISTRY_AGENTS",
+    "REGISTRY_HEARTBEATS",
+    "REGISTRY_HEARTBEAT_LAG",
+    "REGISTRY_STALE_AGENTS",
+]
+
+REGISTRY_AGENTS = Gauge(
+    "registry_agents",
+    "Registered agent instances by status and agent name (refreshed by the reaper loop, not per request).",
+    ["status", "name"],
+)
+REGISTRY_HEARTBEATS = Counter("registry_heartbeats_total", "Heartbeats accepted by this registry replica.")
+REGISTRY_STALE_AGENTS = Counter(
+    "registry_stale_agents_total", "Instances marked offline after missing heartbeats for the TTL.", ["name"]
+)
+#: A heartbeat interval is 1-5 s; lag past the TTL (20 s by default) means the instance goes stale.
+REGISTRY_HEARTBEAT_LAG = Histogram(
+    "registry_heartbeat_lag_seconds",
+    "Time between an instance's heartbeat and its previous one, as the registry saw them.",
+    buckets=(0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
+)
+
+# -- workflows (orchestrator) ----------------------------------------------------------
+WORKFLOWS_STARTED = Counter("workflows_started_total", "Workflows accepted by the API.", ["type"])
+WORKFLOWS_FINISHED = Counter("workflows_finished_total", "Workflows that reached a terminal status.",
+                             ["type", "status"])
+WORKFLOW_DURATION = Histogram("workflow_duration_seconds", "Launch to terminal status, per workflow type.",
+                              ["type"], buckets=LATENCY_BUCKETS_S)
+WORKFLOW_NODE_DURATION = Histogram("workflow_node_duration_seconds", "Duration of one node (task) of a workflow.",
+                                   ["type", "node"], buckets=LATENCY_BUCKETS_S)
+WORKFLOWS_ACTIVE = Gauge("workflows_active", "Workflows this replica is running now.", ["type"])
+WORKFLOWS_STUCK = Gauge("workflows_stuck", "Running workflows with no progress for AO_STUCK_AFTER_S.", ["type"])
+WORKFLOW_INTERRUPT_WAIT = Histogram("workflow_interrupt_wait_seconds",
+                                    "Time a workflow waited on a human answer (approval).",
+                                    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+
 # -- messaging (shared.lib.event_bus) ------------------------------------------------
 __all__ += [
     "AGENT_REQUESTS",
@@ -108,28 +146,4 @@ SERVICE_DEPENDENCY_UP = Gauge(
     "service_dependency_up",
     "1 if this service's last ping of the dependency (postgres, redis) succeeded, else 0.",
     ["dependency"],
-)
-
-# -- agent registry ----------------------------------------------------------------
-__all__ += [
-    "REGISTRY_AGENTS",
-    "REGISTRY_HEARTBEATS",
-    "REGISTRY_HEARTBEAT_LAG",
-    "REGISTRY_STALE_AGENTS",
-]
-
-REGISTRY_AGENTS = Gauge(
-    "registry_agents",
-    "Registered agent instances by status and agent name (refreshed by the reaper loop, not per request).",
-    ["status", "name"],
-)
-REGISTRY_HEARTBEATS = Counter("registry_heartbeats_total", "Heartbeats accepted by this registry replica.")
-REGISTRY_STALE_AGENTS = Counter(
-    "registry_stale_agents_total", "Instances marked offline after missing heartbeats for the TTL.", ["name"]
-)
-#: A heartbeat interval is 1-5 s; lag past the TTL (20 s by default) means the instance goes stale.
-REGISTRY_HEARTBEAT_LAG = Histogram(
-    "registry_heartbeat_lag_seconds",
-    "Time between an instance's heartbeat and its previous one, as the registry saw them.",
-    buckets=(0.5, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120),
 )

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # -- security --------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated API keys accepted by the orchestrator and registry APIs."""
+    api_key: str = ""
+    """The key CLI commands present to the orchestrator API; default: the first of AO_API_KEYS."""
     registration_secret: str = ""
     """Secret an agent presents to register; the registry then issues it a token."""
     signing_key: str = ""

@@ -1,0 +1,146 @@
+"""The orchestrator's view of workflow metadata: ``WorkflowStateManager`` plus the run row.
+
+A launch writes the workflow and its run row in one transaction, so a workflow
+the API accepted always has a run some replica will claim. Reads join in what
+the API shows beyond the metadata: the pending interrupt and whether the run
+is stuck.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from agent_orchestrator.run_store import RunStore
+from shared.lib.errors import Conflict
+from shared.lib.workflow_state import WorkflowStateManager
+
+__all__ = ["WorkflowRecord", "WorkflowRecords"]
+
+
+@dataclass
+class WorkflowRecord:
+    workflow_id: str
+    workflow_type: str
+    status: str
+    input: dict[str, Any]
+    correlation_id: str
+    current_step: str | None = None
+    agents: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+    version: int = 0
+    idempotency_key: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    pending_interrupt: Any = None
+    stuck: bool = False
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "workflow_type": self.workflow_type,
+            "status": self.status,
+            "current_step": self.current_step,
+            "agents": self.agents,
+            "input": self.input,
+            "result": self.result,
+            "errors": self.errors,
+            "reason": self.reason,
+            "pending_interrupt": self.pending_interrupt,
+            "stuck": self.stuck,
+            "version": self.version,
+            "idempotency_key": self.idempotency_key,
+            "correlation_id": self.correlation_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def _record(wf: Any, run: Any = None) -> WorkflowRecord:
+    metadata = dict(getattr(wf, "metadata", None) or {})
+    return WorkflowRecord(
+        workflow_id=str(wf.id),
+        workflow_type=wf.workflow_type,
+        status=wf.status,
+        input=dict(wf.input or {}),
+        correlation_id=str(metadata.get("correlation_id") or wf.id),
+        current_step=wf.current_step,
+        agents=list(wf.agents or []),
+        result=wf.result,
+        errors=list(wf.errors or []),
+        reason=str(metadata.get("reason", "")),
+        version=wf.version,
+        idempotency_key=wf.idempotency_key,
+        created_at=wf.created_at,
+        updated_at=wf.updated_at,
+        pending_interrupt=run.pending_interrupt if run is not None else None,
+        stuck=bool(run is not None and run.stuck_since is not None and wf.status == "running"),
+    )
+
+
+class WorkflowRecords:
+    def __init__(self, pool: asyncpg.Pool, manager: WorkflowStateManager, run_store: RunStore) -> None:
+        self.pool = pool
+        self.manager = manager
+        self.run_store = run_store
+
+    async def create(
+        self, workflow_type: str, data: dict[str, Any], *, idempotency_key: str | None
+    ) -> tuple[WorkflowRecord, bool]:
+        """The new workflow and True, or the one already launched with this key and False."""
+        if idempotency_key is not None:
+            existing = await self.manager.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._same_launch(existing, workflow_type, data), False
+        workflow_id = str(uuid.uuid4())
+        async with self.pool.acquire() as conn, conn.transaction():
+            wf = await self.manager.create_workflow(
+                workflow_type,
+                data,
+                workflow_id=workflow_id,
+                idempotency_key=idempotency_key,
+                metadata={"correlation_id": workflow_id},
+                conn=conn,
+            )
+            await self.run_store.enqueue(conn, workflow_id, workflow_type)
+        return _record(wf), True
+
+    def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
+        if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:
+            raise Conflict(
+                f"idempotency_key {wf.idempotency_key!r} already launched workflow {wf.id} with a "
+                "different type or input; use a new key for a different launch",
+                field="idempotency_key",
+                resource=str(wf.id),
+            )
+        return _record(wf)
+
+    async def get(self, workflow_id: str) -> WorkflowRecord:
+        wf = await self.manager.get_workflow(workflow_id)
+        return _record(wf, await self.run_store.get(workflow_id))
+
+    async def page(
+        self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[WorkflowRecord], str | None]:
+        page = await self.manager.list_workflows(status=status, workflow_type=workflow_type, limit=limit, cursor=cursor)
+        return [_record(wf) for wf in page.items], page.next_cursor
+
+    async def set_status(self, workflow_id: str, status: str) -> None:
+        await self.manager.set_status(workflow_id, status)
+
+    async def step(self, workflow_id: str, step: str, *, agents: list[str]) -> None:
+        await self.manager.update_step(workflow_id, step, agents=agents)
+
+    async def finish(
+        self, workflow_id: str, status: str, *, result: dict[str, Any], reason: str, errors: list[dict[str, Any]]
+    ) -> WorkflowRecord:
+        wf = await self.manager.complete_workflow(
+            workflow_id, status=status, result=result, errors=errors, metadata={"reason": reason}
+        )
+        return _record(wf)

@@ -1,0 +1,69 @@
+"""Two orchestrator replicas, one killed with SIGKILL while 20 workflows run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent_orchestrator.demo import make_sample_repo
+from shared.lib.connections import drop_database, with_database
+from support.tests.e2e.conftest import start_stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+N_WORKFLOWS = 20
+
+
+def _approve_waiting(api: httpx.Client, ids: list[str]) -> dict[str, str]:
+    statuses = {}
+    for wf_id in ids:
+        wf = api.get(f"/workflows/{wf_id}").json()
+        statuses[wf_id] = wf["status"]
+        if wf["status"] == "interrupted":
+            api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "chaos"}})
+    return statuses
+
+
+def test_replica_killed_mid_run_loses_and_repeats_nothing(server_urls: tuple[str, str], tmp_path: Path) -> None:
+    """All 20 workflows finish after a replica is killed; no deploy or artifact was made twice."""
+    stack, db_name = start_stack(server_urls, tmp_path, replicas=2, docs=1)
+    try:
+        repos = [make_sample_repo(tmp_path / f"r{i}") for i in range(N_WORKFLOWS)]
+        apis = [httpx.Client(base_url=p.url, headers={"X-API-Key": stack.api_key}, timeout=30)
+                for p in stack.find("orchestrator")]
+        ids = []
+        for i, (repo, base, head) in enumerate(repos):
+            r = apis[i % 2].post("/workflows", json={"workflow_type": "pr_deployment", "input": {
+                "repo_path": str(repo), "base": base, "head": head, "environment": f"env-{i}"}})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["workflow_id"])
+        killed = False
+        survivor = apis[1]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            statuses = _approve_waiting(survivor, ids)
+            done = sum(s in TERMINAL for s in statuses.values())
+            if not killed and (done >= 3 or sum(s == "running" for s in statuses.values()) >= 3):
+                stack.kill9(stack.find("orchestrator")[0])
+                killed = True
+            if done == N_WORKFLOWS:
+                break
+            time.sleep(0.5)
+        assert killed
+        final = {i: survivor.get(f"/workflows/{i}").json() for i in ids}
+        assert {w["status"] for w in final.values()} == {"succeeded"}, {
+            i: (w["status"], w["reason"]) for i, w in final.items() if w["status"] != "succeeded"}
+        envs = stack.settings.data_dir / "environments"
+        releases = {f"env-{i}": sorted(p.name for p in (envs / f"env-{i}" / "releases").iterdir())
+                    for i in range(N_WORKFLOWS)}
+        assert all(len(r) == 1 for r in releases.values()), releases
+        artifacts = list((stack.settings.data_dir / "artifacts").rglob("*.tar*"))
+        assert len(artifacts) == N_WORKFLOWS, [a.name for a in artifacts]
+    finally:
+        stack.stop()
+        asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
