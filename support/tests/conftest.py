@@ -9,6 +9,8 @@ prefix (its keys deleted afterwards) — never a global flush.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -31,14 +33,22 @@ TEST_SECRETS = {
 
 
 @pytest.fixture(scope="session")
-def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(admin PostgreSQL URL, Redis URL) of real servers for the whole session."""
-    embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"))
-    urls = embedded.ensure(
-        database_url=os.environ.get("DATABASE_URL") or None, redis_url=os.environ.get("REDIS_URL") or None
-    )
-    yield urls
-    embedded.stop()
+def server_urls() -> Iterator[tuple[str, str]]:
+    """(admin PostgreSQL URL, Redis URL) of real servers for the whole session.
+
+    Embedded servers keep their data outside pytest's temp tree: pytest resets that
+    tree to mode 0700 whenever a session starts, which would lock out the
+    unprivileged user the embedded PostgreSQL runs as.
+    """
+    data_dir = Path(tempfile.mkdtemp(prefix="ao-test-servers-"))
+    embedded = EmbeddedServers(data_dir)
+    try:
+        yield embedded.ensure(
+            database_url=os.environ.get("DATABASE_URL") or None, redis_url=os.environ.get("REDIS_URL") or None
+        )
+    finally:
+        embedded.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
