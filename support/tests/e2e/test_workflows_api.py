@@ -72,13 +72,14 @@ def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tu
     wf_id = launch(
         api,
         "parallel_docs",
-        {"repo_path": str(sample_repo[0]), "modules": ["calc", "calc.ops", "tests", "nosuchmodule"]},
+        {"repo_path": str(sample_repo[0]), "modules": ["calc", "calc.ops", "calc.stats", "nosuchmodule"]},
     )
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "succeeded", wf
     result = wf["result"]
     assert result["parts"] == 4
     assert [p["unit"] for p in result["failed_parts"]] == ["nosuchmodule"]
+    assert result["instances"] == ["documentation-1", "documentation-2"]
     ops_doc = Path(next(f for f in result["files"] if f.endswith("calc.ops.md"))).read_text()
     assert "def add" in ops_doc or "add(" in ops_doc
 
