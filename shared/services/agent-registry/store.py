@@ -53,12 +53,16 @@ RETURNING {_COLUMNS}
 
 # The self-join reads the row as it was before this UPDATE: whether the reaper had
 # marked it offline (prior_status) and when the previous heartbeat came (the lag).
+# The heartbeat commits asynchronously (set_config(..., true) lasts until this
+# statement's own commit): a heartbeat lost in a PostgreSQL crash is replaced by the
+# next one a second later, and not waiting for the WAL flush cuts an UPDATE from
+# 1.2 ms to 0.33 ms on the embedded server (500 sequential UPDATEs of one row).
 _HEARTBEAT = """
 UPDATE agent_instances AS a SET
     last_heartbeat = now(), in_flight = $3,
     status = COALESCE(a.prior_status, a.status), prior_status = NULL,
     status_changed_at = CASE WHEN a.prior_status IS NULL THEN a.status_changed_at ELSE now() END
-FROM agent_instances AS old
+FROM agent_instances AS old, (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
 WHERE a.id = $1 AND a.token_hash = $2 AND old.id = a.id
 RETURNING a.name, a.status, old.prior_status AS revived_from,
           extract(epoch FROM now() - old.last_heartbeat)::float8 AS lag_s

@@ -1,0 +1,283 @@
+"""Registry scale benchmark: 500 instances heartbeating once a second against one registry.
+
+Set-up: one registry process (``agent-orchestrator registry``) on a fresh
+database; in this process, 500 :class:`RegistryClient` instances sharing one
+connection pool register, report ``active`` and heartbeat every second (±10 %)
+for ``STEADY_S`` seconds. The registry runs with the configured heartbeat TTL
+(``AO_AGENT_STALE_AFTER_S``, 20 s by default); ``worst_silence_s`` shows how
+close any instance came to it.
+
+Figures:
+- ``agents_heartbeating``: instances whose last heartbeat, as the registry
+  stored it, is under 3 s old at the end;
+- ``agents_wrongly_offline``: stale transitions the registry counted
+  (``registry_stale_agents_total``) plus instances offline at the end; every
+  instance heartbeats throughout, so this must be 0;
+- ``registry_cpu_percent``: the registry process's CPU (user + system) over the
+  steady window, in percent of one core;
+- ``heartbeat_p50_ms`` / ``heartbeat_p99_ms``: client-side heartbeat round trips;
+- ``heartbeats_per_s`` (successful, client-side) against ``heartbeats_expected_per_s``;
+- ``worst_silence_s``: the longest any instance went without a successful
+  heartbeat during the window (to compare with ``stale_after_s``);
+- ``machine_load_1m``: the load average at the end, since the machine is shared.
+
+Run alone: ``uv run python -m support.bench.registry_scale`` prints the figures as
+JSON (embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["run"]
+
+INSTANCES = 500
+INTERVAL_S = 1.0
+STEADY_S = 40.0
+WARMUP_S = 5.0
+NAME = "bench-agent"
+_READY_TIMEOUT_S = 60.0
+
+Progress = Callable[[str], None] | None
+
+
+def _say(progress: Progress, message: str) -> None:
+    if progress:
+        progress(message)
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples) or [float("nan")]
+    return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.asynccontextmanager
+async def _servers(settings: Any, tmp: Path) -> AsyncIterator[tuple[str, str]]:
+    """(admin PostgreSQL URL, Redis URL): the configured servers, or embedded ones under ``tmp``."""
+    from shared.lib.embedded import EmbeddedServers
+
+    embedded = EmbeddedServers(tmp)
+    urls = await asyncio.to_thread(embedded.ensure, database_url=settings.database_url, redis_url=settings.redis_url)
+    try:
+        yield urls
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+@contextlib.asynccontextmanager
+async def _database(admin_url: str) -> AsyncIterator[str]:
+    from shared.lib.connections import create_database, drop_database, with_database
+
+    name = f"bench_registry_{uuid.uuid4().hex[:10]}"
+    url = await create_database(admin_url, name)
+    try:
+        yield url
+    finally:
+        await drop_database(with_database(admin_url, "postgres"), name)
+
+
+@contextlib.asynccontextmanager
+async def _registry(
+    database_url: str, redis_url: str, secrets_: dict[str, str], log: Path, *, stale_after_s: float
+) -> AsyncIterator[Any]:
+    """The registry as its own process; yields (url, pid) once it answers /ready."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AO_")}
+    env.update(secrets_)
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "AO_REDIS_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
+            "AO_AGENT_STALE_AFTER_S": str(stale_after_s),
+            "AO_AGENT_REMOVE_AFTER_S": "600",
+            "AO_LOG_LEVEL": "WARNING",
+        }
+    )
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent_orchestrator", "registry", "--port", str(port),
+            env=env, stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url, proc, log)
+        yield url, proc.pid
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=1) as http:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"registry exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url + "/ready")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"registry not ready after {_READY_TIMEOUT_S}s: {log.read_text()[-2000:]}")
+
+
+class _Fleet:
+    """500 clients, each with its own connection as an agent process would, recording heartbeat round trips."""
+
+    def __init__(self, url: str, secrets_: dict[str, str]) -> None:
+        from shared.lib.registry_client import RegistryClient
+
+        self.clients = [
+            RegistryClient(url, registration_secret=secrets_["AO_REGISTRATION_SECRET"], timeout_s=10)
+            for _ in range(INSTANCES)
+        ]
+        self.samples: list[float] = []
+        self.recording = False
+        self.last_beat = [0.0] * INSTANCES
+        self.max_gap_s = 0.0
+
+    def _record(self, i: int, seconds: float) -> None:
+        now = time.monotonic()
+        if self.recording:
+            self.samples.append(seconds)
+            self.max_gap_s = max(self.max_gap_s, now - self.last_beat[i])
+        self.last_beat[i] = now
+
+    def worst_silence_s(self) -> float:
+        """The longest time any instance went without a successful heartbeat, up to now."""
+        now = time.monotonic()
+        return max(self.max_gap_s, *(now - t for t in self.last_beat))
+
+    async def register_all(self) -> None:
+        from shared.lib.registry_models import AgentStatus, Registration, Skill
+
+        gate = asyncio.Semaphore(32)
+        skill = Skill(id="bench", name="Benchmark", tags=["bench"])
+
+        async def one(i: int) -> None:
+            async with gate:
+                reg = Registration(
+                    name=NAME, version="1.0.0", endpoint=f"http://127.0.0.1:{10000 + i}", capabilities=[skill]
+                )
+                await self.clients[i].register(reg)
+                await self.clients[i].set_status(AgentStatus.ACTIVE)
+
+        await asyncio.gather(*(one(i) for i in range(INSTANCES)))
+
+    def start(self) -> None:
+        for i, client in enumerate(self.clients):
+            record = functools.partial(self._record, i)
+            client.start_heartbeat(interval_s=INTERVAL_S, load=lambda: 0, on_heartbeat=record)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self.clients))
+
+
+async def _registry_view(url: str, api_key: str) -> dict[str, float]:
+    """What the registry says at the end: fresh heartbeats, offline instances, stale transitions."""
+    async with httpx.AsyncClient(timeout=10, headers={"X-API-Key": api_key}) as http:
+        agents = (await http.get(f"{url}/agents", params={"name": NAME, "limit": 1000})).json()
+        metrics = (await http.get(f"{url}/metrics")).text
+    now = datetime.now(UTC)
+    fresh = sum(1 for a in agents if (now - datetime.fromisoformat(a["last_heartbeat"])).total_seconds() < 3)
+    offline = sum(1 for a in agents if a["status"] == "offline")
+    stale = sum(float(v) for v in re.findall(r"^registry_stale_agents_total\{[^}]*\} (\S+)$", metrics, re.M))
+    return {"fresh": fresh, "offline": offline, "stale": stale}
+
+
+async def _measure(
+    url: str, pid: int, secrets_: dict[str, str], progress: Progress, *, stale_after_s: float
+) -> dict[str, float]:
+    fleet = _Fleet(url, secrets_)
+    try:
+        _say(progress, f"registry scale: registering {INSTANCES} instances")
+        await fleet.register_all()
+        fleet.start()
+        await asyncio.sleep(WARMUP_S)
+        _say(progress, f"registry scale: {INSTANCES} instances heartbeating every {INTERVAL_S}s for {STEADY_S}s")
+        fleet.recording = True
+        cpu_before, started = _cpu_s(pid), time.monotonic()
+        await asyncio.sleep(STEADY_S)
+        cpu_after, elapsed = _cpu_s(pid), time.monotonic() - started
+        worst_silence_s = fleet.worst_silence_s()
+        fleet.recording = False
+        view = await _registry_view(url, secrets_["AO_API_KEYS"])
+    finally:
+        await fleet.close()
+    expected = INSTANCES * elapsed / INTERVAL_S
+    return {
+        "agents_heartbeating": view["fresh"],
+        "agents_wrongly_offline": view["stale"] + view["offline"],
+        "registry_cpu_percent": 100 * (cpu_after - cpu_before) / elapsed,
+        "heartbeat_p50_ms": 1000 * _pct(fleet.samples, 0.50),
+        "heartbeat_p99_ms": 1000 * _pct(fleet.samples, 0.99),
+        "heartbeats_per_s": len(fleet.samples) / elapsed,
+        "heartbeats_expected_per_s": expected / elapsed,
+        "worst_silence_s": worst_silence_s,
+        "stale_after_s": stale_after_s,
+        "machine_load_1m": os.getloadavg()[0],
+    }
+
+
+async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
+    """Run the benchmark on the servers of ``settings`` (embedded ones when unset)."""
+    secrets_ = {
+        "AO_API_KEYS": secrets.token_urlsafe(16),
+        "AO_REGISTRATION_SECRET": secrets.token_urlsafe(24),
+        "AO_SIGNING_KEY": secrets.token_urlsafe(24),
+    }
+    with tempfile.TemporaryDirectory(prefix="aobench", dir="/tmp") as tmp:
+        async with _servers(settings, Path(tmp)) as (admin_url, redis_url), _database(admin_url) as db_url:
+            _say(progress, "registry scale: starting the registry")
+            log = Path(tmp) / "registry.log"
+            stale_after_s = settings.agent_stale_after_s
+            async with _registry(db_url, redis_url, secrets_, log, stale_after_s=stale_after_s) as (url, pid):
+                return await _measure(url, pid, secrets_, progress, stale_after_s=stale_after_s)
+
+
+def _main() -> None:
+    import uvloop  # the fleet's own CPU should not be what limits the figures
+
+    from shared.lib.settings import load_settings
+
+    results = uvloop.run(run(load_settings(dev_mode=True), progress=lambda m: print(m, file=sys.stderr)))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    _main()
