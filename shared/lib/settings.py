@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     """Open APIs with no keys or signatures. Announced loudly at start-up."""
     log_level: str = "INFO"
+    """Log level of every service: DEBUG, INFO, WARNING or ERROR."""
 
     # -- security --------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
