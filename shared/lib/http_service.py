@@ -119,10 +119,16 @@ def error_response(exc: OrchestratorError) -> ORJSONResponse:
     return ORJSONResponse({"error": exc.to_dict()}, status_code=exc.status_code)
 
 
+#: Where FastAPI found a bad value; the field name alone is what callers fix.
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}
+
+
 def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
     errors = exc.errors()
     err: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "x"}
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]  # "body.input.x" -> "input.x", "query.limit" -> "limit"
     if err.get("type") == "json_invalid":
         ctx = err.get("ctx") or {}
         body = {
