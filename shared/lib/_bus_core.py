@@ -17,6 +17,7 @@ from redis.commands.core import AsyncScript
 from shared.lib import _bus_scripts as scripts
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
+from shared.lib._bus_batch import Batcher
 from shared.lib.agent_events import (
     AgentRequestEvent,
     AgentResponseEvent,
@@ -37,10 +38,14 @@ Handler = Callable[[AgentRequestEvent], Awaitable[dict[str, Any]]]
 
 @dataclass(frozen=True)
 class HandlerOutcome:
-    """A signed response and its wire bytes."""
+    """A signed response: its JSON object and wire bytes (the model is built only on demand)."""
 
-    response: AgentResponseEvent
+    data: dict[str, Any]
     raw: bytes
+
+    @property
+    def response(self) -> AgentResponseEvent:
+        return AgentResponseEvent.model_validate(self.data)
 
 
 def _status_for(exc: OrchestratorError) -> str:
@@ -49,6 +54,14 @@ def _status_for(exc: OrchestratorError) -> str:
     if isinstance(exc, DeadlineExpired | Timeout):
         return "timeout"
     return "error"
+
+
+@dataclass(frozen=True)
+class _Finish:
+    request: AgentRequestEvent
+    raw: bytes
+    stream: str | None
+    entry_id: Any
 
 
 @dataclass
@@ -60,9 +73,15 @@ class _Core:
     instance_id: str
     admit: AsyncScript
     heartbeat: AsyncScript
+    finish_script: AsyncScript
     in_flight: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     _keys: dict[str, bytes] = field(default_factory=dict)
+    finisher: Batcher[_Finish, None] = field(init=False)
+    _metric_children: dict[tuple[str, ...], tuple[Any, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.finisher = Batcher(self._flush_finishes)
 
     @classmethod
     def build(cls, redis: aioredis.Redis, settings: Settings, instance_id: str) -> _Core:
@@ -72,6 +91,7 @@ class _Core:
             instance_id=instance_id,
             admit=redis.register_script(scripts.ADMIT),
             heartbeat=redis.register_script(scripts.HEARTBEAT),
+            finish_script=redis.register_script(scripts.FINISH),
         )
 
     @property
@@ -110,7 +130,8 @@ class _Core:
         for handler errors: OrchestratorErrors name the problem, anything else is ``internal``)."""
         start = time.perf_counter()
         self.in_flight += 1
-        metrics.AGENT_REQUESTS_ACTIVE.labels(agent).inc()
+        active = metrics.AGENT_REQUESTS_ACTIVE.labels(agent)
+        active.inc()
         try:
             payload = await handler(request)
             if not isinstance(payload, dict):
@@ -120,7 +141,7 @@ class _Core:
             payload, status, error = {}, _status_for(e), error_to_payload(e)
         finally:
             self.in_flight -= 1
-            metrics.AGENT_REQUESTS_ACTIVE.labels(agent).dec()
+            active.dec()
         elapsed = time.perf_counter() - start
         return self.outcome(request, status, payload, error=error, duration_s=elapsed)
 
@@ -134,31 +155,46 @@ class _Core:
         duration_s: float = 0.0,
     ) -> HandlerOutcome:
         """Sign the response to ``request`` and record it in the metrics."""
-        response = request.respond(
-            status,  # type: ignore[arg-type]
-            payload,
-            error=error,
-            served_by=self.instance_id,
-            duration_ms=duration_s * 1000,
+        data = request.response_dict(
+            status, payload, error=error, served_by=self.instance_id, duration_ms=duration_s * 1000
         )
-        data = response.to_dict()
         raw = self.signed_json(data, request.target_agent)
-        metrics.AGENT_REQUESTS.labels(request.source_agent, request.target_agent, request.request_type, status).inc()
-        metrics.AGENT_REQUEST_DURATION.labels(request.target_agent).observe(duration_s)
-        return HandlerOutcome(response=response.model_copy(update={"signature": data["signature"]}), raw=raw)
+        labels = (request.source_agent, request.target_agent, request.request_type, status)
+        children = self._metric_children.get(labels)
+        if children is None:  # labels() takes a lock and builds a tuple: cache it per label set
+            children = self._metric_children[labels] = (
+                metrics.AGENT_REQUESTS.labels(*labels),
+                metrics.AGENT_REQUEST_DURATION.labels(request.target_agent),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
+        return HandlerOutcome(data=data, raw=raw)
 
     async def finish(self, request: AgentRequestEvent, raw: bytes, *, stream: str | None, entry_id: Any) -> None:
         """Store the response under its idempotency key, push it to the requester and ack
-        the stream entry, all in one MULTI: the ack never lands without the response."""
-        agent = request.target_agent
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(keys.response_key(self.prefix, agent, request.idempotency_key), raw, ex=self.settings.response_ttl_s)
-        if request.reply_to:
-            pipe.publish(keys.reply_channel(self.prefix, request.reply_to), raw)
-        if stream is not None:
-            pipe.xack(stream, agent, entry_id)
-            pipe.xdel(stream, entry_id)
-        await pipe.execute()
+        the stream entry, all in one MULTI: the ack never lands without the response.
+        Finishes issued in the same loop iteration share one MULTI (see ``_bus_batch``)."""
+        await self.finisher.submit(_Finish(request, raw, stream, entry_id))
+
+    async def _flush_finishes(self, items: list[_Finish]) -> list[None]:
+        by_agent: dict[str, list[_Finish]] = {}
+        for item in items:
+            by_agent.setdefault(item.request.target_agent, []).append(item)
+        for agent, group in by_agent.items():  # one MULTI per agent: its keys share a hash slot
+            await self._finish_group(agent, group)
+        return [None] * len(items)
+
+    async def _finish_group(self, agent: str, items: list[_Finish]) -> None:
+        streams = [keys.request_stream(self.prefix, agent, band) for band in keys.BANDS]
+        script_keys: list[Any] = list(streams)
+        args: list[Any] = [self.settings.response_ttl_s, agent, len(streams)]
+        for item in items:
+            request = item.request
+            script_keys.append(keys.response_key(self.prefix, agent, request.idempotency_key))
+            channel = keys.reply_channel(self.prefix, request.reply_to) if request.reply_to else ""
+            index = streams.index(item.stream) + 1 if item.stream is not None else 0
+            args += [item.raw, channel, index, item.entry_id if item.stream is not None else ""]
+        await self.finish_script(keys=script_keys, args=args)
 
     async def dead_letter(
         self,

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ADMIT", "ADMIT_ACCEPTED", "ADMIT_FULL", "ADMIT_IN_FLIGHT", "ADMIT_OFFLINE", "ADMIT_STORED", "HEARTBEAT"]
+__all__ = [
+    "ADMIT",
+    "ADMIT_ACCEPTED",
+    "ADMIT_FULL",
+    "ADMIT_IN_FLIGHT",
+    "ADMIT_OFFLINE",
+    "ADMIT_STORED",
+    "FINISH",
+    "HEARTBEAT",
+]
 
 ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL = 0, 1, 2, 3, 4
 
@@ -45,4 +54,27 @@ else
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400000)
 return now
+"""
+
+#: Finishing a batch of requests of one agent, atomically (a script runs alone, like
+#: MULTI) and as one command with one reply (a MULTI of N items costs N+2 replies to
+#: parse): per item store the response under its key with a TTL, publish it on the
+#: requester's reply channel (if any) and XACK + XDEL its stream entry (if any).
+#: KEYS: the agent's request streams (by band), then each item's response key.
+#: ARGV: TTL s, group, number of streams, then per item: raw response, reply channel
+#: ("" for none), stream index (1-based, "0" for none), entry id.
+FINISH = """
+local ttl, group, nstreams = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local a = 4
+for i = nstreams + 1, #KEYS do
+  local raw, channel, s, id = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  redis.call('SET', KEYS[i], raw, 'EX', ttl)
+  if channel ~= '' then redis.call('PUBLISH', channel, raw) end
+  if s > 0 then
+    redis.call('XACK', KEYS[s], group, id)
+    redis.call('XDEL', KEYS[s], id)
+  end
+  a = a + 4
+end
+return #KEYS - nstreams
 """

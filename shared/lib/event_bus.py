@@ -46,11 +46,12 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from shared.lib import _bus_events, metrics
 from shared.lib import _bus_scripts as scripts
 from shared.lib import redis_keys as keys
+from shared.lib._bus_batch import Batcher
 from shared.lib._bus_core import Handler, _Core
 from shared.lib._bus_events import EventCallback, Subscription
 from shared.lib._bus_serve import Server
@@ -86,6 +87,7 @@ _REQUEUEABLE = {"max_deliveries"}
 #: How often a caller whose duplicate is in flight elsewhere looks for the stored response.
 _POLL_S = 0.02
 _TRANSIENT = (RedisError, OSError)
+_Admission = tuple[list[str], list[bytes | str | int]]
 
 
 @dataclass
@@ -147,6 +149,7 @@ class EventBus:
         self.instance_id = instance_id
         self._core = _Core.build(redis, settings, instance_id)
         self._waiters: dict[str, _Waiter] = {}
+        self._admissions: Batcher[_Admission, Any] = Batcher(self._flush_admissions)
         self._reply_task: asyncio.Task[None] | None = None
         self._replies_ready = asyncio.Event()
         self._servers: list[Server] = []
@@ -272,10 +275,35 @@ class EventBus:
             keys.consumers_key(self._core.prefix, agent),
         ]
         try:
-            code, value = await self._core.admit(keys=script_keys, args=args)
+            result = await self._admissions.submit((script_keys, args))
+            if isinstance(result, Exception):
+                raise result
         except _TRANSIENT as e:
             raise ServiceUnavailable(f"cannot reach Redis to send the request: {e}; retry it") from e
+        code, value = result
         return int(code), value
+
+    async def _flush_admissions(self, items: list[_Admission]) -> list[Any]:
+        """All admissions of one loop iteration in one pipeline; a result per item (or its error)."""
+        sha = self._core.admit.sha
+        if len(items) == 1:  # the sequential case: a plain command is cheaper than a pipeline
+            script_keys, args = items[0]
+            try:
+                return [await self._core.admit(keys=script_keys, args=args)]
+            except _TRANSIENT as e:
+                return [e]
+        pipe = self._core.redis.pipeline(transaction=False)
+        for script_keys, args in items:
+            pipe.evalsha(sha, len(script_keys), *script_keys, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if isinstance(result, NoScriptError):  # the server restarted or flushed its scripts
+                script_keys, args = items[i]
+                try:
+                    results[i] = await self._core.admit(keys=script_keys, args=args)
+                except _TRANSIENT as e:
+                    results[i] = e
+        return results
 
     async def _await_reply(self, request: AgentRequestEvent, waiter: _Waiter, deadline: float) -> AgentResponseEvent:
         try:

@@ -1,0 +1,65 @@
+"""Coalescing of Redis writes issued in the same event-loop iteration.
+
+Under load many requests finish (or are sent) in the same loop iteration;
+writing each in its own round trip costs a syscall and a redis-py pipeline per
+request. A :class:`Batcher` collects the items submitted before the loop next
+runs its ready callbacks and hands them to one ``flush`` call (one pipeline,
+one round trip). A lone caller pays no wait: the flush is scheduled with
+``call_soon``, not a timer. Measured with ``python -m support.bench.messaging``:
+without it, 64 in flight ran at ~3,100 req/s; the figures with it are in the
+benchmark's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Batcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    """``await batcher.submit(item)`` -> that item's result from ``flush(items)``.
+
+    ``flush`` returns one result per item, in order; if it raises, every item of
+    the batch gets the exception (callers retry on their own).
+    """
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._flush = flush
+        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._items.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return await future
+
+    def _start(self) -> None:
+        items, self._items, self._scheduled = self._items, [], False
+        task = asyncio.get_running_loop().create_task(self._run(items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, items: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in items])
+        except BaseException as e:  # every waiter must hear of it, cancellation included
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(e if isinstance(e, Exception) else ConnectionError("batch cancelled"))
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, future), result in zip(items, results, strict=True):
+            if not future.done():
+                future.set_result(result)
