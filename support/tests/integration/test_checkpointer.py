@@ -1,0 +1,191 @@
+"""PooledPostgresSaver on real PostgreSQL: checkpoints, interrupts and resumes, history,
+pending writes of a failed superstep, and rows the stock saver reads back the same."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
+
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY, PooledPostgresSaver, open_checkpointer
+from shared.lib.settings import Settings
+
+
+class State(TypedDict, total=False):
+    n: int
+    log: Annotated[list[str], operator.add]
+    doc: dict[str, Any]
+    answer: str
+
+
+@pytest.fixture
+async def saver(settings_factory: Callable[..., Settings]) -> AsyncIterator[PooledPostgresSaver]:
+    async with open_checkpointer(settings_factory(), max_size=8) as s:
+        yield s
+
+
+@pytest.fixture
+async def stock(saver: PooledPostgresSaver, database_url: str) -> AsyncIterator[AsyncPostgresSaver]:
+    async with AsyncPostgresSaver.from_conn_string(database_url) as s:
+        yield s
+
+
+def _config(thread_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread_id or uuid.uuid4().hex, **extra}}
+
+
+def _chain() -> StateGraph[Any, Any, Any, Any]:
+    async def first(s: State) -> dict[str, Any]:
+        return {"n": s.get("n", 0) + 1, "log": ["first"], "doc": {"seen": [s.get("n", 0)]}}
+
+    async def second(s: State) -> dict[str, Any]:
+        return {"n": s["n"] * 10, "log": ["second"]}
+
+    g = StateGraph(State)
+    g.add_node("first", first)
+    g.add_node("second", second)
+    g.add_edge(START, "first")
+    g.add_edge("first", "second")
+    g.add_edge("second", END)
+    return g
+
+
+def _approval() -> StateGraph[Any, Any, Any, Any]:
+    async def ask(s: State) -> dict[str, Any]:
+        return {"answer": str(interrupt({"question": "ship it?", "n": s["n"]})), "log": ["ask"]}
+
+    async def done(s: State) -> dict[str, Any]:
+        return {"log": [f"done:{s['answer']}"]}
+
+    g = StateGraph(State)
+    g.add_node("ask", ask)
+    g.add_node("done", done)
+    g.add_edge(START, "ask")
+    g.add_edge("ask", "done")
+    g.add_edge("done", END)
+    return g
+
+
+@pytest.mark.parametrize("durability", ["sync", "async", "exit"])
+async def test_run_checkpoints_final_state(saver: PooledPostgresSaver, durability: str) -> None:
+    """A finished run's latest checkpoint holds the final state, at every durability."""
+    graph = _chain().compile(checkpointer=saver)
+    config = _config()
+    out = await graph.ainvoke({"n": 4}, config, durability=durability)  # type: ignore[arg-type]
+    assert out == {"n": 50, "log": ["first", "second"], "doc": {"seen": [4]}}
+    snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
+    assert snapshot.values == out
+    assert snapshot.next == ()
+
+
+async def test_interrupt_then_resume_from_checkpoint(saver: PooledPostgresSaver) -> None:
+    """An interrupted run is stored with its question; a fresh graph resumes it to the end."""
+    config = _config()
+    first = _approval().compile(checkpointer=saver)
+    await first.ainvoke({"n": 7}, config, durability="sync")  # type: ignore[arg-type]
+    snapshot = await first.aget_state(config)  # type: ignore[arg-type]
+    assert snapshot.next == ("ask",)
+    assert snapshot.interrupts[0].value == {"question": "ship it?", "n": 7}
+
+    resumed = _approval().compile(checkpointer=saver)
+    out = await resumed.ainvoke(Command(resume="yes"), config, durability="sync")  # type: ignore[arg-type]
+    assert out["log"] == ["ask", "done:yes"]
+    assert (await resumed.aget_state(config)).next == ()  # type: ignore[arg-type]
+
+
+async def test_history_lists_every_step_newest_first(saver: PooledPostgresSaver) -> None:
+    """The history lists one checkpoint per superstep, newest first, each pointing at its parent."""
+    graph = _chain().compile(checkpointer=saver)
+    config = _config()
+    await graph.ainvoke({"n": 1}, config, durability="sync")  # type: ignore[arg-type]
+    history = [cp async for cp in graph.aget_state_history(config)]  # type: ignore[arg-type]
+    assert [cp.metadata["step"] for cp in history if cp.metadata] == [2, 1, 0, -1]
+    ids = [cp.config["configurable"]["checkpoint_id"] for cp in history]
+    parents = [cp.parent_config["configurable"]["checkpoint_id"] for cp in history[:-1] if cp.parent_config]
+    assert parents == ids[1:]
+    listed = [t async for t in saver.alist(config, limit=2)]  # type: ignore[arg-type]
+    assert [t.config["configurable"]["checkpoint_id"] for t in listed] == ids[:2]
+
+
+async def test_failed_superstep_keeps_sibling_writes(saver: PooledPostgresSaver) -> None:
+    """When one of two parallel tasks fails, the other's writes are kept and it is not run again."""
+    runs = {"ok": 0, "flaky": 0}
+
+    async def ok(_: State) -> dict[str, Any]:
+        runs["ok"] += 1
+        return {"log": ["ok"]}
+
+    async def flaky(_: State) -> dict[str, Any]:
+        runs["flaky"] += 1
+        if runs["flaky"] == 1:
+            raise RuntimeError("first attempt fails")
+        return {"log": ["flaky"]}
+
+    g = StateGraph(State)
+    g.add_node("ok", ok)
+    g.add_node("flaky", flaky)
+    g.add_edge(START, "ok")
+    g.add_edge(START, "flaky")
+    graph = g.compile(checkpointer=saver)
+    config = _config()
+    with pytest.raises(RuntimeError, match="first attempt"):
+        await graph.ainvoke({"n": 0}, config, durability="sync")  # type: ignore[arg-type]
+    pending = (await saver.aget_tuple(config)).pending_writes  # type: ignore[arg-type,union-attr]
+    assert ("log", ["ok"]) in [(w[1], w[2]) for w in pending]
+    out = await graph.ainvoke(None, config, durability="sync")  # type: ignore[arg-type]
+    assert sorted(out["log"]) == ["flaky", "ok"]
+    assert runs == {"ok": 1, "flaky": 2}
+
+
+async def test_stock_saver_reads_what_ours_wrote(saver: PooledPostgresSaver, stock: AsyncPostgresSaver) -> None:
+    """Rows written by our saver read back identically through the stock AsyncPostgresSaver."""
+    config = _config()
+    await _approval().compile(checkpointer=saver).ainvoke({"n": 3}, config, durability="sync")  # type: ignore[arg-type]
+    ours, theirs = await saver.aget_tuple(config), await stock.aget_tuple(config)  # type: ignore[arg-type]
+    assert ours is not None
+    assert theirs is not None
+    assert ours.checkpoint == theirs.checkpoint
+    assert ours.metadata == theirs.metadata
+    assert ours.pending_writes == theirs.pending_writes
+    resumed = _approval().compile(checkpointer=stock)
+    out = await resumed.ainvoke(Command(resume="no"), config)  # type: ignore[arg-type]
+    assert out["log"] == ["ask", "done:no"]
+
+
+async def test_new_thread_hint_skips_nothing_it_should_not(saver: PooledPostgresSaver) -> None:
+    """The new-thread hint runs a fresh thread normally; reading it back still finds the checkpoints."""
+    graph = _chain().compile(checkpointer=saver)
+    thread = uuid.uuid4().hex
+    out = await graph.ainvoke({"n": 2}, _config(thread, **{NEW_THREAD_KEY: True}), durability="sync")  # type: ignore[arg-type]
+    assert out["n"] == 30
+    assert await saver.aget_tuple(_config(thread, **{NEW_THREAD_KEY: True})) is None  # type: ignore[arg-type]
+    assert (await saver.aget_tuple(_config(thread))) is not None  # type: ignore[arg-type]
+
+
+async def test_writes_share_statements_with_checkpoints(saver: PooledPostgresSaver) -> None:
+    """At durability sync, task writes ride with the next checkpoint: one statement per superstep."""
+    graph = _chain().compile(checkpointer=saver)
+    before = saver.stats.statements
+    await graph.ainvoke({"n": 1}, _config(), durability="sync")  # type: ignore[arg-type]
+    # input checkpoint, then one per superstep (__start__, first, second); every write merged.
+    assert saver.stats.statements - before == 4
+    assert saver.stats.merged_write_batches >= 3
+
+
+async def test_concurrent_threads_on_one_saver(saver: PooledPostgresSaver) -> None:
+    """Many threads run at once on one saver, each ending with its own state."""
+    graph = _chain().compile(checkpointer=saver)
+    threads = [uuid.uuid4().hex for _ in range(24)]
+    outs = await asyncio.gather(
+        *(graph.ainvoke({"n": i}, _config(t), durability="sync") for i, t in enumerate(threads))  # type: ignore[arg-type]
+    )
+    assert [o["n"] for o in outs] == [(i + 1) * 10 for i in range(24)]
+    for i, t in enumerate(threads):
+        assert (await graph.aget_state(_config(t))).values["doc"] == {"seen": [i]}  # type: ignore[arg-type]
