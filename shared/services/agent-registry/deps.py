@@ -42,7 +42,7 @@ class Registry:
     feed: ChangeFeed
 
 
-def _registry(request: Request) -> Registry:
+async def _registry(request: Request) -> Registry:
     registry: Registry = request.app.state.ctx.extras["registry"]
     return registry
 
@@ -52,7 +52,7 @@ RegistryDep = Annotated[Registry, Depends(_registry)]
 AgentIdPath = Annotated[str, Path(pattern=AGENT_ID_PATTERN, description="the instance id")]
 
 
-def _agent_token(x_agent_token: Annotated[str | None, Header()] = None) -> str:
+async def _agent_token(x_agent_token: Annotated[str | None, Header()] = None) -> str:
     if not x_agent_token:
         raise Unauthorized(
             "missing agent token; send the token your registration returned in the X-Agent-Token header",
@@ -64,7 +64,7 @@ def _agent_token(x_agent_token: Annotated[str | None, Header()] = None) -> str:
 AgentToken = Annotated[str, Depends(_agent_token)]
 
 
-def require_registration_secret(
+async def require_registration_secret(
     registry: RegistryDep, x_registration_secret: Annotated[str | None, Header()] = None
 ) -> None:
     """Refuse a registration without the shared secret (development mode with no secret set is open)."""
