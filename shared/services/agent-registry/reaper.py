@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from agent_registry.events import AgentEvents
@@ -78,16 +79,17 @@ class Reaper:
                 await self._task
 
     async def _loop(self) -> None:
-        """Sweep every interval; the first sweep waits one TTL after start.
+        """Sweep every interval; marking and removing wait one TTL after start.
 
         While the registry was down, no heartbeat could arrive: sweeping at once
         would mark every live instance offline for the registry's own absence.
+        Until then each tick only refreshes the gauge.
         """
         interval_s = sweep_interval_s(self._stale_after_s)
-        await self._tick(self._refresh_gauge, interval_s)
-        await asyncio.sleep(self._stale_after_s)
+        sweep_from = time.monotonic() + self._stale_after_s
         while True:
-            await self._tick(self.sweep, interval_s)
+            work = self.sweep if time.monotonic() >= sweep_from else self._refresh_gauge
+            await self._tick(work, interval_s)
             await asyncio.sleep(interval_s)
 
     @staticmethod

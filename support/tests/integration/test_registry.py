@@ -273,9 +273,14 @@ async def test_stale_instance_goes_offline_then_returns_with_its_status(
         got = (await registry.get(agent_id)).json()
         assert got["status"] == "offline"
         assert REGISTRY_STALE_AGENTS.labels(name="cicd")._value.get() == before + 1
+        metrics = (await registry.http.get(f"{registry.url}/metrics")).text
+        assert 'registry_agents{name="cicd",status="offline"} 1.0' in metrics
         r = await registry.heartbeat(agent_id, token, in_flight=2)
         assert r.json()["status"] == "busy"
         assert (await registry.get(agent_id)).json()["status"] == "busy"
+        metrics = (await registry.http.get(f"{registry.url}/metrics")).text
+        assert "registry_heartbeats_total" in metrics
+        assert "registry_heartbeat_lag_seconds_bucket" in metrics
 
 
 async def test_declared_offline_is_not_revived_and_expired_is_removed(
