@@ -194,7 +194,9 @@ class Server:
         if entry.deliveries > 1 and await self._replay_stored(entry, request):
             return
         outcome = await core.run_handler(request, self.handler, agent=self.agent)
-        await asyncio.shield(self._finish(request, outcome.raw, entry))
+        # No asyncio.shield (a task per request): the write runs in the finisher's own batch
+        # task (``_bus_batch``), which cancelling this handler task does not cancel.
+        await self._finish(request, outcome.raw, entry)
 
     def _check_target(self, request: AgentRequestEvent) -> None:
         if request.target_agent != self.agent:

@@ -462,7 +462,7 @@ class EventBus:
         if code == scripts.ADMIT_IN_FLIGHT:
             return await self._await_stored(request, request.deadline)
         outcome = await core.run_handler(request, handler, agent=agent)
-        await asyncio.shield(core.finish(request, outcome.raw, stream=None, entry_id=None))
+        await core.finish(request, outcome.raw, stream=None, entry_id=None)  # runs in the batch task: shielded
         return outcome.response
 
     async def _refuse_bad(self, request: AgentRequestEvent) -> None:
