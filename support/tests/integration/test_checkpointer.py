@@ -189,3 +189,13 @@ async def test_concurrent_threads_on_one_saver(saver: PooledPostgresSaver) -> No
     assert [o["n"] for o in outs] == [(i + 1) * 10 for i in range(24)]
     for i, t in enumerate(threads):
         assert (await graph.aget_state(_config(t))).values["doc"] == {"seen": [i]}  # type: ignore[arg-type]
+
+
+async def test_async_commit_setting_reaches_the_pool(settings_factory: Callable[..., Settings]) -> None:
+    """With checkpoint_synchronous_commit off, the saver's sessions skip the WAL flush and still checkpoint."""
+    async with open_checkpointer(settings_factory(checkpoint_synchronous_commit=False), max_size=2) as s:
+        async with s.conn.connection() as conn:  # type: ignore[union-attr]
+            row = await (await conn.execute("SHOW synchronous_commit")).fetchone()
+        assert row == {"synchronous_commit": "off"}
+        out = await _chain().compile(checkpointer=s).ainvoke({"n": 1}, _config(), durability="sync")  # type: ignore[arg-type]
+        assert out["n"] == 20

@@ -1,0 +1,203 @@
+"""Checkpoint benchmark: one superstep of a trivial graph with no checkpointer, with ours
+(``PooledPostgresSaver``) at durability ``sync``, and with the stock ``AsyncPostgresSaver``.
+
+The graph is ``START -> inc -> END`` over ``{"n": int}``, run with ``ainvoke`` on a
+new thread each time: the same graph and call for every variant, so the ratio is
+the cost of checkpointing. Variants are measured in interleaved rounds.
+
+Figures:
+- ``step_plain_ms``: no checkpointer (the baseline);
+- ``step_checkpointed_ms``: ours at durability ``sync`` (goal: at most 2x plain);
+- ``step_checkpointed_new_thread_ms``: ours, told the thread is new (the orchestrator
+  can say so when it launches a workflow), so the opening read is skipped;
+- ``step_checkpointed_async_commit_ms``: ours with ``AO_CHECKPOINT_SYNCHRONOUS_COMMIT=false``
+  (no WAL flush wait per commit);
+- ``stock_step_checkpointed_ms``: the stock saver at its default durability (``async``);
+- ``stock_step_sync_ms``: the stock saver at ``sync``, like for like with ours;
+- ``step_inmemory_sync_ms``: LangGraph's ``InMemorySaver`` at ``sync``: LangGraph's own
+  checkpointing work with no I/O at all, the floor any saver stands on;
+- ``step_checkpointed_ratio`` / ``stock_step_ratio``: each over ``step_plain_ms``;
+- ``checkpoint_statements_per_step``: statements (round trips, each one commit) ours
+  sends per run, against ``stock_statements_per_step`` (counted the same way);
+- ``pooled_concurrent_runs_per_s`` / ``stock_concurrent_runs_per_s``: runs per second with
+  ``CONCURRENT`` runs in flight on one saver over one pool, at ``sync``: upstream's
+  process-wide lock (langgraph#7259) against none.
+
+Run alone: ``uv run python -m support.bench.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypedDict
+
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.graph import END, START, StateGraph
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY, PooledPostgresSaver
+from support.bench.harness import Op, Plan, Progress, SuiteResult, measure, quantiles, say, standalone, throughput
+
+__all__ = ["run", "run_detailed"]
+
+PLAN = Plan(warmup=200, rounds=10, per_round=150)
+CONCURRENT = 16
+CONCURRENT_S = 3.0
+POOL_SIZE = 8
+
+
+class _State(TypedDict, total=False):
+    n: int
+
+
+async def _inc(state: _State) -> dict[str, int]:
+    return {"n": state.get("n", 0) + 1}
+
+
+def _graph(checkpointer: Any = None) -> Any:
+    g = StateGraph(_State)
+    g.add_node("inc", _inc)
+    g.add_edge(START, "inc")
+    g.add_edge("inc", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def _run_op(graph: Any, *, durability: str | None, **configurable: Any) -> Op:
+    async def op() -> None:
+        config = {"configurable": {"thread_id": uuid.uuid4().hex, **configurable}}
+        kwargs = {"durability": durability} if durability else {}
+        await graph.ainvoke({"n": 1}, config, **kwargs)
+
+    return op
+
+
+class _CountingStockSaver(AsyncPostgresSaver):
+    """The stock saver, counting the statements it sends (``executemany`` counts each row)."""
+
+    statements = 0
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
+        async with super()._cursor(pipeline=pipeline) as cur:
+            yield _CountingCursor(cur, self)
+
+
+class _CountingCursor:
+    def __init__(self, cur: Any, saver: _CountingStockSaver) -> None:
+        self._cur, self._saver = cur, saver
+
+    async def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+        if not str(query).lstrip().lower().startswith("select"):
+            self._saver.statements += 1
+        return await self._cur.execute(query, params, **kw)
+
+    async def executemany(self, query: Any, params: Any, **kw: Any) -> Any:
+        params = list(params)
+        self._saver.statements += len(params)
+        return await self._cur.executemany(query, params, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+
+async def _async_commit(conn: AsyncConnection[DictRow]) -> None:
+    await conn.execute("SET synchronous_commit = off")
+
+
+@contextlib.asynccontextmanager
+async def _pool(url: str, *, synchronous_commit: bool = True) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    """A pool set up as ``open_checkpointer`` sets up the orchestrator's."""
+    kwargs = {"autocommit": True, "row_factory": dict_row, "prepare_threshold": 5}
+    pool = AsyncConnectionPool(
+        url,
+        connection_class=AsyncConnection[DictRow],
+        min_size=POOL_SIZE,
+        max_size=POOL_SIZE,
+        open=False,
+        kwargs=kwargs,
+        configure=None if synchronous_commit else _async_commit,
+    )
+    await pool.open(wait=True, timeout=30)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
+    ours = PooledPostgresSaver(pool)
+    async with AsyncPostgresSaver.from_conn_string(url) as stock_saver, _pool(url, synchronous_commit=False) as fast:
+        counting = _CountingStockSaver(pool)
+        ops = {
+            "plain": _run_op(_graph(), durability=None),
+            "inmemory_sync": _run_op(_graph(InMemorySaver()), durability="sync"),
+            "ours_sync": _run_op(_graph(ours), durability="sync"),
+            "ours_sync_new_thread": _run_op(_graph(ours), durability="sync", **{NEW_THREAD_KEY: True}),
+            "ours_sync_async_commit": _run_op(_graph(PooledPostgresSaver(fast)), durability="sync"),
+            "stock_default": _run_op(_graph(stock_saver), durability=None),
+            "stock_sync": _run_op(_graph(stock_saver), durability="sync"),
+        }
+        timings = await measure(ops, plan=PLAN, progress=progress, label="checkpoint")
+        before = ours.stats.statements
+        await _run_op(_graph(ours), durability="sync")()
+        ours_statements = ours.stats.statements - before
+        await _run_op(_graph(counting), durability="sync")()
+    plain = timings["plain"].p50
+    figures = {
+        "step_plain_ms": plain,
+        "step_plain_p99_ms": timings["plain"].p99,
+        "step_checkpointed_ms": timings["ours_sync"].p50,
+        "step_checkpointed_p99_ms": timings["ours_sync"].p99,
+        "step_checkpointed_new_thread_ms": timings["ours_sync_new_thread"].p50,
+        "step_checkpointed_async_commit_ms": timings["ours_sync_async_commit"].p50,
+        "stock_step_checkpointed_ms": timings["stock_default"].p50,
+        "stock_step_sync_ms": timings["stock_sync"].p50,
+        "step_inmemory_sync_ms": timings["inmemory_sync"].p50,
+        "step_checkpointed_ratio": timings["ours_sync"].p50 / plain,
+        "step_checkpointed_new_thread_ratio": timings["ours_sync_new_thread"].p50 / plain,
+        "step_checkpointed_async_commit_ratio": timings["ours_sync_async_commit"].p50 / plain,
+        "stock_step_ratio": timings["stock_default"].p50 / plain,
+        "step_inmemory_ratio": timings["inmemory_sync"].p50 / plain,
+        "checkpoint_statements_per_step": float(ours_statements),
+        "stock_statements_per_step": float(counting.statements),
+    }
+    distributions = {f"checkpoint {name}": quantiles(t.samples_ms) for name, t in timings.items()}
+    return SuiteResult(figures=figures, distributions=distributions)
+
+
+async def _concurrency(url: str, pool: Any, progress: Progress) -> dict[str, float]:
+    """Runs per second with CONCURRENT in flight: one pooled saver without the lock, one with it."""
+    say(progress, f"checkpoint: {CONCURRENT} concurrent runs, our saver against the stock one on a pool")
+    ours = _run_op(_graph(PooledPostgresSaver(pool)), durability="sync")
+    stock = _run_op(_graph(AsyncPostgresSaver(pool)), durability="sync")
+    return {
+        "pooled_concurrent_runs_per_s": await throughput(ours, in_flight=CONCURRENT, duration_s=CONCURRENT_S),
+        "stock_concurrent_runs_per_s": await throughput(stock, in_flight=CONCURRENT, duration_s=CONCURRENT_S),
+    }
+
+
+async def run_detailed(settings: Any, *, progress: Progress = None) -> SuiteResult:
+    """Measure on ``settings.database_url`` (a fresh database; the saver's tables are set up here)."""
+    url = settings.database_url
+    async with await AsyncConnection[DictRow].connect(url, autocommit=True, row_factory=dict_row) as conn:
+        await AsyncPostgresSaver(conn).setup()
+    async with _pool(url) as pool:
+        result = await _latencies(url, pool, progress)
+        result.figures.update(await _concurrency(url, pool, progress))
+    result.figures["concurrent_speedup_vs_stock"] = (
+        result.figures["pooled_concurrent_runs_per_s"] / result.figures["stock_concurrent_runs_per_s"]
+    )
+    return result
+
+
+async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
+    return (await run_detailed(settings, progress=progress)).figures
+
+
+if __name__ == "__main__":
+    standalone(run)
