@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     """Where agents and the orchestrator reach the registry service."""
     pg_prepare_threshold: int | None = 5
     """psycopg prepare threshold for the checkpointer; set empty/None behind pgbouncer."""
+    checkpoint_synchronous_commit: bool = True
+    """Wait for the WAL flush on each checkpoint commit. Off, a checkpoint still survives an
+    orchestrator crash and stays in WAL order, but a PostgreSQL crash may lose the last
+    ~0.6 s of them (those steps re-run on resume); it saves a flush per superstep."""
 
     # -- process ---------------------------------------------------------------------
     data_dir: Path = Path(".data")
