@@ -12,10 +12,12 @@ Status semantics:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from agent_registry.deps import (
     AgentIdPath,
     AgentToken,
@@ -33,6 +35,7 @@ from shared.lib.http_service import ApiKeyDep
 from shared.lib.metrics import REGISTRY_HEARTBEAT_LAG, REGISTRY_HEARTBEATS
 from shared.lib.registry_models import (
     INITIAL_STATUSES,
+    AgentChange,
     AgentInstance,
     AgentStatus,
     Heartbeat,
@@ -48,6 +51,8 @@ __all__ = ["router"]
 router = APIRouter(prefix="/agents", tags=["agents"])
 
 _SSE_PING_S = 15
+#: On shutdown, open watch streams get this long to end cleanly before they are cancelled.
+_SSE_SHUTDOWN_GRACE_S = 1.0
 
 
 def _new_agent_id(name: str) -> str:
@@ -120,7 +125,13 @@ async def watch(
     registry: RegistryDep, name: Annotated[str | None, Query(pattern=AGENT_ID_PATTERN)] = None
 ) -> EventSourceResponse:
     """Server-sent events: one per registration, status change or removal, from any replica."""
-    return EventSourceResponse(_changes(registry.feed, name=name), ping=_SSE_PING_S)
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        _changes(registry.feed, name=name, shutdown=shutdown),
+        ping=_SSE_PING_S,
+        shutdown_event=shutdown,
+        shutdown_grace_period=_SSE_SHUTDOWN_GRACE_S,
+    )
 
 
 @router.get("/{agent_id}", dependencies=[ApiKeyDep])
@@ -128,9 +139,22 @@ async def get_agent(agent_id: AgentIdPath, registry: RegistryDep) -> AgentInstan
     return await registry.store.get(agent_id)
 
 
-async def _changes(feed: ChangeFeed, *, name: str | None) -> AsyncIterator[ServerSentEvent]:
+async def _changes(feed: ChangeFeed, *, name: str | None, shutdown: anyio.Event) -> AsyncIterator[ServerSentEvent]:
+    """The stream's events; it ends cleanly when the server shuts down or the feed drops it."""
     async with feed.subscribe() as queue:
         yield ServerSentEvent(comment="watching")
-        while (change := await queue.get()) is not None:
+        while (change := await _next_change(queue, shutdown)) is not None:
             if name is None or change.name == name:
                 yield ServerSentEvent(data=change.model_dump_json(), event=change.kind)
+
+
+async def _next_change(queue: asyncio.Queue[AgentChange | None], shutdown: anyio.Event) -> AgentChange | None:
+    """The next change, or None once the server is shutting down (SSE keep-alive pings bound the wait)."""
+    get = asyncio.ensure_future(queue.get())
+    stop = asyncio.ensure_future(shutdown.wait())
+    try:
+        await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (get, stop):
+            task.cancel()
+    return get.result() if get.done() and not get.cancelled() else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sys
 import time
 import uuid
@@ -141,3 +142,22 @@ async def test_clients_survive_registry_restarts(spawn: Spawn, registry_url: str
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_sigterm_with_open_watch_streams_exits_promptly(spawn: Spawn, registry_url: str) -> None:
+    """A registry asked to stop ends its open /agents/watch streams instead of waiting on them."""
+    registry = spawn("registry", url=registry_url, name="registry")
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("GET", f"{registry_url}/agents/watch", headers={"X-API-Key": API_KEY}) as response,
+    ):
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith(": watching")
+        started = time.monotonic()
+        code = await asyncio.to_thread(registry.stop, timeout_s=20)
+        assert time.monotonic() - started < 10
+        tail = [line async for line in lines]  # the stream ended rather than being cut
+    output = registry.output()
+    assert code in (0, -signal.SIGTERM), output[-2000:]  # uvicorn re-raises the signal it handled
+    assert "without completing response" not in output
+    assert not any(tail)
