@@ -7,7 +7,12 @@ Status semantics:
   its earlier status back when it heartbeats again. An instance that declared
   itself ``offline`` stays so until it registers again;
 - ``PUT /agents/{id}/status`` follows the transitions of DESIGN and answers an
-  illegal one with 409 naming both statuses.
+  illegal one with 409 naming both statuses; an instance marked offline for
+  missed heartbeats is judged by the status it had before;
+- registering under an existing id replaces that registration and its token:
+  it is how an instance the registry forgot comes back under the same id. An id
+  therefore belongs to one running process; two sharing one would keep taking
+  it from each other.
 """
 
 from __future__ import annotations
