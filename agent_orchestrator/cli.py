@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from agent_orchestrator import cli_client, cli_stack
+from agent_orchestrator import cli_bench, cli_client, cli_stack
 from agent_orchestrator.cli_agents import agent
 from agent_orchestrator.cli_bus import dlq_app, events_app
 from agent_orchestrator.cli_locks import locks_app
@@ -67,6 +67,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
 app.add_typer(locks_app, name="locks")
 app.command("config-reference")(config_reference)
+app.command("bench")(cli_bench.bench)
 
 
 def main() -> None:
