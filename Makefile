@@ -41,6 +41,7 @@ test: lint typecheck tools
 
 bench: install
 	$(RUN) agent-orchestrator bench all --json support/bench/results/latest.json
+	$(RUN) python -m support.bench.report support/bench/results/latest.json
 
 soak: install
 	$(RUN) agent-orchestrator bench soak --minutes 60

@@ -4,7 +4,8 @@ Each suite runs on a fresh database and Redis key prefix of its own, on the
 configured servers (``DATABASE_URL`` / ``REDIS_URL``) or embedded ones started
 for the run. The result is one JSON object: figure name -> number, plus
 ``machine`` (cores, load, versions), ``notes`` (what a number cannot say),
-``series`` (what the report plots) and ``command``. ``docs/BENCHMARKS.md`` is
+``series`` (what the report plots), ``suites`` (each suite's figure names) and
+``command``. ``docs/BENCHMARKS.md`` is
 rendered from it by ``python -m support.bench.report``.
 """
 
@@ -118,6 +119,23 @@ async def _run_suite(
     return result
 
 
+async def _run_guarded(
+    suite: str, settings: Any, admin_url: str, redis_url: str, say: Callable[[str], None], **kwargs: Any
+) -> Any:
+    """Run one suite, timed; a failure becomes a note, so one broken suite keeps the others' figures."""
+    from support.bench.harness import SuiteResult
+
+    started = time.monotonic()
+    try:
+        result = await _run_suite(suite, settings, admin_url, redis_url, say, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported as the suite's error; the run goes on
+        result = SuiteResult(notes={f"{suite}_error": f"{type(e).__name__}: {e}"})
+        _out.print(f"[bold red]suite {suite} failed:[/] {type(e).__name__}: {e}")
+        _out.print(traceback.format_exc(limit=8), style="dim", highlight=False)
+    result.figures[f"bench_{suite}_duration_s"] = time.monotonic() - started
+    return result
+
+
 async def _versions(admin_url: str, redis_url: str) -> tuple[str, str]:
     from shared.lib.connections import connect_postgres, connect_redis
 
@@ -142,6 +160,7 @@ async def run_suites(
 
     collected = SuiteResult()
     failed: list[str] = []
+    names: dict[str, list[str]] = {}
     columns = (TextColumn("[bold]{task.fields[suite]:<10}"), BarColumn(), TextColumn("{task.description}"))
     async with servers(settings) as (admin_url, redis_url):
         with Progress(*columns, TimeElapsedColumn(), console=_out, transient=False) as bar:
@@ -152,19 +171,12 @@ async def run_suites(
                 def say(message: str) -> None:
                     bar.update(task, description=message[:100])
 
-                started = time.monotonic()
-                try:
-                    collected.merge(
-                        await _run_suite(
-                            suite, settings, admin_url, redis_url, say, **(suite_kwargs or {}).get(suite, {})
-                        )
-                    )
-                except Exception as e:  # noqa: BLE001 - one failed suite must not lose the others' figures
+                kwargs = (suite_kwargs or {}).get(suite, {})
+                result = await _run_guarded(suite, settings, admin_url, redis_url, say, **kwargs)
+                names[suite] = list(result.figures)
+                collected.merge(result)
+                if f"{suite}_error" in result.notes:
                     failed.append(suite)
-                    collected.notes[f"{suite}_error"] = f"{type(e).__name__}: {e}"
-                    _out.print(f"[bold red]suite {suite} failed:[/] {type(e).__name__}: {e}")
-                    _out.print(traceback.format_exc(limit=8), style="dim", highlight=False)
-                collected.figures[f"bench_{suite}_duration_s"] = time.monotonic() - started
                 bar.advance(task)
         pg, redis_version = await _versions(admin_url, redis_url)
     return {
@@ -172,6 +184,7 @@ async def run_suites(
         "machine": machine_info(postgres=pg, redis=redis_version),
         "notes": collected.notes,
         "series": {"distributions": collected.distributions, "curves": collected.series},
+        "suites": names,
         "command": "agent-orchestrator " + shlex.join(sys.argv[1:]),
         "failed_suites": failed,
     }

@@ -1,0 +1,307 @@
+"""Render docs/BENCHMARKS.md (and docs/bench/*.png) from a results file of ``agent-orchestrator bench``.
+
+Run: ``uv run python -m support.bench.report [support/bench/results/latest.json]``.
+Every goal below is the one the project states; a missed goal is shown as missed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["ROWS", "Row", "render"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS = ROOT / "support" / "bench" / "results" / "latest.json"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+Check = Callable[[dict[str, float]], bool]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of a suite's table: its peer (a figure of the same run), the goal and its check."""
+
+    figure: str
+    peer: str = ""
+    goal: str = ""
+    check: Check | None = None
+    lower_is_better: bool = True
+
+
+def _le(name: str, limit: float) -> Check:
+    return lambda r: r[name] <= limit
+
+
+def _ge(name: str, limit: float) -> Check:
+    return lambda r: r[name] >= limit
+
+
+def _all(*checks: Check) -> Check:
+    return lambda r: all(c(r) for c in checks)
+
+
+def _ratio_at_least(slow: str, fast: str, factor: float) -> Check:
+    return lambda r: r[slow] / r[fast] >= factor
+
+
+def _ratio_at_most(name: str, base: str, factor: float) -> Check:
+    return lambda r: r[name] / r[base] <= factor
+
+
+ROWS: dict[str, list[Row]] = {
+    "messaging": [
+        Row(
+            "rpc_p50_ms",
+            "celery_p50_ms",
+            "≤ 0.5 ms; ≥ 3x faster than Celery",
+            _all(_le("rpc_p50_ms", 0.5), _ratio_at_least("celery_p50_ms", "rpc_p50_ms", 3)),
+        ),
+        Row("rpc_p99_ms"),
+        Row(
+            "rpc_throughput_rps",
+            "celery_throughput_rps",
+            "≥ 10,000/s; ≥ 10x Celery",
+            _all(_ge("rpc_throughput_rps", 10_000), _ratio_at_least("rpc_throughput_rps", "celery_throughput_rps", 10)),
+            lower_is_better=False,
+        ),
+    ],
+    "locks": [
+        Row(
+            "lock_p50_ms",
+            "lock_floor_p50_ms",
+            "≤ 0.3 ms and ≤ 1.5x the floor",
+            _all(_le("lock_p50_ms", 0.3), _ratio_at_most("lock_p50_ms", "lock_floor_p50_ms", 1.5)),
+        ),
+        Row("lock_p50_ms", "redis_lock_p50_ms", "report (the peer)"),
+        Row("lock_contended_throughput", goal="report (64 tasks, 16 resources)", lower_is_better=False),
+    ],
+    "checkpoint": [
+        Row(
+            "step_checkpointed_ms",
+            "step_plain_ms",
+            "≤ 2x plain (durability sync)",
+            _ratio_at_most("step_checkpointed_ms", "step_plain_ms", 2),
+        ),
+        Row("step_checkpointed_new_thread_ms", "step_plain_ms", "report (read skipped)"),
+        Row("step_checkpointed_async_commit_ms", "step_plain_ms", "report (no WAL flush wait)"),
+        Row("stock_step_checkpointed_ms", "step_plain_ms", "report (stock saver, default durability)"),
+        Row("step_inmemory_sync_ms", "step_plain_ms", "report (LangGraph's own work, no I/O)"),
+        Row(
+            "pooled_concurrent_runs_per_s",
+            "stock_concurrent_runs_per_s",
+            "report (16 in flight, one saver)",
+            lower_is_better=False,
+        ),
+    ],
+    "workflow": [
+        Row("workflow_e2e_p50_ms", "langgraph_dev_run_p50_ms", "≤ 10 ms", _le("workflow_e2e_p50_ms", 10)),
+        Row("workflow_e2e_p99_ms"),
+        Row(
+            "workflow_throughput_per_s",
+            "langgraph_dev_runs_per_s",
+            "≥ 300/s across 2 replicas",
+            _ge("workflow_throughput_per_s", 300),
+            lower_is_better=False,
+        ),
+    ],
+    "scale": [
+        Row("agents_heartbeating", goal="500", check=lambda r: r["agents_heartbeating"] == 500, lower_is_better=False),
+        Row("agents_wrongly_offline", goal="0", check=lambda r: r["agents_wrongly_offline"] == 0),
+        Row(
+            "delivery_ratio_50_agents",
+            goal="1.0 exactly",
+            check=lambda r: r["delivery_ratio_50_agents"] == 1.0,
+            lower_is_better=False,
+        ),
+    ],
+    "soak": [
+        Row(
+            "soak_max_rss_growth_percent",
+            goal="< 5 %",
+            check=_le("soak_max_rss_growth_percent", 4.999),
+        ),
+        Row(
+            "soak_workflows_unfinished",
+            goal="0 (every launched workflow finishes)",
+            check=lambda r: r["soak_workflows_unfinished"] == 0,
+        ),
+    ],
+}
+
+_SUITE_TITLES = {
+    "messaging": "Messaging: request/response over Redis Streams (peer: Celery 5, `-P solo`)",
+    "locks": "Locks: PostgreSQL advisory-lock leases (floor: bare advisory lock; peer: redis-py `Lock`)",
+    "checkpoint": "Checkpoints: one superstep (peer: no checkpointer, stock `AsyncPostgresSaver`)",
+    "workflow": "Workflows through the HTTP API (peer: `langgraph dev`)",
+    "scale": "Scale: registry heartbeats and bus delivery",
+    "soak": "Soak",
+}
+
+
+def _fmt(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if value == int(value) and abs(value) >= 1:
+        return f"{int(value):,}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _ratio(row: Row, figures: dict[str, float]) -> str:
+    if not row.peer or row.peer not in figures or not figures[row.figure]:
+        return ""
+    ours, peer = figures[row.figure], figures[row.peer]
+    if not peer:
+        return ""
+    # Always "how many times better ours is" when lower is better, else ours/peer.
+    return f"{ours / peer:.2f}x"
+
+
+def _met(row: Row, figures: dict[str, float]) -> str:
+    if row.check is None:
+        return "—"
+    try:
+        return "yes" if row.check(figures) else "**no**"
+    except (KeyError, ZeroDivisionError):
+        return "not measured"
+
+
+def _table(suite: str, figures: dict[str, float], names: list[str]) -> list[str]:
+    lines = ["| figure | value | peer | ours ÷ peer | goal | met? |", "| --- | ---: | --- | ---: | --- | --- |"]
+    shown: set[str] = set()
+    for row in ROWS.get(suite, []):
+        if row.figure not in figures:
+            lines.append(f"| `{row.figure}` | not measured | {row.peer and f'`{row.peer}`'} | | {row.goal} | no |")
+            continue
+        peer = f"`{row.peer}` = {_fmt(figures[row.peer])}" if row.peer in figures else (row.peer and f"`{row.peer}`")
+        lines.append(
+            f"| `{row.figure}` | {_fmt(figures[row.figure])} | {peer} | {_ratio(row, figures)} | {row.goal} | "
+            f"{_met(row, figures)} |"
+        )
+        shown |= {row.figure, row.peer}
+    rest = [n for n in names if n not in shown and not n.startswith("bench_")]
+    if rest:
+        lines += ["", "Every other figure of this suite:", "", "| figure | value |", "| --- | ---: |"]
+        lines += [f"| `{n}` | {_fmt(figures[n])} |" for n in rest]
+    return lines
+
+
+def _plot_distribution(suite: str, dists: dict[str, list[float]], own: dict[str, float], out: Path) -> bool:
+    """Latency quantile curves of the suite's operations; without them, its ms figures as bars."""
+    import matplotlib.pyplot as plt
+
+    mine = {k: v for k, v in dists.items() if k.startswith(suite + " ") and v}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if mine:
+        for name, qs in mine.items():
+            ax.plot([i / (len(qs) - 1) * 100 for i in range(len(qs))], qs, label=name.removeprefix(suite + " "))
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (ms)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ms = {k: v for k, v in own.items() if k.endswith("_ms")}
+        if not ms:
+            plt.close(fig)
+            return False
+        ax.barh(list(ms), list(ms.values()))
+        ax.set_xlabel("ms (median, or p99 where named)")
+    ax.set_title(f"{suite}: latency distribution")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_curve(name: str, points: list[list[float]], *, xlabel: str, ylabel: str, out: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+_CURVES = {
+    "messaging throughput vs in-flight": ("requests in flight", "requests/s", "messaging_throughput.png"),
+    "workflow latency vs replicas": ("orchestrator replicas", "workflow p50 (ms)", "workflow_replicas.png"),
+}
+
+
+def _plots(results: dict[str, Any], figures: dict[str, float], suites: dict[str, list[str]], plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots.mkdir(parents=True, exist_ok=True)
+    series = results.get("series", {})
+    lines: list[str] = ["## Plots", ""]
+    for suite, names in suites.items():
+        own = {n: figures[n] for n in names if n in figures}
+        if _plot_distribution(suite, series.get("distributions", {}), own, plots / f"{suite}_latency.png"):
+            lines.append(f"![{suite} latency](bench/{suite}_latency.png)")
+    for name, (xlabel, ylabel, filename) in _CURVES.items():
+        points = series.get("curves", {}).get(name, [])
+        if _plot_curve(name, points, xlabel=xlabel, ylabel=ylabel, out=plots / filename):
+            lines.append(f"![{name}](bench/{filename})")
+    return [*lines, ""]
+
+
+def _machine(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    return (
+        f"{m.get('cores', '?')} cores, load {m.get('load_1m', '?')} / {m.get('load_5m', '?')} / "
+        f"{m.get('load_15m', '?')} (1/5/15 min, at the end), PostgreSQL {m.get('postgres', '?')}, "
+        f"Redis {m.get('redis', '?')}, Python {m.get('python', '?')}, {m.get('platform', '')}"
+    )
+
+
+def render(results_path: Path = DEFAULT_RESULTS, *, doc: Path = DOC) -> str:
+    """Write the report for ``results_path`` to ``doc`` and its plots beside it (``bench/*.png``)."""
+    results: dict[str, Any] = orjson.loads(results_path.read_bytes())
+    figures = {k: float(v) for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    suites: dict[str, list[str]] = results.get("suites", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure below comes from one run of the benchmark harness on this machine, each beside",
+        "the thing a user would pick instead, measured in the same run on the same servers.",
+        "",
+        f"- Command: `{results.get('command', 'make bench')}` (then `python -m support.bench.report`).",
+        f"- Machine: {_machine(results)}.",
+        "- Values are medians unless the name says p99; latencies in ms.",
+        "",
+    ]
+    for suite, names in suites.items():
+        lines += [f"## {_SUITE_TITLES.get(suite, suite)}", "", *_table(suite, figures, names), ""]
+    notes = results.get("notes", {})
+    if notes:
+        lines += ["## Notes", ""] + [f"- **{k}**: {v}" for k, v in sorted(notes.items())] + [""]
+    lines += _plots(results, figures, suites, doc.parent / "bench")
+    text = "\n".join(lines)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    render(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_RESULTS)
+    print(f"wrote {DOC.relative_to(ROOT)} and docs/bench/*.png")
