@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -201,13 +201,14 @@ class RegistryClient:
         *,
         capability: str | None = None,
         tag: str | None = None,
-        status: AgentStatus | None = None,
+        status: AgentStatus | Iterable[AgentStatus] | None = None,
         name: str | None = None,
         limit: int = 100,
     ) -> list[AgentInstance]:
-        """Instances matching every given filter, healthiest and least loaded first."""
+        """Instances matching every given filter (``status``: one or any of several), healthiest first."""
         params: dict[str, Any] = {"capability": capability, "tag": tag, "name": name, "limit": limit}
-        params["status"] = status.value if status is not None else None
+        if status is not None:
+            params["status"] = [status.value] if isinstance(status, AgentStatus) else [s.value for s in status]
         data = await self._call("GET", "/agents", params={k: v for k, v in params.items() if v is not None})
         return _INSTANCES.validate_python(data)
 

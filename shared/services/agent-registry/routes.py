@@ -116,12 +116,12 @@ async def discover(
     registry: RegistryDep,
     capability: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
     tag: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
-    status: AgentStatus | None = None,
+    status: Annotated[list[AgentStatus] | None, Query(description="repeat for any of several")] = None,
     name: Annotated[str | None, Query(pattern=AGENT_ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AgentInstance]:
     """Instances matching every given filter, healthiest and least loaded first."""
-    query = Discovery(capability=capability, tag=tag, status=status, name=name, limit=limit)
+    query = Discovery(capability=capability, tag=tag, statuses=tuple(status or ()), name=name, limit=limit)
     return await registry.store.discover(query)
 
 

@@ -155,7 +155,7 @@ class Discovery:
 
     capability: str | None = None
     tag: str | None = None
-    status: AgentStatus | None = None
+    statuses: tuple[AgentStatus, ...] = ()
     name: str | None = None
     limit: int = 100
 
@@ -173,8 +173,8 @@ class Discovery:
             add(
                 "capabilities @> jsonb_build_array(jsonb_build_object('tags', jsonb_build_array(${n}::text)))", self.tag
             )
-        if self.status is not None:
-            add("status = ${n}", self.status.value)
+        if self.statuses:
+            add("status = ANY(${n}::text[])", [s.value for s in self.statuses])
         if self.name is not None:
             add("name = ${n}", self.name)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""

@@ -230,11 +230,13 @@ async def test_discovery_filters_and_orders_healthiest_first(registry: RunningRe
     assert [a["id"] for a in await registry.discover(tag="python")] == [ids["other"]]
     active = await registry.discover(capability="generate_docs", status="active")
     assert [a["id"] for a in active] == [ids["idle"], ids["loaded"]]
+    healthy = await registry.discover(capability="generate_docs", status=["busy", "active"])
+    assert [a["id"] for a in healthy] == [ids["idle"], ids["loaded"], ids["busy"]]
     assert {a["id"] for a in await registry.discover(name="code-review")} == {ids["other"]}
     assert await registry.discover(capability="no_such_skill") == []
     assert len(await registry.discover(limit=2)) == 2
     r = await registry.http.get(f"{registry.url}/agents", params={"status": "asleep"}, headers={"X-API-Key": API_KEY})
-    assert (r.status_code, r.json()["error"]["field"]) == (422, "status")
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "status.0")
 
 
 @pytest.mark.parametrize(
@@ -243,6 +245,7 @@ async def test_discovery_filters_and_orders_healthiest_first(registry: RunningRe
         ("""capabilities @> '[{"id": "generate_docs"}]'""", "agent_instances_capabilities_gin"),
         ("""capabilities @> '[{"tags": ["docs"]}]'""", "agent_instances_capabilities_gin"),
         ("status = 'active'", "agent_instances_status"),
+        ("status = ANY('{active,busy}'::text[])", "agent_instances_status"),
         ("name = 'documentation'", "agent_instances_name_status"),
     ],
 )
@@ -407,7 +410,7 @@ async def test_client_lifecycle(registry: RunningRegistry) -> None:
         async with asyncio.timeout(5):
             while len(beats) < 3:
                 await asyncio.sleep(0.05)
-        found = await client.discover(capability="review_code")
+        found = await client.discover(capability="review_code", status=[AgentStatus.ACTIVE, AgentStatus.BUSY])
         assert [a.id for a in found] == [agent_id]
         assert found[0].in_flight == 3
         assert found[0].capabilities[0].input_schema == {"type": "object"}
