@@ -28,11 +28,12 @@ _log = logging.getLogger(__name__)
 
 
 def builtin_workflow_types() -> dict[str, WorkflowType]:
+    from agent_orchestrator.workflows.agent_chain import AGENT_CHAIN
     from agent_orchestrator.workflows.parallel_docs import PARALLEL_DOCS
     from agent_orchestrator.workflows.pr_deployment import PR_DEPLOYMENT
     from agent_orchestrator.workflows.self_healing import SELF_HEALING
 
-    return {t.name: t for t in (PR_DEPLOYMENT, PARALLEL_DOCS, SELF_HEALING)}
+    return {t.name: t for t in (PR_DEPLOYMENT, PARALLEL_DOCS, SELF_HEALING, AGENT_CHAIN)}
 
 
 def load_workflow_types() -> dict[str, WorkflowType]:

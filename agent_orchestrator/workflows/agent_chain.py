@@ -1,0 +1,82 @@
+"""``agent_chain``: call agents one after another and return their outputs, in order.
+
+Input ``{calls: [{agent, request_type, payload}]}``. Each call is its own
+superstep, so a chain interrupted by a crash resumes at the call it was making
+(whose idempotency key makes the agent answer it once). The first failed call
+fails the workflow, naming it. The result is ``{outputs: [...], calls: [{agent,
+request_type, instance, output}]}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from pydantic import BaseModel, Field
+
+from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from shared.lib.errors import OrchestratorError
+from shared.lib.multi_agent_state import MultiAgentState
+from shared.lib.settings import AGENT_ID_PATTERN
+
+__all__ = ["AGENT_CHAIN", "AgentChainInput", "ChainCall"]
+
+MAX_CALLS = 50
+
+
+class ChainCall(BaseModel):
+    agent: str = Field(pattern=AGENT_ID_PATTERN, description="Name of the agent to call.")
+    request_type: str = Field(min_length=1, max_length=64, description="One of the agent's request types.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="The request's payload.")
+
+
+class AgentChainInput(BaseModel):
+    calls: list[ChainCall] = Field(min_length=1, max_length=MAX_CALLS, description="The calls, made in order.")
+
+
+def _calls(state: MultiAgentState) -> list[ChainCall]:
+    return AgentChainInput.model_validate(state["input"]).calls
+
+
+async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+    i = state.get("iteration", 0)
+    call = _calls(state)[i]
+    try:
+        reply = await runtime.context.calls.call(call.agent, call.request_type, call.payload, label=f"call:{i}")
+    except OrchestratorError as e:
+        raise OrchestratorError(f"call {i} ({call.agent} {call.request_type}) failed: {e.message}") from e
+    part = {"agent": call.agent, "request_type": call.request_type, "instance": reply.instance, "output": reply.payload}
+    return {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
+
+
+def _after_call(state: MultiAgentState) -> str:
+    return "call_next" if state.get("iteration", 0) < len(_calls(state)) else "finish"
+
+
+async def finish(state: MultiAgentState) -> dict[str, Any]:
+    parts = state.get("parts", [])
+    return {
+        "current_step": "finish",
+        "result": {"outputs": [p["output"] for p in parts], "calls": parts},
+        "outcome": "succeeded",
+        "reason": "",
+    }
+
+
+def build() -> StateGraph[Any, Any, Any, Any]:
+    g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
+    g.add_node("call_next", call_next)
+    g.add_node("finish", finish)
+    g.add_edge(START, "call_next")
+    g.add_conditional_edges("call_next", _after_call, ["call_next", "finish"])
+    g.add_edge("finish", END)
+    return g
+
+
+AGENT_CHAIN = WorkflowType(
+    name="agent_chain",
+    description="Call agents one after another and return their outputs in order.",
+    input_model=AgentChainInput,
+    build=build,
+)

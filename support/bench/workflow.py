@@ -1,0 +1,362 @@
+"""Workflow benchmark: three no-op agent calls, launched through the HTTP API and followed
+to completion, on real processes; ``langgraph dev`` as the peer.
+
+Set-up, all separate processes on one fresh database and Redis prefix: the
+registry, two instances of the no-op agent (``support.bench.noop_agent``), and
+one, then two, orchestrator replicas (``agent-orchestrator serve``). A workflow
+is ``agent_chain`` with three ``NOOP`` calls; the client POSTs ``/workflows``
+and polls ``GET /workflows/{id}`` until it is terminal (the event stream polls
+once a second, too coarse for this).
+
+Figures:
+- ``workflow_e2e_p50_ms`` / ``workflow_e2e_p99_ms``: one workflow at a time, one replica;
+- ``workflow_e2e_p50_ms_<n>_replicas`` for n in 1, 2 (the plot's curve);
+- ``workflow_throughput_per_s``: ``THROUGHPUT_N`` workflows, ``THROUGHPUT_IN_FLIGHT`` at a
+  time spread over two replicas, from the first launch to the last finish as the
+  orchestrator recorded it;
+- the peer: ``langgraph_dev_run_p50_ms`` and ``langgraph_dev_runs_per_s``, ``POST /runs/wait``
+  of a three-node no-op graph on ``langgraph dev`` (langgraph-cli[inmem]) in its own
+  environment (``uv tool run``); when it cannot run, ``notes`` says why.
+
+Run alone: ``uv run python -m support.bench.workflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.bench.harness import Plan, Progress, SuiteResult, measure, quantiles, say, standalone, throughput
+
+__all__ = ["CALLS", "Services", "run", "run_detailed"]
+
+ROOT = Path(__file__).resolve().parents[2]
+CALLS = [{"agent": "noop", "request_type": "NOOP", "payload": {"call": i}} for i in range(3)]
+LATENCY_PLAN = Plan(warmup=30, rounds=5, per_round=40)
+THROUGHPUT_N = 600
+THROUGHPUT_IN_FLIGHT = 48
+NOOP_INSTANCES = 2
+FOLLOW_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 60.0
+TERMINAL = {"succeeded", "failed", "cancelled"}
+PEER_RUNS = 30
+PEER_IN_FLIGHT = 32
+PEER_SECONDS = 5.0
+PEER_READY_TIMEOUT_S = 240.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as http:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"{log.stem} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s: {log.read_text()[-2000:]}")
+
+
+class Services:
+    """The processes of one benchmark: started in order, stopped (SIGTERM, then SIGKILL) in reverse."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, asyncio.subprocess.Process]] = []
+
+    async def start(self, name: str, args: list[str], *, ready_url: str, env: dict[str, str] | None = None) -> int:
+        """Start ``python ARGS`` as ``name``, wait for ``ready_url``; returns its pid."""
+        log = self.log_dir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *args, env={**self.env, **(env or {})}, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.procs.append((name, proc))
+        await _wait_ready(ready_url, proc, log, timeout_s=READY_TIMEOUT_S)
+        return proc.pid
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs if p.returncode is None}
+
+    async def kill9(self, name: str) -> None:
+        for n, proc in self.procs:
+            if n == name and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.returncode is None:
+                proc.terminate()
+        for _, proc in reversed(self.procs):
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def service_env(settings: Any, *, registry_port: int, data_dir: Path, api_key: str) -> dict[str, str]:
+    """Environment for every service of a benchmark stack: the suite's database, prefix and secrets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AO_")}
+    env.update(
+        {
+            "DATABASE_URL": settings.database_url,
+            "REDIS_URL": settings.redis_url,
+            "AO_REDIS_PREFIX": settings.redis_prefix,
+            "AO_API_KEYS": api_key,
+            "AO_REGISTRATION_SECRET": secrets.token_urlsafe(32),
+            "AO_SIGNING_KEY": secrets.token_urlsafe(32),
+            "REGISTRY_URL": f"http://127.0.0.1:{registry_port}",
+            "AO_PORTS": json.dumps({"agent-registry": registry_port}),
+            "AO_DATA_DIR": str(data_dir),
+            "AO_LOG_LEVEL": "WARNING",
+            "AO_DEV_MODE": "false",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+async def start_base(services: Services, *, registry_port: int, noop_instances: int = NOOP_INSTANCES) -> None:
+    """The registry and the no-op agents."""
+    await services.start(
+        "registry",
+        ["-m", "agent_orchestrator", "registry", "--port", str(registry_port)],
+        ready_url=f"http://127.0.0.1:{registry_port}/ready",
+    )
+    for i in range(noop_instances):
+        port = _free_port()
+        await services.start(
+            f"noop-{i + 1}",
+            ["-m", "support.bench.noop_agent", "--port", str(port), "--instance-id", f"noop-{i + 1}"],
+            ready_url=f"http://127.0.0.1:{port}/ready",
+        )
+
+
+async def start_replica(services: Services, index: int) -> str:
+    """Orchestrator replica ``index`` on a free port; returns its base URL."""
+    port = _free_port()
+    await services.start(
+        f"orchestrator-{index}",
+        ["-m", "agent_orchestrator", "serve", "--port", str(port)],
+        ready_url=f"http://127.0.0.1:{port}/ready",
+    )
+    return f"http://127.0.0.1:{port}"
+
+
+async def launch(http: httpx.AsyncClient, base: str, workflow_type: str, data: dict[str, Any]) -> str:
+    r = await http.post(f"{base}/workflows", json={"workflow_type": workflow_type, "input": data})
+    if r.status_code != 202:
+        raise RuntimeError(f"launch answered {r.status_code}: {r.text[:300]}")
+    return str(r.json()["workflow_id"])
+
+
+async def follow(http: httpx.AsyncClient, base: str, workflow_id: str, *, poll_s: float = 0.001) -> dict[str, Any]:
+    """Poll until the workflow is terminal; its record."""
+    deadline = time.monotonic() + FOLLOW_TIMEOUT_S
+    while time.monotonic() < deadline:
+        record: dict[str, Any] = (await http.get(f"{base}/workflows/{workflow_id}")).json()
+        if record.get("status") in TERMINAL:
+            return record
+        await asyncio.sleep(poll_s)
+    raise RuntimeError(f"workflow {workflow_id} not finished after {FOLLOW_TIMEOUT_S:.0f}s")
+
+
+async def _chain(http: httpx.AsyncClient, base: str) -> None:
+    record = await follow(http, base, await launch(http, base, "agent_chain", {"calls": CALLS}))
+    if record["status"] != "succeeded" or record["result"]["outputs"] != [c["payload"] for c in CALLS]:
+        raise RuntimeError(f"workflow {record['workflow_id']} ended {record['status']}: {record.get('reason')}")
+
+
+async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label: str) -> Any:
+    return (await measure({"e2e": lambda: _chain(http, base)}, plan=LATENCY_PLAN, progress=progress, label=label))[
+        "e2e"
+    ]
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+async def _throughput(http: httpx.AsyncClient, bases: list[str], progress: Progress) -> float:
+    """Workflows per second, first launch to last finish (the orchestrator's own timestamps)."""
+    n = max(int(THROUGHPUT_N * min(float(os.environ.get("AO_BENCH_SCALE") or 1), 1)), 20)
+    say(progress, f"workflow: {n} workflows, {THROUGHPUT_IN_FLIGHT} in flight over {len(bases)} replicas")
+    gate = asyncio.Semaphore(THROUGHPUT_IN_FLIGHT)
+    records: list[dict[str, Any]] = []
+
+    async def one(i: int) -> None:
+        base = bases[i % len(bases)]
+        async with gate:
+            wid = await launch(http, base, "agent_chain", {"calls": CALLS})
+            records.append(await follow(http, base, wid, poll_s=0.02))
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    bad = [r for r in records if r["status"] != "succeeded"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {n} workflows did not succeed, e.g. {bad[0].get('reason')}")
+    first = min(_ts(r["created_at"]) for r in records)
+    last = max(_ts(r["updated_at"]) for r in records)
+    return n / (last - first)
+
+
+async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
+    api_key = secrets.token_urlsafe(16)
+    registry_port = _free_port()
+    services = Services(service_env(settings, registry_port=registry_port, data_dir=tmp, api_key=api_key), tmp)
+    result = SuiteResult()
+    try:
+        say(progress, "workflow: starting the registry, no-op agents and an orchestrator")
+        await start_base(services, registry_port=registry_port)
+        bases = [await start_replica(services, 1)]
+        async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
+            one = await _latency(http, bases[0], progress, "workflow (1 replica)")
+            bases.append(await start_replica(services, 2))
+            two = await _latency(http, bases[1], progress, "workflow (2 replicas)")
+            result.figures["workflow_throughput_per_s"] = await _throughput(http, bases, progress)
+    finally:
+        await services.stop()
+    result.figures.update(
+        {
+            "workflow_e2e_p50_ms": one.p50,
+            "workflow_e2e_p99_ms": one.p99,
+            "workflow_e2e_p50_ms_1_replicas": one.p50,
+            "workflow_e2e_p50_ms_2_replicas": two.p50,
+            "workflow_e2e_p99_ms_2_replicas": two.p99,
+        }
+    )
+    result.distributions["workflow e2e, 1 replica"] = quantiles(one.samples_ms)
+    result.distributions["workflow e2e, 2 replicas"] = quantiles(two.samples_ms)
+    result.series["workflow latency vs replicas"] = [[1.0, one.p50], [2.0, two.p50]]
+    return result
+
+
+# -- the peer: langgraph dev ----------------------------------------------------------------------
+_PEER_GRAPH = '''"""Three no-op nodes in a row: the benchmark's workflow without the agents."""
+from typing import TypedDict
+
+from langgraph.graph import END, START, StateGraph
+
+
+class State(TypedDict, total=False):
+    n: int
+
+
+async def step(state: State) -> dict:
+    return {"n": state.get("n", 0) + 1}
+
+
+builder = StateGraph(State)
+for i in range(3):
+    builder.add_node(f"call{i}", step)
+builder.add_edge(START, "call0")
+builder.add_edge("call0", "call1")
+builder.add_edge("call1", "call2")
+builder.add_edge("call2", END)
+graph = builder.compile()
+'''
+
+
+@contextlib.asynccontextmanager
+async def _langgraph_dev(tmp: Path) -> AsyncIterator[str]:
+    """``langgraph dev`` serving the peer graph from its own environment; yields its URL."""
+    uv = shutil.which("uv")
+    if uv is None:
+        raise RuntimeError("uv is not on PATH, so langgraph-cli cannot run in an environment of its own")
+    project = tmp / "langgraph-peer"
+    project.mkdir()
+    (project / "graph.py").write_text(_PEER_GRAPH)
+    (project / "langgraph.json").write_text(
+        json.dumps({"dependencies": ["."], "graphs": {"chain": "./graph.py:graph"}})
+    )
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    log = tmp / "langgraph-dev.log"
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            uv, "tool", "run", "--from", "langgraph-cli[inmem]", "langgraph", "dev", "--port", str(port),
+            "--no-browser", "--no-reload", "--config", "langgraph.json",
+            cwd=project, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        await _wait_ready(f"http://127.0.0.1:{port}/ok", proc, log, timeout_s=PEER_READY_TIMEOUT_S)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, 15)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                os.killpg(proc.pid, 9)
+                await proc.wait()
+
+
+async def _peer(tmp: Path, progress: Progress) -> SuiteResult:
+    say(progress, "workflow: starting langgraph dev (the peer) in its own environment")
+    try:
+        async with _langgraph_dev(tmp) as url, httpx.AsyncClient(timeout=60) as http:
+
+            async def run_wait() -> None:
+                r = await http.post(f"{url}/runs/wait", json={"assistant_id": "chain", "input": {"n": 0}})
+                if r.status_code != 200 or r.json() != {"n": 3}:
+                    raise RuntimeError(f"langgraph dev answered {r.status_code}: {r.text[:200]}")
+
+            say(progress, "workflow: langgraph dev, POST /runs/wait one at a time")
+            plan = Plan(warmup=2, rounds=2, per_round=PEER_RUNS // 2)
+            timing = (await measure({"runs/wait": run_wait}, plan=plan))["runs/wait"]
+            say(progress, f"workflow: langgraph dev, {PEER_IN_FLIGHT} runs in flight")
+            rate = await throughput(run_wait, in_flight=PEER_IN_FLIGHT, duration_s=PEER_SECONDS)
+    except (RuntimeError, OSError, httpx.HTTPError) as e:
+        return SuiteResult(notes={"langgraph_dev": f"the peer could not be measured here: {e}"[:600]})
+    return SuiteResult(
+        figures={"langgraph_dev_run_p50_ms": timing.p50, "langgraph_dev_runs_per_s": rate},
+        distributions={"workflow langgraph dev /runs/wait": quantiles(timing.samples_ms)},
+        notes={"langgraph_dev": "langgraph-cli[inmem] via uv tool run; POST /runs/wait of a three-node no-op graph"},
+    )
+
+
+async def run_detailed(settings: Any, *, progress: Progress = None) -> SuiteResult:
+    with tempfile.TemporaryDirectory(prefix="aobench-wf", dir="/tmp") as tmp:
+        result = await _ours(settings, Path(tmp), progress)
+        result.merge(await _peer(Path(tmp), progress))
+    if "langgraph_dev_run_p50_ms" in result.figures:
+        result.figures["workflow_p50_speedup_vs_langgraph_dev"] = (
+            result.figures["langgraph_dev_run_p50_ms"] / result.figures["workflow_e2e_p50_ms"]
+        )
+        result.figures["workflow_throughput_ratio_vs_langgraph_dev"] = (
+            result.figures["workflow_throughput_per_s"] / result.figures["langgraph_dev_runs_per_s"]
+        )
+    return result
+
+
+async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
+    return (await run_detailed(settings, progress=progress)).figures
+
+
+if __name__ == "__main__":
+    standalone(run)

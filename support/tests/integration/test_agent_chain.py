@@ -1,0 +1,135 @@
+"""The ``agent_chain`` workflow type on a real bus and a real checkpointer: calls in order,
+outputs returned, the first failed call fails the run naming it, bad input refused."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from agent_orchestrator.agent_calls import BusAgentCalls
+from agent_orchestrator.checkpointer import PooledPostgresSaver, open_checkpointer
+from agent_orchestrator.run_locks import RunLocks
+from agent_orchestrator.workflows import WorkflowContext, builtin_workflow_types
+from agent_orchestrator.workflows.agent_chain import AGENT_CHAIN
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.errors import InvalidInput, OrchestratorError
+from shared.lib.event_bus import EventBus
+from shared.lib.resource_lock import ResourceLockManager
+from shared.lib.settings import Settings
+
+# agent_calls passes tenacity's ``initial=``, which tenacity 9.1 deprecates in favour of ``multiplier=``.
+pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
+
+
+async def _echo(name: str, request: Any) -> dict[str, Any]:
+    if request.request_type == "FAIL":
+        raise InvalidInput("this request always fails", field="payload")
+    return {"by": name, **request.payload}
+
+
+@pytest.fixture
+async def context_factory(settings_factory: Callable[..., Settings]) -> AsyncIterator[Callable[[str], Any]]:
+    """A WorkflowContext per workflow id, over a bus that serves the agents ``alpha`` and ``beta``."""
+    settings = settings_factory(request_timeout_s=5.0)
+    assert settings.redis_url is not None
+    assert settings.database_url is not None
+    redis = await connect_redis(settings.redis_url)
+    pool = await create_pg_pool(settings.database_url, max_size=4)
+    bus = EventBus(redis, settings)
+    servers = [
+        asyncio.create_task(bus.serve(n, lambda r, n=n: _echo(n, r), concurrency=4, consumer=f"{n}-1"))
+        for n in ("alpha", "beta")
+    ]
+    async with ResourceLockManager(pool, settings) as manager:
+
+        def make(workflow_id: str) -> WorkflowContext:
+            calls = BusAgentCalls(bus, settings, workflow_id=workflow_id, correlation_id=workflow_id)
+            return WorkflowContext(workflow_id, settings, calls, RunLocks(manager, owner=workflow_id))
+
+        await asyncio.sleep(0.3)  # consumer groups exist before the first request
+        yield make
+    await bus.stop_serving(grace_s=1)
+    for task in servers:
+        task.cancel()
+    await asyncio.gather(*servers, return_exceptions=True)
+    await bus.close()
+    await pool.close()
+    await redis.aclose()
+
+
+@pytest.fixture
+async def saver(settings_factory: Callable[..., Settings]) -> AsyncIterator[PooledPostgresSaver]:
+    async with open_checkpointer(settings_factory(), max_size=4) as s:
+        yield s
+
+
+async def _run(saver: PooledPostgresSaver, make: Callable[[str], Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    workflow_id = str(uuid.uuid4())
+    graph = AGENT_CHAIN.build().compile(checkpointer=saver)
+    state = {"workflow_id": workflow_id, "input": AGENT_CHAIN.validate_input({"calls": calls}), "iteration": 0}
+    config = {"configurable": {"thread_id": workflow_id}}
+    out: dict[str, Any] = await graph.ainvoke(state, config, context=make(workflow_id), durability="sync")  # type: ignore[arg-type]
+    return out
+
+
+def test_agent_chain_is_a_builtin_type() -> None:
+    """agent_chain is registered among the built-in workflow types."""
+    assert builtin_workflow_types()["agent_chain"] is AGENT_CHAIN
+
+
+async def test_calls_run_in_order_and_outputs_come_back(
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+) -> None:
+    """Each call goes to its agent in order; the result lists every output and who answered."""
+    calls = [
+        {"agent": "alpha", "request_type": "ECHO", "payload": {"i": 0}},
+        {"agent": "beta", "request_type": "ECHO", "payload": {"i": 1}},
+        {"agent": "alpha", "request_type": "ECHO", "payload": {"i": 2}},
+    ]
+    out = await _run(saver, context_factory, calls)
+    assert out["outcome"] == "succeeded"
+    assert out["result"]["outputs"] == [{"by": "alpha", "i": 0}, {"by": "beta", "i": 1}, {"by": "alpha", "i": 2}]
+    assert [c["agent"] for c in out["result"]["calls"]] == ["alpha", "beta", "alpha"]
+    assert out["iteration"] == 3
+
+
+async def test_failed_call_fails_the_run_naming_it(
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+) -> None:
+    """The first call answered with an error stops the chain; the error names the call and the agent."""
+    calls = [
+        {"agent": "alpha", "request_type": "ECHO", "payload": {}},
+        {"agent": "beta", "request_type": "FAIL", "payload": {}},
+        {"agent": "alpha", "request_type": "ECHO", "payload": {}},
+    ]
+    with pytest.raises(OrchestratorError, match=r"call 1 \(beta FAIL\) failed: .*always fails"):
+        await _run(saver, context_factory, calls)
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"calls": []}, "calls"),
+        ({"calls": [{"agent": "Not An Id", "request_type": "X"}]}, "agent"),
+        ({"calls": [{"agent": "alpha", "request_type": ""}]}, "request_type"),
+        ({"calls": [{"agent": "alpha", "request_type": "X", "payload": [1]}]}, "payload"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_field(data: dict[str, Any], field: str) -> None:
+    """Input that cannot be a chain is refused, naming the offending field."""
+    with pytest.raises(ValueError, match=field):
+        AGENT_CHAIN.validate_input(data)
+
+
+def test_input_model_is_documented() -> None:
+    """The input schema describes every field, for GET /workflow-types."""
+    schema = AGENT_CHAIN.input_schema()
+    assert isinstance(AGENT_CHAIN.input_model, type)
+    assert issubclass(AGENT_CHAIN.input_model, BaseModel)
+    assert schema["properties"]["calls"]["description"]
+    assert "call_next" in AGENT_CHAIN.mermaid()
