@@ -26,8 +26,11 @@ lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 
+# The registry's folder is hyphenated (the layout fixes it); mypy checks it as the
+# package agent_registry through a symlink on its search path.
 typecheck: install
-	$(RUN) mypy shared/lib agent_orchestrator agents shared/services/agent-registry
+	@mkdir -p .mypy_path && ln -sfn ../shared/services/agent-registry .mypy_path/agent_registry
+	MYPYPATH=.mypy_path $(RUN) mypy -p shared.lib -p agent_orchestrator -p agents -p agent_registry
 
 # promtool and prometheus (Debian package) for the rule checks and the live dashboard test;
 # installed only when missing and possible (root with apt-get), else those tests skip.

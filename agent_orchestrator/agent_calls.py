@@ -24,6 +24,7 @@ from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.errors import AgentOffline, OrchestratorError, Timeout
 from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
+from shared.lib.tracing import child_span
 
 __all__ = ["BusAgentCalls", "call_key"]
 
@@ -88,19 +89,25 @@ class BusAgentCalls:
     async def _once(
         self, agent: str, request_type: str, payload: dict[str, Any], *, key: str, timeout_s: float
     ) -> AgentReply:
-        metadata: dict[str, Any] = {"workflow_id": self.workflow_id}
-        if self.trace_headers is not None:
-            metadata["trace"] = self.trace_headers()
-        request = AgentRequestEvent.create(
-            source_agent=SOURCE_AGENT,
-            target_agent=agent,
-            request_type=request_type,
-            payload=payload,
-            timeout_s=timeout_s,
-            correlation_id=self.correlation_id,
-            idempotency_key=key,
-            metadata=metadata,
-        )
-        response = await self.bus.request_agent(request, timeout_s=timeout_s)
-        result = response.raise_for_status()
+        # The call is a child run of the node; the agent resumes these headers, so its spans nest under it.
+        async with child_span(
+            f"call:{agent}.{request_type}", inputs=payload, metadata={"agent": agent, "idempotency_key": key}
+        ) as span:
+            metadata: dict[str, Any] = {"workflow_id": self.workflow_id}
+            if self.trace_headers is not None:
+                metadata["trace"] = self.trace_headers()
+            request = AgentRequestEvent.create(
+                source_agent=SOURCE_AGENT,
+                target_agent=agent,
+                request_type=request_type,
+                payload=payload,
+                timeout_s=timeout_s,
+                correlation_id=self.correlation_id,
+                idempotency_key=key,
+                metadata=metadata,
+            )
+            response = await self.bus.request_agent(request, timeout_s=timeout_s)
+            if span is not None:
+                span.add_metadata({"served_by": response.served_by, "status": response.status})
+            result = response.raise_for_status()
         return AgentReply(payload=result, agent=agent, instance=response.served_by or agent)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -58,9 +58,9 @@ def workflows_router() -> APIRouter:
     router = APIRouter(dependencies=[ApiKeyDep])
 
     @router.post("/workflows", status_code=202)
-    async def launch(body: LaunchRequest, orch: OrchestratorDep) -> ORJSONResponse:
+    async def launch(body: LaunchRequest, orch: OrchestratorDep) -> JSONResponse:
         record, created = await orch.launch(body.workflow_type, body.input, idempotency_key=body.idempotency_key)
-        return ORJSONResponse(
+        return JSONResponse(
             {"workflow_id": record.workflow_id, "status": record.status, "created": created}, status_code=202
         )
 

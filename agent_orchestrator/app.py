@@ -16,8 +16,6 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
-from shared.lib.workflow_state import WorkflowStateManager
 
 from agent_orchestrator.api import mount
 from agent_orchestrator.checkpointer import open_checkpointer
@@ -33,6 +31,7 @@ from shared.lib.event_bus import EventBus
 from shared.lib.http_service import BodySizeLimit, install_error_handlers, open_context, ops_router
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
+from shared.lib.workflow_state import WorkflowStateManager
 
 __all__ = ["create_app"]
 
@@ -87,7 +86,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             _log.info("orchestrator %s ready with workflow types %s", replica, sorted(orch.types))
             yield
 
-    app = FastAPI(title="agent-orchestrator", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="agent-orchestrator", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes)
     install_error_handlers(app)
     app.include_router(ops_router("orchestrator"))

@@ -14,7 +14,6 @@ def registry(
 ) -> None:
     """Serve the agent registry (port 8009 by default) until SIGTERM or Ctrl-C."""
     from agent_registry import SERVICE, create_app
-
     from shared.lib.bootstrap import bootstrap
     from shared.lib.http_service import serve
 

@@ -8,7 +8,6 @@ is stuck.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,6 +39,7 @@ class WorkflowRecord:
     updated_at: datetime | None = None
     pending_interrupt: Any = None
     stuck: bool = False
+    trace: dict[str, str] = field(default_factory=dict)
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -70,6 +70,7 @@ def _record(wf: Any, run: Any = None) -> WorkflowRecord:
         status=wf.status,
         input=dict(wf.input or {}),
         correlation_id=str(metadata.get("correlation_id") or wf.id),
+        trace=dict(metadata.get("trace") or {}),
         current_step=wf.current_step,
         agents=list(wf.agents or []),
         result=wf.result,
@@ -90,26 +91,55 @@ class WorkflowRecords:
         self.manager = manager
         self.run_store = run_store
 
-    async def create(
+    async def existing(
         self, workflow_type: str, data: dict[str, Any], *, idempotency_key: str | None
+    ) -> WorkflowRecord | None:
+        """The workflow already launched with this key (same type and input), if any."""
+        if idempotency_key is None:
+            return None
+        found = await self.manager.find_by_idempotency_key(idempotency_key)
+        return self._same_launch(found, workflow_type, data) if found is not None else None
+
+    async def create(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        data: dict[str, Any],
+        *,
+        idempotency_key: str | None,
+        trace: dict[str, str],
     ) -> tuple[WorkflowRecord, bool]:
-        """The new workflow and True, or the one already launched with this key and False."""
-        if idempotency_key is not None:
-            existing = await self.manager.find_by_idempotency_key(idempotency_key)
-            if existing is not None:
-                return self._same_launch(existing, workflow_type, data), False
-        workflow_id = str(uuid.uuid4())
+        """The new workflow and True, or (after a race on the key) the one launched with it and False."""
+        try:
+            return await self._insert(
+                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace
+            ), True
+        except Conflict as e:
+            again = await self.existing(workflow_type, data, idempotency_key=idempotency_key)
+            if e.field != "idempotency_key" or again is None:
+                raise
+            return again, False
+
+    async def _insert(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        data: dict[str, Any],
+        *,
+        idempotency_key: str | None,
+        trace: dict[str, str],
+    ) -> WorkflowRecord:
         async with self.pool.acquire() as conn, conn.transaction():
             wf = await self.manager.create_workflow(
                 workflow_type,
                 data,
                 workflow_id=workflow_id,
                 idempotency_key=idempotency_key,
-                metadata={"correlation_id": workflow_id},
+                metadata={"correlation_id": workflow_id, "trace": trace},
                 conn=conn,
             )
             await self.run_store.enqueue(conn, workflow_id, workflow_type)
-        return _record(wf), True
+        return _record(wf)
 
     def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
         if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:

@@ -29,7 +29,7 @@ from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
-from shared.lib.tracing import trace_headers
+from shared.lib.tracing import finish_workflow_trace, start_workflow_trace, trace_headers, workflow_context
 
 __all__ = ["Orchestrator"]
 
@@ -71,7 +71,18 @@ class Orchestrator:
             validated = wtype.validate_input(data)
         except ValueError as e:  # pydantic.ValidationError is a ValueError
             raise _input_error(e) from e
-        record, created = await self.records.create(workflow_type, validated, idempotency_key=idempotency_key)
+        existing = await self.records.existing(workflow_type, validated, idempotency_key=idempotency_key)
+        if existing is not None:
+            return existing, False
+        workflow_id = str(uuid.uuid4())
+        trace = start_workflow_trace(
+            f"workflow:{workflow_type}",
+            inputs=validated,
+            metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
+        )
+        record, created = await self.records.create(
+            workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace
+        )
         if created:
             metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
             await self._emit(record.workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
@@ -148,16 +159,17 @@ class Orchestrator:
         try:
             snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
             await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
-            return await run_graph(
-                graph,
-                context=context,
-                config=config,
-                workflow_type=run.workflow_type,
-                data=record.input,
-                correlation_id=record.correlation_id,
-                resume_value=run.resume_value,
-                on_node=self._node_reporter(run),
-            )
+            with workflow_context(record.trace, metadata=config["metadata"]):
+                return await run_graph(
+                    graph,
+                    context=context,
+                    config=config,
+                    workflow_type=run.workflow_type,
+                    data=record.input,
+                    correlation_id=record.correlation_id,
+                    resume_value=run.resume_value,
+                    on_node=self._node_reporter(run),
+                )
         finally:
             await locks.release_all()
 
@@ -169,7 +181,7 @@ class Orchestrator:
         }
         return {
             "configurable": {"thread_id": record.workflow_id},
-            "run_name": f"workflow:{record.workflow_type}",
+            "run_name": f"graph:{record.workflow_type}",
             "metadata": meta,
             "tags": [record.workflow_type],
             "recursion_limit": 200,
@@ -230,7 +242,19 @@ class Orchestrator:
         reason: str = "",
         errors: list[dict[str, Any]] | None = None,
     ) -> None:
-        record = await self.records.finish(workflow_id, status, result=result or {}, reason=reason, errors=errors or [])
+        try:
+            record = await self.records.finish(
+                workflow_id, status, result=result or {}, reason=reason, errors=errors or []
+            )
+        except Conflict:
+            _log.info("workflow %s had already finished; %s not recorded", workflow_id, status)
+            return
+        finish_workflow_trace(
+            record.trace,
+            name=f"workflow:{workflow_type}",
+            outputs={"status": status, **(result or {})},
+            error=reason if status != "succeeded" else None,
+        )
         metrics.WORKFLOWS_FINISHED.labels(workflow_type, status).inc()
         if record.created_at is not None:
             metrics.WORKFLOW_DURATION.labels(workflow_type).observe(time.time() - record.created_at.timestamp())
@@ -248,7 +272,3 @@ def _input_error(exc: ValueError) -> InvalidInput:
         field = f"input.{loc}" if loc else "input"
         return InvalidInput(f"{field}: {first.get('msg')}", field=field)
     return InvalidInput(f"input: {exc}", field="input")
-
-
-def new_workflow_id() -> str:
-    return str(uuid.uuid4())

@@ -34,6 +34,7 @@ from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.errors import InvalidInput, OrchestratorError, RequestRejected, ServiceUnavailable
 from shared.lib.registry_models import Skill
 from shared.lib.settings import Settings
+from shared.lib.tracing import agent_span
 
 __all__ = ["Agent", "AgentServices", "SkillSpec", "skill"]
 
@@ -182,7 +183,13 @@ class Agent:
     async def handle(self, request: AgentRequestEvent) -> dict[str, Any]:
         """The bus handler: an error the project raises becomes an error response; nothing else escapes."""
         try:
-            return await self.run(request.request_type, request.payload)
+            async with agent_span(
+                f"{self.name}.{request.request_type}",
+                headers=request.trace,
+                inputs=request.payload,
+                metadata={"agent": self.name, "request_id": request.request_id},
+            ):
+                return await self.run(request.request_type, request.payload)
         except OrchestratorError:
             raise
         except Exception as e:  # the handler is a boundary: a failure is an error response, never a crash

@@ -21,8 +21,9 @@ import asyncpg
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -115,15 +116,16 @@ def require_api_key(request: Request) -> None:
 ApiKeyDep = Depends(require_api_key)
 
 
-def error_response(exc: OrchestratorError) -> ORJSONResponse:
-    return ORJSONResponse({"error": exc.to_dict()}, status_code=exc.status_code)
+def error_response(exc: OrchestratorError) -> JSONResponse:
+    # details may carry datetimes (a lock's expiry): encode them as FastAPI encodes bodies.
+    return JSONResponse({"error": jsonable_encoder(exc.to_dict())}, status_code=exc.status_code)
 
 
 #: Where FastAPI found a bad value; the field name alone is what callers fix.
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 
-def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     err: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "x"}
     loc = [str(p) for p in err.get("loc", ())]
@@ -137,7 +139,7 @@ def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
             "message": f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}",
             "retryable": False,
         }
-        return ORJSONResponse({"error": body}, status_code=400)
+        return JSONResponse({"error": body}, status_code=400)
     field_name = ".".join(loc) or "body"
     body = {
         "code": "invalid_input",
@@ -145,30 +147,30 @@ def _validation_response(exc: RequestValidationError) -> ORJSONResponse:
         "message": f"{field_name}: {err.get('msg')}",
         "retryable": False,
     }
-    return ORJSONResponse({"error": body}, status_code=422)
+    return JSONResponse({"error": body}, status_code=422)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Turn every error into a JSON body naming the problem; never leak a traceback."""
 
     @app.exception_handler(OrchestratorError)
-    async def _orchestrator_error(_: Request, exc: OrchestratorError) -> ORJSONResponse:
+    async def _orchestrator_error(_: Request, exc: OrchestratorError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "retryable": False}
-        return ORJSONResponse({"error": body}, status_code=exc.status_code)
+        return JSONResponse({"error": body}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
         body = {"code": "internal", "message": "internal error; the service log has the details", "retryable": True}
-        return ORJSONResponse({"error": body}, status_code=500)
+        return JSONResponse({"error": body}, status_code=500)
 
 
 class BodySizeLimit:
@@ -234,10 +236,10 @@ def ops_router(service: str) -> APIRouter:
         return {"status": "ok", "service": service}
 
     @router.get("/ready")
-    async def ready(ctx: ContextDep) -> ORJSONResponse:
+    async def ready(ctx: ContextDep) -> JSONResponse:
         checks = await _ping(ctx)
         ok = all(v == "ok" for v in checks.values())
-        return ORJSONResponse(
+        return JSONResponse(
             {"status": "ready" if ok else "unavailable", "service": service, "checks": checks},
             status_code=200 if ok else 503,
         )

@@ -43,17 +43,25 @@ REGISTRY_HEARTBEAT_LAG = Histogram(
 
 # -- workflows (orchestrator) ----------------------------------------------------------
 WORKFLOWS_STARTED = Counter("workflows_started_total", "Workflows accepted by the API.", ["type"])
-WORKFLOWS_FINISHED = Counter("workflows_finished_total", "Workflows that reached a terminal status.",
-                             ["type", "status"])
-WORKFLOW_DURATION = Histogram("workflow_duration_seconds", "Launch to terminal status, per workflow type.",
-                              ["type"], buckets=LATENCY_BUCKETS_S)
-WORKFLOW_NODE_DURATION = Histogram("workflow_node_duration_seconds", "Duration of one node (task) of a workflow.",
-                                   ["type", "node"], buckets=LATENCY_BUCKETS_S)
+WORKFLOWS_FINISHED = Counter(
+    "workflows_finished_total", "Workflows that reached a terminal status.", ["type", "status"]
+)
+WORKFLOW_DURATION = Histogram(
+    "workflow_duration_seconds", "Launch to terminal status, per workflow type.", ["type"], buckets=LATENCY_BUCKETS_S
+)
+WORKFLOW_NODE_DURATION = Histogram(
+    "workflow_node_duration_seconds",
+    "Duration of one node (task) of a workflow.",
+    ["type", "node"],
+    buckets=LATENCY_BUCKETS_S,
+)
 WORKFLOWS_ACTIVE = Gauge("workflows_active", "Workflows this replica is running now.", ["type"])
 WORKFLOWS_STUCK = Gauge("workflows_stuck", "Running workflows with no progress for AO_STUCK_AFTER_S.", ["type"])
-WORKFLOW_INTERRUPT_WAIT = Histogram("workflow_interrupt_wait_seconds",
-                                    "Time a workflow waited on a human answer (approval).",
-                                    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+WORKFLOW_INTERRUPT_WAIT = Histogram(
+    "workflow_interrupt_wait_seconds",
+    "Time a workflow waited on a human answer (approval).",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+)
 
 # -- messaging (shared.lib.event_bus) ------------------------------------------------
 __all__ += [

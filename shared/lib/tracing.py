@@ -11,12 +11,20 @@ function here is a cheap no-op.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langsmith import run_helpers, utils
+from langsmith import run_helpers, run_trees, utils
 
-__all__ = ["agent_span", "child_span", "trace_headers", "tracing_enabled"]
+__all__ = [
+    "agent_span",
+    "child_span",
+    "finish_workflow_trace",
+    "start_workflow_trace",
+    "trace_headers",
+    "tracing_enabled",
+    "workflow_context",
+]
 
 
 def tracing_enabled() -> bool:
@@ -55,3 +63,51 @@ async def agent_span(
         run_helpers.trace(name, run_type="chain", inputs=inputs or {}, metadata=metadata or {}) as run,
     ):
         yield run
+
+
+def start_workflow_trace(name: str, *, inputs: dict[str, Any], metadata: dict[str, Any]) -> dict[str, str]:
+    """Open the root run of a workflow's trace; its headers are stored with the workflow so
+    every later execution (after an interrupt, a retry or a takeover) nests under it."""
+    if not tracing_enabled():
+        return {}
+    run = run_trees.RunTree(
+        name=name,
+        run_type="chain",
+        inputs=inputs,
+        extra={"metadata": metadata},
+        tags=[str(metadata.get("workflow_type", ""))],
+    )
+    run.post()
+    return dict(run.to_headers())
+
+
+def finish_workflow_trace(
+    headers: dict[str, str], *, name: str, outputs: dict[str, Any], error: str | None = None
+) -> None:
+    """Close the root run opened by :func:`start_workflow_trace` with the workflow's outcome."""
+    if not tracing_enabled() or not headers:
+        return
+    wire: dict[str | bytes, str | bytes] = {k: v for k, v in headers.items()}
+    parent = run_trees.RunTree.from_headers(wire)
+    if parent is None:
+        return
+    root = run_trees.RunTree(
+        id=parent.id,
+        trace_id=parent.trace_id,
+        dotted_order=parent.dotted_order,
+        name=name,
+        run_type="chain",
+        start_time=parent.start_time,
+    )
+    root.end(outputs=outputs, error=error)
+    root.patch()
+
+
+@contextlib.contextmanager
+def workflow_context(headers: dict[str, str], *, metadata: dict[str, Any]) -> Iterator[None]:
+    """Make the workflow's root run the parent of everything traced inside (the graph run)."""
+    if not tracing_enabled() or not headers:
+        yield
+        return
+    with run_helpers.tracing_context(parent=headers, metadata=metadata):
+        yield

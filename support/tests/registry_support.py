@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import uvicorn
-from agent_registry import create_app
 
+from agent_registry import create_app
 from shared.lib.settings import Settings
 from support.tests.conftest import TEST_SECRETS
 from support.tests.procs import free_port

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from fastapi import FastAPI
+
 from agent_registry.deps import Registry
 from agent_registry.events import AgentEvents
 from agent_registry.reaper import Reaper
 from agent_registry.routes import router
 from agent_registry.store import RegistryStore
 from agent_registry.watch import ChangeFeed
-from fastapi import FastAPI
-
 from shared.lib.event_bus import EventBus
 from shared.lib.http_service import (
     BodySizeLimit,

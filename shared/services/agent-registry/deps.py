@@ -13,11 +13,11 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
+from fastapi import Depends, Header, Path, Request
+
 from agent_registry.events import AgentEvents
 from agent_registry.store import RegistryStore
 from agent_registry.watch import ChangeFeed
-from fastapi import Depends, Header, Path, Request
-
 from shared.lib.errors import Unauthorized
 from shared.lib.http_service import require_api_key
 from shared.lib.settings import AGENT_ID_PATTERN, Settings

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 
 from agent_registry.events import AgentEvents
 from agent_registry.store import RegistryStore
-
 from shared.lib.metrics import REGISTRY_AGENTS, REGISTRY_STALE_AGENTS
 from shared.lib.registry_models import AgentStatus
 

@@ -23,6 +23,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+from fastapi import APIRouter, Depends, Query, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
 from agent_registry.deps import (
     AgentIdPath,
     AgentToken,
@@ -32,9 +35,6 @@ from agent_registry.deps import (
 )
 from agent_registry.store import Discovery
 from agent_registry.watch import ChangeFeed
-from fastapi import APIRouter, Depends, Query, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
-
 from shared.lib.errors import InvalidInput
 from shared.lib.http_service import ApiKeyDep
 from shared.lib.metrics import REGISTRY_HEARTBEAT_LAG, REGISTRY_HEARTBEATS

@@ -34,12 +34,19 @@ def test_replica_killed_mid_run_loses_and_repeats_nothing(server_urls: tuple[str
     stack, db_name = start_stack(server_urls, tmp_path, replicas=2, docs=1)
     try:
         repos = [make_sample_repo(tmp_path / f"r{i}") for i in range(N_WORKFLOWS)]
-        apis = [httpx.Client(base_url=p.url, headers={"X-API-Key": stack.api_key}, timeout=30)
-                for p in stack.find("orchestrator")]
+        apis = [
+            httpx.Client(base_url=p.url, headers={"X-API-Key": stack.api_key}, timeout=30)
+            for p in stack.find("orchestrator")
+        ]
         ids = []
         for i, (repo, base, head) in enumerate(repos):
-            r = apis[i % 2].post("/workflows", json={"workflow_type": "pr_deployment", "input": {
-                "repo_path": str(repo), "base": base, "head": head, "environment": f"env-{i}"}})
+            r = apis[i % 2].post(
+                "/workflows",
+                json={
+                    "workflow_type": "pr_deployment",
+                    "input": {"repo_path": str(repo), "base": base, "head": head, "environment": f"env-{i}"},
+                },
+            )
             assert r.status_code == 202, r.text
             ids.append(r.json()["workflow_id"])
         killed = False
@@ -57,10 +64,12 @@ def test_replica_killed_mid_run_loses_and_repeats_nothing(server_urls: tuple[str
         assert killed
         final = {i: survivor.get(f"/workflows/{i}").json() for i in ids}
         assert {w["status"] for w in final.values()} == {"succeeded"}, {
-            i: (w["status"], w["reason"]) for i, w in final.items() if w["status"] != "succeeded"}
+            i: (w["status"], w["reason"]) for i, w in final.items() if w["status"] != "succeeded"
+        }
         envs = stack.settings.data_dir / "environments"
-        releases = {f"env-{i}": sorted(p.name for p in (envs / f"env-{i}" / "releases").iterdir())
-                    for i in range(N_WORKFLOWS)}
+        releases = {
+            f"env-{i}": sorted(p.name for p in (envs / f"env-{i}" / "releases").iterdir()) for i in range(N_WORKFLOWS)
+        }
         assert all(len(r) == 1 for r in releases.values()), releases
         artifacts = list((stack.settings.data_dir / "artifacts").rglob("*.tar*"))
         assert len(artifacts) == N_WORKFLOWS, [a.name for a in artifacts]

@@ -52,7 +52,8 @@ def test_pr_deployment_deploys_after_approval(
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "succeeded", wf
     steps = wf["result"]["steps"]
-    assert steps["test"]["passed"] >= 3 and steps["approval"]["by"] == "ana"
+    assert steps["test"]["passed"] >= 3
+    assert steps["approval"]["by"] == "ana"
     current = stack.settings.data_dir / "environments" / "staging" / "current"
     assert current.resolve().name.startswith(sample_repo[2][:12])
     history = api.get(f"/workflows/{wf_id}/history").json()["checkpoints"]
@@ -91,7 +92,8 @@ def test_cancel_waiting_workflow_and_refuse_finished(api: httpx.Client, sample_r
     assert api.post(f"/workflows/{wf_id}/cancel").status_code == 202
     assert follow(api, wf_id, TERMINAL)["status"] == "cancelled"
     again = api.post(f"/workflows/{wf_id}/cancel")
-    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "conflict"
 
 
 def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
@@ -102,7 +104,8 @@ def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: t
         "idempotency_key": f"k-{time.time()}",
     }
     first, second = api.post("/workflows", json=body).json(), api.post("/workflows", json=body).json()
-    assert first["workflow_id"] == second["workflow_id"] and second["created"] is False
+    assert first["workflow_id"] == second["workflow_id"]
+    assert second["created"] is False
     other = api.post("/workflows", json={**body, "input": {"repo_path": "/elsewhere"}})
     assert other.status_code == 409
 
@@ -115,7 +118,8 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     follow(api, wf_id, TERMINAL)
     full = read_sse(api, wf_id)
     ids = [e["id"] for e in full]
-    assert ids == sorted(ids) and len(ids) >= 4
+    assert ids == sorted(ids)
+    assert len(ids) >= 4
     assert full[-1]["data"]["status"] == "succeeded"
     rest = read_sse(api, wf_id, last_event_id=ids[1])
     assert [e["id"] for e in rest] == ids[2:]
@@ -179,7 +183,8 @@ def test_oversized_body_and_missing_key_are_refused(api: httpx.Client, stack: St
     big = {"workflow_type": "parallel_docs", "input": {"repo_path": "x" * (stack.settings.max_payload_bytes + 10)}}
     assert api.post("/workflows", json=big).status_code == 413
     bare = httpx.get(f"{stack.orchestrator_url}/workflows")
-    assert bare.status_code == 401 and bare.json()["error"]["field"] == "X-API-Key"
+    assert bare.status_code == 401
+    assert bare.json()["error"]["field"] == "X-API-Key"
     wrong = httpx.get(f"{stack.orchestrator_url}/workflows", headers={"X-API-Key": "wrong"})
     assert wrong.status_code == 401
 
@@ -199,7 +204,8 @@ def test_resume_of_running_or_finished_workflow_is_refused(
     wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
     follow(api, wf_id, TERMINAL)
     r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve"}})
-    assert r.status_code == 409 and r.json()["error"]["details"]["status"] == "succeeded"
+    assert r.status_code == 409
+    assert r.json()["error"]["details"]["status"] == "succeeded"
 
 
 def test_list_filters_and_paginates(api: httpx.Client) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+
 from agent_registry.events import AgentEvents
 from agent_registry.reaper import Reaper
 from agent_registry.store import RegistryStore
-
 from shared.lib.connections import connect_redis, create_pg_pool
 from shared.lib.errors import Conflict, NotFound, Unauthorized
 from shared.lib.event_bus import EventBus
