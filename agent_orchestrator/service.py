@@ -253,6 +253,11 @@ class Orchestrator:
             record.trace,
             name=f"workflow:{workflow_type}",
             outputs={"status": status, **(result or {})},
+            metadata={
+                "workflow_id": workflow_id,
+                "workflow_type": workflow_type,
+                "correlation_id": record.correlation_id,
+            },
             error=reason if status != "succeeded" else None,
         )
         metrics.WORKFLOWS_FINISHED.labels(workflow_type, status).inc()

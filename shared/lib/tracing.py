@@ -82,7 +82,12 @@ def start_workflow_trace(name: str, *, inputs: dict[str, Any], metadata: dict[st
 
 
 def finish_workflow_trace(
-    headers: dict[str, str], *, name: str, outputs: dict[str, Any], error: str | None = None
+    headers: dict[str, str],
+    *,
+    name: str,
+    outputs: dict[str, Any],
+    metadata: dict[str, Any],
+    error: str | None = None,
 ) -> None:
     """Close the root run opened by :func:`start_workflow_trace` with the workflow's outcome."""
     if not tracing_enabled() or not headers:
@@ -98,6 +103,7 @@ def finish_workflow_trace(
         name=name,
         run_type="chain",
         start_time=parent.start_time,
+        extra={"metadata": metadata},
     )
     root.end(outputs=outputs, error=error)
     root.patch()

@@ -32,9 +32,11 @@ def test_workflow_is_one_trace_with_agent_spans_nested(server_urls: tuple[str, s
     """A workflow's runs share one trace; each agent call has the agent's own run as its child."""
     with LangSmithStandIn() as standin:
         stack, db_name = start_stack(server_urls, tmp_path, docs=1, env=standin.env())
+        stack_clients: list[httpx.Client] = []
         try:
             repo, _, _ = make_sample_repo(tmp_path)
             api = httpx.Client(base_url=stack.orchestrator_url, headers={"X-API-Key": stack.api_key}, timeout=30)
+            stack_clients.append(api)
             r = api.post(
                 "/workflows",
                 json={
@@ -51,6 +53,8 @@ def test_workflow_is_one_trace_with_agent_spans_nested(server_urls: tuple[str, s
             calls = _wait_for(standin, "call:documentation.GENERATE_DOCS", 2)
             served = _wait_for(standin, "documentation.GENERATE_DOCS", 2)
         finally:
+            for client in stack_clients:
+                client.close()
             stack.stop()
             asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
     assert root["extra"]["metadata"]["workflow_id"] == wf_id
