@@ -47,7 +47,7 @@ bench: install
 	$(RUN) python -m support.bench.report support/bench/results/latest.json
 
 soak: install
-	$(RUN) agent-orchestrator bench soak --minutes 60
+	$(RUN) agent-orchestrator bench soak --minutes 60 --json support/bench/results/soak.json
 
 clean:
 	rm -rf .data .venv .mypy_cache .ruff_cache

@@ -42,7 +42,18 @@ import httpx
 
 from support.bench.harness import Plan, Progress, SuiteResult, measure, quantiles, say, standalone, throughput
 
-__all__ = ["CALLS", "Services", "run", "run_detailed"]
+__all__ = [
+    "CALLS",
+    "Services",
+    "follow",
+    "free_port",
+    "launch",
+    "run",
+    "run_detailed",
+    "service_env",
+    "start_base",
+    "start_replica",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLS = [{"agent": "noop", "request_type": "NOOP", "payload": {"call": i}} for i in range(3)]
@@ -59,7 +70,7 @@ PEER_SECONDS = 5.0
 PEER_READY_TIMEOUT_S = 240.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -149,7 +160,7 @@ async def start_base(services: Services, *, registry_port: int, noop_instances: 
         ready_url=f"http://127.0.0.1:{registry_port}/ready",
     )
     for i in range(noop_instances):
-        port = _free_port()
+        port = free_port()
         await services.start(
             f"noop-{i + 1}",
             ["-m", "support.bench.noop_agent", "--port", str(port), "--instance-id", f"noop-{i + 1}"],
@@ -159,7 +170,7 @@ async def start_base(services: Services, *, registry_port: int, noop_instances: 
 
 async def start_replica(services: Services, index: int) -> str:
     """Orchestrator replica ``index`` on a free port; returns its base URL."""
-    port = _free_port()
+    port = free_port()
     await services.start(
         f"orchestrator-{index}",
         ["-m", "agent_orchestrator", "serve", "--port", str(port)],
@@ -226,7 +237,7 @@ async def _throughput(http: httpx.AsyncClient, bases: list[str], progress: Progr
 
 async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
     api_key = secrets.token_urlsafe(16)
-    registry_port = _free_port()
+    registry_port = free_port()
     services = Services(service_env(settings, registry_port=registry_port, data_dir=tmp, api_key=api_key), tmp)
     result = SuiteResult()
     try:
@@ -293,7 +304,7 @@ async def _langgraph_dev(tmp: Path) -> AsyncIterator[str]:
     (project / "langgraph.json").write_text(
         json.dumps({"dependencies": ["."], "graphs": {"chain": "./graph.py:graph"}})
     )
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
     log = tmp / "langgraph-dev.log"
     with log.open("ab") as out:

@@ -1,0 +1,182 @@
+"""Soak: mixed workflows for a long while, with an agent instance killed every few minutes.
+
+Set-up as in the workflow suite (registry, two no-op agent instances, two
+orchestrator replicas, real processes). Workflows are ``agent_chain`` runs of 1
+to 5 calls with payloads of a few bytes to ~20 KB, launched at up to
+``LAUNCH_PER_S`` with at most ``IN_FLIGHT`` unfinished, over both replicas. Every
+``kill_every_s`` the second agent instance is killed with SIGKILL and started
+again a few seconds later (requests it held are reclaimed by the other).
+
+Resident memory of every service that lives through the whole soak (registry,
+both replicas, the first agent instance) is read from /proc after a warm-up
+(imports and caches settle) and at the end; growth must stay under 5 %. Every
+workflow launched must finish.
+
+Figures: ``soak_minutes``, ``soak_workflows_launched`` / ``_finished`` /
+``_succeeded`` / ``_unfinished``, ``soak_agent_kills``, per service
+``soak_rss_start_mb_<svc>``, ``soak_rss_end_mb_<svc>``, ``soak_rss_growth_percent_<svc>``,
+and ``soak_max_rss_growth_percent``.
+
+``agent-orchestrator bench soak --minutes 5``; ``make soak`` runs an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.bench.harness import Progress, say
+from support.bench.workflow import (
+    TERMINAL,
+    Services,
+    follow,
+    free_port,
+    launch,
+    service_env,
+    start_base,
+    start_replica,
+)
+
+__all__ = ["run"]
+
+LAUNCH_PER_S = 10.0
+IN_FLIGHT = 32
+RESTART_AFTER_S = 5.0
+DRAIN_TIMEOUT_S = 180.0
+_rng = random.Random(11)  # mixes workflow shapes, not secrets
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _mixed_calls() -> list[dict[str, Any]]:
+    size = _rng.choice([8, 256, 4096, 20_000])
+    return [
+        {"agent": "noop", "request_type": "NOOP", "payload": {"call": i, "blob": "x" * size}}
+        for i in range(_rng.randint(1, 5))
+    ]
+
+
+class _Load:
+    """Launches workflows at a steady pace and follows each to its end."""
+
+    def __init__(self, http: httpx.AsyncClient, bases: list[str]) -> None:
+        self.http, self.bases = http, bases
+        self.launched: dict[str, str] = {}  # workflow id -> replica URL
+        self.status: dict[str, str] = {}
+        self.gate = asyncio.Semaphore(IN_FLIGHT)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _one(self, n: int) -> None:
+        base = self.bases[n % len(self.bases)]
+        try:
+            wid = await launch(self.http, base, "agent_chain", {"calls": _mixed_calls()})
+            self.launched[wid] = base
+            self.status[wid] = (await follow(self.http, base, wid, poll_s=0.25))["status"]
+        finally:
+            self.gate.release()
+
+    async def run_until(self, stop_at: float) -> None:
+        n = 0
+        while time.monotonic() < stop_at:
+            await self.gate.acquire()
+            task = asyncio.create_task(self._one(n))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            n += 1
+            await asyncio.sleep(1 / LAUNCH_PER_S)
+
+    async def drain(self) -> None:
+        """Wait for every follower; then read, once more, any workflow not seen finished."""
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), DRAIN_TIMEOUT_S)
+        for wid, base in self.launched.items():
+            if self.status.get(wid) not in TERMINAL:
+                self.status[wid] = (await self.http.get(f"{base}/workflows/{wid}")).json().get("status", "unknown")
+
+
+async def _killer(services: Services, stop_at: float, kill_every_s: float, progress: Progress) -> int:
+    """SIGKILL the second agent instance every ``kill_every_s``, restarting it after a pause."""
+    kills = 0
+    while time.monotonic() + kill_every_s < stop_at:
+        await asyncio.sleep(kill_every_s)
+        name = f"noop-2-{kills}" if kills else "noop-2"
+        await services.kill9(name)
+        kills += 1
+        say(progress, f"soak: killed {name} (kill {kills}); restarting it in {RESTART_AFTER_S:.0f}s")
+        await asyncio.sleep(RESTART_AFTER_S)
+        port = free_port()
+        await services.start(
+            f"noop-2-{kills}",
+            ["-m", "support.bench.noop_agent", "--port", str(port), "--instance-id", f"noop-2-{kills}"],
+            ready_url=f"http://127.0.0.1:{port}/ready",
+        )
+    return kills
+
+
+def _memory(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for svc, before in start.items():
+        after = end[svc]
+        key = svc.replace("-", "_")
+        out[f"soak_rss_start_mb_{key}"] = before
+        out[f"soak_rss_end_mb_{key}"] = after
+        out[f"soak_rss_growth_percent_{key}"] = 100 * (after - before) / before
+    out["soak_max_rss_growth_percent"] = max(v for k, v in out.items() if k.startswith("soak_rss_growth"))
+    return out
+
+
+async def _soak(services: Services, api_key: str, duration_s: float, progress: Progress) -> dict[str, float]:
+    bases = [await start_replica(services, 1), await start_replica(services, 2)]
+    warmup_s = min(max(duration_s * 0.1, 20.0), 300.0)
+    kill_every_s = min(max(duration_s / 5, 60.0), 240.0)
+    started = time.monotonic()
+    stop_at = started + warmup_s + duration_s
+    async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
+        load = _Load(http, bases)
+        runner = asyncio.create_task(load.run_until(stop_at))
+        say(progress, f"soak: warming up for {warmup_s:.0f}s before the first memory reading")
+        await asyncio.sleep(warmup_s)
+        tracked = {n: p for n, p in services.pids().items() if not n.startswith("noop-2")}
+        rss_start = {n: _rss_mb(p) for n, p in tracked.items()}
+        say(progress, f"soak: {duration_s / 60:.0f} min of mixed workflows, an agent killed every {kill_every_s:.0f}s")
+        kills = await _killer(services, stop_at, kill_every_s, progress)
+        await runner
+        rss_end = {n: _rss_mb(p) for n, p in tracked.items()}
+        say(progress, f"soak: waiting for the last of {len(load.launched)} workflows")
+        await load.drain()
+    finished = sum(1 for s in load.status.values() if s in TERMINAL)
+    return {
+        "soak_minutes": duration_s / 60,
+        "soak_workflows_launched": float(len(load.launched)),
+        "soak_workflows_finished": float(finished),
+        "soak_workflows_succeeded": float(sum(1 for s in load.status.values() if s == "succeeded")),
+        "soak_workflows_unfinished": float(len(load.launched) - finished),
+        "soak_agent_kills": float(kills),
+        **_memory(rss_start, rss_end),
+    }
+
+
+async def run(settings: Any, *, progress: Progress = None, duration_s: float = 300.0) -> dict[str, float]:
+    """Soak the stack for ``duration_s`` (after a warm-up) on ``settings``' database and Redis."""
+    api_key = secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix="aobench-soak", dir="/tmp") as tmp:
+        registry_port = free_port()
+        env = service_env(settings, registry_port=registry_port, data_dir=Path(tmp), api_key=api_key)
+        services = Services(env, Path(tmp))
+        try:
+            say(progress, "soak: starting the registry, two no-op agents and two orchestrators")
+            await start_base(services, registry_port=registry_port)
+            return await _soak(services, api_key, duration_s, progress)
+        finally:
+            await services.stop()
