@@ -41,8 +41,14 @@ class LangSmithStandIn:
 
         @app.get("/info")
         async def info() -> dict[str, Any]:
-            config = {"use_multipart_endpoint": False, "size_limit": 100, "size_limit_bytes": 20 * 1024 * 1024,
-                      "scale_up_qsize_trigger": 1000, "scale_up_nthreads_limit": 16, "scale_down_nempty_trigger": 4}
+            config = {
+                "use_multipart_endpoint": False,
+                "size_limit": 100,
+                "size_limit_bytes": 20 * 1024 * 1024,
+                "scale_up_qsize_trigger": 1000,
+                "scale_up_nthreads_limit": 16,
+                "scale_down_nempty_trigger": 4,
+            }
             return {"version": "0.0-standin", "batch_ingest_config": config}
 
         @app.post("/runs/batch")
