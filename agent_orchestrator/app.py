@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from agent_orchestrator.api import mount
 from agent_orchestrator.checkpointer import open_checkpointer
+from agent_orchestrator.housekeeping import Housekeeper
 from agent_orchestrator.orchestrator_agent import WorkflowOrchestratorAgent
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.run_store import RunStore
@@ -82,6 +83,14 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             assert orch.runner is not None
             await orch.runner.start()
             stack.push_async_callback(orch.runner.stop)
+            housekeeper = Housekeeper(
+                ctx.pool,
+                saver,
+                retention_s=settings.checkpoint_retention_s,
+                interval_s=settings.housekeeping_interval_s,
+            )
+            housekeeper.start()
+            stack.push_async_callback(housekeeper.stop)
             await runtime.start()
             _log.info("orchestrator %s ready with workflow types %s", replica, sorted(orch.types))
             yield

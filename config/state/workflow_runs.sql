@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS workflow_runs (
     cancel_requested boolean NOT NULL DEFAULT false,
     last_progress_at timestamptz NOT NULL DEFAULT now(),
     stuck_since      timestamptz,
+    checkpoints_pruned_at timestamptz,  -- when a finished run's checkpoints were pruned to the final one
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );

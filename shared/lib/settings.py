@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     """A running workflow with no progress for this long is reported stuck."""
     checkpoint_retention_s: float = 7 * 24 * 3600.0
     """Finished workflows keep intermediate checkpoints for this long."""
+    housekeeping_interval_s: float = 60.0
+    """How often a replica prunes the checkpoints of finished workflows past retention."""
     max_concurrent_workflows: int = 64
     """Workflows one orchestrator replica runs at once."""
 
