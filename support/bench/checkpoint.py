@@ -16,7 +16,11 @@ Figures:
 - ``stock_step_sync_ms``: the stock saver at ``sync``, like for like with ours;
 - ``step_inmemory_sync_ms``: LangGraph's ``InMemorySaver`` at ``sync``: LangGraph's own
   checkpointing work with no I/O at all, the floor any saver stands on;
-- ``step_checkpointed_ratio`` / ``stock_step_ratio``: each over ``step_plain_ms``;
+- ``pg_insert_commit_ms`` / ``pg_read_ms``: a bare one-row autocommit INSERT and ``SELECT 1`` on
+  the same pool; ``step_checkpointed_floor_ms`` adds them up as a superstep at ``sync`` must pay
+  them in sequence (the in-memory step, one read, one commit per checkpoint): the best any
+  PostgreSQL saver could do here;
+- ``step_checkpointed_ratio`` / ``stock_step_ratio`` / ...``_ratio``: each over ``step_plain_ms``;
 - ``checkpoint_statements_per_step``: statements (round trips, each one commit) ours
   sends per run, against ``stock_statements_per_step`` (counted the same way);
 - ``pooled_concurrent_runs_per_s`` / ``stock_concurrent_runs_per_s``: runs per second with
@@ -129,6 +133,49 @@ async def _pool(url: str, *, synchronous_commit: bool = True) -> AsyncIterator[A
         await pool.close()
 
 
+def _bare_ops(pool: Any) -> dict[str, Op]:
+    """The floor under any saver: a one-row autocommit INSERT (one commit) and a trivial read."""
+
+    async def insert_commit() -> None:
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO bench_commit (v) VALUES (%s)", ("x",))
+
+    async def read() -> None:
+        async with pool.connection() as conn:
+            await (await conn.execute("SELECT 1")).fetchone()
+
+    return {"pg_insert_commit": insert_commit, "pg_read": read}
+
+
+def _figures(timings: dict[str, Any], statements: int, stock_statements: int) -> dict[str, float]:
+    plain = timings["plain"].p50
+    # What a superstep can cost at best: LangGraph's own checkpointing (the in-memory saver) plus,
+    # in sequence, the opening read and one commit per checkpoint (writes ride with them).
+    floor = timings["inmemory_sync"].p50 + timings["pg_read"].p50 + statements * timings["pg_insert_commit"].p50
+    return {
+        "step_plain_ms": plain,
+        "step_plain_p99_ms": timings["plain"].p99,
+        "step_checkpointed_ms": timings["ours_sync"].p50,
+        "step_checkpointed_p99_ms": timings["ours_sync"].p99,
+        "step_checkpointed_new_thread_ms": timings["ours_sync_new_thread"].p50,
+        "step_checkpointed_async_commit_ms": timings["ours_sync_async_commit"].p50,
+        "stock_step_checkpointed_ms": timings["stock_default"].p50,
+        "stock_step_sync_ms": timings["stock_sync"].p50,
+        "step_inmemory_sync_ms": timings["inmemory_sync"].p50,
+        "pg_insert_commit_ms": timings["pg_insert_commit"].p50,
+        "pg_read_ms": timings["pg_read"].p50,
+        "step_checkpointed_floor_ms": floor,
+        "step_checkpointed_ratio": timings["ours_sync"].p50 / plain,
+        "step_checkpointed_new_thread_ratio": timings["ours_sync_new_thread"].p50 / plain,
+        "step_checkpointed_async_commit_ratio": timings["ours_sync_async_commit"].p50 / plain,
+        "stock_step_ratio": timings["stock_default"].p50 / plain,
+        "step_inmemory_ratio": timings["inmemory_sync"].p50 / plain,
+        "step_checkpointed_floor_ratio": floor / plain,
+        "checkpoint_statements_per_step": float(statements),
+        "stock_statements_per_step": float(stock_statements),
+    }
+
+
 async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
     ours = PooledPostgresSaver(pool)
     async with AsyncPostgresSaver.from_conn_string(url) as stock_saver, _pool(url, synchronous_commit=False) as fast:
@@ -141,33 +188,15 @@ async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
             "ours_sync_async_commit": _run_op(_graph(PooledPostgresSaver(fast)), durability="sync"),
             "stock_default": _run_op(_graph(stock_saver), durability=None),
             "stock_sync": _run_op(_graph(stock_saver), durability="sync"),
+            **_bare_ops(pool),
         }
         timings = await measure(ops, plan=PLAN, progress=progress, label="checkpoint")
         before = ours.stats.statements
         await _run_op(_graph(ours), durability="sync")()
         ours_statements = ours.stats.statements - before
         await _run_op(_graph(counting), durability="sync")()
-    plain = timings["plain"].p50
-    figures = {
-        "step_plain_ms": plain,
-        "step_plain_p99_ms": timings["plain"].p99,
-        "step_checkpointed_ms": timings["ours_sync"].p50,
-        "step_checkpointed_p99_ms": timings["ours_sync"].p99,
-        "step_checkpointed_new_thread_ms": timings["ours_sync_new_thread"].p50,
-        "step_checkpointed_async_commit_ms": timings["ours_sync_async_commit"].p50,
-        "stock_step_checkpointed_ms": timings["stock_default"].p50,
-        "stock_step_sync_ms": timings["stock_sync"].p50,
-        "step_inmemory_sync_ms": timings["inmemory_sync"].p50,
-        "step_checkpointed_ratio": timings["ours_sync"].p50 / plain,
-        "step_checkpointed_new_thread_ratio": timings["ours_sync_new_thread"].p50 / plain,
-        "step_checkpointed_async_commit_ratio": timings["ours_sync_async_commit"].p50 / plain,
-        "stock_step_ratio": timings["stock_default"].p50 / plain,
-        "step_inmemory_ratio": timings["inmemory_sync"].p50 / plain,
-        "checkpoint_statements_per_step": float(ours_statements),
-        "stock_statements_per_step": float(counting.statements),
-    }
     distributions = {f"checkpoint {name}": quantiles(t.samples_ms) for name, t in timings.items()}
-    return SuiteResult(figures=figures, distributions=distributions)
+    return SuiteResult(figures=_figures(timings, ours_statements, counting.statements), distributions=distributions)
 
 
 async def _concurrency(url: str, pool: Any, progress: Progress) -> dict[str, float]:
@@ -186,6 +215,7 @@ async def run_detailed(settings: Any, *, progress: Progress = None) -> SuiteResu
     url = settings.database_url
     async with await AsyncConnection[DictRow].connect(url, autocommit=True, row_factory=dict_row) as conn:
         await AsyncPostgresSaver(conn).setup()
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id bigserial PRIMARY KEY, v text)")
     async with _pool(url) as pool:
         result = await _latencies(url, pool, progress)
         result.figures.update(await _concurrency(url, pool, progress))
