@@ -21,8 +21,8 @@ Figures:
   them in sequence (the in-memory step, one read, one commit per checkpoint): the best any
   PostgreSQL saver could do here;
 - ``step_checkpointed_ratio`` / ``stock_step_ratio`` / ...``_ratio``: each over ``step_plain_ms``;
-- ``checkpoint_statements_per_step``: statements (round trips, each one commit) ours
-  sends per run, against ``stock_statements_per_step`` (counted the same way);
+- ``checkpoint_commits_per_run`` / ``stock_commits_per_run``: write transactions per run at
+  ``sync`` (each a commit waiting for the WAL flush), from the server's transaction ids;
 - ``pooled_concurrent_runs_per_s`` / ``stock_concurrent_runs_per_s``: runs per second with
   ``CONCURRENT`` runs in flight on one saver over one pool, at ``sync``: upstream's
   process-wide lock (langgraph#7259) against none.
@@ -80,33 +80,21 @@ def _run_op(graph: Any, *, durability: str | None, **configurable: Any) -> Op:
     return op
 
 
-class _CountingStockSaver(AsyncPostgresSaver):
-    """The stock saver, counting the statements it sends (``executemany`` counts each row)."""
+async def _commits_per_run(url: str, op: Op, *, runs: int = 10) -> float:
+    """Write transactions (each a commit that waits for the WAL flush) per run, from the server's
+    transaction ids: exact when nothing else writes to the server meanwhile."""
+    async with await AsyncConnection[DictRow].connect(url, autocommit=True, row_factory=dict_row) as conn:
 
-    statements = 0
+        async def xid() -> int:
+            row = await (await conn.execute("SELECT pg_current_xact_id()::text AS x")).fetchone()
+            assert row is not None
+            return int(row["x"])
 
-    @contextlib.asynccontextmanager
-    async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
-        async with super()._cursor(pipeline=pipeline) as cur:
-            yield _CountingCursor(cur, self)
-
-
-class _CountingCursor:
-    def __init__(self, cur: Any, saver: _CountingStockSaver) -> None:
-        self._cur, self._saver = cur, saver
-
-    async def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
-        if not str(query).lstrip().lower().startswith("select"):
-            self._saver.statements += 1
-        return await self._cur.execute(query, params, **kw)
-
-    async def executemany(self, query: Any, params: Any, **kw: Any) -> Any:
-        params = list(params)
-        self._saver.statements += len(params)
-        return await self._cur.executemany(query, params, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cur, name)
+        await op()
+        before = await xid()
+        for _ in range(runs):
+            await op()
+        return (await xid() - before - 1) / runs
 
 
 async def _async_commit(conn: AsyncConnection[DictRow]) -> None:
@@ -147,11 +135,11 @@ def _bare_ops(pool: Any) -> dict[str, Op]:
     return {"pg_insert_commit": insert_commit, "pg_read": read}
 
 
-def _figures(timings: dict[str, Any], statements: int, stock_statements: int) -> dict[str, float]:
+def _figures(timings: dict[str, Any], commits: float, stock_commits: float) -> dict[str, float]:
     plain = timings["plain"].p50
     # What a superstep can cost at best: LangGraph's own checkpointing (the in-memory saver) plus,
     # in sequence, the opening read and one commit per checkpoint (writes ride with them).
-    floor = timings["inmemory_sync"].p50 + timings["pg_read"].p50 + statements * timings["pg_insert_commit"].p50
+    floor = timings["inmemory_sync"].p50 + timings["pg_read"].p50 + commits * timings["pg_insert_commit"].p50
     return {
         "step_plain_ms": plain,
         "step_plain_p99_ms": timings["plain"].p99,
@@ -171,15 +159,14 @@ def _figures(timings: dict[str, Any], statements: int, stock_statements: int) ->
         "stock_step_ratio": timings["stock_default"].p50 / plain,
         "step_inmemory_ratio": timings["inmemory_sync"].p50 / plain,
         "step_checkpointed_floor_ratio": floor / plain,
-        "checkpoint_statements_per_step": float(statements),
-        "stock_statements_per_step": float(stock_statements),
+        "checkpoint_commits_per_run": commits,
+        "stock_commits_per_run": stock_commits,
     }
 
 
 async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
     ours = PooledPostgresSaver(pool)
     async with AsyncPostgresSaver.from_conn_string(url) as stock_saver, _pool(url, synchronous_commit=False) as fast:
-        counting = _CountingStockSaver(pool)
         ops = {
             "plain": _run_op(_graph(), durability=None),
             "inmemory_sync": _run_op(_graph(InMemorySaver()), durability="sync"),
@@ -191,12 +178,10 @@ async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
             **_bare_ops(pool),
         }
         timings = await measure(ops, plan=PLAN, progress=progress, label="checkpoint")
-        before = ours.stats.statements
-        await _run_op(_graph(ours), durability="sync")()
-        ours_statements = ours.stats.statements - before
-        await _run_op(_graph(counting), durability="sync")()
+        commits = await _commits_per_run(url, ops["ours_sync"])
+        stock_commits = await _commits_per_run(url, ops["stock_sync"])
     distributions = {f"checkpoint {name}": quantiles(t.samples_ms) for name, t in timings.items()}
-    return SuiteResult(figures=_figures(timings, ours_statements, counting.statements), distributions=distributions)
+    return SuiteResult(figures=_figures(timings, commits, stock_commits), distributions=distributions)
 
 
 async def _concurrency(url: str, pool: Any, progress: Progress) -> dict[str, float]:
@@ -222,7 +207,23 @@ async def run_detailed(settings: Any, *, progress: Progress = None) -> SuiteResu
     result.figures["concurrent_speedup_vs_stock"] = (
         result.figures["pooled_concurrent_runs_per_s"] / result.figures["stock_concurrent_runs_per_s"]
     )
+    result.notes["checkpoint"] = _note(result.figures)
     return result
+
+
+def _note(f: dict[str, float]) -> str:
+    """Where a checkpointed superstep's time goes, in words, from this run's figures."""
+    return (
+        f"A run of the one-node graph at durability sync writes 3 checkpoints (input, __start__, the "
+        f"node), one after the other; ours commits {f['checkpoint_commits_per_run']:.0f} times per run, "
+        f"each checkpoint one statement carrying the task writes (the stock saver: "
+        f"{f['stock_commits_per_run']:.0f} commits). LangGraph's own "
+        f"checkpointing, with no I/O at all, costs {f['step_inmemory_ratio']:.2f}x plain; one autocommit "
+        f"INSERT here takes {f['pg_insert_commit_ms']:.3f} ms (a WAL flush) and a read {f['pg_read_ms']:.3f} ms, "
+        f"so no PostgreSQL saver can go below {f['step_checkpointed_floor_ratio']:.2f}x plain on this "
+        f"machine; ours measures {f['step_checkpointed_ratio']:.2f}x ({f['step_checkpointed_async_commit_ratio']:.2f}x "
+        f"without waiting for the WAL flush, {f['step_checkpointed_new_thread_ratio']:.2f}x with the read skipped)."
+    )
 
 
 async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:

@@ -11,6 +11,7 @@ once a second, too coarse for this).
 Figures:
 - ``workflow_e2e_p50_ms`` / ``workflow_e2e_p99_ms``: one workflow at a time, one replica;
 - ``workflow_e2e_p50_ms_<n>_replicas`` for n in 1, 2 (the plot's curve);
+- ``workflow_write_transactions``: write transactions (commits) per workflow, server-wide;
 - ``workflow_throughput_per_s``: ``THROUGHPUT_N`` workflows, ``THROUGHPUT_IN_FLIGHT`` at a
   time spread over two replicas, from the first launch to the last finish as the
   orchestrator recorded it;
@@ -209,6 +210,23 @@ async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label
     ]
 
 
+async def _write_transactions(database_url: str, http: httpx.AsyncClient, base: str, *, n: int = 20) -> float:
+    """Transaction ids the server hands out per workflow (each a commit that waits for the WAL
+    flush): counted server-wide, so it is exact only when nothing else writes to the server."""
+    from shared.lib.connections import connect_postgres
+
+    conn = await connect_postgres(database_url)
+    try:
+        before = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+        for _ in range(n):
+            await _chain(http, base)
+        await asyncio.sleep(0.2)  # the last finish's bookkeeping
+        after = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+    finally:
+        await conn.close()
+    return (after - before - 1) / n
+
+
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
@@ -246,6 +264,10 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
         bases = [await start_replica(services, 1)]
         async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
             one = await _latency(http, bases[0], progress, "workflow (1 replica)")
+            say(progress, "workflow: counting write transactions per workflow")
+            result.figures["workflow_write_transactions"] = await _write_transactions(
+                settings.database_url, http, bases[0]
+            )
             bases.append(await start_replica(services, 2))
             two = await _latency(http, bases[1], progress, "workflow (2 replicas)")
             result.figures["workflow_throughput_per_s"] = await _throughput(http, bases, progress)
