@@ -77,6 +77,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             locks = await stack.enter_async_context(ResourceLockManager(ctx.pool, settings, emit=runtime.bus.emit))
             saver = await stack.enter_async_context(open_checkpointer(settings, max_size=20))
             orch = _orchestrator(settings, ctx.pool, runtime.bus, locks, saver, replica)
+            orch.preinitialize_metrics()
             agent.services.extras["orchestrator"] = orch
             app.state.orchestrator = orch
             app.state.runtime = runtime

@@ -177,13 +177,13 @@ def _self_healing(api: _Api, stack: Stack, out: Console) -> DemoResult:
 
 def _wait_noticed(api: _Api, instance: str, *, timeout_s: float = 30.0) -> None:
     """Wait until the registry stops counting the killed instance as healthy (its TTL passes)."""
-    registry = httpx.Client(base_url=api.registry_url, headers=api.http.headers, timeout=10.0)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = registry.get(f"/agents/{instance}")
-        if r.status_code == 404 or r.json().get("status") not in {"active", "busy", "initializing"}:
-            return
-        time.sleep(0.5)
+    with httpx.Client(base_url=api.registry_url, headers=api.http.headers, timeout=10.0) as registry:
+        while time.monotonic() < deadline:
+            r = registry.get(f"/agents/{instance}")
+            if r.status_code == 404 or r.json().get("status") not in {"active", "busy", "initializing"}:
+                return
+            time.sleep(0.5)
 
 
 def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
@@ -197,16 +197,19 @@ def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
         ("parallel_docs", lambda: _parallel_docs(api, repo)),
         ("self_healing", lambda: _self_healing(api, stack, out)),
     ]
-    for name, step in steps:
-        out.rule(name)
-        started = time.monotonic()
-        try:
-            res = step()
-        except (httpx.HTTPError, TimeoutError, KeyError) as e:
-            res = DemoResult(name, status="error", summary=f"{type(e).__name__}: {e}")
-        res.seconds = time.monotonic() - started
-        out.print(f"  {res.status} in {res.seconds:.1f}s: {res.summary}")
-        results.append(res)
+    try:
+        for name, step in steps:
+            out.rule(name)
+            started = time.monotonic()
+            try:
+                res = step()
+            except (httpx.HTTPError, TimeoutError, KeyError) as e:
+                res = DemoResult(name, status="error", summary=f"{type(e).__name__}: {e}")
+            res.seconds = time.monotonic() - started
+            out.print(f"  {res.status} in {res.seconds:.1f}s: {res.summary}")
+            results.append(res)
+    finally:
+        api.http.close()
     return results
 
 

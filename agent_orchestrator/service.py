@@ -37,6 +37,7 @@ _log = logging.getLogger(__name__)
 
 #: Workflow locks are held for the run; their TTL covers a long pipeline, renewed never.
 _RUN_LOCK_TTL_S = 3600.0
+_TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -51,6 +52,19 @@ class Orchestrator:
 
     def __post_init__(self) -> None:
         self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
+
+    def preinitialize_metrics(self) -> None:
+        """Zero series for every type, node and terminal status, so dashboards see the first ones."""
+        for name, wtype in self.types.items():
+            nodes = [n for n in wtype.build().nodes if not n.startswith("__")]
+            metrics.preinitialize(metrics.WORKFLOW_NODE_DURATION, *((name, n) for n in nodes))
+            metrics.preinitialize(metrics.WORKFLOW_DURATION, (name,))
+            metrics.preinitialize(metrics.WORKFLOWS_STARTED, (name,))
+            metrics.preinitialize(metrics.WORKFLOWS_FINISHED, *((name, s) for s in _TERMINAL_STATUSES))
+            metrics.preinitialize(metrics.WORKFLOWS_ACTIVE, (name,))
+            metrics.preinitialize(metrics.WORKFLOWS_STUCK, (name,))
+        # the resource types the built-in workflows lock (repo:<path>, env:<environment>)
+        metrics.preinitialize(metrics.RESOURCE_LOCK_WAIT, ("repo",), ("env",))
 
     def graph(self, workflow_type: str) -> CompiledStateGraph[Any, Any, Any, Any]:
         if workflow_type not in self._graphs:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from agents.sdk.agent import Agent
-from shared.lib import redis_keys
+from shared.lib import metrics, redis_keys
 from shared.lib.errors import OrchestratorError, ServiceUnavailable
 from shared.lib.event_bus import EventBus
 from shared.lib.http_service import ServiceContext
@@ -67,6 +67,7 @@ class AgentRuntime:
     async def start(self) -> None:
         """Register, serve the bus, heartbeat, then report ``active``."""
         self._loop = asyncio.get_running_loop()
+        metrics.preinitialize(metrics.AGENT_REQUEST_DURATION, (self.agent.name,))
         registration = Registration(
             name=self.agent.name,
             version=self.agent.version,

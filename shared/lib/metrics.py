@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["LATENCY_BUCKETS_S"]
+__all__ = ["LATENCY_BUCKETS_S", "preinitialize"]
+
+
+def preinitialize(metric: Counter | Gauge | Histogram, *label_sets: tuple[str, ...]) -> None:
+    """Create these label sets at zero now, so their first event is an increase ``rate()`` sees.
+
+    A labelled series otherwise appears at its first value; if events come faster than
+    scrapes, Prometheus never sees it rise (ingesting OpenMetrics created timestamps needs
+    Prometheus 2.50+). Call it at start-up with the label values a process knows it will use.
+    """
+    for labels in label_sets:
+        metric.labels(*labels)
+
 
 #: Sub-millisecond to minutes: bus round trips are ~0.5 ms, workflow steps take seconds.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
