@@ -1,6 +1,7 @@
 """Render docs/BENCHMARKS.md (and docs/bench/*.png) from a results file of ``agent-orchestrator bench``.
 
-Run: ``uv run python -m support.bench.report [support/bench/results/latest.json]``.
+Run: ``uv run python -m support.bench.report [support/bench/results/latest.json]``; the soak's
+results (``support/bench/results/soak.json``, from ``make soak``) are added when present.
 Every goal below is the one the project states; a missed goal is shown as missed.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ __all__ = ["ROWS", "Row", "render"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / "support" / "bench" / "results" / "latest.json"
+SOAK_RESULTS = ROOT / "support" / "bench" / "results" / "soak.json"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
 Check = Callable[[dict[str, float]], bool]
@@ -33,6 +35,8 @@ class Row:
     goal: str = ""
     check: Check | None = None
     lower_is_better: bool = True
+    baseline: bool = False
+    """The peer is a baseline (no checkpointer, the bare floor): the ratio reads "N x the baseline"."""
 
 
 def _le(name: str, limit: float) -> Check:
@@ -78,6 +82,7 @@ ROWS: dict[str, list[Row]] = {
             "lock_floor_p50_ms",
             "≤ 0.3 ms and ≤ 1.5x the floor",
             _all(_le("lock_p50_ms", 0.3), _ratio_at_most("lock_p50_ms", "lock_floor_p50_ms", 1.5)),
+            baseline=True,
         ),
         Row("lock_p50_ms", "redis_lock_p50_ms", "report (the peer)"),
         Row("lock_contended_throughput", goal="report (64 tasks, 16 resources)", lower_is_better=False),
@@ -88,11 +93,16 @@ ROWS: dict[str, list[Row]] = {
             "step_plain_ms",
             "≤ 2x plain (durability sync)",
             _ratio_at_most("step_checkpointed_ms", "step_plain_ms", 2),
+            baseline=True,
         ),
-        Row("step_checkpointed_new_thread_ms", "step_plain_ms", "report (read skipped)"),
-        Row("step_checkpointed_async_commit_ms", "step_plain_ms", "report (no WAL flush wait)"),
-        Row("stock_step_checkpointed_ms", "step_plain_ms", "report (stock saver, default durability)"),
-        Row("step_inmemory_sync_ms", "step_plain_ms", "report (LangGraph's own work, no I/O)"),
+        Row("step_checkpointed_new_thread_ms", "step_plain_ms", "report (read skipped)", baseline=True),
+        Row("step_checkpointed_async_commit_ms", "step_plain_ms", "report (no WAL flush wait)", baseline=True),
+        Row("stock_step_checkpointed_ms", "step_plain_ms", "report (stock saver, default durability)", baseline=True),
+        Row("step_checkpointed_ms", "stock_step_checkpointed_ms", "report (ours at sync, stock at async)"),
+        Row("step_inmemory_sync_ms", "step_plain_ms", "report (LangGraph's own work, no I/O)", baseline=True),
+        Row(
+            "step_checkpointed_floor_ms", "step_plain_ms", "report (the best a PostgreSQL saver can do)", baseline=True
+        ),
         Row(
             "pooled_concurrent_runs_per_s",
             "stock_concurrent_runs_per_s",
@@ -148,6 +158,8 @@ _SUITE_TITLES = {
 def _fmt(value: float) -> str:
     if math.isnan(value):
         return "n/a"
+    if value == 0:
+        return "0"
     if value == int(value) and abs(value) >= 1:
         return f"{int(value):,}"
     if abs(value) >= 100:
@@ -163,8 +175,11 @@ def _ratio(row: Row, figures: dict[str, float]) -> str:
     ours, peer = figures[row.figure], figures[row.peer]
     if not peer:
         return ""
-    # Always "how many times better ours is" when lower is better, else ours/peer.
-    return f"{ours / peer:.2f}x"
+    if row.baseline:
+        return f"{ours / peer:.2f}x the baseline"
+    if row.lower_is_better:
+        return f"{peer / ours:.2f}x faster" if ours <= peer else f"{ours / peer:.2f}x slower"
+    return f"{ours / peer:.2f}x as much"
 
 
 def _met(row: Row, figures: dict[str, float]) -> str:
@@ -177,7 +192,10 @@ def _met(row: Row, figures: dict[str, float]) -> str:
 
 
 def _table(suite: str, figures: dict[str, float], names: list[str]) -> list[str]:
-    lines = ["| figure | value | peer | ours ÷ peer | goal | met? |", "| --- | ---: | --- | ---: | --- | --- |"]
+    lines = [
+        "| figure | value | peer | ours against the peer | goal | met? |",
+        "| --- | ---: | --- | ---: | --- | --- |",
+    ]
     shown: set[str] = set()
     for row in ROWS.get(suite, []):
         if row.figure not in figures:
@@ -231,6 +249,10 @@ def _plot_curve(name: str, points: list[list[float]], *, xlabel: str, ylabel: st
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    if len(points) > 2 and points[-1][0] / max(points[0][0], 1e-9) >= 16:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks([p[0] for p in points], [f"{p[0]:g}" for p in points])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(name)
@@ -274,28 +296,46 @@ def _machine(results: dict[str, Any]) -> str:
     )
 
 
-def render(results_path: Path = DEFAULT_RESULTS, *, doc: Path = DOC) -> str:
-    """Write the report for ``results_path`` to ``doc`` and its plots beside it (``bench/*.png``)."""
-    results: dict[str, Any] = orjson.loads(results_path.read_bytes())
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    results: dict[str, Any] = orjson.loads(path.read_bytes())
     figures = {k: float(v) for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    suites: dict[str, list[str]] = results.get("suites", {})
+    return results, figures
+
+
+def _run_section(results: dict[str, Any], figures: dict[str, float]) -> list[str]:
+    lines = [
+        f"- Command: `{results.get('command', 'make bench')}`, then `python -m support.bench.report`.",
+        f"- Machine: {_machine(results)}.",
+        "",
+    ]
+    for suite, names in results.get("suites", {}).items():
+        lines += [f"## {_SUITE_TITLES.get(suite, suite)}", "", *_table(suite, figures, names), ""]
+    return lines
+
+
+def render(results_path: Path = DEFAULT_RESULTS, *, doc: Path = DOC, extra: Sequence[Path] | None = None) -> str:
+    """Write the report for ``results_path`` (and the ``extra`` result files, by default the soak's
+    when there is one) to ``doc``, with its plots beside it (``bench/*.png``)."""
+    if extra is None:
+        extra = [SOAK_RESULTS] if SOAK_RESULTS.exists() else []
     lines = [
         "# Benchmarks",
         "",
-        "Every figure below comes from one run of the benchmark harness on this machine, each beside",
-        "the thing a user would pick instead, measured in the same run on the same servers.",
-        "",
-        f"- Command: `{results.get('command', 'make bench')}` (then `python -m support.bench.report`).",
-        f"- Machine: {_machine(results)}.",
-        "- Values are medians unless the name says p99; latencies in ms.",
+        "Every figure below comes from a run of the benchmark harness on this machine, each beside the",
+        "thing a user would pick instead, measured in the same run on the same servers. Values are",
+        "medians unless the name says p99; latencies are in ms. A goal that is missed says **no**.",
         "",
     ]
-    for suite, names in suites.items():
-        lines += [f"## {_SUITE_TITLES.get(suite, suite)}", "", *_table(suite, figures, names), ""]
-    notes = results.get("notes", {})
+    results, figures = _load(results_path)
+    lines += _run_section(results, figures)
+    notes: dict[str, str] = dict(results.get("notes", {}))
+    for path in extra:
+        more, more_figures = _load(path)
+        lines += _run_section(more, more_figures)
+        notes.update(more.get("notes", {}))
     if notes:
         lines += ["## Notes", ""] + [f"- **{k}**: {v}" for k, v in sorted(notes.items())] + [""]
-    lines += _plots(results, figures, suites, doc.parent / "bench")
+    lines += _plots(results, figures, results.get("suites", {}), doc.parent / "bench")
     text = "\n".join(lines)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
