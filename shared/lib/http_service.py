@@ -13,6 +13,7 @@ import errno
 import hmac
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -227,6 +228,22 @@ async def _ping(ctx: ServiceContext) -> dict[str, str]:
     return checks
 
 
+#: service_dependency_up is at most this old when scraped; the probe never delays a scrape.
+_PROBE_EVERY_S = 5.0
+
+
+def _refresh_dependency_probe(ctx: ServiceContext) -> None:
+    """Start a background ping when the last one is stale. A scrape must stay fast even when
+    PostgreSQL or Redis hangs: waiting on the ping made scrapes time out under load."""
+    task: asyncio.Task[dict[str, str]] | None = ctx.extras.get("dependency_probe")
+    if task is not None and not task.done():
+        return
+    if time.monotonic() - ctx.extras.get("dependency_probed_at", 0.0) < _PROBE_EVERY_S:
+        return
+    ctx.extras["dependency_probed_at"] = time.monotonic()
+    ctx.extras["dependency_probe"] = asyncio.create_task(_ping(ctx), name="dependency-probe")
+
+
 def ops_router(service: str) -> APIRouter:
     """``/health`` (liveness), ``/ready`` (pings PostgreSQL and Redis) and ``/metrics``."""
     router = APIRouter(tags=["operations"])
@@ -246,7 +263,7 @@ def ops_router(service: str) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics(ctx: ContextDep) -> PlainTextResponse:
-        await _ping(ctx)  # refreshes service_dependency_up, so a scrape never reads a stale probe
+        _refresh_dependency_probe(ctx)
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router

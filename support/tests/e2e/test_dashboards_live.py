@@ -81,7 +81,7 @@ def write_config(stack: Stack, path: Path) -> Path:
         targets.setdefault(_job_of(p.name), []).append(p.url.removeprefix("http://"))
     assert set(targets) == set(SERVICE_PORTS), targets
     config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "2s", "scrape_timeout": "1900ms", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": sorted(urls)}]} for job, urls in sorted(targets.items())
