@@ -4,9 +4,9 @@ Each suite runs on a fresh database and Redis key prefix of its own, on the
 configured servers (``DATABASE_URL`` / ``REDIS_URL``) or embedded ones started
 for the run. The result is one JSON object: figure name -> number, plus
 ``machine`` (cores, load, versions), ``notes`` (what a number cannot say),
-``series`` (what the report plots), ``suites`` (each suite's figure names) and
-``command``. ``docs/BENCHMARKS.md`` is
-rendered from it by ``python -m support.bench.report``.
+``series`` (what the report plots), ``suites`` (each suite's figure names),
+``failed_suites`` and ``command``. ``docs/BENCHMARKS.md`` is rendered from it by
+``python -m support.bench.report``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,17 +45,6 @@ SUITES: dict[str, tuple[str, ...]] = {
 ALL = ("messaging", "locks", "checkpoint", "workflow", "scale")
 
 _out = Console(stderr=True)
-
-
-@dataclass
-class BenchRun:
-    """What one invocation collected."""
-
-    figures: dict[str, float]
-    distributions: dict[str, list[float]]
-    series: dict[str, list[list[float]]]
-    notes: dict[str, str]
-    failed: list[str]
 
 
 def _import_support() -> None:
@@ -180,7 +168,7 @@ async def run_suites(
                 bar.advance(task)
         pg, redis_version = await _versions(admin_url, redis_url)
     return {
-        **{k: _number(v) for k, v in collected.figures.items()},
+        **{k: float(v) for k, v in collected.figures.items()},
         "machine": machine_info(postgres=pg, redis=redis_version),
         "notes": collected.notes,
         "series": {"distributions": collected.distributions, "curves": collected.series},
@@ -188,10 +176,6 @@ async def run_suites(
         "command": "agent-orchestrator " + shlex.join(sys.argv[1:]),
         "failed_suites": failed,
     }
-
-
-def _number(value: Any) -> float:
-    return float(value)
 
 
 _SUITES_HELP = "Suites: all (the default: every suite but soak), messaging, locks, checkpoint, workflow, scale, soak."
