@@ -377,10 +377,13 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             async with self._cursor() as cur:
                 await cur.execute(sql, params)
         except BaseException as e:
-            failure = e if isinstance(e, Exception) else asyncio.CancelledError()
             for b in batches:
-                if not b.done.done():
-                    b.done.set_exception(failure)
+                if b.done.done():
+                    continue
+                if isinstance(e, Exception):
+                    b.done.set_exception(e)
+                else:  # cancelled (or the process is exiting): whether the rows landed is unknown
+                    b.done.cancel()
             raise
         for b in batches:
             if not b.done.done():

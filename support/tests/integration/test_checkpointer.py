@@ -199,3 +199,25 @@ async def test_async_commit_setting_reaches_the_pool(settings_factory: Callable[
         assert row == {"synchronous_commit": "off"}
         out = await _chain().compile(checkpointer=s).ainvoke({"n": 1}, _config(), durability="sync")  # type: ignore[arg-type]
         assert out["n"] == 20
+
+
+async def test_failed_checkpoint_fails_the_writes_riding_with_it(saver: PooledPostgresSaver, database_url: str) -> None:
+    """When a checkpoint's statement fails, the task writes it carried fail with it: nothing half-written."""
+    import asyncpg
+
+    doomed = "thread_id NOT LIKE 'doomed-%' OR (metadata->>'step')::int < 0"  # the input checkpoint passes
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"ALTER TABLE checkpoints ADD CONSTRAINT refuse_doomed CHECK ({doomed})")
+        graph = _chain().compile(checkpointer=saver)
+        thread = f"doomed-{uuid.uuid4().hex}"
+        with pytest.raises(Exception, match="refuse_doomed"):
+            await graph.ainvoke({"n": 1}, _config(thread), durability="sync")  # type: ignore[arg-type]
+        rows = {t: await conn.fetchval(f"SELECT count(*) FROM {t} WHERE thread_id = $1", thread) for t in _TABLES}
+    finally:
+        await conn.close()
+    # The input checkpoint and its blob stand; __start__'s writes rode with the refused checkpoint.
+    assert rows == {"checkpoints": 1, "checkpoint_blobs": 1, "checkpoint_writes": 0}
+
+
+_TABLES = ("checkpoints", "checkpoint_writes", "checkpoint_blobs")
