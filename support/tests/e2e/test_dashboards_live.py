@@ -117,6 +117,17 @@ def start_prometheus(config: Path, data: Path) -> Prometheus:
     raise AssertionError("prometheus was not ready within 30 s")
 
 
+def wait_for_first_scrapes(prom: Prometheus, *, targets: int, timeout_s: float = 30) -> None:
+    """Every target scraped at least twice, so what the workflows change shows up as a change."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = prom.api("query", query="count(count_over_time(up[1m]) >= 2)")["result"]
+        if result and int(float(result[0]["value"][1])) >= targets:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"prometheus did not scrape all {targets} targets twice within {timeout_s:.0f}s")
+
+
 def drive_workflows(stack: Stack, repo_root: Path) -> dict[str, str]:
     """Two pr_deployments on one repository (lock contention, approvals), parallel_docs, self_healing."""
     repo, base, head = make_sample_repo(repo_root)
@@ -168,6 +179,7 @@ def live(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory)
     prom = None
     try:
         prom = start_prometheus(write_config(stack, tmp / "prometheus.yml"), tmp / "tsdb")
+        wait_for_first_scrapes(prom, targets=len(stack.processes))
         started = time.time()
         outcomes = drive_workflows(stack, tmp)
         time.sleep(4)  # a few more scrapes and rule evaluations after the last step
