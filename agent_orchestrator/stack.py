@@ -9,6 +9,7 @@ it started, in reverse order, on exit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import httpx
 
+from shared.lib.bootstrap import preflight
 from shared.lib.embedded import EmbeddedServers
 from shared.lib.errors import StartupError
+from shared.lib.http_service import check_port_free
 from shared.lib.settings import Settings
 
 __all__ = ["AGENT_NAMES", "Stack", "StackProcess"]
@@ -74,7 +77,9 @@ class Stack:
     # -- start ---------------------------------------------------------------------------------
     def start(self) -> None:
         try:
+            self._check_ports()
             self._start_servers()
+            asyncio.run(preflight(self.settings))
             self._spawn_and_wait(
                 [self._service("agent-registry", ["registry"], self.settings.port_for("agent-registry"))]
             )
@@ -99,6 +104,11 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _check_ports(self) -> None:
+        """Refuse to start when a service's port is taken, before anything was spawned."""
+        for service in ("agent-registry", *AGENT_NAMES, "orchestrator"):
+            check_port_free(self.settings.host, self.settings.port_for(service), service)
 
     def _start_servers(self) -> None:
         self._servers = EmbeddedServers(self.settings.data_dir)
