@@ -96,6 +96,18 @@ def test_cancel_waiting_workflow_and_refuse_finished(api: httpx.Client, sample_r
     assert again.json()["error"]["code"] == "conflict"
 
 
+def test_cancel_running_workflow_stops_it(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """Cancelling a workflow while a node runs stops it as cancelled; it never reaches approval."""
+    wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cancel-running"))
+    follow(api, wf_id, {"running"} | TERMINAL | {"interrupted"})
+    r = api.post(f"/workflows/{wf_id}/cancel")
+    assert r.status_code == 202, r.text
+    wf = follow(api, wf_id, TERMINAL | {"interrupted"})
+    assert wf["status"] == "cancelled", wf
+    time.sleep(1)
+    assert api.get(f"/workflows/{wf_id}").json()["status"] == "cancelled"
+
+
 def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
     """Launching twice with one idempotency key returns the same workflow id."""
     body = {

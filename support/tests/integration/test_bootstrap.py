@@ -1,0 +1,106 @@
+"""Start-up: migrations, embedded servers, settings and the errors a bad start gets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.lib.connections import connect_postgres
+from shared.lib.embedded import EmbeddedRedis
+from shared.lib.errors import StartupError
+from shared.lib.migrations import MIGRATIONS, apply_migrations
+from shared.lib.settings import load_settings
+from support.tests.procs import free_port
+
+
+async def test_migrations_twice_are_a_no_op(database_url: str) -> None:
+    """A migrated database reports nothing to apply, and every migration is recorded once."""
+    again = await apply_migrations(database_url)
+    assert again.applied == []
+    conn = await connect_postgres(database_url)
+    try:
+        versions = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+    finally:
+        await conn.close()
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+async def test_concurrent_migrations_apply_each_file_once(server_urls: tuple[str, str]) -> None:
+    """Four processes' worth of concurrent migrators serialise on the advisory lock."""
+    from shared.lib.connections import create_database, drop_database, with_database
+
+    name = f"test_mig_{os.getpid()}_{free_port()}"
+    url = await create_database(server_urls[0], name)
+    try:
+        results = await asyncio.gather(*(apply_migrations(url) for _ in range(4)))
+        assert sorted(len(r.applied) for r in results) == [0, 0, 0, len(MIGRATIONS)]
+    finally:
+        await drop_database(with_database(server_urls[0], "postgres"), name)
+
+
+def test_embedded_redis_is_reused_and_only_its_starter_stops_it(tmp_path: Path) -> None:
+    """A second start finds the running server and leaves it running when it stops."""
+    first = EmbeddedRedis(tmp_path)
+    url = first.start()
+    second = EmbeddedRedis(tmp_path)
+    try:
+        assert second.start() == url
+        assert first.started
+        assert not second.started
+        second.stop()
+        assert second._alive(url)
+    finally:
+        first.stop()
+    assert not first._alive(url)
+    assert (tmp_path / "redis" / "appendonlydir").exists() or (tmp_path / "redis" / "appendonly.aof").exists()
+
+
+def test_unsafe_default_secrets_are_refused_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without dev mode a missing or default secret stops start-up with a message naming it."""
+    for var in ("AO_DEV_MODE", "AO_SIGNING_KEY", "AO_API_KEYS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AO_REGISTRATION_SECRET", "changeme")
+    with pytest.raises(StartupError, match="AO_REGISTRATION_SECRET"):
+        load_settings()
+    assert load_settings(dev_mode=True).dev_mode
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent_orchestrator", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("case", ["bad-database-url", "unreachable-redis", "port-taken"])
+def test_bad_start_up_input_gets_one_line_and_non_zero_exit(
+    case: str, service_env: dict[str, str], ports: dict[str, int]
+) -> None:
+    """A wrong DATABASE_URL, an unreachable Redis or a taken port: one clear line, exit 2, no traceback."""
+    env = dict(service_env)
+    if case == "bad-database-url":
+        env["DATABASE_URL"] = env["DATABASE_URL"].replace("/test_", "/missing_")
+    elif case == "unreachable-redis":
+        env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    import socket
+
+    with socket.socket() as taken:
+        if case == "port-taken":
+            taken.bind(("127.0.0.1", ports["agent-registry"]))
+            taken.listen()
+        done = _start(["registry"], env)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    expected = {"bad-database-url": "PostgreSQL", "unreachable-redis": "Redis", "port-taken": "already in use"}[case]
+    assert expected in errors[0]
