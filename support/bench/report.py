@@ -242,6 +242,26 @@ def _plot_distribution(suite: str, dists: dict[str, list[float]], own: dict[str,
     return True
 
 
+def _plot_curves(title: str, curves: dict[str, list[list[float]]], *, xlabel: str, ylabel: str, out: Path) -> bool:
+    """Several named (x, y) curves on one plot."""
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _plot_curve(name: str, points: list[list[float]], *, xlabel: str, ylabel: str, out: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -269,12 +289,11 @@ _CURVES = {
 }
 
 
-def _plots(results: dict[str, Any], figures: dict[str, float], suites: dict[str, list[str]], plots: Path) -> list[str]:
+def _plots(series: dict[str, Any], figures: dict[str, float], suites: dict[str, list[str]], plots: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     plots.mkdir(parents=True, exist_ok=True)
-    series = results.get("series", {})
     lines: list[str] = ["## Plots", ""]
     for suite, names in suites.items():
         own = {n: figures[n] for n in names if n in figures}
@@ -284,6 +303,11 @@ def _plots(results: dict[str, Any], figures: dict[str, float], suites: dict[str,
         points = series.get("curves", {}).get(name, [])
         if _plot_curve(name, points, xlabel=xlabel, ylabel=ylabel, out=plots / filename):
             lines.append(f"![{name}](bench/{filename})")
+    memory = {k.removeprefix("soak rss "): v for k, v in series.get("curves", {}).items() if k.startswith("soak rss ")}
+    if _plot_curves(
+        "soak: resident memory", memory, xlabel="minutes", ylabel="RSS (MB)", out=plots / "soak_memory.png"
+    ):
+        lines.append("![soak memory](bench/soak_memory.png)")
     return [*lines, ""]
 
 
@@ -329,13 +353,21 @@ def render(results_path: Path = DEFAULT_RESULTS, *, doc: Path = DOC, extra: Sequ
     results, figures = _load(results_path)
     lines += _run_section(results, figures)
     notes: dict[str, str] = dict(results.get("notes", {}))
+    series: dict[str, dict[str, Any]] = {"distributions": {}, "curves": {}}
+    suites: dict[str, list[str]] = dict(results.get("suites", {}))
     for path in extra:
         more, more_figures = _load(path)
         lines += _run_section(more, more_figures)
         notes.update(more.get("notes", {}))
+        figures = {**more_figures, **figures}
+        suites.update({k: v for k, v in more.get("suites", {}).items() if k not in suites})
+        for kind in series:
+            series[kind].update(more.get("series", {}).get(kind, {}))
+    for kind in series:
+        series[kind].update(results.get("series", {}).get(kind, {}))
     if notes:
         lines += ["## Notes", ""] + [f"- **{k}**: {v}" for k, v in sorted(notes.items())] + [""]
-    lines += _plots(results, figures, results.get("suites", {}), doc.parent / "bench")
+    lines += _plots(series, figures, suites, doc.parent / "bench")
     text = "\n".join(lines)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

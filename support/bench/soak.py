@@ -13,9 +13,11 @@ both replicas, the first agent instance) is read from /proc after a warm-up
 workflow launched must finish.
 
 Figures: ``soak_minutes``, ``soak_workflows_launched`` / ``_finished`` /
-``_succeeded`` / ``_unfinished``, ``soak_agent_kills``, per service
+``_succeeded`` / ``_unfinished``, ``soak_workflow_p50_s`` / ``_p99_s`` / ``_slowest_s``
+(launch to finish), ``soak_agent_kills``, per service
 ``soak_rss_start_mb_<svc>``, ``soak_rss_end_mb_<svc>``, ``soak_rss_growth_percent_<svc>``,
-and ``soak_max_rss_growth_percent``.
+and ``soak_max_rss_growth_percent``; the curves ``soak rss <service>`` (MB against
+minutes) show whether memory grows or settles.
 
 ``agent-orchestrator bench soak --minutes 5``; ``make soak`` runs an hour.
 """
@@ -23,16 +25,19 @@ and ``soak_max_rss_growth_percent``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import secrets
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from support.bench.harness import Progress, say
+from support.bench.harness import Progress, SuiteResult, percentile, say
 from support.bench.workflow import (
     TERMINAL,
     Services,
@@ -44,7 +49,7 @@ from support.bench.workflow import (
     start_replica,
 )
 
-__all__ = ["run"]
+__all__ = ["run", "run_detailed"]
 
 LAUNCH_PER_S = 10.0
 IN_FLIGHT = 32
@@ -75,6 +80,7 @@ class _Load:
         self.http, self.bases = http, bases
         self.launched: dict[str, str] = {}  # workflow id -> replica URL
         self.status: dict[str, str] = {}
+        self.took_s: dict[str, float] = {}  # launch to finish, by the orchestrator's clock
         self.gate = asyncio.Semaphore(IN_FLIGHT)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -83,9 +89,17 @@ class _Load:
         try:
             wid = await launch(self.http, base, "agent_chain", {"calls": _mixed_calls()})
             self.launched[wid] = base
-            self.status[wid] = (await follow(self.http, base, wid, poll_s=0.25))["status"]
+            with contextlib.suppress(RuntimeError):  # not finished in time: drain() reads it again
+                self._record(await follow(self.http, base, wid, poll_s=0.25))
         finally:
             self.gate.release()
+
+    def _record(self, record: dict[str, Any]) -> None:
+        wid = record["workflow_id"]
+        self.status[wid] = record["status"]
+        if record["status"] in TERMINAL:
+            created, updated = (datetime.fromisoformat(record[k]) for k in ("created_at", "updated_at"))
+            self.took_s[wid] = (updated - created).total_seconds()
 
     async def run_until(self, stop_at: float) -> None:
         n = 0
@@ -102,7 +116,7 @@ class _Load:
         await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), DRAIN_TIMEOUT_S)
         for wid, base in self.launched.items():
             if self.status.get(wid) not in TERMINAL:
-                self.status[wid] = (await self.http.get(f"{base}/workflows/{wid}")).json().get("status", "unknown")
+                self._record((await self.http.get(f"{base}/workflows/{wid}")).json())
 
 
 async def _killer(services: Services, stop_at: float, kill_every_s: float, progress: Progress) -> int:
@@ -124,6 +138,17 @@ async def _killer(services: Services, stop_at: float, kill_every_s: float, progr
     return kills
 
 
+async def _sample_rss(tracked: dict[str, int], every_s: float, out: dict[str, list[list[float]]]) -> None:
+    """Every ``every_s``, each tracked service's resident memory: the curve says growth or plateau."""
+    started = time.monotonic()
+    while True:
+        minute = (time.monotonic() - started) / 60
+        for name, pid in tracked.items():
+            with contextlib.suppress(OSError):
+                out.setdefault(f"soak rss {name}", []).append([minute, _rss_mb(pid)])
+        await asyncio.sleep(every_s)
+
+
 def _memory(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for svc, before in start.items():
@@ -136,38 +161,48 @@ def _memory(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
     return out
 
 
-async def _soak(services: Services, api_key: str, duration_s: float, progress: Progress) -> dict[str, float]:
-    bases = [await start_replica(services, 1), await start_replica(services, 2)]
-    warmup_s = min(max(duration_s * 0.1, 20.0), 300.0)
-    kill_every_s = min(max(duration_s / 5, 60.0), 240.0)
-    started = time.monotonic()
-    stop_at = started + warmup_s + duration_s
-    async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
-        load = _Load(http, bases)
-        runner = asyncio.create_task(load.run_until(stop_at))
-        say(progress, f"soak: warming up for {warmup_s:.0f}s before the first memory reading")
-        await asyncio.sleep(warmup_s)
-        tracked = {n: p for n, p in services.pids().items() if not n.startswith("noop-2")}
-        rss_start = {n: _rss_mb(p) for n, p in tracked.items()}
-        say(progress, f"soak: {duration_s / 60:.0f} min of mixed workflows, an agent killed every {kill_every_s:.0f}s")
-        kills = await _killer(services, stop_at, kill_every_s, progress)
-        await runner
-        rss_end = {n: _rss_mb(p) for n, p in tracked.items()}
-        say(progress, f"soak: waiting for the last of {len(load.launched)} workflows")
-        await load.drain()
+def _figures(load: _Load, kills: int, duration_s: float) -> dict[str, float]:
     finished = sum(1 for s in load.status.values() if s in TERMINAL)
+    took = sorted(load.took_s.values()) or [math.nan]
     return {
         "soak_minutes": duration_s / 60,
         "soak_workflows_launched": float(len(load.launched)),
         "soak_workflows_finished": float(finished),
         "soak_workflows_succeeded": float(sum(1 for s in load.status.values() if s == "succeeded")),
         "soak_workflows_unfinished": float(len(load.launched) - finished),
+        "soak_workflow_p50_s": percentile(took, 0.5),
+        "soak_workflow_p99_s": percentile(took, 0.99),
+        "soak_workflow_slowest_s": took[-1],
         "soak_agent_kills": float(kills),
-        **_memory(rss_start, rss_end),
     }
 
 
-async def run(settings: Any, *, progress: Progress = None, duration_s: float = 300.0) -> dict[str, float]:
+async def _soak(services: Services, api_key: str, duration_s: float, progress: Progress) -> SuiteResult:
+    bases = [await start_replica(services, 1), await start_replica(services, 2)]
+    warmup_s = min(max(duration_s * 0.1, 20.0), 300.0)
+    kill_every_s = min(max(duration_s / 5, 60.0), 240.0)
+    stop_at = time.monotonic() + warmup_s + duration_s
+    result = SuiteResult()
+    async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
+        load = _Load(http, bases)
+        runner = asyncio.create_task(load.run_until(stop_at))
+        tracked = {n: p for n, p in services.pids().items() if not n.startswith("noop-2")}
+        sampler = asyncio.create_task(_sample_rss(tracked, max(duration_s / 40, 5.0), result.series))
+        say(progress, f"soak: warming up for {warmup_s:.0f}s before the first memory reading")
+        await asyncio.sleep(warmup_s)
+        rss_start = {n: _rss_mb(p) for n, p in tracked.items()}
+        say(progress, f"soak: {duration_s / 60:.0f} min of mixed workflows, an agent killed every {kill_every_s:.0f}s")
+        kills = await _killer(services, stop_at, kill_every_s, progress)
+        await runner
+        rss_end = {n: _rss_mb(p) for n, p in tracked.items()}
+        sampler.cancel()
+        say(progress, f"soak: waiting for the last of {len(load.launched)} workflows")
+        await load.drain()
+    result.figures = {**_figures(load, kills, duration_s), **_memory(rss_start, rss_end)}
+    return result
+
+
+async def run_detailed(settings: Any, *, progress: Progress = None, duration_s: float = 300.0) -> SuiteResult:
     """Soak the stack for ``duration_s`` (after a warm-up) on ``settings``' database and Redis."""
     api_key = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="aobench-soak", dir="/tmp") as tmp:
@@ -180,3 +215,7 @@ async def run(settings: Any, *, progress: Progress = None, duration_s: float = 3
             return await _soak(services, api_key, duration_s, progress)
         finally:
             await services.stop()
+
+
+async def run(settings: Any, *, progress: Progress = None, duration_s: float = 300.0) -> dict[str, float]:
+    return (await run_detailed(settings, progress=progress, duration_s=duration_s)).figures
