@@ -315,13 +315,20 @@ class PooledPostgresSaver(AsyncPostgresSaver):
                 return
         finally:
             if not batch.taken:
-                self._waiting[key].remove(batch)
+                self._forget(key, batch)
         # No checkpoint came: send these rows, with any other batch of the thread still waiting.
         self._waiting.setdefault(key, []).insert(0, batch)
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches) - 1
         params = {"thread_id": key[0], "ns": key[1], **_writes_params(batches)}
         await self._execute(_statement_for(params, checkpoint=False), params, batches)
+
+    def _forget(self, key: tuple[str, str], batch: _WriteBatch) -> None:
+        waiting = self._waiting.get(key, [])
+        if batch in waiting:
+            waiting.remove(batch)
+        if not waiting:
+            self._waiting.pop(key, None)
 
     async def _wait_for_carrier(self, key: tuple[str, str], batch: _WriteBatch) -> None:
         """Wait for the thread's next ``aput`` to take ``batch``: while one of its checkpoints

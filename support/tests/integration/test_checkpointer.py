@@ -180,7 +180,7 @@ async def test_writes_share_statements_with_checkpoints(saver: PooledPostgresSav
 
 
 async def test_concurrent_threads_on_one_saver(saver: PooledPostgresSaver) -> None:
-    """Many threads run at once on one saver, each ending with its own state."""
+    """Many threads run at once on one saver, each ending with its own state and nothing retained."""
     graph = _chain().compile(checkpointer=saver)
     threads = [uuid.uuid4().hex for _ in range(24)]
     outs = await asyncio.gather(
@@ -189,6 +189,8 @@ async def test_concurrent_threads_on_one_saver(saver: PooledPostgresSaver) -> No
     assert [o["n"] for o in outs] == [(i + 1) * 10 for i in range(24)]
     for i, t in enumerate(threads):
         assert (await graph.aget_state(_config(t))).values["doc"] == {"seen": [i]}  # type: ignore[arg-type]
+    assert not saver._waiting, "write batches left behind"
+    assert not saver._puts, "in-flight checkpoints left behind"
 
 
 async def test_async_commit_setting_reaches_the_pool(settings_factory: Callable[..., Settings]) -> None:
