@@ -53,6 +53,19 @@ def _stack(*, docs_instances: int, replicas: int, env: dict[str, str] | None = N
     )
 
 
+def _stop_uninterrupted(stack: object) -> None:
+    """Stop everything, ignoring further Ctrl-C: make and uv forward the same interrupt again,
+    and a second KeyboardInterrupt would abandon the cleanup halfway (servers left running)."""
+    from agent_orchestrator.stack import Stack
+
+    assert isinstance(stack, Stack)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stack.stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def up(
     docs_instances: int = typer.Option(2, min=1, help="Documentation agent instances."),
     replicas: int = typer.Option(1, min=1, help="Orchestrator replicas."),
@@ -76,7 +89,7 @@ def up(
         pass
     finally:
         _out.print("stopping...")
-        stack.stop()
+        _stop_uninterrupted(stack)
 
 
 def demo(
@@ -94,7 +107,7 @@ def demo(
     try:
         results = run_demo(stack, work_dir=(work_dir or stack.settings.data_dir / "demo"), out=_out)
     finally:
-        stack.stop()
+        _stop_uninterrupted(stack)
     _out.print(summary_table(results))
     if not all(r.ok for r in results):
         raise typer.Exit(1)
