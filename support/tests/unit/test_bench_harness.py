@@ -74,6 +74,6 @@ def test_bench_checkpoint_suite_writes_valid_json(server_urls: tuple[str, str], 
 
     from support.bench.report import render
 
-    text = render(out, doc=tmp_path / "BENCHMARKS.md")
+    text = render(out, doc=tmp_path / "BENCHMARKS.md", extra=[])
     assert "| `step_checkpointed_ms` |" in text
     assert "![checkpoint latency](bench/checkpoint_latency.png)" in text
