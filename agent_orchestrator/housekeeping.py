@@ -11,11 +11,12 @@ transaction, so each workflow is pruned once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 import asyncpg
+
+from shared.lib.tasks import cancel_and_wait
 
 __all__ = ["Housekeeper", "prune_finished"]
 
@@ -53,10 +54,7 @@ class Housekeeper:
         self._task = asyncio.create_task(self._loop(), name="checkpoint-housekeeping")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

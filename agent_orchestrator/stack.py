@@ -30,7 +30,7 @@ from shared.lib.errors import StartupError
 from shared.lib.http_service import check_port_free
 from shared.lib.settings import Settings
 
-__all__ = ["AGENT_NAMES", "Stack", "StackProcess"]
+__all__ = ["AGENT_NAMES", "Stack", "StackProcess", "spawn_cli"]
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +43,20 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``agent-orchestrator ARGS...`` as its own process (own session), output appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent_orchestrator", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 @dataclass
@@ -153,16 +167,7 @@ class Stack:
 
     def _spawn_and_wait(self, group: list[StackProcess]) -> None:
         for sp in group:
-            out = sp.log.open("ab")
-            sp.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent_orchestrator", *sp.args],
-                env=self._env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            out.close()
+            sp.proc = spawn_cli(sp.args, env=self._env, log=sp.log)
             self.processes.append(sp)
         for sp in group:
             self._wait_ready(sp)

@@ -50,6 +50,7 @@ from shared.lib.errors import (
     StartupError,
 )
 from shared.lib.settings import Settings
+from shared.lib.tasks import cancel_and_wait
 
 __all__ = ["Emit", "Lease", "LockInfo", "ResourceLockManager", "lock_key", "resource_type"]
 
@@ -384,11 +385,8 @@ class ResourceLockManager:
 
     async def close(self) -> None:
         """Release every lease this manager still holds, then close its sessions."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         for lease in list(self._leases):
             with contextlib.suppress(LockLost):
                 await lease.release()

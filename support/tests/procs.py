@@ -6,12 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from agent_orchestrator.stack import spawn_cli
 
 __all__ = ["ServiceProcess", "free_port", "wait_http"]
 
@@ -55,17 +56,7 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, *, ready_path: str | None = "/ready", timeout_s: float = 30.0) -> ServiceProcess:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent_orchestrator", *self.args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
+        self.proc = spawn_cli(self.args, env=self.env, log=self.log)
         if self.url and ready_path:
             wait_http(self.url + ready_path, timeout_s=timeout_s, proc=self.proc, log=self.log)
         return self

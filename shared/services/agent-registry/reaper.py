@@ -9,7 +9,6 @@ refreshes the ``registry_agents`` gauge, so no request ever counts rows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from agent_registry.events import AgentEvents
 from agent_registry.store import RegistryStore
 from shared.lib.metrics import REGISTRY_AGENTS, REGISTRY_STALE_AGENTS
 from shared.lib.registry_models import AgentStatus
+from shared.lib.tasks import cancel_and_wait
 
 __all__ = ["Reaper", "sweep_interval_s"]
 
@@ -72,10 +72,7 @@ class Reaper:
         self._task = asyncio.create_task(self._loop(), name="registry-reaper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         """Sweep every interval; marking and removing wait one TTL after start.
