@@ -187,6 +187,15 @@ class RunStore:
             "UPDATE workflow_runs SET stuck_since = coalesce(stuck_since, now()) WHERE workflow_id = $1", workflow_id
         )
 
+    async def waiting_summary(self) -> tuple[int, float]:
+        """How many runs wait on a human, and how long the oldest has waited (seconds)."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(updated_at)), 0) AS oldest "
+            "FROM workflow_runs WHERE state = 'waiting'"
+        )
+        assert row is not None
+        return int(row["n"]), float(row["oldest"])
+
     async def pending_interrupts(self, *, limit: int) -> list[asyncpg.Record]:
         return list(
             await self.pool.fetch(

@@ -269,6 +269,9 @@ class WorkflowRunner:
                 for workflow_id in await self.store.expire_waits(answer=EXPIRED_APPROVAL):
                     _log.info("approval of workflow %s expired; resuming it as rejected", workflow_id)
                 await self._check_stuck()
+                pending, oldest_s = await self.store.waiting_summary()
+                metrics.WORKFLOW_APPROVALS_PENDING.set(pending)
+                metrics.WORKFLOW_APPROVAL_OLDEST_WAIT.set(oldest_s)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 _log.warning("watchdog pass failed: %s", e)
 

@@ -54,6 +54,17 @@ REGISTRY_HEARTBEAT_LAG = Histogram(
 )
 
 # -- workflows (orchestrator) ----------------------------------------------------------
+__all__ += [
+    "WORKFLOWS_ACTIVE",
+    "WORKFLOWS_FINISHED",
+    "WORKFLOWS_STARTED",
+    "WORKFLOWS_STUCK",
+    "WORKFLOW_APPROVALS_PENDING",
+    "WORKFLOW_APPROVAL_OLDEST_WAIT",
+    "WORKFLOW_DURATION",
+    "WORKFLOW_INTERRUPT_WAIT",
+    "WORKFLOW_NODE_DURATION",
+]
 WORKFLOWS_STARTED = Counter("workflows_started_total", "Workflows accepted by the API.", ["type"])
 WORKFLOWS_FINISHED = Counter(
     "workflows_finished_total", "Workflows that reached a terminal status.", ["type", "status"]
@@ -69,6 +80,12 @@ WORKFLOW_NODE_DURATION = Histogram(
 )
 WORKFLOWS_ACTIVE = Gauge("workflows_active", "Workflows this replica is running now.", ["type"])
 WORKFLOWS_STUCK = Gauge("workflows_stuck", "Running workflows with no progress for AO_STUCK_AFTER_S.", ["type"])
+WORKFLOW_APPROVALS_PENDING = Gauge(
+    "workflow_approvals_pending", "Workflows waiting on a human answer now (all replicas see the same value)."
+)
+WORKFLOW_APPROVAL_OLDEST_WAIT = Gauge(
+    "workflow_approval_oldest_wait_seconds", "How long the oldest unanswered approval has waited; 0 when none."
+)
 WORKFLOW_INTERRUPT_WAIT = Histogram(
     "workflow_interrupt_wait_seconds",
     "Time a workflow waited on a human answer (approval).",

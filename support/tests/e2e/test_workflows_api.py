@@ -33,6 +33,19 @@ def follow(api: httpx.Client, workflow_id: str, until: set[str], timeout_s: floa
     raise AssertionError(f"{workflow_id} never reached {until}: {api.get(f'/workflows/{workflow_id}').json()}")
 
 
+def wait_for_metric(api: httpx.Client, name: str, timeout_s: float = 10) -> float:
+    """The value of an unlabelled metric on /metrics, once the watchdog has set it above zero."""
+    deadline = time.monotonic() + timeout_s
+    value = 0.0
+    while time.monotonic() < deadline:
+        lines = [ln for ln in api.get("/metrics").text.splitlines() if ln.startswith(f"{name} ")]
+        value = float(lines[0].split()[1]) if lines else 0.0
+        if value > 0:
+            return value
+        time.sleep(0.3)
+    return value
+
+
 def pr_input(repo: tuple[Path, str, str], **extra: Any) -> dict[str, Any]:
     path, base, head = repo
     return {"repo_path": str(path), "base": base, "head": head, "environment": "staging", **extra}
@@ -47,6 +60,7 @@ def test_pr_deployment_deploys_after_approval(
     assert wf["status"] == "interrupted", wf
     assert wf["pending_interrupt"]["review"]["approved"] is True
     assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
+    assert wait_for_metric(api, "workflow_approvals_pending") >= 1
     r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
     assert r.status_code == 202, r.text
     wf = follow(api, wf_id, TERMINAL)
