@@ -16,8 +16,8 @@ Figures: ``soak_minutes``, ``soak_workflows_launched`` / ``_finished`` /
 ``_succeeded`` / ``_unfinished``, ``soak_workflow_p50_s`` / ``_p99_s`` / ``_slowest_s``
 (launch to finish), ``soak_agent_kills``, per service
 ``soak_rss_start_mb_<svc>``, ``soak_rss_end_mb_<svc>``, ``soak_rss_growth_percent_<svc>``,
-and ``soak_max_rss_growth_percent``; the curves ``soak rss <service>`` (MB against
-minutes) show whether memory grows or settles.
+``soak_max_rss_growth_percent`` and ``soak_max_rss_growth_second_half_percent``; the
+curves ``soak rss <service>`` (MB against minutes) show whether memory grows or settles.
 
 ``agent-orchestrator bench soak --minutes 5``; ``make soak`` runs an hour.
 """
@@ -199,7 +199,24 @@ async def _soak(services: Services, api_key: str, duration_s: float, progress: P
         say(progress, f"soak: waiting for the last of {len(load.launched)} workflows")
         await load.drain()
     result.figures = {**_figures(load, kills, duration_s), **_memory(rss_start, rss_end)}
+    result.figures["soak_max_rss_growth_second_half_percent"] = _second_half_growth(result.series)
+    result.notes["soak"] = (
+        f"{duration_s / 60:.0f} min after a {warmup_s:.0f} s warm-up; resident memory growth "
+        f"{result.figures['soak_max_rss_growth_percent']:.1f} % at most over the whole soak, "
+        f"{result.figures['soak_max_rss_growth_second_half_percent']:.1f} % over its second half "
+        "(growth that settles, against growth that goes on)."
+    )
     return result
+
+
+def _second_half_growth(curves: dict[str, list[list[float]]]) -> float:
+    """The largest growth, in percent, of any tracked service over the second half of its samples."""
+    growth = [
+        100 * (points[-1][1] - points[len(points) // 2][1]) / points[len(points) // 2][1]
+        for points in curves.values()
+        if len(points) >= 4
+    ]
+    return max(growth, default=math.nan)
 
 
 async def run_detailed(settings: Any, *, progress: Progress = None, duration_s: float = 300.0) -> SuiteResult:
