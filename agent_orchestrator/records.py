@@ -8,13 +8,14 @@ is stuck.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from agent_orchestrator.run_store import RunStore
+from agent_orchestrator.run_store import RunRow, RunStore
 from shared.lib.errors import Conflict
 from shared.lib.workflow_state import WorkflowStateManager
 
@@ -151,9 +152,12 @@ class WorkflowRecords:
             )
         return _record(wf)
 
-    async def get(self, workflow_id: str) -> WorkflowRecord:
-        wf = await self.manager.get_workflow(workflow_id)
-        return _record(wf, await self.run_store.get(workflow_id))
+    async def get(self, workflow_id: str, *, run: RunRow | None = None) -> WorkflowRecord:
+        """The workflow and its run (read concurrently; pass ``run`` when the caller has it)."""
+        if run is not None:
+            return _record(await self.manager.get_workflow(workflow_id), run)
+        wf, row = await asyncio.gather(self.manager.get_workflow(workflow_id), self.run_store.get(workflow_id))
+        return _record(wf, row)
 
     async def page(
         self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None

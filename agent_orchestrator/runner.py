@@ -61,6 +61,7 @@ class LocalRun:
     last_progress: float = field(default_factory=time.monotonic)
     cancel_reason: str | None = None
     stuck: bool = False
+    unstuck: bool = False  # progressed after being reported stuck: clear the mark at the next pass
 
 
 class WorkflowRunner:
@@ -238,13 +239,15 @@ class WorkflowRunner:
         await self.store.finish(run.workflow_id)
         await self._on_finished(run, outcome)
 
-    async def progress(self, workflow_id: str) -> None:
-        """Called by the executor after each node: feeds the watchdog and the lease row."""
+    def progress(self, workflow_id: str) -> None:
+        """Called by the executor after each node; the watchdog reads it (in memory, no write per node)."""
         lr = self._local.get(workflow_id)
-        if lr is not None:
-            lr.last_progress = time.monotonic()
+        if lr is None:
+            return
+        lr.last_progress = time.monotonic()
+        if lr.stuck:
             lr.stuck = False
-        await self.store.progress(workflow_id)
+            lr.unstuck = True
 
     # -- leases and watchdog ---------------------------------------------------------------------
     async def _lease_loop(self) -> None:
@@ -279,6 +282,9 @@ class WorkflowRunner:
         now = time.monotonic()
         counts: dict[str, int] = {}
         for workflow_id, lr in list(self._local.items()):
+            if lr.unstuck:
+                lr.unstuck = False
+                await self.store.progress(workflow_id)
             if now - lr.last_progress < self.settings.stuck_after_s:
                 continue
             counts[lr.run.workflow_type] = counts.get(lr.run.workflow_type, 0) + 1

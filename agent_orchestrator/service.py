@@ -9,6 +9,7 @@ event stream can replay them).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -152,9 +153,11 @@ class Orchestrator:
 
     # -- runner callbacks ------------------------------------------------------------------------
     async def execute(self, run: RunRow) -> Outcome:
-        record = await self.records.get(run.workflow_id)
-        await self.records.set_status(run.workflow_id, "running")
-        await self._emit(run.workflow_id, "workflow.status", {"status": "running", "attempt": run.attempts})
+        record = await self.records.get(run.workflow_id, run=run)
+        await asyncio.gather(
+            self.records.set_status(run.workflow_id, "running"),
+            self._emit(run.workflow_id, "workflow.status", {"status": "running", "attempt": run.attempts}),
+        )
         locks = RunLocks(self.locks, owner=f"workflow:{run.workflow_id}")
         context = WorkflowContext(
             workflow_id=run.workflow_id,
@@ -204,12 +207,15 @@ class Orchestrator:
     def _node_reporter(self, run: RunRow) -> Any:
         async def on_node(node: str, update: dict[str, Any], elapsed_s: float) -> None:
             assert self.runner is not None
-            await self.runner.progress(run.workflow_id)
-            await self.records.step(run.workflow_id, node, agents=list(update.get("agents", [])))
-            await self._emit(
-                run.workflow_id,
-                "workflow.node",
-                {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
+            self.runner.progress(run.workflow_id)
+            # Independent writes: the step on the workflow row and the event in the log.
+            await asyncio.gather(
+                self.records.step(run.workflow_id, node, agents=list(update.get("agents", []))),
+                self._emit(
+                    run.workflow_id,
+                    "workflow.node",
+                    {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
+                ),
             )
 
         return on_node
