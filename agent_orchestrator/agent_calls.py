@@ -69,7 +69,7 @@ class BusAgentCalls:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(_ATTEMPTS),
             reraise=True,
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             retry=retry_if_exception(_retryable),
         )
         async for attempt in retrying:

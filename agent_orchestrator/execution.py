@@ -16,6 +16,7 @@ from typing import Any
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY
 from agent_orchestrator.workflows.base import WorkflowContext
 from shared.lib import metrics
 
@@ -49,10 +50,17 @@ def _initial_state(
 
 
 async def _graph_input(
-    graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any], resume_value: Any, fresh: dict[str, Any]
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    config: dict[str, Any],
+    resume_value: Any,
+    fresh: dict[str, Any],
+    *,
+    new_thread: bool,
 ) -> Any:
     if resume_value is not None:
         return Command(resume=resume_value)
+    if new_thread:
+        return fresh
     snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
     return fresh if snapshot.created_at is None else None
 
@@ -67,14 +75,22 @@ async def run_graph(
     correlation_id: str,
     resume_value: Any,
     on_node: NodeCallback,
+    new_thread: bool = False,
 ) -> Outcome:
-    """Stream the graph to its end or its next interrupt, reporting each finished node."""
+    """Stream the graph to its end or its next interrupt, reporting each finished node.
+
+    ``new_thread`` says no checkpoint can exist yet (the run's first attempt), so neither
+    this function nor the saver reads one before the first write.
+    """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
-    graph_input = await _graph_input(graph, config, resume_value, fresh)
+    graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
+    stream_config = config
+    if new_thread:
+        stream_config = {**config, "configurable": {**config["configurable"], NEW_THREAD_KEY: True}}
     started: dict[str, float] = {}
     async for event in graph.astream(  # type: ignore[call-overload]
         graph_input,
-        config,
+        stream_config,
         context=context,
         stream_mode="tasks",
         durability="sync",

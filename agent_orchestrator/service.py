@@ -173,9 +173,12 @@ class Orchestrator:
         )
         graph = self.graph(run.workflow_type)
         config = self._config(record)
+        # A first attempt has no checkpoint (attempts count every claim): nothing to read back.
+        new_thread = run.attempts == 1 and run.resume_value is None
         try:
-            snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
-            await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
+            if not new_thread:
+                snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
+                await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
             with workflow_context(record.trace, metadata=config["metadata"]):
                 return await run_graph(
                     graph,
@@ -186,6 +189,7 @@ class Orchestrator:
                     correlation_id=record.correlation_id,
                     resume_value=run.resume_value,
                     on_node=self._node_reporter(run),
+                    new_thread=new_thread,
                 )
         finally:
             await locks.release_all()
