@@ -36,18 +36,15 @@ def _root() -> None:
 def migrate() -> None:
     """Apply the SQL migrations in config/state to DATABASE_URL (or the embedded server)."""
     from shared.lib.bootstrap import configure_logging
-    from shared.lib.embedded import EmbeddedServers
+    from shared.lib.embedded import servers_for
     from shared.lib.migrations import apply_migrations
     from shared.lib.settings import load_settings
 
     settings = load_settings(dev_mode=True)  # migrating needs no secrets
     configure_logging(settings.log_level)
-    servers = EmbeddedServers(settings.data_dir)
-    try:
-        db_url, _ = servers.ensure(database_url=settings.database_url, redis_url=settings.redis_url or "unused")
-        result = asyncio.run(apply_migrations(db_url))
-    finally:
-        servers.stop()
+    with servers_for(settings.data_dir, database_url=settings.database_url, redis_url=None, with_redis=False) as urls:
+        assert urls[0] is not None
+        result = asyncio.run(apply_migrations(urls[0]))
     applied = ", ".join(result.applied) or "nothing to apply"
     typer.echo(f"schema at version {result.current_version}: {applied}")
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import redis
 
 from shared.lib.errors import StartupError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "EmbeddedServers"]
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "EmbeddedServers", "servers_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -261,3 +262,27 @@ class EmbeddedServers:
     def env(self, database_url: str, redis_url: str) -> dict[str, str]:
         """Environment for child processes so they use the same servers."""
         return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+
+
+@contextlib.contextmanager
+def servers_for(
+    data_dir: Path,
+    *,
+    database_url: str | None,
+    redis_url: str | None,
+    with_postgres: bool = True,
+    with_redis: bool = True,
+) -> Iterator[tuple[str | None, str | None]]:
+    """URLs for a one-shot command: the configured servers, or embedded ones started for it and
+    stopped afterwards. A server the command does not need (``with_postgres=False``) is not started."""
+    servers = EmbeddedServers(data_dir)
+    try:
+        if with_postgres and database_url is None:
+            servers.postgres = EmbeddedPostgres(data_dir)
+            database_url = servers.postgres.start()
+        if with_redis and redis_url is None:
+            servers.redis = EmbeddedRedis(data_dir)
+            redis_url = servers.redis.start()
+        yield (database_url if with_postgres else None), (redis_url if with_redis else None)
+    finally:
+        servers.stop()
