@@ -29,6 +29,7 @@ MIGRATIONS: list[str] = [
     "resource_locks.sql",
     "events.sql",
     "workflow_runs.sql",
+    "resource_locks_fast_path.sql",
 ]
 
 #: Advisory-lock key guarding migrations (an arbitrary constant: "ao-migr" in ASCII).

@@ -6,9 +6,10 @@ connection it takes back with ``pg_advisory_unlock_all()``, which would drop the
 lock the moment the connection went back. Because the lock lives in the
 session, a holder whose process dies loses it at once (its backend exits).
 
-Each grant runs in one round trip (``resource_lock_grant`` in
-``config/state/resource_locks.sql``): it takes the lock and bumps the
-resource's fencing token in the same transaction, and records the grant. A
+Each grant runs in one round trip: it takes the lock and bumps the resource's
+fencing token in the same transaction, and records the grant. The common case
+is one plain statement (``_FAST_GRANT_SQL``); first grants, contention and
+abandoned leases go through ``resource_lock_grant`` in ``config/state``. A
 lease past its TTL is expired by the session that holds it (this process's
 sweep) or, when that session is stuck, by terminating it; no session ever
 unlocks a lock it does not hold. Every write a lease makes is fenced by its
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -76,8 +78,47 @@ _MAX_WAIT_S = 24 * 3600.0
 _TYPE_RE = re.compile(r"^[a-z0-9_.-]{1,32}$")
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
-_GRANT_SQL = "SELECT granted, token, holder, expires_at, db_now FROM resource_lock_grant($1, $2, $3, $4, $5)"
-_RELEASE_SQL = "SELECT resource_lock_release($1, $2, $3, $4, $5)"
+#: The uncontended grant in one plain statement: take the lock and, when the row is free and
+#: its fence from this server start, bump the token and record the grant. ``token`` is NULL
+#: when the lock was taken but the row needs ``resource_lock_grant`` (first grant, first
+#: after a server start, abandoned lease); ``got`` is false when another session holds it.
+_FAST_GRANT_SQL = """
+WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS got),
+g AS (
+    UPDATE resource_locks r
+       SET fence = r.fence + 1, owner = $3, backend_pid = pg_backend_pid(), acquired_at = clock_timestamp(),
+           expires_at = clock_timestamp() + $4 * interval '1 second', ttl_s = $4, updated_at = clock_timestamp()
+      FROM l
+     WHERE l.got AND r.resource_id = $1 AND r.owner IS NULL AND r.fence_epoch = pg_postmaster_start_time()
+    RETURNING r.fence, r.expires_at, r.acquired_at
+),
+h AS (
+    INSERT INTO resource_lock_history (resource_id, token, owner, event, wait_s)
+    SELECT $1, g.fence, $3, 'granted', $5 FROM g
+)
+SELECT l.got AS granted, g.fence AS token, $3 AS holder, g.expires_at, g.acquired_at AS db_now
+  FROM l LEFT JOIN g ON true
+"""
+#: Every other grant, contended or not (resource_locks_fast_path.sql).
+_GRANT_SQL = "SELECT granted, token, holder, expires_at, db_now FROM resource_lock_grant($1, $2, $3, $4, $5, $6)"
+#: Release (or expire) the caller's own lease in one statement: a row only when it was still
+#: ours. Waiters are notified only when one asked for the lock during the lease, or when the
+#: lease ended other than by release.
+_FAST_RELEASE_SQL = """
+WITH r AS (
+    UPDATE resource_locks
+       SET owner = NULL, backend_pid = NULL, expires_at = NULL, ttl_s = NULL, updated_at = clock_timestamp()
+     WHERE resource_id = $1 AND fence = $3 AND backend_pid = pg_backend_pid() AND owner IS NOT NULL
+    RETURNING acquired_at, wanted_at >= acquired_at AS wanted
+),
+h AS (
+    INSERT INTO resource_lock_history (resource_id, token, owner, event, held_s, reason)
+    SELECT $1, $3, $4, $5, extract(epoch FROM clock_timestamp() - r.acquired_at), $6 FROM r
+)
+SELECT pg_advisory_unlock($2),
+       CASE WHEN r.wanted OR $5 <> 'released' THEN pg_notify('resource_lock_released', $1) END
+  FROM r
+"""
 _RENEW_SQL = "SELECT resource_lock_renew($1, $2, $3, $4)"
 
 
@@ -94,6 +135,7 @@ class Emit(Protocol):
     ) -> Awaitable[Any]: ...
 
 
+@functools.lru_cache(maxsize=4096)
 def lock_key(resource_id: str) -> int:
     """The 64-bit advisory-lock key of a resource: the first 8 bytes of its SHA-256, signed.
 
@@ -103,6 +145,7 @@ def lock_key(resource_id: str) -> int:
     return int.from_bytes(hashlib.sha256(resource_id.encode()).digest()[:8], "big", signed=True)
 
 
+@functools.lru_cache(maxsize=4096)
 def resource_type(resource_id: str) -> str:
     """The metrics label of a resource: its id's prefix before the first ``:``.
 
@@ -316,8 +359,11 @@ class Lease:
         return await asyncio.shield(self._manager._renew(self, self.ttl_s if ttl_s is None else ttl_s))
 
     async def release(self) -> None:
-        """Free the lock. A second call does nothing; LockLost if it expired or was taken away."""
-        await asyncio.shield(self._manager._release(self))
+        """Free the lock. A second call does nothing; LockLost if it expired or was taken away.
+
+        Cancelled midway, it still frees the lock: the lease's session is closed.
+        """
+        await self._manager._release(self)
 
 
 class _Acquisition:
@@ -453,7 +499,7 @@ class ResourceLockManager:
             conn = await self._sessions.take(timeout_s=_SESSION_WAIT_S)
             sent = time.monotonic()
             try:
-                row = await conn.fetchrow(_GRANT_SQL, resource_id, lock_key(resource_id), owner, ttl, sent - started)
+                row = await _grant(conn, resource_id, owner, ttl, sent - started)
             except _CONNECTION_ERRORS as e:
                 self._sessions.discard(conn)  # e.g. an idle session the server closed
                 if retry:
@@ -494,10 +540,10 @@ class ResourceLockManager:
             waited_s=waited,
         )
         self._leases.add(lease)
-        rtype = resource_type(resource_id)
-        metrics.RESOURCE_LOCK_ACQUISITIONS.labels(rtype, "granted").inc()
-        metrics.RESOURCE_LOCK_WAIT.labels(rtype).observe(waited)
-        metrics.RESOURCE_LOCKS_ACTIVE.labels(rtype).inc()
+        granted, wait, active = _grant_metrics(resource_type(resource_id))
+        granted.inc()
+        wait.observe(waited)
+        active.inc()
         if self._emit is not None:
             await self._send(
                 "resource.locked",
@@ -536,9 +582,13 @@ class ResourceLockManager:
             if lease._state != "held":
                 return False
             try:
-                ok = await lease._conn.fetchval(_RELEASE_SQL, lease.resource_id, lease._key, lease.token, event, reason)
+                held_by = (lease.resource_id, lease._key, lease.token, lease.owner)
+                ok = await lease._conn.fetchrow(_FAST_RELEASE_SQL, *held_by, event, reason) is not None
             except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
                 ok = False
+            except BaseException:
+                self._lose(lease)  # cancelled mid-release: closing the session frees the lock
+                raise
             if not ok:
                 self._lose(lease)
                 return False
@@ -555,7 +605,7 @@ class ResourceLockManager:
 
     def _forget(self, lease: Lease, state: str) -> None:
         if lease._state == "held":
-            metrics.RESOURCE_LOCKS_ACTIVE.labels(resource_type(lease.resource_id)).dec()
+            _grant_metrics(resource_type(lease.resource_id))[2].dec()
         lease._state = state
         self._leases.discard(lease)
 
@@ -668,6 +718,25 @@ class ResourceLockManager:
                 metrics.RESOURCE_LOCK_EXPIRATIONS.inc()
                 _log.warning("lease on %s by %s expired (token %d)", lease.resource_id, lease.owner, lease.token)
         await self.expire_overdue(grace_s=self._sweep_interval_s)
+
+
+async def _grant(conn: asyncpg.Connection, resource_id: str, owner: str, ttl: float, waited: float) -> asyncpg.Record:
+    """Try the one-statement grant; fall back to ``resource_lock_grant`` for everything else."""
+    key = lock_key(resource_id)
+    row = await conn.fetchrow(_FAST_GRANT_SQL, resource_id, key, owner, ttl, waited)
+    if row["granted"] and row["token"] is not None:
+        return row
+    return await conn.fetchrow(_GRANT_SQL, resource_id, key, owner, ttl, waited, row["granted"])
+
+
+@functools.lru_cache(maxsize=256)  # resource types are few: labels() on every grant costs more than the lock
+def _grant_metrics(rtype: str) -> tuple[Any, Any, Any]:
+    """(granted counter, wait histogram, active gauge) of one resource type."""
+    return (
+        metrics.RESOURCE_LOCK_ACQUISITIONS.labels(rtype, "granted"),
+        metrics.RESOURCE_LOCK_WAIT.labels(rtype),
+        metrics.RESOURCE_LOCKS_ACTIVE.labels(rtype),
+    )
 
 
 def _require_held(lease: Lease) -> None:

@@ -109,6 +109,26 @@ async def test_waiter_is_woken_by_the_release(make_locks: MakeLocks) -> None:
     await got.release()
 
 
+async def test_only_a_release_someone_waits_for_is_notified(make_locks: MakeLocks, database_url: str) -> None:
+    """Uncontended leases send no NOTIFY; a release that a waiter asked for during the lease does."""
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener("resource_lock_released", lambda *args: heard.append(args[-1]))
+    try:
+        a, b = await make_locks(), await make_locks()
+        for _ in range(3):
+            async with a.acquire("repo:quiet", owner="agent-a"):
+                pass
+        lease = await a.acquire_lease("repo:busy", owner="agent-a")
+        with pytest.raises(LockContended):
+            await b.acquire_lease("repo:busy", owner="agent-b")
+        await lease.release()
+        await asyncio.sleep(0.3)  # notifications arrive asynchronously
+        assert heard == ["repo:busy"]
+    finally:
+        await listener.close()
+
+
 async def test_wait_gives_up_after_wait_s(make_locks: MakeLocks) -> None:
     """wait_s>0 on a lock that stays held fails after about wait_s, naming the holder."""
     a, b = await make_locks(), await make_locks()
