@@ -79,6 +79,7 @@ class _Core:
     _keys: dict[str, bytes] = field(default_factory=dict)
     finisher: Batcher[_Finish, None] = field(init=False)
     _metric_children: dict[tuple[str, ...], tuple[Any, Any]] = field(default_factory=dict)
+    _active_gauges: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.finisher = Batcher(self._flush_finishes)
@@ -130,7 +131,9 @@ class _Core:
         for handler errors: OrchestratorErrors name the problem, anything else is ``internal``)."""
         start = time.perf_counter()
         self.in_flight += 1
-        active = metrics.AGENT_REQUESTS_ACTIVE.labels(agent)
+        active = self._active_gauges.get(agent)
+        if active is None:
+            active = self._active_gauges[agent] = metrics.AGENT_REQUESTS_ACTIVE.labels(agent)
         active.inc()
         try:
             payload = await handler(request)

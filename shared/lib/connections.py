@@ -8,12 +8,14 @@ messages that name the server and the reason, with the password redacted.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import RedisError
 
 from shared.lib.errors import StartupError
@@ -80,12 +82,29 @@ async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> 
     return pool
 
 
+class _HiredisPacking:
+    """Commands packed by hiredis (C), as redis-py's sync client does; its asyncio client packs
+    in Python, which was the largest cost of a bus request (support/bench/messaging.py)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return self._packer.pack(*args)
+
+
+@functools.cache
+def _hiredis_packing(cls: type[Any]) -> type[Any]:
+    return type(cls.__name__, (_HiredisPacking, cls), {"__module__": __name__})
+
+
 async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """A redis-py asyncio client; pings once so a bad URL fails at start-up."""
     try:
         client = aioredis.Redis.from_url(
             url, max_connections=max_connections, socket_connect_timeout=_CONNECT_TIMEOUT_S, health_check_interval=30
         )
+        pool = client.connection_pool
+        pool.connection_class = _hiredis_packing(pool.connection_class)
         await asyncio.wait_for(client.ping(), _CONNECT_TIMEOUT_S)  # type: ignore[arg-type]
     except (TimeoutError, RedisError, OSError, ValueError) as e:
         reason = str(e) or type(e).__name__

@@ -120,6 +120,11 @@ def _check_agent(name: str, *, field: str) -> None:
         raise InvalidInput(f"{field} {name!r} must match {AGENT_ID_PATTERN}", field=field)
 
 
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -306,8 +311,10 @@ class EventBus:
         return results
 
     async def _await_reply(self, request: AgentRequestEvent, waiter: _Waiter, deadline: float) -> AgentResponseEvent:
+        # A timer on the future itself: asyncio.wait_for adds a future and a task step per call.
+        timer = asyncio.get_running_loop().call_later(max(deadline - time.time(), 0.0), _time_out, waiter.future)
         try:
-            response = await asyncio.wait_for(waiter.future, max(deadline - time.time(), 0.0))
+            response = await waiter.future
         except TimeoutError:
             stored = await self._fetch_stored(request.target_agent, request.idempotency_key)
             if stored is None:
@@ -318,6 +325,8 @@ class EventBus:
                     resource=request.target_agent,
                 ) from None
             response = stored
+        finally:
+            timer.cancel()
         if response.status == "timeout":
             metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
             raise Timeout(f"agent {request.target_agent!r} got {request.request_type} after its deadline")
