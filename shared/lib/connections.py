@@ -8,7 +8,6 @@ messages that name the server and the reason, with the password redacted.
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,12 +88,19 @@ class _HiredisPacking:
     _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        return self._packer.pack(*args)
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
 
 
-@functools.cache
+_PACKING_CLASSES: dict[type[Any], type[Any]] = {}
+
+
 def _hiredis_packing(cls: type[Any]) -> type[Any]:
-    return type(cls.__name__, (_HiredisPacking, cls), {"__module__": __name__})
+    """``cls`` (TCP, unix socket or TLS connection) with hiredis packing; one class per kind."""
+    packing = _PACKING_CLASSES.get(cls)
+    if packing is None:
+        packing = _PACKING_CLASSES[cls] = type(cls.__name__, (_HiredisPacking, cls), {"__module__": __name__})
+    return packing
 
 
 async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
