@@ -69,11 +69,26 @@ async def connect_postgres(url: str, **kwargs: Any) -> asyncpg.Connection:
     return conn
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """No reset query on release: pooled connections never change session state."""
+
+
 async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """An asyncpg pool with JSON codecs; fails fast with a StartupError if unreachable."""
+    """An asyncpg pool with JSON codecs; fails fast with a StartupError if unreachable.
+
+    Pooled connections never keep session state: leases, LISTEN and session settings use
+    dedicated connections (:func:`connect_postgres`). So a release skips asyncpg's default
+    reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), which cost one
+    round trip per query; an open transaction is still rolled back.
+    """
     try:
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, timeout=_CONNECT_TIMEOUT_S, init=_init_connection
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=_CONNECT_TIMEOUT_S,
+            init=_init_connection,
+            reset=_keep_session,
         )
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
         raise _pg_error(url, e) from e
