@@ -80,8 +80,9 @@ _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, O
 
 #: The uncontended grant in one plain statement: take the lock and, when the row is free and
 #: its fence from this server start, bump the token and record the grant. ``token`` is NULL
-#: when the lock was taken but the row needs ``resource_lock_grant`` (first grant, first
-#: after a server start, abandoned lease); ``got`` is false when another session holds it.
+#: otherwise: ``granted`` false when another session holds the lock; true when the row needs
+#: ``resource_lock_grant`` (first grant, first after a server start, abandoned lease), and
+#: then the lock has been handed back for that function to take.
 _FAST_GRANT_SQL = """
 WITH l AS MATERIALIZED (SELECT pg_try_advisory_lock($2) AS got),
 g AS (
@@ -96,11 +97,15 @@ h AS (
     INSERT INTO resource_lock_history (resource_id, token, owner, event, wait_s)
     SELECT $1, g.fence, $3, 'granted', $5 FROM g
 )
-SELECT l.got AS granted, g.fence AS token, $3 AS holder, g.expires_at, g.acquired_at AS db_now
+SELECT l.got AS granted, g.fence AS token, $3 AS holder, g.expires_at, g.acquired_at AS db_now,
+       CASE WHEN l.got AND g.fence IS NULL THEN pg_advisory_unlock($2) END AS handed_back
   FROM l LEFT JOIN g ON true
 """
-#: Every other grant, contended or not (resource_locks_fast_path.sql).
-_GRANT_SQL = "SELECT granted, token, holder, expires_at, db_now FROM resource_lock_grant($1, $2, $3, $4, $5, $6)"
+#: A grant the fast statement could not complete (resource_locks.sql). Both functions return
+#: (granted, token, holder, expires_at, db_now).
+_GRANT_SQL = "SELECT * FROM resource_lock_grant($1, $2, $3, $4, $5)"
+#: A lock another session holds: ask to be notified of its release, then try (fast_path.sql).
+_WANT_SQL = "SELECT * FROM resource_lock_want($1, $2, $3, $4, $5)"
 #: Release (or expire) the caller's own lease in one statement: a row only when it was still
 #: ours. Waiters are notified only when one asked for the lock during the lease, or when the
 #: lease ended other than by release.
@@ -721,12 +726,12 @@ class ResourceLockManager:
 
 
 async def _grant(conn: asyncpg.Connection, resource_id: str, owner: str, ttl: float, waited: float) -> asyncpg.Record:
-    """Try the one-statement grant; fall back to ``resource_lock_grant`` for everything else."""
-    key = lock_key(resource_id)
-    row = await conn.fetchrow(_FAST_GRANT_SQL, resource_id, key, owner, ttl, waited)
-    if row["granted"] and row["token"] is not None:
+    """Try the one-statement grant; a held lock or a row it cannot handle takes one more round trip."""
+    args = (resource_id, lock_key(resource_id), owner, ttl, waited)
+    row = await conn.fetchrow(_FAST_GRANT_SQL, *args)
+    if row["token"] is not None:
         return row
-    return await conn.fetchrow(_GRANT_SQL, resource_id, key, owner, ttl, waited, row["granted"])
+    return await conn.fetchrow(_GRANT_SQL if row["granted"] else _WANT_SQL, *args)
 
 
 @functools.lru_cache(maxsize=256)  # resource types are few: labels() on every grant costs more than the lock

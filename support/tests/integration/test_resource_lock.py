@@ -80,6 +80,26 @@ async def test_tokens_rise_strictly(make_locks: MakeLocks) -> None:
     assert len(tokens) == 5
 
 
+async def test_first_grant_after_a_server_start_jumps_past_the_clock(make_locks: MakeLocks, database_url: str) -> None:
+    """A row whose fence was written before the server's last start (its counter may have lost
+    unflushed grants) is granted past the clock in microseconds, never the next small number."""
+    locks = await make_locks()
+    async with locks.acquire("env:epoch", owner="deployer") as first:
+        pass
+    conn = await asyncpg.connect(database_url)
+    try:  # as if the server had restarted since the last grant
+        await conn.execute(
+            "UPDATE resource_locks SET fence_epoch = fence_epoch - interval '1 day' WHERE resource_id = 'env:epoch'"
+        )
+    finally:
+        await conn.close()
+    before_us = int(time.time() * 1_000_000)
+    async with locks.acquire("env:epoch", owner="deployer") as after_start:
+        assert after_start.token >= before_us > first.token
+    async with locks.acquire("env:epoch", owner="deployer") as next_one:
+        assert next_one.token == after_start.token + 1  # the fast path again, from the new epoch
+
+
 async def test_contended_acquire_names_the_holder(make_locks: MakeLocks) -> None:
     """wait_s=0 on a held lock raises LockContended with the holder, its token and lease end."""
     a, b = await make_locks(), await make_locks()
