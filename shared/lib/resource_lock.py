@@ -6,10 +6,11 @@ connection it takes back with ``pg_advisory_unlock_all()``, which would drop the
 lock the moment the connection went back. Because the lock lives in the
 session, a holder whose process dies loses it at once (its backend exits).
 
-Each grant runs in one round trip: it takes the lock and bumps the resource's
-fencing token in the same transaction, and records the grant. The common case
-is one plain statement (``_FAST_GRANT_SQL``); first grants, contention and
-abandoned leases go through ``resource_lock_grant`` in ``config/state``. A
+A grant takes the lock and bumps the resource's fencing token in the same
+transaction, and records the grant. The common case is one plain statement
+(``_FAST_GRANT_SQL``), one round trip; first grants, contention and abandoned
+leases take a second, to ``resource_lock_grant`` or ``resource_lock_want`` in
+``config/state``. A
 lease past its TTL is expired by the session that holds it (this process's
 sweep) or, when that session is stuck, by terminating it; no session ever
 unlocks a lock it does not hold. Every write a lease makes is fenced by its
