@@ -157,29 +157,21 @@ async def _event_stream(
 ) -> AsyncIterator[ServerSentEvent]:
     """Replay stored events after ``after``, then follow live ones until a terminal status.
 
-    The live side subscribes before reading the table and wakes on publication,
-    but always reads from the table, so a reconnect with ``Last-Event-ID`` misses
-    nothing and never sees an event twice.
+    The live side (``orch.watch``, subscribed before the table is read) wakes it on
+    publication, but it always reads from the table, so a reconnect with
+    ``Last-Event-ID`` misses nothing and never sees an event twice.
     """
-    wake = asyncio.Event()
-
-    async def on_event(_: Any) -> None:
-        wake.set()
-
-    sub = await orch.bus.subscribe("workflow.*", on_event)
-    try:
+    async with orch.watch.follow(workflow_id) as wake:
         while not await request.is_disconnected():
+            wake.clear()  # before the read: an event published during it wakes the next wait at once
             batch = await orch.bus.events_since(after, aggregate_type="workflow", aggregate_id=workflow_id, limit=500)
             for ev in batch:
                 after = ev.id
                 yield ServerSentEvent(data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id))
                 if ev.event_type == "workflow.status" and ev.payload.get("status") in _TERMINAL:
                     return
-            wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=_SSE_POLL_S)
-    finally:
-        await sub.close()
 
 
 def mount(app: FastAPI) -> None:

@@ -80,6 +80,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             orch.preinitialize_metrics()
             agent.services.extras["orchestrator"] = orch
             app.state.orchestrator = orch
+            stack.push_async_callback(orch.watch.close)
             app.state.runtime = runtime
             assert orch.runner is not None
             await orch.runner.start()

@@ -19,6 +19,7 @@ from typing import Any
 from langgraph.graph.state import CompiledStateGraph
 
 from agent_orchestrator.agent_calls import BusAgentCalls
+from agent_orchestrator.event_watch import WorkflowWatch
 from agent_orchestrator.execution import Outcome, run_graph
 from agent_orchestrator.records import WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
@@ -53,6 +54,7 @@ class Orchestrator:
 
     def __post_init__(self) -> None:
         self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
+        self.watch = WorkflowWatch(self.bus)  # live wake-ups of the API's event streams
 
     def preinitialize_metrics(self) -> None:
         """Zero series for every type, node and terminal status, so dashboards see the first ones."""

@@ -1,0 +1,39 @@
+"""Fixtures of the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.event_bus import EventBus
+from shared.lib.settings import Settings
+
+BusFactory = Callable[..., Awaitable[EventBus]]
+
+
+@pytest.fixture
+async def make_bus(settings_factory: Callable[..., Settings]) -> AsyncIterator[BusFactory]:
+    """Build buses (own Redis client each, shared PG pool); all are closed at teardown."""
+    made: list[tuple[EventBus, aioredis.Redis]] = []
+    pools: list[asyncpg.Pool] = []
+
+    async def make(**overrides: Any) -> EventBus:
+        settings = settings_factory(**{"visibility_timeout_s": 1.0, **overrides})
+        client = await connect_redis(settings.redis_url or "")
+        if not pools:
+            pools.append(await create_pg_pool(settings.database_url or "", max_size=4))
+        bus = EventBus(client, settings, pool=pools[0])
+        made.append((bus, client))
+        return bus
+
+    yield make
+    for bus, client in made:
+        await bus.close()
+        await client.aclose()
+    for pool in pools:
+        await pool.close()
