@@ -6,7 +6,10 @@ Celery 5 is the peer: a ``-P solo`` worker, Redis as broker and result backend,
 ``delay().get()`` of a no-op task.
 
 Figures: ``rpc_p50_ms``/``rpc_p99_ms`` (sequential calls), ``rpc_throughput_rps``
-(64 in flight), ``celery_p50_ms``, ``celery_throughput_rps`` (64 in flight).
+(64 in flight), ``celery_p50_ms``, ``celery_throughput_rps`` (64 in flight), and the
+floor: ``bare_streams_rtt_p50_ms``, a bare Streams round trip between the same two
+processes (XADD; XREADGROUP and PUBLISH of the id; the reply read from pub/sub) with
+nothing of the bus on it, and ``rpc_p50_vs_bare_streams``.
 
 Run alone: ``uv run python -m support.bench.messaging`` prints the figures as JSON
 (embedded Redis unless REDIS_URL is set). The process also runs as each role:
@@ -35,6 +38,7 @@ __all__ = ["run"]
 AGENT = "bench"
 IN_FLIGHT = 64
 RPC_SEQUENTIAL = 3000
+BARE_WARMUP = 300
 RPC_THROUGHPUT_S = 4.0
 CELERY_SEQUENTIAL = 400
 CELERY_BATCH = 3000
@@ -65,9 +69,42 @@ async def _responder() -> None:
     import signal
 
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bus.stop_serving(grace_s=1)))
+    echo = asyncio.create_task(_bare_echo(client, settings.redis_prefix))
     await bus.serve(AGENT, noop, concurrency=IN_FLIGHT, consumer="responder")
+    echo.cancel()
     await bus.close()
     await client.aclose()
+
+
+# -- the floor: a bare Streams round trip, no envelope, signing, idempotency or ack ----------
+def _bare_keys(prefix: str) -> tuple[str, str]:
+    return f"{prefix}:bare:requests", f"{prefix}:bare:replies"
+
+
+async def _bare_echo(client: Any, prefix: str) -> None:
+    """XREADGROUP a request, PUBLISH its id back: the least any Streams request/response does."""
+    stream, replies = _bare_keys(prefix)
+    await client.xgroup_create(stream, "bare", id="0", mkstream=True)
+    while True:
+        for _, entries in await client.xreadgroup("bare", "echo", {stream: ">"}, count=64, block=1000) or []:
+            for _, fields in entries:
+                await client.publish(replies, fields[b"i"])
+
+
+async def _bare_round_trips(client: Any, prefix: str) -> list[float]:
+    stream, replies = _bare_keys(prefix)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(replies)
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    samples = []
+    for i in range(BARE_WARMUP + RPC_SEQUENTIAL):
+        start = time.perf_counter()
+        await client.xadd(stream, {"i": i})
+        while (message := await pubsub.get_message(timeout=10)) is None or message["type"] != "message":
+            pass
+        samples.append((time.perf_counter() - start) * 1000)
+    await pubsub.aclose()
+    return samples[BARE_WARMUP:]
 
 
 async def _requester() -> dict[str, float]:
@@ -102,6 +139,7 @@ async def _requester() -> dict[str, float]:
         start = time.perf_counter()
         await call()
         samples.append((time.perf_counter() - start) * 1000)
+    bare = await _bare_round_trips(client, settings.redis_prefix)
     done = 0
     stop_at = time.perf_counter() + RPC_THROUGHPUT_S
 
@@ -120,6 +158,7 @@ async def _requester() -> dict[str, float]:
         "rpc_p50_ms": statistics.median(samples),
         "rpc_p99_ms": _pct(samples, 0.99),
         "rpc_throughput_rps": done / elapsed,
+        "bare_streams_rtt_p50_ms": statistics.median(bare),
     }
 
 
@@ -270,6 +309,7 @@ async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
     results["p50_speedup_vs_celery"] = results["celery_p50_ms"] / results["rpc_p50_ms"]
+    results["rpc_p50_vs_bare_streams"] = results["rpc_p50_ms"] / results["bare_streams_rtt_p50_ms"]
     results["throughput_ratio_vs_celery"] = results["rpc_throughput_rps"] / results["celery_throughput_rps"]
     return results
 

@@ -68,6 +68,7 @@ ROWS: dict[str, list[Row]] = {
             _all(_le("rpc_p50_ms", 0.5), _ratio_at_least("celery_p50_ms", "rpc_p50_ms", 3)),
         ),
         Row("rpc_p99_ms"),
+        Row("rpc_p50_ms", "bare_streams_rtt_p50_ms", "report (the floor: a bare Streams round trip)", baseline=True),
         Row(
             "rpc_throughput_rps",
             "celery_throughput_rps",
