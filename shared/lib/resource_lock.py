@@ -1,9 +1,9 @@
 """Resource locks: leases over PostgreSQL session-level advisory locks.
 
 A lease is a session-level advisory lock held on a *dedicated* connection that
-stays checked out for the whole lease. Never a pooled one: asyncpg resets a
-connection it takes back with ``pg_advisory_unlock_all()``, which would drop the
-lock the moment the connection went back. Because the lock lives in the
+stays checked out for the whole lease. Never a pooled one: it goes back to other
+callers between queries (and asyncpg's default reset, which the project's pools
+skip, runs ``pg_advisory_unlock_all()``). Because the lock lives in the
 session, a holder whose process dies loses it at once (its backend exits).
 
 A grant takes the lock and bumps the resource's fencing token in the same
