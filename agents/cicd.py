@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.sdk.agent import Agent, skill
 from agents.work.git import repository
-from agents.work.pipeline import package_revision, run_pipeline, validate_build
+from agents.work.pipeline import PipelineResult, package_revision, run_pipeline, validate_build
 
 __all__ = ["CicdAgent", "DeployArtifactInput", "RunPipelineInput", "ValidateBuildInput"]
 
@@ -27,22 +27,6 @@ class RunPipelineInput(_RepoRevision):
         default=None, description="test command; default: the repository's declared one, else pytest"
     )
     timeout_s: float | None = Field(default=None, gt=0, le=24 * 3600)
-
-
-class RunPipelineOutput(BaseModel):
-    status: str
-    success: bool
-    revision: str
-    command: list[str]
-    command_source: str
-    exit_code: int
-    passed: int
-    failed: int
-    errors: int
-    skipped: int
-    duration_s: float
-    timed_out: bool
-    log_tail: str
 
 
 class ValidateBuildInput(_RepoRevision):
@@ -63,7 +47,7 @@ class CicdAgent(Agent):
         description="Run the test command of a revision in an isolated git worktree, with a timeout; returns "
         "pass/fail, the passed and failed counts, the duration and the log tail.",
         tags=("ci", "tests", "git"),
-        output=RunPipelineOutput,
+        output=PipelineResult,
     )
     async def run_pipeline(self, payload: RunPipelineInput) -> dict[str, Any]:
         repo = await repository(payload.repo_path)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, Field
 
 from agents.work.git import archive, resolve_revision, worktree
 from agents.work.process import run_process
@@ -49,8 +50,11 @@ _LOG_TAIL_LINES = 60
 _MAKE_TEST = re.compile(r"^test\s*:", re.MULTILINE)
 
 
-@dataclass
-class PipelineResult:
+class PipelineResult(BaseModel):
+    """One pipeline run: the cicd agent's RUN_PIPELINE output (and its declared schema)."""
+
+    status: str = Field(description="passed or failed")
+    success: bool
     revision: str
     command: list[str]
     command_source: str
@@ -63,12 +67,8 @@ class PipelineResult:
     timed_out: bool
     log_tail: str
 
-    @property
-    def success(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out and self.failed == 0 and self.errors == 0
-
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "success": self.success, "status": "passed" if self.success else "failed"}
+        return self.model_dump()
 
 
 @dataclass
@@ -154,9 +154,11 @@ async def run_pipeline(
     log = (result.stdout + result.stderr).rstrip()
     tail = "\n".join(log.splitlines()[-_LOG_TAIL_LINES:])
     counts = _counts(tail)
+    success = result.returncode == 0 and not result.timed_out and counts["failed"] == counts["errors"] == 0
     return PipelineResult(
-        sha, args, source, result.returncode, counts["passed"], counts["failed"], counts["errors"],
-        counts["skipped"], round(duration, 3), result.timed_out, tail,
+        status="passed" if success else "failed", success=success, revision=sha, command=args,
+        command_source=source, exit_code=result.returncode, duration_s=round(duration, 3),
+        timed_out=result.timed_out, log_tail=tail, **counts,
     )  # fmt: skip
 
 
