@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from shared.lib.agent_events import Event
 from shared.lib.event_bus import EventBus, Subscription
+from shared.lib.wakeups import Wakeups
 
 __all__ = ["WorkflowWatch"]
 
@@ -28,7 +29,7 @@ class WorkflowWatch:
         self._bus = bus
         self._sub: Subscription | None = None
         self._starting = asyncio.Lock()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._wakeups = Wakeups()  # by workflow id
 
     async def _ensure(self) -> None:
         if self._sub is not None:
@@ -38,22 +39,19 @@ class WorkflowWatch:
                 self._sub = await self._bus.subscribe("workflow.*", self._on_event)  # returns once subscribed
 
     def _on_event(self, event: Event) -> None:
-        for wake in self._waiters.get(event.aggregate_id or "", ()):
-            wake.set()
+        if event.aggregate_id:
+            self._wakeups.wake(event.aggregate_id)
 
     @contextlib.asynccontextmanager
     async def follow(self, workflow_id: str) -> AsyncIterator[asyncio.Event]:
         await self._ensure()
-        wake = asyncio.Event()
-        self._waiters.setdefault(workflow_id, set()).add(wake)
-        try:
+        with self._wakeups.waiting(workflow_id) as wake:
             yield wake
-        finally:
-            waiters = self._waiters.get(workflow_id)
-            if waiters is not None:
-                waiters.discard(wake)
-                if not waiters:
-                    del self._waiters[workflow_id]
+
+    @property
+    def following(self) -> int:
+        """How many workflows have a stream waiting on them right now."""
+        return len(self._wakeups)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None

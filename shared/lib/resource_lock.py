@@ -54,6 +54,7 @@ from shared.lib.errors import (
 )
 from shared.lib.settings import Settings
 from shared.lib.tasks import cancel_and_wait
+from shared.lib.wakeups import Wakeups
 
 __all__ = ["Emit", "Lease", "LockInfo", "ResourceLockManager", "lock_key", "resource_type"]
 
@@ -267,7 +268,7 @@ class _ReleaseListener:
         self._dsn = dsn
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.wakeups = Wakeups()  # by resource id
 
     async def ensure(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
@@ -285,30 +286,15 @@ class _ReleaseListener:
             self._conn = conn
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        for event in self._waiters.get(payload, ()):
-            event.set()
+        self.wakeups.wake(payload)
 
     def _on_lost(self, _conn: object) -> None:
         self._conn = None
-        for events in self._waiters.values():
-            for event in events:
-                event.set()
+        self.wakeups.wake_all()
 
     def waiting(self) -> int:
         """How many resources this process's acquirers are waiting for right now."""
-        return len(self._waiters)
-
-    def register(self, resource_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._waiters.setdefault(resource_id, set()).add(event)
-        return event
-
-    def unregister(self, resource_id: str, event: asyncio.Event) -> None:
-        events = self._waiters.get(resource_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
-                del self._waiters[resource_id]
+        return len(self.wakeups)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -479,9 +465,8 @@ class ResourceLockManager:
 
     async def _wait(self, resource_id: str, owner: str, ttl: float, started: float, deadline: float) -> Lease:
         await self._listener.ensure()
-        event = self._listener.register(resource_id)
         backoff = _FIRST_BACKOFF_S
-        try:
+        with self._listener.wakeups.waiting(resource_id) as event:
             while True:
                 event.clear()
                 lease, row = await self._attempt(resource_id, owner, ttl, started)
@@ -494,8 +479,6 @@ class ResourceLockManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(backoff, remaining, _until_expiry(row)))
                 backoff = min(backoff * 2, self._poll_max_s)
-        finally:
-            self._listener.unregister(resource_id, event)
 
     async def _attempt(
         self, resource_id: str, owner: str, ttl: float, started: float

@@ -20,7 +20,7 @@ async def test_a_stream_wakes_on_its_own_workflows_events_only(make_bus: BusFact
             assert not a2.is_set()
             await bus.emit("workflow.status", {"status": "running"}, aggregate_type="workflow", aggregate_id="wf-a")
             await asyncio.wait_for(asyncio.gather(a.wait(), a2.wait()), 5)
-        assert watch._waiters == {}  # streams that ended leave nothing behind
+        assert watch.following == 0  # streams that ended leave nothing behind
         assert len(bus._subscriptions) == 1  # one subscription for every stream of the process
     finally:
         await watch.close()
