@@ -18,8 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.embedded import servers_for
+from agent_orchestrator.cli_clients import one_shot_clients
 from shared.lib.errors import InvalidInput
 from shared.lib.event_bus import DeadLetter, EventBus
 from shared.lib.settings import Settings, load_settings
@@ -35,20 +34,9 @@ _REPLAY_PAGE = 500
 
 @contextlib.asynccontextmanager
 async def _open_bus(settings: Settings, *, with_pool: bool) -> AsyncIterator[EventBus]:
-    with servers_for(
-        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url, with_postgres=with_pool
-    ) as (db_url, redis_url):
-        assert redis_url is not None
-        client = await connect_redis(redis_url, max_connections=4)
-        pool = await create_pg_pool(db_url, max_size=2) if db_url is not None else None
-        bus = EventBus(client, settings, pool=pool)
-        try:
-            yield bus
-        finally:
-            await bus.close()
-            if pool is not None:
-                await pool.close()
-            await client.aclose()
+    async with one_shot_clients(settings, postgres=with_pool, redis=True) as clients:
+        assert clients.bus is not None
+        yield clients.bus
 
 
 def _run(settings: Settings, work: Callable[[EventBus], Awaitable[T]], *, with_pool: bool = False) -> T:

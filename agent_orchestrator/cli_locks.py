@@ -17,9 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.embedded import servers_for
-from shared.lib.event_bus import EventBus
+from agent_orchestrator.cli_clients import one_shot_clients
 from shared.lib.resource_lock import LockInfo, ResourceLockManager
 from shared.lib.settings import Settings, load_settings
 
@@ -33,23 +31,14 @@ _STATE_STYLE = {"held": "green", "expired": "yellow", "abandoned": "red"}
 @contextlib.asynccontextmanager
 async def _open_locks(settings: Settings, *, with_bus: bool) -> AsyncIterator[ResourceLockManager]:
     """A lock manager (and, to announce releases, an event bus) over fresh connections."""
-    with servers_for(
-        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url, with_redis=with_bus
-    ) as (db_url, redis_url):
-        assert db_url is not None
-        pool = await create_pg_pool(db_url, max_size=2)
-        redis = await connect_redis(redis_url, max_connections=2) if redis_url is not None else None
-        bus = EventBus(redis, settings, pool=pool) if redis is not None else None
-        manager = ResourceLockManager(pool, settings, dsn=db_url, emit=bus.emit if bus is not None else None)
+    async with one_shot_clients(settings, postgres=True, redis=with_bus) as clients:
+        assert clients.pool is not None
+        emit = clients.bus.emit if clients.bus is not None else None
+        manager = ResourceLockManager(clients.pool, settings, dsn=clients.database_url, emit=emit)
         try:
-            yield manager
+            yield manager  # not started: a one-shot command needs no listener or sweep
         finally:
             await manager.close()
-            if bus is not None:
-                await bus.close()
-            if redis is not None:
-                await redis.aclose()
-            await pool.close()
 
 
 def _ago(moment: datetime, now: datetime) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,3 +39,18 @@ async def make_bus(settings_factory: Callable[..., Settings]) -> AsyncIterator[B
         await client.aclose()
     for pool in pools:
         await pool.close()
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """``agent-orchestrator ARGS`` in a child process: its exit code and its output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent_orchestrator",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()

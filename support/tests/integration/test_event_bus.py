@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -25,7 +24,7 @@ from shared.lib.errors import (
     Timeout,
 )
 from shared.lib.event_bus import EventBus
-from support.tests.integration.conftest import BusFactory
+from support.tests.integration.conftest import BusFactory, run_cli
 
 
 def _serve(bus: EventBus, agent: str, handler: Any, *, concurrency: int = 8, consumer: str = "c1") -> asyncio.Task:
@@ -297,20 +296,6 @@ async def test_events_are_persisted_delivered_live_and_replayed(make_bus: BusFac
         got.get_nowait()
 
 
-async def _cli(env: dict[str, str], *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent_orchestrator",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
-
-
 async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service_env: dict[str, str]) -> None:
     """`dlq list --json` shows a dead letter with its reason; `dlq requeue` runs it again;
     a refused envelope cannot be requeued (one-line error, exit 2)."""
@@ -331,12 +316,12 @@ async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service
     assert response.error["code"] == "dead_lettered"
     with pytest.raises(InvalidSignature):
         await client.execute(_req(), _echo)  # unsigned: refused and dead-lettered
-    code, out = await _cli(service_env, "dlq", "list", "--agent", "echo", "--json")
+    code, out = await run_cli(service_env, "dlq", "list", "--agent", "echo", "--json")
     assert code == 0, out
     listed = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert sorted(d["reason"] for d in listed) == ["bad_signature", "max_deliveries"]
     by_reason = {d["reason"]: d["id"] for d in listed}
-    code, out = await _cli(service_env, "dlq", "requeue", by_reason["max_deliveries"])
+    code, out = await run_cli(service_env, "dlq", "requeue", by_reason["max_deliveries"])
     assert code == 0, out
     assert "requeued" in out
     for _ in range(100):
@@ -344,7 +329,7 @@ async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service
             break
         await asyncio.sleep(0.02)
     assert len(attempts) == 2
-    code, out = await _cli(service_env, "dlq", "requeue", by_reason["bad_signature"])
+    code, out = await run_cli(service_env, "dlq", "requeue", by_reason["bad_signature"])
     assert code == 2
     assert "refused" in out
     await server.stop_serving(grace_s=1)
@@ -359,10 +344,10 @@ async def test_cli_replays_events(make_bus: BusFactory, service_env: dict[str, s
     second = await bus.emit("deploy.done", {"n": 3}, aggregate_type="env", aggregate_id="prod")
     got: asyncio.Queue[Event] = asyncio.Queue()
     await bus.subscribe("deploy.*", got.put_nowait)
-    code, out = await _cli(service_env, "events", "replay", "--type", "deploy.done", "--aggregate", "env:prod")
+    code, out = await run_cli(service_env, "events", "replay", "--type", "deploy.done", "--aggregate", "env:prod")
     assert code == 0, out
     assert "replayed 2 events" in out
     assert [(await asyncio.wait_for(got.get(), 5)).id for _ in range(2)] == [first.id, second.id]
-    code, out = await _cli(service_env, "events", "replay", "--since", "yesterday")
+    code, out = await run_cli(service_env, "events", "replay", "--since", "yesterday")
     assert code == 2
     assert "--since" in out

@@ -16,6 +16,7 @@ from shared.lib.connections import create_pg_pool
 from shared.lib.errors import InvalidInput, LockContended, LockLost, NotFound
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
+from support.tests.integration.conftest import run_cli
 
 MakeLocks = Callable[..., Any]
 
@@ -258,6 +259,26 @@ async def test_waiters_hold_no_pooled_connection(make_locks: MakeLocks, database
     tokens = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     assert len(set(tokens)) == 40
     assert min(tokens) > lease.token
+
+
+async def test_cli_lists_and_force_releases_a_lease(
+    make_locks: MakeLocks, database_url: str, service_env: dict[str, str]
+) -> None:
+    """`locks list` shows the holder; `locks release --reason` ends its lease and records why."""
+    lease = await (await make_locks()).acquire_lease("env:cli", owner="deployer-7", ttl_s=60)
+    code, out = await run_cli(service_env, "locks", "list")
+    assert code == 0, out
+    assert "env:cli" in out
+    assert "deployer-7" in out
+    code, out = await run_cli(service_env, "locks", "release", "env:cli", "--reason", "stuck deploy")
+    assert code == 0, out
+    assert "deployer-7" in out
+    with pytest.raises(LockLost):
+        await lease.renew()
+    history = await _history(database_url, "env:cli")
+    assert [(h["event"], h["reason"]) for h in history][-1] == ("force_released", "stuck deploy")
+    code, out = await run_cli(service_env, "locks", "list")
+    assert "no resource is locked" in out
 
 
 async def test_bad_arguments_name_the_field(make_locks: MakeLocks) -> None:
