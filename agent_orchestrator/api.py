@@ -42,7 +42,7 @@ class ResumeRequest(BaseModel):
     decision: Any = Field(description="The answer to the pending interrupt, e.g. {'decision': 'approve', 'by': 'ana'}")
 
 
-def _orchestrator(request: Request) -> Orchestrator:
+async def _orchestrator(request: Request) -> Orchestrator:  # async: no thread-pool hop
     orch: Orchestrator = request.app.state.orchestrator
     return orch
 

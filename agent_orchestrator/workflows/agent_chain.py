@@ -50,7 +50,7 @@ async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -
     return {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
 
 
-def _after_call(state: MultiAgentState) -> str:
+async def _after_call(state: MultiAgentState) -> str:
     return "call_next" if state.get("iteration", 0) < len(_calls(state)) else "finish"
 
 

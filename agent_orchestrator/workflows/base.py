@@ -4,6 +4,10 @@ A workflow type pairs an input model with a graph builder. Nodes receive a
 :class:`WorkflowContext` through LangGraph's runtime (``Runtime[WorkflowContext]``):
 it carries the agent caller and the lock manager, so nodes hold no globals and
 user workflows get the same tools as the built-in ones.
+
+Nodes and routers (the functions of ``add_conditional_edges``) are ``async def``:
+the orchestrator runs graphs with ``astream``, where LangGraph hands a plain ``def``
+to a thread pool, a thread hop per call.
 """
 
 from __future__ import annotations

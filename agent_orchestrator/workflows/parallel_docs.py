@@ -62,7 +62,7 @@ async def plan(state: MultiAgentState) -> dict[str, Any]:
     return {"current_step": "plan", "steps": {"plan": {"units": units}}}
 
 
-def fan_out(state: MultiAgentState) -> list[Send]:
+async def fan_out(state: MultiAgentState) -> list[Send]:
     repo = state["input"]["repo_path"]
     return [Send("document", {"unit": {**u, "repo_path": repo}}) for u in state["steps"]["plan"]["units"]]
 

@@ -159,8 +159,8 @@ async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> d
     return {"current_step": "verify", "steps": {"verify": reply.payload}, "agents": [reply.instance]}
 
 
-def _healthy(state: MultiAgentState) -> bool:
-    return not state.get("steps", {}).get("verify", {}).get("issues")
+async def _after_verify(state: MultiAgentState) -> str:
+    return "rollback" if state.get("steps", {}).get("verify", {}).get("issues") else "finish"
 
 
 async def rollback(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
@@ -185,7 +185,7 @@ async def finish(state: MultiAgentState) -> dict[str, Any]:
 
 
 def _next_unless_failed(target: str) -> Any:
-    def route(state: MultiAgentState) -> str:
+    async def route(state: MultiAgentState) -> str:
         return END if state.get("outcome") == "failed" else target
 
     return route
@@ -207,7 +207,7 @@ def build() -> StateGraph[Any, Any, Any, Any]:
     g.add_conditional_edges("test", _next_unless_failed("approval"), ["approval", END])
     g.add_conditional_edges("approval", _next_unless_failed("deploy"), ["deploy", END])
     g.add_edge("deploy", "verify")
-    g.add_conditional_edges("verify", lambda s: "finish" if _healthy(s) else "rollback", ["finish", "rollback"])
+    g.add_conditional_edges("verify", _after_verify, ["finish", "rollback"])
     g.add_edge("rollback", END)
     g.add_edge("finish", END)
     return g

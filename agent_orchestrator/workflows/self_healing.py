@@ -105,7 +105,7 @@ async def conclude(state: MultiAgentState) -> dict[str, Any]:
     }
 
 
-def _after_check(state: MultiAgentState) -> str:
+async def _after_check(state: MultiAgentState) -> str:
     if not _open_issues(state):
         return "conclude"
     limit = SelfHealingInput.model_validate(state["input"]).max_iterations

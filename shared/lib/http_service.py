@@ -39,6 +39,7 @@ __all__ = [
     "ContextDep",
     "ServiceContext",
     "announce_mode",
+    "check_api_key",
     "check_port_free",
     "error_response",
     "install_error_handlers",
@@ -85,7 +86,9 @@ async def open_context(settings: Settings, *, pg_max_size: int = 10) -> AsyncIte
         await pool.close()
 
 
-def _context(request: Request) -> ServiceContext:
+# Dependencies are ``async def`` even when they do not await: FastAPI runs a plain ``def``
+# dependency in its thread pool, a thread hop per request.
+async def _context(request: Request) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
 
@@ -102,7 +105,12 @@ def _presented_key(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
+    """The dependency of API-key routes: see :func:`check_api_key`."""
+    check_api_key(request)
+
+
+def check_api_key(request: Request) -> None:
     """Refuse the request unless it carries one of the configured API keys (dev mode is open)."""
     settings: Settings = request.app.state.ctx.settings
     if settings.dev_mode:

@@ -19,7 +19,7 @@ from agent_registry.events import AgentEvents
 from agent_registry.store import RegistryStore
 from agent_registry.watch import ChangeFeed
 from shared.lib.errors import Unauthorized
-from shared.lib.http_service import require_api_key
+from shared.lib.http_service import check_api_key
 from shared.lib.settings import AGENT_ID_PATTERN, Settings
 
 __all__ = [
@@ -90,7 +90,7 @@ async def _operator_or_instance(
     if x_agent_token:
         await registry.store.check_token(agent_id, x_agent_token)
     else:
-        require_api_key(request)
+        check_api_key(request)
 
 
 OperatorOrInstance = Depends(_operator_or_instance)
