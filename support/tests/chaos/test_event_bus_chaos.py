@@ -101,6 +101,23 @@ def _request() -> AgentRequestEvent:
 
 
 @pytest.mark.slow
+async def _answered_and_busy(
+    client: Any, prefix: str, consumer: str, requests: list[AgentRequestEvent], calls: list[asyncio.Task[Any]]
+) -> None:
+    """Wait until ``consumer`` has answered a request and is running another (not on a fixed
+    sleep, which a busy machine outruns)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        answered = any(c.done() and c.result().served_by == consumer for c in calls)
+        if answered:
+            for request, call in zip(requests, calls, strict=True):
+                ran = await client.lrange(_effects_key(prefix, request.request_id), 0, -1)
+                if not call.done() and consumer.encode() in ran:
+                    return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{consumer} never answered one request while running another")
+
+
 async def test_kill9_with_requests_in_flight_loses_nothing(
     workers: Callable[[str], subprocess.Popen[bytes]], settings_factory: Callable[..., Settings], redis_url: str
 ) -> None:
@@ -115,7 +132,7 @@ async def test_kill9_with_requests_in_flight_loses_nothing(
     try:
         requests = [_request() for _ in range(48)]
         calls = [asyncio.create_task(bus.request_agent(r, timeout_s=30)) for r in requests]
-        await asyncio.sleep(HANDLER_SLEEP_S * 1.5)
+        await _answered_and_busy(client, settings.redis_prefix, "worker-a", requests, calls)
         os.kill(victim.pid, signal.SIGKILL)
         responses = await asyncio.gather(*calls)
         effects = {
