@@ -98,13 +98,27 @@ async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> 
 
 class _HiredisPacking:
     """Commands packed by hiredis (C), as redis-py's sync client does; its asyncio client packs
-    in Python, which was the largest cost of a bus request (support/bench/messaging.py)."""
+    in Python, which was the largest cost of a bus request (support/bench/messaging.py).
+
+    The pool's check of an idle connection before each command looks at what the loop has
+    already buffered. redis-py's own check reads with a zero timeout: the caller suspends
+    and the read is cancelled, a loop turn and a cancellation on every command.
+    """
 
     _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._packer.pack(*args)
         return packed
+
+    async def can_read_destructive(self) -> bool:
+        """True when the idle connection holds unread bytes or its peer closed it (the pool
+        then reconnects it). A reply cut short is not one of these: redis-py drops a
+        connection whose read failed or was cancelled."""
+        reader = self._reader  # type: ignore[attr-defined]
+        if reader is None:
+            raise ConnectionError("the connection is closed")
+        return bool(reader.at_eof() or not self._socket_is_empty())  # type: ignore[attr-defined]
 
 
 _PACKING_CLASSES: dict[type[Any], type[Any]] = {}

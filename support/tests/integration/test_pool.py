@@ -1,9 +1,12 @@
-"""The asyncpg pool against a real PostgreSQL: a release skips the reset query but never
-hands on an open transaction."""
+"""The pools against real servers. asyncpg's: a release skips the reset query but never
+hands on an open transaction. redis-py's: the check of an idle connection reads no socket,
+yet a connection its server closed, or one holding an unread reply, is never handed out."""
 
 from __future__ import annotations
 
-from shared.lib.connections import connect_postgres, create_pg_pool
+import asyncio
+
+from shared.lib.connections import connect_postgres, connect_redis, create_pg_pool
 
 
 async def test_release_rolls_back_an_open_transaction(database_url: str) -> None:
@@ -33,3 +36,31 @@ async def test_release_sends_no_reset_query(database_url: str) -> None:
     finally:
         await observer.close()
         await pool.close()
+
+
+async def test_a_redis_connection_the_server_closed_is_reconnected_before_use(redis_url: str) -> None:
+    client, killer = await connect_redis(redis_url, max_connections=1), await connect_redis(redis_url)
+    try:
+        first = await client.client_id()
+        await killer.client_kill_filter(_id=first)
+        await asyncio.sleep(0.1)  # the loop sees the EOF
+        assert await client.ping()
+        assert await client.client_id() != first
+    finally:
+        await killer.aclose()
+        await client.aclose()
+
+
+async def test_a_redis_connection_with_an_unread_reply_is_not_handed_out(redis_url: str, redis_prefix: str) -> None:
+    client = await connect_redis(redis_url, max_connections=1)
+    key = f"{redis_prefix}:probe"
+    try:
+        await client.set(key, "right")
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        await conn.send_command("ECHO", "stale")  # its reply is never read
+        await pool.release(conn)
+        await asyncio.sleep(0.1)  # the stale reply arrives in the connection's buffer
+        assert await client.get(key) == b"right"
+    finally:
+        await client.aclose()
