@@ -7,9 +7,8 @@ runs its ready callbacks and hands them to one ``flush`` call (one pipeline,
 one round trip). A lone caller pays no wait: the flush task is created by the
 first submit and runs in the next loop iteration, not on a timer. Measured with
 ``uv run python -m support.bench.messaging`` (2-core VM shared with other work):
-64 in flight ran at ~3,100 req/s with a
-round trip per request, and at 7,000-8,800 req/s with batching (plus the
-one-command Lua finish).
+64 in flight ran at ~3,100 req/s with a round trip per request, and at
+7,000-8,800 req/s with batching (plus the one-command Lua finish).
 """
 
 from __future__ import annotations

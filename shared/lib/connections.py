@@ -96,10 +96,11 @@ async def create_pg_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> 
     return pool
 
 
-class _HiredisPacking:
-    """Commands packed by hiredis (C), as redis-py's sync client does; its asyncio client packs
-    in Python, which was the largest cost of a bus request (support/bench/messaging.py).
+class _FastConnection:
+    """redis-py's asyncio connection without two costs on every command.
 
+    Commands are packed by hiredis (C), as redis-py's sync client does; its asyncio client
+    packs in Python, which was the largest cost of a bus request (support/bench/messaging.py).
     The pool's check of an idle connection before each command looks at what the loop has
     already buffered. redis-py's own check reads with a zero timeout: the caller suspends
     and the read is cancelled, a loop turn and a cancellation on every command.
@@ -121,15 +122,15 @@ class _HiredisPacking:
         return bool(reader.at_eof() or not self._socket_is_empty())  # type: ignore[attr-defined]
 
 
-_PACKING_CLASSES: dict[type[Any], type[Any]] = {}
+_FAST_CLASSES: dict[type[Any], type[Any]] = {}
 
 
-def _hiredis_packing(cls: type[Any]) -> type[Any]:
-    """``cls`` (TCP, unix socket or TLS connection) with hiredis packing; one class per kind."""
-    packing = _PACKING_CLASSES.get(cls)
-    if packing is None:
-        packing = _PACKING_CLASSES[cls] = type(cls.__name__, (_HiredisPacking, cls), {"__module__": __name__})
-    return packing
+def _fast_connection(cls: type[Any]) -> type[Any]:
+    """``cls`` (TCP, unix socket or TLS connection) as a :class:`_FastConnection`; one class per kind."""
+    fast = _FAST_CLASSES.get(cls)
+    if fast is None:
+        fast = _FAST_CLASSES[cls] = type(cls.__name__, (_FastConnection, cls), {"__module__": __name__})
+    return fast
 
 
 async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
@@ -139,7 +140,7 @@ async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redi
             url, max_connections=max_connections, socket_connect_timeout=_CONNECT_TIMEOUT_S, health_check_interval=30
         )
         pool = client.connection_pool
-        pool.connection_class = _hiredis_packing(pool.connection_class)
+        pool.connection_class = _fast_connection(pool.connection_class)
         await asyncio.wait_for(client.ping(), _CONNECT_TIMEOUT_S)  # type: ignore[arg-type]
     except (TimeoutError, RedisError, OSError, ValueError) as e:
         reason = str(e) or type(e).__name__

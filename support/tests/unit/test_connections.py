@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
-from shared.lib.connections import _hiredis_packing
+from shared.lib.connections import _fast_connection
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("SET", "key", "välue", "EX", 30),
@@ -21,15 +21,15 @@ COMMANDS: list[tuple[Any, ...]] = [
 @pytest.mark.parametrize("cls", [Connection, UnixDomainSocketConnection])
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: str(c[0]))
 def test_packed_bytes_match_redis_py(cls: type[Any], command: tuple[Any, ...]) -> None:
-    ours, theirs = _hiredis_packing(cls)(), cls()
+    ours, theirs = _fast_connection(cls)(), cls()
     assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
 
 
 def test_one_class_per_connection_kind() -> None:
-    assert _hiredis_packing(Connection) is _hiredis_packing(Connection)
-    assert issubclass(_hiredis_packing(UnixDomainSocketConnection), UnixDomainSocketConnection)
+    assert _fast_connection(Connection) is _fast_connection(Connection)
+    assert issubclass(_fast_connection(UnixDomainSocketConnection), UnixDomainSocketConnection)
 
 
 def test_unpackable_argument_is_a_data_error() -> None:
     with pytest.raises(DataError):
-        _hiredis_packing(Connection)().pack_command("SET", "key", object())
+        _fast_connection(Connection)().pack_command("SET", "key", object())
