@@ -141,16 +141,23 @@ async def _versions(admin_url: str, redis_url: str) -> tuple[str, str]:
 
 
 async def run_suites(
-    suites: list[str], *, settings: Any, suite_kwargs: dict[str, dict[str, Any]] | None = None
+    suites: list[str],
+    *,
+    settings: Any,
+    suite_kwargs: dict[str, dict[str, Any]] | None = None,
+    placement: str = "split",
 ) -> dict[str, Any]:
-    """Run ``suites`` and return the results object (figures, machine, notes, series, command)."""
+    """Run ``suites`` and return the results object (figures, machine, notes, series, command).
+
+    ``placement`` says where embedded servers and the rest run (``support.bench.harness``).
+    """
     from support.bench.harness import SuiteResult, machine_info, servers
 
     collected = SuiteResult()
     failed: list[str] = []
     names: dict[str, list[str]] = {}
     columns = (TextColumn("[bold]{task.fields[suite]:<10}"), BarColumn(), TextColumn("{task.description}"))
-    async with servers(settings) as (admin_url, redis_url):
+    async with servers(settings, placement=placement) as (admin_url, redis_url):
         with Progress(*columns, TimeElapsedColumn(), console=_out, transient=False) as bar:
             task = bar.add_task("starting", total=len(suites), suite="")
             for suite in suites:
@@ -178,6 +185,10 @@ async def run_suites(
     }
 
 
+_PLACEMENT_HELP = (
+    "split (the default): embedded PostgreSQL and Redis on the last CPU, everything else on the others, "
+    "so every client-server hop crosses CPUs alike; free: the kernel places every process."
+)
 _SUITES_HELP = "Suites: all (the default: every suite but soak), messaging, locks, checkpoint, workflow, scale, soak."
 
 
@@ -185,6 +196,7 @@ def bench(
     json_path: Annotated[Path, typer.Option("--json", help="Write the results object here (figure name -> number).")],
     suites: Annotated[list[str] | None, typer.Argument(help=_SUITES_HELP)] = None,
     minutes: Annotated[float, typer.Option("--minutes", min=0.1, help="Soak duration in minutes.")] = 5.0,
+    placement: Annotated[str, typer.Option("--placement", help=_PLACEMENT_HELP)] = "split",
 ) -> None:
     """Run benchmark suites against their peers; write the figures as JSON."""
     from shared.lib.bootstrap import configure_logging
@@ -194,9 +206,13 @@ def bench(
     configure_logging("WARNING")
     chosen = _suite_names(suites or [])
     _import_support()
+    from support.bench.harness import PLACEMENTS
+
+    if placement not in PLACEMENTS:
+        raise InvalidInput(f"unknown placement {placement!r}; choose from {', '.join(PLACEMENTS)}", field="placement")
     suite_kwargs = {"soak": {"duration_s": minutes * 60}}
     # The services run on uvloop (uvicorn's default when it is installed): so do the suites and their peers.
-    results = uvloop.run(run_suites(chosen, settings=settings, suite_kwargs=suite_kwargs))
+    results = uvloop.run(run_suites(chosen, settings=settings, suite_kwargs=suite_kwargs, placement=placement))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     _summary(results)

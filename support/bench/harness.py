@@ -1,9 +1,19 @@
 """What every benchmark suite shares: warm-up, repeats, interleaved rounds, percentiles,
-throughput at a fixed number of requests in flight, and the machine line.
+throughput at a fixed number of requests in flight, the machine line, and where the
+processes run (the CPU placement).
 
 Variants compared in one suite are measured in interleaved rounds (a round of A,
 a round of B, a round of A...), so load from anything else on this shared
 machine weighs on each alike and the ratio between them stays meaningful.
+
+Placement. On this VM a wake-up across CPUs costs about 40 us more than one on the same
+CPU, and the kernel puts a client and its server on the same CPU or not as it pleases: the
+same ``pg_try_advisory_lock`` + ``pg_advisory_unlock`` pair measured 0.039 ms in one
+unpinned run and 0.169 ms in another (``python -m support.bench.locks``). So when the
+harness starts the servers itself, the ``split`` placement (the default) starts PostgreSQL
+and Redis on the last CPU and pins the benchmark, and every process it starts (services,
+agents, peers), to the others: every hop between a client and a server crosses CPUs, as
+it does in production, for ours and the peers alike. ``free`` leaves it to the kernel.
 
 ``AO_BENCH_SCALE`` (a float, default 1) scales every repeat count and duration:
 the harness's own test runs suites at 0.02.
@@ -25,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PLACEMENTS",
     "Op",
     "Plan",
     "Progress",
@@ -41,6 +52,9 @@ __all__ = [
     "standalone",
     "throughput",
 ]
+
+#: ``split``: servers on the last CPU, everything else on the others; ``free``: the kernel decides.
+PLACEMENTS = ("split", "free")
 
 Progress = Callable[[str], None] | None
 """Receives one line saying what a suite is doing now (the CLI shows it beside the bar)."""
@@ -161,13 +175,14 @@ async def throughput(op: Op, *, in_flight: int, duration_s: float) -> float:
 
 
 def machine_info(*, postgres: str, redis: str) -> dict[str, Any]:
-    """The machine line: cores, load average and the versions the figures were taken with."""
+    """The machine line: cores, load average, where the processes ran and the versions the figures were taken with."""
     load = os.getloadavg()
     return {
         "cores": os.cpu_count() or 0,
         "load_1m": round(load[0], 2),
         "load_5m": round(load[1], 2),
         "load_15m": round(load[2], 2),
+        "placement": describe_placement(),
         "postgres": postgres,
         "redis": redis,
         "python": platform.python_version(),
@@ -175,18 +190,70 @@ def machine_info(*, postgres: str, redis: str) -> dict[str, Any]:
     }
 
 
+_placed = ""
+
+
+def describe_placement() -> str:
+    """Where this run's servers and clients ran, in words (for the machine line)."""
+    return _placed or "unpinned: the kernel placed every process"
+
+
+def _split_cpus() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, client CPUs) of the split placement, or None with fewer than 2 CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+def _start_placed(embedded: Any, settings: Any, placement: str) -> tuple[tuple[str, str], set[int] | None, str]:
+    """Start (or reuse) the servers; with ``split`` and embedded servers, on their own CPU.
+
+    Runs in a worker thread: affinity is per thread and a child inherits its parent
+    thread's, so the servers started here land on the server CPU, and the thread is
+    put back afterwards. Returns the URLs, the client CPUs (None: leave the caller
+    unpinned) and the placement in words.
+    """
+    cpus = _split_cpus() if placement == "split" else None
+    configured = settings.database_url is not None or settings.redis_url is not None
+    urls = (settings.database_url, settings.redis_url)
+    if cpus is None or configured:
+        return (
+            embedded.ensure(database_url=urls[0], redis_url=urls[1]),
+            None,
+            "unpinned: " + ("configured servers" if configured else f"placement {placement}"),
+        )
+    server, clients = cpus
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, server)
+    try:
+        started = embedded.ensure(database_url=urls[0], redis_url=urls[1])
+    finally:
+        os.sched_setaffinity(0, before)
+    cpu_list = ",".join(map(str, sorted(clients)))
+    return started, clients, f"split: PostgreSQL and Redis on CPU {min(server)}, the rest on CPU {cpu_list}"
+
+
 @contextlib.asynccontextmanager
-async def servers(settings: Any, *, data_dir: Path | None = None) -> AsyncIterator[tuple[str, str]]:
-    """(admin PostgreSQL URL, Redis URL): the configured ones, or embedded servers started for the run."""
+async def servers(
+    settings: Any, *, data_dir: Path | None = None, placement: str = "split"
+) -> AsyncIterator[tuple[str, str]]:
+    """(admin PostgreSQL URL, Redis URL): the configured ones, or embedded servers started for the run
+    and placed as ``placement`` says (see the module's docstring). The caller's CPUs are
+    given back at the end."""
     from shared.lib.embedded import EmbeddedServers
 
+    global _placed
+    own_cpus = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="aobench", dir="/tmp") as tmp:
         embedded = EmbeddedServers(data_dir or Path(tmp))
         try:
-            yield await asyncio.to_thread(
-                embedded.ensure, database_url=settings.database_url, redis_url=settings.redis_url
-            )
+            urls, clients, _placed = await asyncio.to_thread(_start_placed, embedded, settings, placement)
+            if clients is not None:
+                os.sched_setaffinity(0, clients)  # this thread starts every other process: they inherit it
+            yield urls
         finally:
+            os.sched_setaffinity(0, own_cpus)
             await asyncio.to_thread(embedded.stop)
 
 
@@ -206,7 +273,10 @@ async def scratch_database(admin_url: str, *, label: str) -> AsyncIterator[str]:
 
 
 def standalone(run: Callable[..., Awaitable[dict[str, float]]]) -> None:
-    """``python -m support.bench.<suite>``: run one suite on embedded (or configured) servers, print JSON."""
+    """``python -m support.bench.<suite>``: run one suite on embedded (or configured) servers, print JSON.
+
+    ``AO_BENCH_PLACEMENT`` (``split`` or ``free``) sets the placement, as ``--placement`` does.
+    """
     import json
     import sys
 
@@ -214,7 +284,11 @@ def standalone(run: Callable[..., Awaitable[dict[str, float]]]) -> None:
 
     async def main() -> dict[str, float]:
         settings = load_settings(dev_mode=True)
-        async with servers(settings) as (admin_url, redis_url), scratch_database(admin_url, label="solo") as db_url:
+        placement = os.environ.get("AO_BENCH_PLACEMENT", "split")
+        async with (
+            servers(settings, placement=placement) as (admin_url, redis_url),
+            scratch_database(admin_url, label="solo") as db_url,
+        ):
             update = {"database_url": db_url, "redis_url": redis_url, "redis_prefix": f"bench{uuid.uuid4().hex[:8]}"}
             return await run(settings.model_copy(update=update), progress=lambda m: print(m, file=sys.stderr))
 

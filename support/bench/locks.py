@@ -12,22 +12,19 @@ busy machine weighs on all of them alike):
 - ``lock_vs_floor``: ``lock_p50_ms / lock_floor_p50_ms``.
 
 Run alone: ``uv run python -m support.bench.locks`` prints the figures as JSON
-(embedded servers unless DATABASE_URL / REDIS_URL are set).
+(embedded servers, placed as ``harness`` says, unless DATABASE_URL / REDIS_URL are set).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import statistics
-import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from support.bench.harness import Progress, standalone
 
 __all__ = ["run"]
 
@@ -38,43 +35,12 @@ CONTENDED_TASKS = 64
 CONTENDED_RESOURCES = 16
 CONTENDED_S = 3.0
 
-Progress = Callable[[str], None] | None
-
 
 async def _timed(op: Callable[[], Awaitable[Any]], n: int, out: list[float]) -> None:
     for _ in range(n):
         started = time.perf_counter()
         await op()
         out.append(time.perf_counter() - started)
-
-
-@contextlib.asynccontextmanager
-async def _servers(settings: Any) -> AsyncIterator[tuple[str, str]]:
-    """(admin PostgreSQL URL, Redis URL): the configured ones, or embedded servers in a temp dir."""
-    from shared.lib.embedded import EmbeddedServers
-
-    with tempfile.TemporaryDirectory(prefix="aobench", dir="/tmp") as tmp:
-        servers = EmbeddedServers(Path(tmp))
-        try:
-            yield await asyncio.to_thread(
-                servers.ensure, database_url=settings.database_url, redis_url=settings.redis_url
-            )
-        finally:
-            await asyncio.to_thread(servers.stop)
-
-
-@contextlib.asynccontextmanager
-async def _scratch_database(admin_url: str) -> AsyncIterator[str]:
-    from shared.lib.connections import create_database, drop_database
-    from shared.lib.migrations import apply_migrations
-
-    name = f"aobench_locks_{uuid.uuid4().hex[:8]}"
-    url = await create_database(admin_url, name)
-    try:
-        await apply_migrations(url)
-        yield url
-    finally:
-        await drop_database(admin_url, name)
 
 
 async def _latencies(db_url: str, redis_url: str, settings: Any, progress: Progress) -> dict[str, float]:
@@ -146,17 +112,9 @@ async def _contended(locks: Any) -> float:
 
 
 async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
-    """Run the lock benchmark on the configured (or embedded) PostgreSQL and Redis."""
-    async with _servers(settings) as (admin_url, redis_url), _scratch_database(admin_url) as db_url:
-        return await _latencies(db_url, redis_url, settings, progress)
-
-
-def _main() -> None:
-    from shared.lib.settings import load_settings
-
-    results = asyncio.run(run(load_settings(dev_mode=True), progress=lambda m: print(m, file=sys.stderr)))
-    print(json.dumps(results, indent=2))
+    """Run the lock benchmark on the database and Redis of ``settings``."""
+    return await _latencies(settings.database_url, settings.redis_url, settings, progress)
 
 
 if __name__ == "__main__":
-    _main()
+    standalone(run)

@@ -12,8 +12,9 @@ processes (XADD; XREADGROUP and PUBLISH of the id; the reply read from pub/sub) 
 nothing of the bus on it, and ``rpc_p50_vs_bare_streams``.
 
 Run alone: ``uv run python -m support.bench.messaging`` prints the figures as JSON
-(embedded Redis unless REDIS_URL is set). The process also runs as each role:
-``--role responder|requester|celery-client`` (``celery_app`` is the worker's app).
+(embedded servers, placed as ``harness`` says, unless DATABASE_URL / REDIS_URL are set).
+The process also runs as each role: ``--role responder|requester|celery-client``
+(``celery_app`` is the worker's app).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import os
 import secrets
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from support.bench.harness import Progress, percentile, standalone
 
 __all__ = ["run"]
 
@@ -43,13 +45,6 @@ RPC_THROUGHPUT_S = 4.0
 CELERY_SEQUENTIAL = 400
 CELERY_BATCH = 3000
 _ROLE_TIMEOUT_S = 300.0
-
-Progress = Callable[[str], None] | None
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
 
 
 # -- the bus: responder and requester processes ---------------------------------------
@@ -156,7 +151,7 @@ async def _requester() -> dict[str, float]:
     await client.aclose()
     return {
         "rpc_p50_ms": statistics.median(samples),
-        "rpc_p99_ms": _pct(samples, 0.99),
+        "rpc_p99_ms": percentile(samples, 0.99),
         "rpc_throughput_rps": done / elapsed,
         "bare_streams_rtt_p50_ms": statistics.median(bare),
     }
@@ -292,22 +287,10 @@ async def _run_celery(env: dict[str, str], progress: Progress) -> dict[str, floa
 
 
 async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
-    """Run both benchmarks on ``settings.redis_url`` (embedded Redis when unset)."""
-    with tempfile.TemporaryDirectory(prefix="aobench", dir="/tmp") as tmp:
-        embedded = None
-        redis_url = settings.redis_url
-        if redis_url is None:
-            from shared.lib.embedded import EmbeddedRedis
-
-            embedded = EmbeddedRedis(Path(tmp))
-            redis_url = await asyncio.to_thread(embedded.start)
-        try:
-            env = _env(redis_url)
-            results = await _run_bus(env, progress)
-            results.update(await _run_celery(env, progress))
-        finally:
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
+    """Run both benchmarks on ``settings.redis_url``."""
+    env = _env(settings.redis_url)
+    results = await _run_bus(env, progress)
+    results.update(await _run_celery(env, progress))
     results["p50_speedup_vs_celery"] = results["celery_p50_ms"] / results["rpc_p50_ms"]
     results["rpc_p50_vs_bare_streams"] = results["rpc_p50_ms"] / results["bare_streams_rtt_p50_ms"]
     results["throughput_ratio_vs_celery"] = results["rpc_throughput_rps"] / results["celery_throughput_rps"]
@@ -327,10 +310,7 @@ def _main() -> None:
     if role == "celery-client":
         print(json.dumps(_celery_client()))
         return
-    from shared.lib.settings import load_settings
-
-    results = asyncio.run(run(load_settings(dev_mode=True), progress=lambda m: print(m, file=sys.stderr)))
-    print(json.dumps(results, indent=2))
+    standalone(run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ Figures:
 - ``machine_load_1m``: the load average at the end, since the machine is shared.
 
 Run alone: ``uv run python -m support.bench.registry_scale`` prints the figures as
-JSON (embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set).
+JSON (embedded PostgreSQL and Redis, placed as ``harness`` says, unless DATABASE_URL /
+REDIS_URL are set).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import re
 import secrets
@@ -40,12 +40,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from support.bench.harness import Progress, percentile, say, scratch_database, standalone
 
 __all__ = ["run"]
 
@@ -55,18 +57,6 @@ STEADY_S = 40.0
 WARMUP_S = 5.0
 NAME = "bench-agent"
 _READY_TIMEOUT_S = 60.0
-
-Progress = Callable[[str], None] | None
-
-
-def _say(progress: Progress, message: str) -> None:
-    if progress:
-        progress(message)
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples) or [float("nan")]
-    return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
 
 
 def _free_port() -> int:
@@ -79,31 +69,6 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.asynccontextmanager
-async def _servers(settings: Any, tmp: Path) -> AsyncIterator[tuple[str, str]]:
-    """(admin PostgreSQL URL, Redis URL): the configured servers, or embedded ones under ``tmp``."""
-    from shared.lib.embedded import EmbeddedServers
-
-    embedded = EmbeddedServers(tmp)
-    urls = await asyncio.to_thread(embedded.ensure, database_url=settings.database_url, redis_url=settings.redis_url)
-    try:
-        yield urls
-    finally:
-        await asyncio.to_thread(embedded.stop)
-
-
-@contextlib.asynccontextmanager
-async def _database(admin_url: str) -> AsyncIterator[str]:
-    from shared.lib.connections import create_database, drop_database, with_database
-
-    name = f"bench_registry_{uuid.uuid4().hex[:10]}"
-    url = await create_database(admin_url, name)
-    try:
-        yield url
-    finally:
-        await drop_database(with_database(admin_url, "postgres"), name)
 
 
 @contextlib.asynccontextmanager
@@ -225,11 +190,11 @@ async def _measure(
 ) -> dict[str, float]:
     fleet = _Fleet(url, secrets_)
     try:
-        _say(progress, f"registry scale: registering {INSTANCES} instances")
+        say(progress, f"registry scale: registering {INSTANCES} instances")
         await fleet.register_all()
         fleet.start()
         await asyncio.sleep(WARMUP_S)
-        _say(progress, f"registry scale: {INSTANCES} instances heartbeating every {INTERVAL_S}s for {STEADY_S}s")
+        say(progress, f"registry scale: {INSTANCES} instances heartbeating every {INTERVAL_S}s for {STEADY_S}s")
         fleet.recording = True
         cpu_before, started = _cpu_s(pid), time.monotonic()
         await asyncio.sleep(STEADY_S)
@@ -244,8 +209,8 @@ async def _measure(
         "agents_heartbeating": view["fresh"],
         "agents_wrongly_offline": view["stale"] + view["offline"],
         "registry_cpu_percent": 100 * (cpu_after - cpu_before) / elapsed,
-        "heartbeat_p50_ms": 1000 * _pct(fleet.samples, 0.50),
-        "heartbeat_p99_ms": 1000 * _pct(fleet.samples, 0.99),
+        "heartbeat_p50_ms": 1000 * percentile(fleet.samples, 0.50),
+        "heartbeat_p99_ms": 1000 * percentile(fleet.samples, 0.99),
         "heartbeats_per_s": len(fleet.samples) / elapsed,
         "heartbeats_expected_per_s": expected / elapsed,
         "worst_silence_s": worst_silence_s,
@@ -262,22 +227,14 @@ async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
         "AO_SIGNING_KEY": secrets.token_urlsafe(24),
     }
     with tempfile.TemporaryDirectory(prefix="aobench", dir="/tmp") as tmp:
-        async with _servers(settings, Path(tmp)) as (admin_url, redis_url), _database(admin_url) as db_url:
-            _say(progress, "registry scale: starting the registry")
+        async with scratch_database(settings.database_url, label="registry") as db_url:
+            redis_url = settings.redis_url
+            say(progress, "registry scale: starting the registry")
             log = Path(tmp) / "registry.log"
             stale_after_s = settings.agent_stale_after_s
             async with _registry(db_url, redis_url, secrets_, log, stale_after_s=stale_after_s) as (url, pid):
                 return await _measure(url, pid, secrets_, progress, stale_after_s=stale_after_s)
 
 
-def _main() -> None:
-    import uvloop  # the fleet's own CPU should not be what limits the figures
-
-    from shared.lib.settings import load_settings
-
-    results = uvloop.run(run(load_settings(dev_mode=True), progress=lambda m: print(m, file=sys.stderr)))
-    print(json.dumps(results, indent=2))
-
-
 if __name__ == "__main__":
-    _main()
+    standalone(run)

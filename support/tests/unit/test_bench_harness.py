@@ -77,3 +77,31 @@ def test_bench_checkpoint_suite_writes_valid_json(server_urls: tuple[str, str], 
     text = render(out, doc=tmp_path / "BENCHMARKS.md", extra=[])
     assert "| `step_checkpointed_ms` |" in text
     assert "![checkpoint latency](bench/checkpoint_latency.png)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split placement needs two CPUs")
+async def test_split_placement_puts_servers_and_clients_on_separate_cpus(tmp_path: Path) -> None:
+    """`split` starts PostgreSQL and Redis on the last CPU, pins the caller to the others, and gives its CPUs back."""
+    from shared.lib.connections import connect_postgres, connect_redis
+    from shared.lib.settings import load_settings
+    from support.bench.harness import describe_placement, servers
+
+    settings = load_settings(dev_mode=True).model_copy(update={"database_url": None, "redis_url": None})
+    own = os.sched_getaffinity(0)
+    last = max(own)
+    async with servers(settings, data_dir=tmp_path, placement="split") as (pg_url, redis_url):
+        assert os.sched_getaffinity(0) == own - {last}
+        conn = await connect_postgres(pg_url)
+        try:
+            assert os.sched_getaffinity(await conn.fetchval("SELECT pg_backend_pid()")) == {last}
+        finally:
+            await conn.close()
+        client = await connect_redis(redis_url)
+        try:
+            redis_pid = (await client.info("server"))["process_id"]
+        finally:
+            await client.aclose()
+        assert os.sched_getaffinity(redis_pid) == {last}
+        assert describe_placement().startswith(f"split: PostgreSQL and Redis on CPU {last}")
+    assert os.sched_getaffinity(0) == own
