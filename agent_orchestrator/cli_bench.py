@@ -145,7 +145,7 @@ async def run_suites(
     *,
     settings: Any,
     suite_kwargs: dict[str, dict[str, Any]] | None = None,
-    placement: str = "split",
+    placement: str = "servers",
 ) -> dict[str, Any]:
     """Run ``suites`` and return the results object (figures, machine, notes, series, command).
 
@@ -186,8 +186,8 @@ async def run_suites(
 
 
 _PLACEMENT_HELP = (
-    "split (the default): embedded PostgreSQL and Redis on the last CPU, everything else on the others, "
-    "so every client-server hop crosses CPUs alike; free: the kernel places every process."
+    "servers (the default): embedded PostgreSQL and Redis on the last CPU, so every client-server hop "
+    "crosses CPUs alike; split: also every other process on the other CPUs; free: the kernel places all."
 )
 _SUITES_HELP = "Suites: all (the default: every suite but soak), messaging, locks, checkpoint, workflow, scale, soak."
 
@@ -196,7 +196,7 @@ def bench(
     json_path: Annotated[Path, typer.Option("--json", help="Write the results object here (figure name -> number).")],
     suites: Annotated[list[str] | None, typer.Argument(help=_SUITES_HELP)] = None,
     minutes: Annotated[float, typer.Option("--minutes", min=0.1, help="Soak duration in minutes.")] = 5.0,
-    placement: Annotated[str, typer.Option("--placement", help=_PLACEMENT_HELP)] = "split",
+    placement: Annotated[str, typer.Option("--placement", help=_PLACEMENT_HELP)] = "servers",
 ) -> None:
     """Run benchmark suites against their peers; write the figures as JSON."""
     from shared.lib.bootstrap import configure_logging

@@ -8,12 +8,15 @@ machine weighs on each alike and the ratio between them stays meaningful.
 
 Placement. On this VM a wake-up across CPUs costs about 40 us more than one on the same
 CPU, and the kernel puts a client and its server on the same CPU or not as it pleases: the
-same ``pg_try_advisory_lock`` + ``pg_advisory_unlock`` pair measured 0.039 ms in one
-unpinned run and 0.169 ms in another (``python -m support.bench.locks``). So when the
-harness starts the servers itself, the ``split`` placement (the default) starts PostgreSQL
-and Redis on the last CPU and pins the benchmark, and every process it starts (services,
-agents, peers), to the others: every hop between a client and a server crosses CPUs, as
-it does in production, for ours and the peers alike. ``free`` leaves it to the kernel.
+same ``pg_try_advisory_lock`` + ``pg_advisory_unlock`` pair measured 0.039 ms on one CPU
+and 0.169 ms across two (``python -m support.bench.locks``), and in an unpinned run the
+floor's connection and ours need not land alike. So when the harness starts the servers
+itself, the ``servers`` placement (the default) starts PostgreSQL and Redis on the last
+CPU, and the processes of ours and of the peers talk to them across CPUs alike, as they
+would to servers on their own hosts; the clients stay free to use every CPU. ``split``
+also pins every client to the other CPUs (all the Python on one core of two: it cut the
+messaging throughput by about 10 % and Celery's by 40 %); ``free`` leaves it all to the
+kernel.
 
 ``AO_BENCH_SCALE`` (a float, default 1) scales every repeat count and duration:
 the harness's own test runs suites at 0.02.
@@ -53,8 +56,9 @@ __all__ = [
     "throughput",
 ]
 
-#: ``split``: servers on the last CPU, everything else on the others; ``free``: the kernel decides.
-PLACEMENTS = ("split", "free")
+#: ``servers``: the servers on the last CPU; ``split``: and every other process on the other CPUs;
+#: ``free``: the kernel places every process.
+PLACEMENTS = ("servers", "split", "free")
 
 Progress = Callable[[str], None] | None
 """Receives one line saying what a suite is doing now (the CLI shows it beside the bar)."""
@@ -199,7 +203,7 @@ def describe_placement() -> str:
 
 
 def _split_cpus() -> tuple[set[int], set[int]] | None:
-    """(server CPUs, client CPUs) of the split placement, or None with fewer than 2 CPUs."""
+    """(server CPUs, client CPUs): the last CPU and the others; None with fewer than 2 CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return None
@@ -207,14 +211,14 @@ def _split_cpus() -> tuple[set[int], set[int]] | None:
 
 
 def _start_placed(embedded: Any, settings: Any, placement: str) -> tuple[tuple[str, str], set[int] | None, str]:
-    """Start (or reuse) the servers; with ``split`` and embedded servers, on their own CPU.
+    """Start (or reuse) the servers; embedded ones on their own CPU unless ``placement`` is ``free``.
 
     Runs in a worker thread: affinity is per thread and a child inherits its parent
     thread's, so the servers started here land on the server CPU, and the thread is
     put back afterwards. Returns the URLs, the client CPUs (None: leave the caller
     unpinned) and the placement in words.
     """
-    cpus = _split_cpus() if placement == "split" else None
+    cpus = _split_cpus() if placement in ("split", "servers") else None
     configured = settings.database_url is not None or settings.redis_url is not None
     urls = (settings.database_url, settings.redis_url)
     if cpus is None or configured:
@@ -230,13 +234,15 @@ def _start_placed(embedded: Any, settings: Any, placement: str) -> tuple[tuple[s
         started = embedded.ensure(database_url=urls[0], redis_url=urls[1])
     finally:
         os.sched_setaffinity(0, before)
+    if placement == "servers":
+        return started, None, f"servers: PostgreSQL and Redis on CPU {min(server)}, the rest unpinned"
     cpu_list = ",".join(map(str, sorted(clients)))
     return started, clients, f"split: PostgreSQL and Redis on CPU {min(server)}, the rest on CPU {cpu_list}"
 
 
 @contextlib.asynccontextmanager
 async def servers(
-    settings: Any, *, data_dir: Path | None = None, placement: str = "split"
+    settings: Any, *, data_dir: Path | None = None, placement: str = "servers"
 ) -> AsyncIterator[tuple[str, str]]:
     """(admin PostgreSQL URL, Redis URL): the configured ones, or embedded servers started for the run
     and placed as ``placement`` says (see the module's docstring). The caller's CPUs are
@@ -275,7 +281,7 @@ async def scratch_database(admin_url: str, *, label: str) -> AsyncIterator[str]:
 def standalone(run: Callable[..., Awaitable[dict[str, float]]]) -> None:
     """``python -m support.bench.<suite>``: run one suite on embedded (or configured) servers, print JSON.
 
-    ``AO_BENCH_PLACEMENT`` (``split`` or ``free``) sets the placement, as ``--placement`` does.
+    ``AO_BENCH_PLACEMENT`` (``servers``, ``split`` or ``free``) sets the placement, as ``--placement`` does.
     """
     import json
     import sys
@@ -284,7 +290,7 @@ def standalone(run: Callable[..., Awaitable[dict[str, float]]]) -> None:
 
     async def main() -> dict[str, float]:
         settings = load_settings(dev_mode=True)
-        placement = os.environ.get("AO_BENCH_PLACEMENT", "split")
+        placement = os.environ.get("AO_BENCH_PLACEMENT", "servers")
         async with (
             servers(settings, placement=placement) as (admin_url, redis_url),
             scratch_database(admin_url, label="solo") as db_url,

@@ -352,11 +352,11 @@ def render(results_path: Path = DEFAULT_RESULTS, *, doc: Path = DOC, extra: Sequ
         "The suites run on uvloop, the event loop the services run on (uvicorn's default), and so",
         "do their peers. The machine is a shared 2-core VM: the same code measured minutes apart",
         "moves by up to half, peers included, so compare the figures of one run with each other.",
-        "Where the processes run is fixed, not left to the kernel: on this VM a client and its server",
+        "Where the servers run is fixed, not left to the kernel: on this VM a client and its server",
         "on one CPU answer each other about 4x faster than across CPUs, and an unpinned run gets",
-        "either at random. By default (`--placement split`) the embedded PostgreSQL and Redis run on",
-        "the last CPU and every other process, ours and the peers', on the rest; the placement line",
-        "of each run says which it used.",
+        "either at random, not always alike for ours and the floor. By default (`--placement servers`)",
+        "the embedded PostgreSQL and Redis run on the last CPU, so every process, ours and the peers',",
+        "talks to them across CPUs; the placement line of each run says which it used.",
         "",
     ]
     results, figures = _load(results_path)

@@ -80,9 +80,10 @@ def test_bench_checkpoint_suite_writes_valid_json(server_urls: tuple[str, str], 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split placement needs two CPUs")
-async def test_split_placement_puts_servers_and_clients_on_separate_cpus(tmp_path: Path) -> None:
-    """`split` starts PostgreSQL and Redis on the last CPU, pins the caller to the others, and gives its CPUs back."""
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="placing servers apart needs two CPUs")
+@pytest.mark.parametrize("placement", ["servers", "split"])
+async def test_placement_puts_servers_on_their_own_cpu(placement: str, tmp_path: Path) -> None:
+    """PostgreSQL and Redis start on the last CPU; `split` also pins the caller to the others, until the end."""
     from shared.lib.connections import connect_postgres, connect_redis
     from shared.lib.settings import load_settings
     from support.bench.harness import describe_placement, servers
@@ -90,8 +91,8 @@ async def test_split_placement_puts_servers_and_clients_on_separate_cpus(tmp_pat
     settings = load_settings(dev_mode=True).model_copy(update={"database_url": None, "redis_url": None})
     own = os.sched_getaffinity(0)
     last = max(own)
-    async with servers(settings, data_dir=tmp_path, placement="split") as (pg_url, redis_url):
-        assert os.sched_getaffinity(0) == own - {last}
+    async with servers(settings, data_dir=tmp_path, placement=placement) as (pg_url, redis_url):
+        assert os.sched_getaffinity(0) == (own - {last} if placement == "split" else own)
         conn = await connect_postgres(pg_url)
         try:
             assert os.sched_getaffinity(await conn.fetchval("SELECT pg_backend_pid()")) == {last}
@@ -103,5 +104,5 @@ async def test_split_placement_puts_servers_and_clients_on_separate_cpus(tmp_pat
         finally:
             await client.aclose()
         assert os.sched_getaffinity(redis_pid) == {last}
-        assert describe_placement().startswith(f"split: PostgreSQL and Redis on CPU {last}")
+        assert describe_placement().startswith(f"{placement}: PostgreSQL and Redis on CPU {last}")
     assert os.sched_getaffinity(0) == own
