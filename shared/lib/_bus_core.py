@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from shared.lib import _bus_scripts as scripts
 from shared.lib import metrics
@@ -25,6 +26,7 @@ from shared.lib.agent_events import (
     sign,
     signing_key_for,
 )
+from shared.lib.connections import run_command
 from shared.lib.errors import DeadlineExpired, InvalidInput, OrchestratorError, RequestRejected, Timeout
 from shared.lib.settings import Settings
 
@@ -94,6 +96,14 @@ class _Core:
             heartbeat=redis.register_script(scripts.HEARTBEAT),
             finish_script=redis.register_script(scripts.FINISH),
         )
+
+    async def run_script(self, script: AsyncScript, script_keys: list[Any], args: list[Any]) -> Any:
+        """EVALSHA of one of the bus's scripts by :func:`run_command`; loaded first if the
+        server does not know it (a restart, SCRIPT FLUSH)."""
+        try:
+            return await run_command(self.redis, "EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+        except NoScriptError:
+            return await script(keys=script_keys, args=args)
 
     @property
     def prefix(self) -> str:
@@ -197,7 +207,7 @@ class _Core:
             channel = keys.reply_channel(self.prefix, request.reply_to) if request.reply_to else ""
             index = streams.index(item.stream) + 1 if item.stream is not None else 0
             args += [item.raw, channel, index, item.entry_id if item.stream is not None else ""]
-        await self.finish_script(keys=script_keys, args=args)
+        await self.run_script(self.finish_script, script_keys, args)
 
     async def dead_letter(
         self,

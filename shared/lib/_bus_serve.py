@@ -25,6 +25,7 @@ from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib._bus_core import Handler, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
+from shared.lib.connections import run_command
 from shared.lib.errors import OrchestratorError
 
 __all__ = ["Server"]
@@ -36,6 +37,16 @@ _BLOCK_MS = 250
 #: Loop turns a fast handler needs to reach its reply write (task start, batch, flush).
 _REPLY_TURNS = 4
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
+    """A field of a raw stream entry ([field, value, ...]; None for an entry deleted while pending)."""
+    if not fields:
+        return None
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == name:
+            return fields[i + 1]
+    return None
 
 
 @dataclass
@@ -139,21 +150,26 @@ class Server:
         if free <= 0:
             await asyncio.sleep(0.001)
             return
-        redis = self.core.redis
         reply = None
         if self._backlog:
-            high_only: dict[Any, Any] = {self.streams[0]: ">"}
-            reply = await redis.xreadgroup(self.agent, self.consumer, high_only, count=free)
+            reply = await self._xreadgroup(self.streams[:1], count=free, block_ms=None)
         if not reply:
-            streams: dict[Any, Any] = dict.fromkeys(self.streams, ">")
-            reply = await redis.xreadgroup(self.agent, self.consumer, streams, count=free, block=_BLOCK_MS)
+            reply = await self._xreadgroup(self.streams, count=free, block_ms=_BLOCK_MS)
         by_stream = {(s.decode() if isinstance(s, bytes) else s): entries for s, entries in reply or []}
         self._backlog = any(len(entries) >= free for entries in by_stream.values())
         for stream in self.streams:  # high band first
             for entry_id, fields in by_stream.get(stream, []):
-                self._dispatch(_Entry(stream, entry_id, (fields or {}).get(b"e"), 1))
+                self._dispatch(_Entry(stream, entry_id, _field(fields, b"e"), 1))
         if by_stream:
             await self._let_fast_handlers_reply()
+
+    async def _xreadgroup(self, streams: list[str], *, count: int, block_ms: int | None) -> Any:
+        """XREADGROUP as the server answers it: None, or [[stream, [[id, [field, value, ...]], ...]], ...]
+        (by :func:`run_command`: redis-py's per-command wrapper cost more than the parsing)."""
+        args: list[Any] = ["XREADGROUP", "GROUP", self.agent, self.consumer, "COUNT", count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        return await run_command(self.core.redis, *args, "STREAMS", *streams, *[">"] * len(streams))
 
     @staticmethod
     async def _let_fast_handlers_reply() -> None:

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from redis.connection import HiredisRespSerializer
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared.lib.errors import StartupError
 
@@ -26,6 +26,7 @@ __all__ = [
     "create_pg_pool",
     "drop_database",
     "redact_url",
+    "run_command",
     "with_database",
 ]
 
@@ -164,3 +165,27 @@ async def drop_database(admin_url: str, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+async def run_command(client: aioredis.Redis, *args: Any) -> Any:
+    """One command on one of ``client``'s pooled connections, without redis-py's wrapper
+    around every command (retry, observability hooks and response callbacks: the
+    reply comes back as the server sent it, bytes and lists).
+
+    For the bus's hot path: sequential PINGs to an embedded Redis on another CPU took
+    94 us each through ``execute_command`` and 82 us this way, with 43 us of client CPU
+    instead of 57. A connection whose command failed other than by an error reply (or
+    was cancelled mid-way) is disconnected before it goes back to the pool.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+    try:
+        await conn.send_packed_command(conn.pack_command(*args))
+        return await conn.read_response()
+    except ResponseError:
+        raise  # an error reply: the connection is in step and stays usable
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)

@@ -87,6 +87,8 @@ _REQUEUEABLE = {"max_deliveries"}
 #: How often a caller whose duplicate is in flight elsewhere looks for the stored response.
 _POLL_S = 0.02
 _TRANSIENT = (RedisError, OSError)
+#: An idle reply connection is PINGed after this long, so a dead one is noticed and replaced.
+_REPLY_IDLE_PING_S = 30.0
 _Admission = tuple[list[str], list[bytes | str | int]]
 
 
@@ -294,7 +296,7 @@ class EventBus:
         if len(items) == 1:  # the sequential case: a plain command is cheaper than a pipeline
             script_keys, args = items[0]
             try:
-                return [await self._core.admit(keys=script_keys, args=args)]
+                return [await self._core.run_script(self._core.admit, script_keys, args)]
             except _TRANSIENT as e:
                 return [e]
         pipe = self._core.redis.pipeline(transaction=False)
@@ -367,16 +369,26 @@ class EventBus:
             raise ServiceUnavailable("cannot subscribe to the reply channel on Redis; retry") from e
 
     async def _reply_loop(self) -> None:
+        """Read this instance's reply channel on a connection of its own, replies as the server
+        sends them: redis-py's PubSub wraps each message in a parse, a lock and a dict, which
+        cost more than the rest of taking the reply. The connection is named
+        ``ao-replies-<instance id>`` in CLIENT LIST. An idle one is PINGed so a dead one is
+        found; a lost one is resubscribed and the waiters' stored responses are swept up."""
         channel = keys.reply_channel(self._core.prefix, self.instance_id)
         delay_s, first = 0.05, True
         while True:
-            pubsub = self._core.redis.pubsub()
+            pool = self._core.redis.connection_pool
+            conn = pool.connection_class(**{**pool.connection_kwargs, "client_name": f"ao-replies-{self.instance_id}"})
             try:
-                await pubsub.subscribe(channel)
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
-                        self._on_reply(message["data"])
-                    elif message["type"] == "subscribe":
+                await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                await conn.send_command("SUBSCRIBE", channel)
+                while True:
+                    reply = await conn.read_response(timeout=_REPLY_IDLE_PING_S)
+                    if reply is None:
+                        await conn.send_command("PING")  # answered as [b"pong", b""]
+                    elif reply[0] == b"message":
+                        self._on_reply(reply[2])
+                    elif reply[0] == b"subscribe":
                         delay_s = 0.05
                         if not first:
                             self._start_sweep()
@@ -388,7 +400,7 @@ class EventBus:
                 delay_s = min(delay_s * 2, 2.0)
             finally:
                 with contextlib.suppress(*_TRANSIENT):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await conn.disconnect()
 
     def _on_reply(self, raw: bytes) -> None:
         try:

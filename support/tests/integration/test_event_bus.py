@@ -127,6 +127,31 @@ async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory)
     await task
 
 
+async def test_reply_lost_while_the_reply_connection_is_down_is_read_from_the_store(make_bus: BusFactory) -> None:
+    """A reply published while the requester's reply connection was killed still arrives, at once, from the store."""
+    server, client = await make_bus(), await make_bus(visibility_timeout_s=30.0)
+    release = asyncio.Event()
+
+    async def held(request: AgentRequestEvent) -> dict[str, Any]:
+        await release.wait()
+        return {"n": request.payload["n"]}
+
+    task = _serve(server, "held", held)
+    await _wait_live(client, "held")
+    call = asyncio.create_task(client.request_agent(_req("held", {"n": 7}), timeout_s=10))
+    await asyncio.sleep(0.2)  # the request is running in the handler
+    name = f"ao-replies-{client.instance_id}".encode()
+    victim = next(c["id"] for c in await client.redis.client_list() if c["name"].encode() == name)
+    started = time.monotonic()
+    await client.redis.client_kill_filter(_id=victim)
+    release.set()  # published within ~1 ms, before the 50 ms resubscribe backoff ends: pub/sub drops it
+    response = await call
+    assert response.payload == {"n": 7}
+    assert time.monotonic() - started < 2.0  # the sweep after resubscribing, not the 10 s timeout
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def test_offline_agent_fails_at_once(make_bus: BusFactory) -> None:
     """A request to an agent with no live consumer raises AgentOffline without waiting."""
     client = await make_bus()

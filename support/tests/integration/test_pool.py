@@ -1,12 +1,16 @@
 """The pools against real servers. asyncpg's: a release skips the reset query but never
 hands on an open transaction. redis-py's: the check of an idle connection reads no socket,
-yet a connection its server closed, or one holding an unread reply, is never handed out."""
+yet a connection its server closed, or one holding an unread reply, is never handed out;
+``run_command`` keeps a connection after an error reply and drops one left mid-command."""
 
 from __future__ import annotations
 
 import asyncio
 
-from shared.lib.connections import connect_postgres, connect_redis, create_pg_pool
+import pytest
+from redis.exceptions import ResponseError
+
+from shared.lib.connections import connect_postgres, connect_redis, create_pg_pool, run_command
 
 
 async def test_release_rolls_back_an_open_transaction(database_url: str) -> None:
@@ -63,4 +67,39 @@ async def test_a_redis_connection_with_an_unread_reply_is_not_handed_out(redis_u
         await asyncio.sleep(0.1)  # the stale reply arrives in the connection's buffer
         assert await client.get(key) == b"right"
     finally:
+        await client.aclose()
+
+
+async def test_run_command_returns_the_raw_reply_and_survives_an_error_reply(redis_url: str, redis_prefix: str) -> None:
+    """run_command answers as the server does (bytes, lists); an error reply raises and the connection stays."""
+    client = await connect_redis(redis_url, max_connections=1)
+    key = f"{redis_prefix}:raw"
+    try:
+        assert await run_command(client, "RPUSH", key, "a", "b") == 2
+        assert await run_command(client, "LRANGE", key, 0, -1) == [b"a", b"b"]
+        before = await client.client_id()
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await run_command(client, "INCR", key)
+        assert await client.client_id() == before
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_run_command_cancelled_mid_reply_never_hands_its_reply_to_the_next_caller(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A command cancelled while its reply is due drops the connection: the next command reads its own reply."""
+    client = await connect_redis(redis_url, max_connections=1)
+    stream = f"{redis_prefix}:cancelled"
+    try:
+        read = asyncio.create_task(run_command(client, "XREAD", "BLOCK", 2000, "STREAMS", stream, "$"))
+        await asyncio.sleep(0.1)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        await client.xadd(stream, {"e": "late"})  # would have been the cancelled XREAD's reply
+        assert await run_command(client, "ECHO", "mine") == b"mine"
+    finally:
+        await client.delete(stream)
         await client.aclose()
