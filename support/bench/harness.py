@@ -298,4 +298,6 @@ def standalone(run: Callable[..., Awaitable[dict[str, float]]]) -> None:
             update = {"database_url": db_url, "redis_url": redis_url, "redis_prefix": f"bench{uuid.uuid4().hex[:8]}"}
             return await run(settings.model_copy(update=update), progress=lambda m: print(m, file=sys.stderr))
 
-    print(json.dumps(asyncio.run(main()), indent=2))
+    import uvloop  # as `agent-orchestrator bench` runs them: the services run on uvloop
+
+    print(json.dumps(uvloop.run(main()), indent=2))
