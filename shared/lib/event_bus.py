@@ -386,9 +386,11 @@ class EventBus:
                     reply = await conn.read_response(timeout=_REPLY_IDLE_PING_S)
                     if reply is None:
                         await conn.send_command("PING")  # answered as [b"pong", b""]
-                    elif reply[0] == b"message":
+                        continue
+                    kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+                    if kind == "message":
                         self._on_reply(reply[2])
-                    elif reply[0] == b"subscribe":
+                    elif kind == "subscribe":
                         delay_s = 0.05
                         if not first:
                             self._start_sweep()

@@ -140,14 +140,36 @@ async def test_reply_lost_while_the_reply_connection_is_down_is_read_from_the_st
     await _wait_live(client, "held")
     call = asyncio.create_task(client.request_agent(_req("held", {"n": 7}), timeout_s=10))
     await asyncio.sleep(0.2)  # the request is running in the handler
-    name = f"ao-replies-{client.instance_id}".encode()
-    victim = next(c["id"] for c in await client.redis.client_list() if c["name"].encode() == name)
+    name = f"ao-replies-{client.instance_id}"
+    victim = next(c["id"] for c in await client.redis.client_list() if c["name"] == name)
     started = time.monotonic()
     await client.redis.client_kill_filter(_id=victim)
     release.set()  # published within ~1 ms, before the 50 ms resubscribe backoff ends: pub/sub drops it
     response = await call
     assert response.payload == {"n": 7}
     assert time.monotonic() - started < 2.0  # the sweep after resubscribing, not the 10 s timeout
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_an_idle_reply_connection_is_pinged_and_keeps_answering(
+    make_bus: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quiet spells on the reply connection send PINGs; their answers do not disturb the replies that follow."""
+    from shared.lib import event_bus
+
+    monkeypatch.setattr(event_bus, "_REPLY_IDLE_PING_S", 0.05)
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).payload["echo"] == {"n": 1}
+    name = f"ao-replies-{client.instance_id}"
+    reply_conn = next(c for c in await client.redis.client_list() if c["name"] == name)
+    await asyncio.sleep(0.4)  # several idle PINGs
+    after = next(c for c in await client.redis.client_list() if c["name"] == name)
+    assert after["id"] == reply_conn["id"]  # the same connection, never dropped
+    assert after["cmd"] == "ping"
+    assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
     await server.stop_serving(grace_s=1)
     await task
 
