@@ -32,7 +32,7 @@ from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings, load_settings
 
 AGENT = "chaos"
-HANDLER_SLEEP_S = 0.3
+HANDLER_SLEEP_S = 0.5
 
 
 def _effects_key(prefix: str, request_id: str) -> str:
@@ -100,24 +100,30 @@ def _request() -> AgentRequestEvent:
     return AgentRequestEvent.create(source_agent="tester", target_agent=AGENT, request_type="WORK", timeout_s=30)
 
 
-@pytest.mark.slow
+async def _in_flight(client: Any, prefix: str, request: AgentRequestEvent) -> bool:
+    return bool(await client.get(keys.response_key(prefix, AGENT, request.idempotency_key)) == b"P")
+
+
 async def _answered_and_busy(
     client: Any, prefix: str, consumer: str, requests: list[AgentRequestEvent], calls: list[asyncio.Task[Any]]
 ) -> None:
     """Wait until ``consumer`` has answered a request and is running another (not on a fixed
-    sleep, which a busy machine outruns)."""
+    sleep, which a busy machine outruns). Running means its side effect is recorded and its
+    response is not stored yet (the in-flight marker): a call not yet done on this side may
+    only be a reply still on its way."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         answered = any(c.done() and c.result().served_by == consumer for c in calls)
         if answered:
             for request, call in zip(requests, calls, strict=True):
                 ran = await client.lrange(_effects_key(prefix, request.request_id), 0, -1)
-                if not call.done() and consumer.encode() in ran:
+                if not call.done() and consumer.encode() in ran and await _in_flight(client, prefix, request):
                     return
         await asyncio.sleep(0.005)
     raise AssertionError(f"{consumer} never answered one request while running another")
 
 
+@pytest.mark.slow
 async def test_kill9_with_requests_in_flight_loses_nothing(
     workers: Callable[[str], subprocess.Popen[bytes]], settings_factory: Callable[..., Settings], redis_url: str
 ) -> None:
