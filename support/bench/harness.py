@@ -202,7 +202,7 @@ def describe_placement() -> str:
     return _placed or "unpinned: the kernel placed every process"
 
 
-def _split_cpus() -> tuple[set[int], set[int]] | None:
+def _server_and_client_cpus() -> tuple[set[int], set[int]] | None:
     """(server CPUs, client CPUs): the last CPU and the others; None with fewer than 2 CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -218,7 +218,7 @@ def _start_placed(embedded: Any, settings: Any, placement: str) -> tuple[tuple[s
     put back afterwards. Returns the URLs, the client CPUs (None: leave the caller
     unpinned) and the placement in words.
     """
-    cpus = _split_cpus() if placement in ("split", "servers") else None
+    cpus = _server_and_client_cpus() if placement in ("split", "servers") else None
     configured = settings.database_url is not None or settings.redis_url is not None
     urls = (settings.database_url, settings.redis_url)
     if cpus is None or configured:
