@@ -18,29 +18,18 @@ Run alone: ``uv run python -m support.bench.locks`` prints the figures as JSON
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from support.bench.harness import Progress, standalone
+from support.bench.harness import Plan, Progress, measure, standalone
 
 __all__ = ["run"]
 
-ROUNDS = 10
-PER_ROUND = 300
-WARMUP = 300
+PLAN = Plan(warmup=300, rounds=10, per_round=300)
 CONTENDED_TASKS = 64
 CONTENDED_RESOURCES = 16
 CONTENDED_S = 3.0
-
-
-async def _timed(op: Callable[[], Awaitable[Any]], n: int, out: list[float]) -> None:
-    for _ in range(n):
-        started = time.perf_counter()
-        await op()
-        out.append(time.perf_counter() - started)
 
 
 async def _latencies(db_url: str, redis_url: str, settings: Any, progress: Progress) -> dict[str, float]:
@@ -52,7 +41,6 @@ async def _latencies(db_url: str, redis_url: str, settings: Any, progress: Progr
     pool = await create_pg_pool(db_url, max_size=4)
     floor_conn = await connect_postgres(db_url)
     redis = Redis.from_url(redis_url)
-    samples: dict[str, list[float]] = {"lock": [], "floor": [], "redis": []}
     try:
         async with ResourceLockManager(pool, settings.model_copy(update={"database_url": db_url})) as locks:
 
@@ -70,23 +58,18 @@ async def _latencies(db_url: str, redis_url: str, settings: Any, progress: Progr
                 await redis_lock.acquire(blocking=False)
                 await redis_lock.release()
 
-            ops = {"lock": lease, "floor": floor, "redis": peer}
-            for op in ops.values():
-                await _timed(op, WARMUP, [])
-            for i in range(ROUNDS):
-                if progress:
-                    progress(f"locks: latency round {i + 1}/{ROUNDS}")
-                for name, op in ops.items():
-                    await _timed(op, PER_ROUND, samples[name])
+            timings = await measure(
+                {"lock": lease, "floor": floor, "redis": peer}, plan=PLAN, progress=progress, label="locks"
+            )
             contended = await _contended(locks)
     finally:
         await redis.aclose()
         await floor_conn.close()
         await pool.close()
-    lock, floor_ms, redis_ms = (statistics.median(samples[k]) * 1000 for k in ("lock", "floor", "redis"))
+    lock, floor_ms, redis_ms = (timings[k].p50 for k in ("lock", "floor", "redis"))
     return {
         "lock_p50_ms": lock,
-        "lock_p99_ms": sorted(samples["lock"])[int(len(samples["lock"]) * 0.99)] * 1000,
+        "lock_p99_ms": timings["lock"].p99,
         "lock_floor_p50_ms": floor_ms,
         "redis_lock_p50_ms": redis_ms,
         "lock_vs_floor": lock / floor_ms,
