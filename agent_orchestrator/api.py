@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from agent_orchestrator.event_watch import Feed
 from agent_orchestrator.records import WorkflowRecord
 from agent_orchestrator.service import Orchestrator
+from shared.lib.agent_events import Event
 from shared.lib.errors import InvalidInput
 from shared.lib.http_service import ApiKeyDep
 
@@ -30,6 +32,7 @@ __all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
 _ID = Path(pattern=r"^[0-9a-f-]{36}$", description="Workflow id (a UUID).")
 _STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
 _SSE_POLL_S = 1.0
+_SSE_READ_LIMIT = 500
 
 
 class LaunchRequest(BaseModel):
@@ -105,13 +108,12 @@ def _workflow_views_router() -> APIRouter:
     @router.get("/workflows/{workflow_id}/events")
     async def events(
         orch: OrchestratorDep,
-        request: Request,
         workflow_id: str = _ID,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> EventSourceResponse:
-        await orch.records.get(workflow_id)  # 404 before the stream starts
+        await orch.records.require(workflow_id)  # 404 before the stream starts
         after = _parse_last_id(last_event_id)
-        return EventSourceResponse(_event_stream(orch, request, workflow_id, after), ping=15)
+        return EventSourceResponse(_event_stream(orch, workflow_id, after), ping=15)
 
     @router.get("/interrupts")
     async def interrupts(orch: OrchestratorDep, limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
@@ -152,26 +154,44 @@ def _parse_last_id(value: str | None) -> int:
 _TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-async def _event_stream(
-    orch: Orchestrator, request: Request, workflow_id: str, after: int
-) -> AsyncIterator[ServerSentEvent]:
+async def _event_stream(orch: Orchestrator, workflow_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
     """Replay stored events after ``after``, then follow live ones until a terminal status.
 
-    The live side (``orch.watch``, subscribed before the table is read) wakes it on
-    publication, but it always reads from the table, so a reconnect with
-    ``Last-Event-ID`` misses nothing and never sees an event twice.
+    The feed (subscribed before the table is read) hands over each event as it is
+    published, so following costs no query per event. The table is read again
+    whenever the feed may have missed one: at the start, after the subscription
+    reconnected, and after ``_SSE_POLL_S`` without an event. An event is sent once,
+    whichever way it came, so a reconnect with ``Last-Event-ID`` misses nothing and
+    never sees an event twice.
     """
-    async with orch.watch.follow(workflow_id) as wake:
-        while not await request.is_disconnected():
-            wake.clear()  # before the read: an event published during it wakes the next wait at once
-            batch = await orch.bus.events_since(after, aggregate_type="workflow", aggregate_id=workflow_id, limit=500)
+    floor, sent = after, set[int]()  # the client has everything up to its Last-Event-ID
+    async with orch.watch.follow(workflow_id) as feed:
+        while True:  # sse-starlette ends the generator when the client goes away
+            batch = await _next_events(orch, feed, workflow_id, after)
             for ev in batch:
-                after = ev.id
+                if ev.id <= floor or ev.id in sent:
+                    continue
+                sent.add(ev.id)
+                after = max(after, ev.id)
                 yield ServerSentEvent(data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id))
                 if ev.event_type == "workflow.status" and ev.payload.get("status") in _TERMINAL:
                     return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=_SSE_POLL_S)
+            if not feed.arrived.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(feed.arrived.wait(), timeout=_SSE_POLL_S)
+                feed.stale = feed.stale or not feed.arrived.is_set()  # a quiet second: look at the table
+
+
+async def _next_events(orch: Orchestrator, feed: Feed, workflow_id: str, after: int) -> list[Event]:
+    """What the feed brought; after the table's events past ``after`` when the feed is stale."""
+    live = feed.take()
+    if not feed.stale:
+        return live
+    stored = await orch.bus.events_since(
+        after, aggregate_type="workflow", aggregate_id=workflow_id, limit=_SSE_READ_LIMIT
+    )
+    feed.stale = len(stored) == _SSE_READ_LIMIT  # more to read before following live
+    return sorted({ev.id: ev for ev in [*stored, *live]}.values(), key=lambda ev: ev.id)
 
 
 def mount(app: FastAPI) -> None:

@@ -1,12 +1,11 @@
-"""Live wake-ups for the workflow event streams of one process.
+"""Live events for the workflow event streams of one process.
 
-``GET /workflows/{id}/events`` reads the ``events`` table and sleeps until the next
-event of its workflow is published. Each stream used to open its own pattern
-subscription on Redis and wake on every workflow event of the system, re-reading
-the table each time: with many streams open, every event cost one query per stream.
-Here one subscription per process wakes only the streams of the workflow an event
-belongs to. The table stays the record: a wake-up missed (Redis reconnecting) only
-delays a stream until its next poll.
+``GET /workflows/{id}/events`` replays the ``events`` table, then follows the
+workflow's events as they are published. One Redis subscription per process
+hands each published event to the streams of its workflow only, as a
+:class:`Feed`, so a live event costs no query. The table stays the record: a
+feed is marked *stale* when the subscription had to reconnect (what was
+published meanwhile was missed), and its stream reads the table again.
 """
 
 from __future__ import annotations
@@ -17,41 +16,75 @@ from collections.abc import AsyncIterator
 
 from shared.lib.agent_events import Event
 from shared.lib.event_bus import EventBus, Subscription
-from shared.lib.wakeups import Wakeups
 
-__all__ = ["WorkflowWatch"]
+__all__ = ["Feed", "WorkflowWatch"]
+
+
+class Feed:
+    """The live events of one workflow for one stream, and whether the table must be read."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.stale = True  # nothing seen yet: the stream starts from the table
+        self._events: list[Event] = []
+
+    def push(self, event: Event) -> None:
+        self._events.append(event)
+        self.arrived.set()
+
+    def lost(self) -> None:
+        self.stale = True
+        self.arrived.set()
+
+    def take(self) -> list[Event]:
+        """The events published since the last take (the caller reads the table first if stale)."""
+        events, self._events = self._events, []
+        self.arrived.clear()
+        return events
 
 
 class WorkflowWatch:
-    """``async with watch.follow(workflow_id) as wake:``; ``wake`` is set by that workflow's events."""
+    """``async with watch.follow(workflow_id) as feed:``; ``feed`` gets that workflow's events."""
 
     def __init__(self, bus: EventBus) -> None:
         self._bus = bus
         self._sub: Subscription | None = None
         self._starting = asyncio.Lock()
-        self._wakeups = Wakeups()  # by workflow id
+        self._feeds: dict[str, set[Feed]] = {}  # by workflow id
 
     async def _ensure(self) -> None:
         if self._sub is not None:
             return
         async with self._starting:
-            if self._sub is None:
-                self._sub = await self._bus.subscribe("workflow.*", self._on_event)  # returns once subscribed
+            if self._sub is None:  # returns once subscribed
+                self._sub = await self._bus.subscribe("workflow.*", self._on_event, on_resubscribed=self._on_lost)
 
     def _on_event(self, event: Event) -> None:
-        if event.aggregate_id:
-            self._wakeups.wake(event.aggregate_id)
+        for feed in self._feeds.get(event.aggregate_id or "", ()):
+            feed.push(event)
+
+    def _on_lost(self) -> None:
+        for feeds in self._feeds.values():
+            for feed in feeds:
+                feed.lost()
 
     @contextlib.asynccontextmanager
-    async def follow(self, workflow_id: str) -> AsyncIterator[asyncio.Event]:
+    async def follow(self, workflow_id: str) -> AsyncIterator[Feed]:
         await self._ensure()
-        with self._wakeups.waiting(workflow_id) as wake:
-            yield wake
+        feed = Feed()
+        self._feeds.setdefault(workflow_id, set()).add(feed)
+        try:
+            yield feed
+        finally:
+            feeds = self._feeds[workflow_id]
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds[workflow_id]
 
     @property
     def following(self) -> int:
-        """How many workflows have a stream waiting on them right now."""
-        return len(self._wakeups)
+        """How many workflows have a stream following them right now."""
+        return len(self._feeds)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None

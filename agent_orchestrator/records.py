@@ -159,6 +159,10 @@ class WorkflowRecords:
         wf, row = await asyncio.gather(self.manager.get_workflow(workflow_id), self.run_store.get(workflow_id))
         return _record(wf, row)
 
+    async def require(self, workflow_id: str) -> None:
+        """NotFound unless the workflow exists (one read)."""
+        await self.manager.get_workflow(workflow_id)
+
     async def page(
         self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None
     ) -> tuple[list[WorkflowRecord], str | None]:

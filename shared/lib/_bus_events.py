@@ -111,7 +111,8 @@ async def events_since(
 
 class Subscription:
     """A live pattern subscription; :meth:`close` ends it. Reconnects after a Redis outage
-    (events published meanwhile are missed live: replay them with ``events_since``)."""
+    (events published meanwhile are missed live: replay them with ``events_since``);
+    ``on_resubscribed`` is called once it listens again, so the subscriber knows when to."""
 
     def __init__(
         self,
@@ -120,9 +121,11 @@ class Subscription:
         callback: EventCallback,
         *,
         on_close: Callable[[Subscription], None] | None = None,
+        on_resubscribed: Callable[[], None] | None = None,
     ) -> None:
         self._redis = redis
         self._on_close = on_close
+        self._on_resubscribed = on_resubscribed
         self._pattern = channel_pattern
         self._callback = callback
         self._ready = asyncio.Event()
@@ -147,6 +150,8 @@ class Subscription:
                 async for message in pubsub.listen():
                     delay_s = 0.05
                     if message.get("type") == "psubscribe":
+                        if self._ready.is_set() and self._on_resubscribed is not None:
+                            self._on_resubscribed()  # back after a loss: what was published meanwhile was missed
                         self._ready.set()  # confirmed: nothing published from now on is missed
                         continue
                     await self._deliver(message)
@@ -179,8 +184,11 @@ async def subscribe(
     callback: EventCallback,
     *,
     on_close: Callable[[Subscription], None] | None = None,
+    on_resubscribed: Callable[[], None] | None = None,
 ) -> Subscription:
     """Subscribe ``callback`` to events whose type matches the glob ``pattern``."""
-    sub = Subscription(redis, keys.events_channel(prefix, pattern), callback, on_close=on_close)
+    sub = Subscription(
+        redis, keys.events_channel(prefix, pattern), callback, on_close=on_close, on_resubscribed=on_resubscribed
+    )
     await sub.wait_ready()
     return sub

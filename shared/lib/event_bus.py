@@ -39,6 +39,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -583,11 +584,19 @@ class EventBus:
             metadata=metadata,
         )
 
-    async def subscribe(self, pattern: str, callback: EventCallback) -> Subscription:
+    async def subscribe(
+        self, pattern: str, callback: EventCallback, *, on_resubscribed: Callable[[], None] | None = None
+    ) -> Subscription:
         """Call ``callback(event)`` for each live event whose type matches the glob ``pattern``.
-        Returns once subscribed; ``await sub.close()`` ends it."""
+        Returns once subscribed; ``await sub.close()`` ends it. ``on_resubscribed()`` is called
+        when it listens again after losing Redis (events published meanwhile were missed)."""
         sub = await _bus_events.subscribe(
-            self._core.redis, self._core.prefix, pattern, callback, on_close=self._subscriptions.discard
+            self._core.redis,
+            self._core.prefix,
+            pattern,
+            callback,
+            on_close=self._subscriptions.discard,
+            on_resubscribed=on_resubscribed,
         )
         self._subscriptions.add(sub)
         return sub

@@ -151,7 +151,23 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     assert [e["id"] for e in rest] == ids[2:]
 
 
-def read_sse(api: httpx.Client, wf_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:
+def test_live_events_are_the_stored_ones_across_a_reconnect(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """Followed live from the launch, with a disconnect after two events and a reconnect with
+    Last-Event-ID, the stream delivers exactly what a replay of the finished workflow does."""
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc", "tests"]})
+    first = read_sse(api, wf_id, stop_after=2)
+    rest = read_sse(api, wf_id, last_event_id=first[-1]["id"])
+    replay = read_sse(api, wf_id)
+    assert first + rest == replay
+    assert replay[-1]["data"]["status"] == "succeeded"
+    assert [e["data"].get("status") for e in replay if e["event"] == "workflow.status"][:2] == ["pending", "running"]
+
+
+def read_sse(
+    api: httpx.Client, wf_id: str, last_event_id: int | None = None, *, stop_after: int | None = None
+) -> list[dict[str, Any]]:
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     events, current = [], {}
     with api.stream("GET", f"/workflows/{wf_id}/events", headers=headers, timeout=30) as r:
@@ -166,6 +182,8 @@ def read_sse(api: httpx.Client, wf_id: str, last_event_id: int | None = None) ->
             elif line == "" and "id" in current:
                 events.append(current)
                 current = {}
+                if len(events) == stop_after:
+                    break
     return events
 
 

@@ -1,4 +1,4 @@
-"""The API's live event wake-ups on a real Redis: one subscription, only the workflow's own streams woken."""
+"""The API's live event feeds on a real Redis: one subscription, each event handed to its workflow's streams only."""
 
 from __future__ import annotations
 
@@ -8,20 +8,47 @@ from agent_orchestrator.event_watch import WorkflowWatch
 from support.tests.integration.conftest import BusFactory
 
 
-async def test_a_stream_wakes_on_its_own_workflows_events_only(make_bus: BusFactory) -> None:
+async def test_a_feed_gets_its_own_workflows_events_only(make_bus: BusFactory) -> None:
     bus = await make_bus()
     watch = WorkflowWatch(bus)
     try:
         async with watch.follow("wf-a") as a, watch.follow("wf-a") as a2, watch.follow("wf-b") as b:
-            await bus.emit("workflow.node", {"node": "x"}, aggregate_type="workflow", aggregate_id="wf-b")
-            await asyncio.wait_for(b.wait(), 5)
-            await asyncio.sleep(0.2)  # time for a stray wake-up of the other streams to arrive
-            assert not a.is_set()
-            assert not a2.is_set()
-            await bus.emit("workflow.status", {"status": "running"}, aggregate_type="workflow", aggregate_id="wf-a")
-            await asyncio.wait_for(asyncio.gather(a.wait(), a2.wait()), 5)
+            assert a.stale and b.stale  # a new stream starts from the table
+            emitted = await bus.emit("workflow.node", {"node": "x"}, aggregate_type="workflow", aggregate_id="wf-b")
+            await asyncio.wait_for(b.arrived.wait(), 5)
+            assert [e.id for e in b.take()] == [emitted.id]
+            await asyncio.sleep(0.2)  # time for a stray event to reach the other feeds
+            assert not a.arrived.is_set()
+            assert a.take() == []
+            status = await bus.emit(
+                "workflow.status", {"status": "running"}, aggregate_type="workflow", aggregate_id="wf-a"
+            )
+            await asyncio.wait_for(asyncio.gather(a.arrived.wait(), a2.arrived.wait()), 5)
+            assert [e.payload for e in a.take()] == [{"status": "running"}] == [e.payload for e in a2.take()]
+            assert a2.take() == [] and not a2.arrived.is_set()
+            assert status.id > emitted.id
         assert watch.following == 0  # streams that ended leave nothing behind
         assert len(bus._subscriptions) == 1  # one subscription for every stream of the process
     finally:
         await watch.close()
     assert not bus._subscriptions
+
+
+async def test_a_lost_subscription_marks_every_feed_stale_then_follows_again(make_bus: BusFactory) -> None:
+    """Events published while the subscription reconnects are missed live: the feeds say so."""
+    bus = await make_bus()
+    watch = WorkflowWatch(bus)
+    try:
+        async with watch.follow("wf-a") as a:
+            a.take()
+            a.stale = False  # as a stream leaves it after its first read of the table
+            for c in await bus.redis.client_list(_type="pubsub"):
+                await bus.redis.client_kill_filter(_id=c["id"])
+            await asyncio.wait_for(a.arrived.wait(), 5)
+            assert a.stale  # the stream reads the table again
+            a.take()
+            await bus.emit("workflow.node", {"node": "y"}, aggregate_type="workflow", aggregate_id="wf-a")
+            await asyncio.wait_for(a.arrived.wait(), 5)
+            assert [e.payload for e in a.take()] == [{"node": "y"}]
+    finally:
+        await watch.close()
