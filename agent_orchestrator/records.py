@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -19,7 +19,7 @@ from agent_orchestrator.run_store import RunRow, RunStore
 from shared.lib.errors import Conflict
 from shared.lib.workflow_state import WorkflowStateManager
 
-__all__ = ["WorkflowRecord", "WorkflowRecords"]
+__all__ = ["Launched", "WorkflowRecord", "WorkflowRecords"]
 
 
 @dataclass
@@ -86,6 +86,13 @@ def _record(wf: Any, run: Any = None) -> WorkflowRecord:
     )
 
 
+class Launched(NamedTuple):
+    record: WorkflowRecord
+    created: bool
+    run: RunRow | None
+    """The run, when the launch claimed it for this replica's runner."""
+
+
 class WorkflowRecords:
     def __init__(self, pool: asyncpg.Pool, manager: WorkflowStateManager, run_store: RunStore) -> None:
         self.pool = pool
@@ -109,17 +116,20 @@ class WorkflowRecords:
         *,
         idempotency_key: str | None,
         trace: dict[str, str],
-    ) -> tuple[WorkflowRecord, bool]:
-        """The new workflow and True, or (after a race on the key) the one launched with it and False."""
+        claim: bool = False,
+    ) -> Launched:
+        """The new workflow, or (after a race on the key) the one launched with it. With ``claim``
+        its run is written already claimed by this replica's runner (see ``RunStore.insert_claimed``)."""
         try:
-            return await self._insert(
-                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace
-            ), True
+            record, run = await self._insert(
+                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace, claim=claim
+            )
+            return Launched(record, True, run)
         except Conflict as e:
             again = await self.existing(workflow_type, data, idempotency_key=idempotency_key)
             if e.field != "idempotency_key" or again is None:
                 raise
-            return again, False
+            return Launched(again, False, None)
 
     async def _insert(
         self,
@@ -129,7 +139,9 @@ class WorkflowRecords:
         *,
         idempotency_key: str | None,
         trace: dict[str, str],
-    ) -> WorkflowRecord:
+        claim: bool,
+    ) -> tuple[WorkflowRecord, RunRow | None]:
+        run = None
         async with self.pool.acquire() as conn, conn.transaction():
             wf = await self.manager.create_workflow(
                 workflow_type,
@@ -139,8 +151,11 @@ class WorkflowRecords:
                 metadata={"correlation_id": workflow_id, "trace": trace},
                 conn=conn,
             )
-            await self.run_store.enqueue(conn, workflow_id, workflow_type)
-        return _record(wf)
+            if claim:
+                run = await self.run_store.insert_claimed(conn, workflow_id, workflow_type)
+            else:
+                await self.run_store.enqueue(conn, workflow_id, workflow_type)
+        return _record(wf), run
 
     def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
         if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:

@@ -66,6 +66,22 @@ class RunStore:
             RUNS_CHANNEL,
         )
 
+    async def insert_claimed(self, conn: asyncpg.Connection, workflow_id: str, workflow_type: str) -> RunRow:
+        """A new run already claimed by this runner, inside the caller's transaction: the replica
+        that takes the launch runs it at once (it holds the advisory lock). Nobody is woken; if
+        this replica dies, the lease runs out and another one claims the run as usual."""
+        row = await conn.fetchrow(
+            "INSERT INTO workflow_runs (workflow_id, workflow_type, state, runner_id, attempts, lease_expires_at, "
+            "last_progress_at) VALUES ($1, $2, 'running', $3, 1, now() + make_interval(secs => $4), now()) "
+            "RETURNING *",
+            workflow_id,
+            workflow_type,
+            self.runner_id,
+            self.lease_ttl_s,
+        )
+        assert row is not None
+        return RunRow.from_record(row)
+
     async def get(self, workflow_id: str) -> RunRow | None:
         row = await self.pool.fetchrow("SELECT * FROM workflow_runs WHERE workflow_id = $1", workflow_id)
         return RunRow.from_record(row) if row else None

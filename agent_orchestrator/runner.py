@@ -44,8 +44,9 @@ EXPIRED_APPROVAL = {
     "expired": True,
 }
 
-RunExecutor = Callable[[RunRow], Any]
-"""``async def execute(run) -> Outcome``: runs the graph; raising means the workflow failed."""
+RunExecutor = Callable[[RunRow, Any], Any]
+"""``async def execute(run, launched) -> Outcome``: runs the graph; raising means the workflow failed.
+``launched`` is what :meth:`WorkflowRunner.adopt` was given with a run this replica launched, else None."""
 
 
 def advisory_key(workflow_id: str) -> int:
@@ -59,6 +60,7 @@ class LocalRun:
     run: RunRow
     task: asyncio.Task[None] | None = None
     last_progress: float = field(default_factory=time.monotonic)
+    launched: Any = None
     cancel_reason: str | None = None
     stuck: bool = False
     unstuck: bool = False  # progressed after being reported stuck: clear the mark at the next pass
@@ -84,6 +86,7 @@ class WorkflowRunner:
         self._on_finished = on_finished
         self._on_stuck_hook = on_stuck
         self._local: dict[str, LocalRun] = {}
+        self._reserved: set[str] = set()  # launches of this replica that it will run itself
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_conn_mutex = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -155,11 +158,11 @@ class WorkflowRunner:
                 await asyncio.wait_for(self._wake.wait(), timeout=_POLL_S)
 
     async def _claim_available(self) -> None:
-        free = self.settings.max_concurrent_workflows - len(self._local)
+        free = self.settings.max_concurrent_workflows - len(self._local) - len(self._reserved)
         if free <= 0:
             return
         for workflow_id in await self.store.candidates(limit=free * 2):
-            if len(self._local) >= self.settings.max_concurrent_workflows:
+            if len(self._local) + len(self._reserved) >= self.settings.max_concurrent_workflows:
                 return
             if workflow_id not in self._local:
                 await self._try_claim(workflow_id)
@@ -174,6 +177,38 @@ class WorkflowRunner:
         lr = LocalRun(run=run)
         self._local[workflow_id] = lr
         lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{workflow_id}")
+
+    # -- runs launched here -------------------------------------------------------------------------
+    async def reserve(self, workflow_id: str) -> bool:
+        """Make room for a workflow this replica is launching, and take its advisory lock, so it
+        runs here at once (no claim through the table). False when there is no room."""
+        if self._stopping or len(self._local) + len(self._reserved) >= self.settings.max_concurrent_workflows:
+            return False
+        self._reserved.add(workflow_id)
+        try:
+            if await self._advisory(workflow_id, take=True):
+                return True
+        except BaseException:
+            self._reserved.discard(workflow_id)
+            raise
+        self._reserved.discard(workflow_id)
+        return False
+
+    async def unreserve(self, workflow_id: str) -> None:
+        """The launch did not create the run after all: give the room and the lock back."""
+        if workflow_id in self._reserved:
+            self._reserved.discard(workflow_id)
+            await self._advisory(workflow_id, take=False)
+
+    def adopt(self, run: RunRow, launched: Any) -> None:
+        """Run a reserved workflow whose run row this replica wrote already claimed. A replica
+        stopping meanwhile leaves it to its lease: once that runs out another replica claims it."""
+        self._reserved.discard(run.workflow_id)
+        if self._stopping:
+            return
+        lr = LocalRun(run=run, launched=launched)
+        self._local[run.workflow_id] = lr
+        lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{run.workflow_id}")
 
     async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
         assert self._lock_conn is not None
@@ -199,7 +234,7 @@ class WorkflowRunner:
         run = lr.run
         metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).inc()
         try:
-            outcome: Outcome | BaseException = await self._execute(run)
+            outcome: Outcome | BaseException = await self._execute(run, lr.launched)
         except asyncio.CancelledError:
             outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason

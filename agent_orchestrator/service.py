@@ -97,15 +97,27 @@ class Orchestrator:
             inputs=validated,
             metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
         )
-        record, created = await self.records.create(
-            workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace
-        )
-        if created:
-            metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
+        runner = self.runner
+        reserved = runner is not None and await runner.reserve(workflow_id)  # run it here, at once
+        run = None
+        try:
+            record, created, run = await self.records.create(
+                workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace, claim=reserved
+            )
+        finally:
+            if reserved and run is None and runner is not None:
+                await runner.unreserve(workflow_id)
+        if not created:
+            return record, False
+        metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
+        try:
             await self._emit(record.workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
-            if self.runner is not None:
-                self.runner.wake()
-        return record, created
+        finally:  # its pending event first, so a stream sees pending before running
+            if runner is not None and run is not None:
+                runner.adopt(run, record)
+            elif runner is not None:
+                runner.wake()
+        return record, True
 
     async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
         record = await self.records.get(workflow_id)
@@ -154,8 +166,9 @@ class Orchestrator:
         return out
 
     # -- runner callbacks ------------------------------------------------------------------------
-    async def execute(self, run: RunRow) -> Outcome:
-        record = await self.records.get(run.workflow_id, run=run)
+    async def execute(self, run: RunRow, launched: WorkflowRecord | None = None) -> Outcome:
+        """Run the graph of a claimed run (``launched``: its record, when this replica launched it)."""
+        record = launched or await self.records.get(run.workflow_id, run=run)
         await asyncio.gather(
             self.records.set_status(run.workflow_id, "running"),
             self._emit(run.workflow_id, "workflow.status", {"status": "running", "attempt": run.attempts}),

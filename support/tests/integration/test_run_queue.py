@@ -19,10 +19,11 @@ async def test_a_launch_queues_its_run_and_notifies_the_replicas_once_committed(
     records = WorkflowRecords(pool, WorkflowStateManager(pool), RunStore(pool, runner_id="r1", lease_ttl_s=30))
     workflow_id = str(uuid.uuid4())
     try:
-        record, created = await records.create(
+        record, created, run = await records.create(
             workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}
         )
         assert created
+        assert run is None  # queued for any replica, not claimed
         assert record.workflow_id == workflow_id
         assert await asyncio.wait_for(woken.get(), 5) == workflow_id
         run = await records.run_store.get(workflow_id)

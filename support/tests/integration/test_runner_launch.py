@@ -1,0 +1,66 @@
+"""A replica runs the workflows it launches itself, at once, under their advisory locks (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from agent_orchestrator.execution import Outcome
+from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.run_store import RunRow
+from agent_orchestrator.runner import WorkflowRunner, advisory_key
+from shared.lib.connections import connect_postgres, create_pg_pool
+from shared.lib.settings import Settings
+from shared.lib.workflow_state import WorkflowStateManager
+
+
+async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(max_concurrent_workflows=2)
+    assert settings.database_url is not None
+    pool = await create_pg_pool(settings.database_url)
+    other = await connect_postgres(settings.database_url)  # another replica's lock session
+    ran: list[tuple[str, Any]] = []
+    finished: asyncio.Queue[str] = asyncio.Queue()
+
+    async def execute(run: RunRow, launched: Any) -> Outcome:
+        ran.append((run.workflow_id, launched))
+        return Outcome(status="succeeded")
+
+    async def on_finished(run: RunRow, _outcome: Any) -> None:
+        finished.put_nowait(run.workflow_id)
+
+    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    await runner.start()
+    try:
+        assert await runner.reserve(a)
+        assert await runner.reserve(b)
+        assert not await runner.reserve(c)  # no room left: c would be queued for any replica
+        assert not await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(a))
+        await runner.unreserve(b)  # b's launch failed: room and lock given back
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(b))
+
+        record, created, run = await records.create(
+            a, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=True
+        )
+        assert created
+        assert run is not None
+        assert (run.state, run.runner_id, run.attempts) == ("running", runner.runner_id, 1)
+        runner.adopt(run, record)
+        assert await asyncio.wait_for(finished.get(), 5) == a
+        assert ran == [(a, record)]  # run once, with the record the launch wrote (no read back)
+        await asyncio.sleep(1.2)  # a claim pass: nothing to claim, a is done
+        assert len(ran) == 1
+        done = await records.run_store.get(a)
+        assert done is not None
+        assert done.state == "done"
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(a))  # released at the end
+    finally:
+        await runner.stop()
+        await other.close()
+        await pool.close()
