@@ -184,12 +184,6 @@ class WorkflowRecords:
         page = await self.manager.list_workflows(status=status, workflow_type=workflow_type, limit=limit, cursor=cursor)
         return [_record(wf) for wf in page.items], page.next_cursor
 
-    async def set_status(self, workflow_id: str, status: str) -> None:
-        await self.manager.set_status(workflow_id, status)
-
-    async def step(self, workflow_id: str, step: str, *, agents: list[str]) -> None:
-        await self.manager.update_step(workflow_id, step, agents=agents)
-
     async def finish(
         self, workflow_id: str, status: str, *, result: dict[str, Any], reason: str, errors: list[dict[str, Any]]
     ) -> WorkflowRecord:

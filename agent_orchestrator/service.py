@@ -9,7 +9,6 @@ event stream can replay them).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -169,9 +168,11 @@ class Orchestrator:
     async def execute(self, run: RunRow, launched: WorkflowRecord | None = None) -> Outcome:
         """Run the graph of a claimed run (``launched``: its record, when this replica launched it)."""
         record = launched or await self.records.get(run.workflow_id, run=run)
-        await asyncio.gather(
-            self.records.set_status(run.workflow_id, "running"),
-            self._emit(run.workflow_id, "workflow.status", {"status": "running", "attempt": run.attempts}),
+        await self._emit_change(
+            self.records.manager.status_change(run.workflow_id, "running"),
+            run.workflow_id,
+            "workflow.status",
+            {"status": "running", "attempt": run.attempts},
         )
         locks = RunLocks(self.locks, owner=f"workflow:{run.workflow_id}")
         context = WorkflowContext(
@@ -227,23 +228,22 @@ class Orchestrator:
         async def on_node(node: str, update: dict[str, Any], elapsed_s: float) -> None:
             assert self.runner is not None
             self.runner.progress(run.workflow_id)
-            # Independent writes: the step on the workflow row and the event in the log.
-            await asyncio.gather(
-                self.records.step(run.workflow_id, node, agents=list(update.get("agents", []))),
-                self._emit(
-                    run.workflow_id,
-                    "workflow.node",
-                    {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
-                ),
+            await self._emit_change(
+                self.records.manager.step_change(run.workflow_id, node, agents=list(update.get("agents", []))),
+                run.workflow_id,
+                "workflow.node",
+                {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
             )
 
         return on_node
 
     async def on_finished(self, run: RunRow, outcome: Outcome | BaseException) -> None:
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
-            await self.records.set_status(run.workflow_id, "interrupted")
-            await self._emit(
-                run.workflow_id, "workflow.status", {"status": "interrupted", "interrupt": outcome.interrupt}
+            await self._emit_change(
+                self.records.manager.status_change(run.workflow_id, "interrupted"),
+                run.workflow_id,
+                "workflow.status",
+                {"status": "interrupted", "interrupt": outcome.interrupt},
             )
             return
         if isinstance(outcome, Outcome):
@@ -306,6 +306,20 @@ class Orchestrator:
 
     async def _emit(self, workflow_id: str, event_type: str, data: dict[str, Any]) -> None:
         await self.bus.emit(event_type, data, aggregate_type="workflow", aggregate_id=workflow_id)
+
+    async def _emit_change(
+        self, change: tuple[str, list[Any]], workflow_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        """Change the workflow row and record the event in one statement (one commit). A workflow
+        already finished (cancelled meanwhile) takes neither: Conflict stops its run."""
+        if await self.bus.emit_after(change, event_type, data, aggregate_type="workflow", aggregate_id=workflow_id):
+            return
+        record = await self.records.get(workflow_id)
+        raise Conflict(
+            f"workflow {workflow_id} is already {record.status}; {event_type} not recorded",
+            resource=workflow_id,
+            details={"status": record.status},
+        )
 
 
 def _input_error(exc: ValueError) -> InvalidInput:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
-__all__ = ["EventCallback", "Subscription", "emit", "events_since", "publish", "subscribe"]
+__all__ = ["EventCallback", "Statement", "Subscription", "emit", "events_since", "publish", "subscribe"]
 
 _log = logging.getLogger("shared.lib.event_bus")
 
@@ -46,6 +46,25 @@ async def publish(redis: aioredis.Redis, prefix: str, event: Event) -> None:
     await redis.publish(keys.events_channel(prefix, event.event_type), event.to_json())
 
 
+_INSERT = "INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "
+
+Statement = tuple[str, Sequence[Any]]
+"""A SQL statement and its parameters (``$1``..): a change an event records."""
+
+
+def _insert(after: Statement | None) -> Statement:
+    """The event's INSERT; after a change, in the same statement and only when the change applied."""
+    if after is None:
+        return _INSERT + f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}", ()
+    sql, args = after
+    n = len(args)
+    return (
+        f"WITH change AS ({sql}) {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, ${n + 3}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
+        f"${n + 4}::jsonb, ${n + 5}::jsonb WHERE EXISTS (SELECT 1 FROM change) RETURNING {_COLUMNS}",
+        args,
+    )
+
+
 async def emit(
     pool: asyncpg.Pool | None,
     redis: aioredis.Redis,
@@ -56,22 +75,22 @@ async def emit(
     aggregate_type: str | None = None,
     aggregate_id: str | None = None,
     metadata: dict[str, Any] | None = None,
-) -> Event:
-    """INSERT the event, then PUBLISH it. A failed publish is logged: the row is the record."""
+    after: Statement | None = None,
+) -> Event | None:
+    """INSERT the event, then PUBLISH it. A failed publish is logged: the row is the record.
+
+    With ``after`` (a statement returning a row when it applied, such as a guarded
+    ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
+    event is stored and published only if the change applied, and None says it did not."""
     probe = {"id": 0, "event_type": event_type, "payload": data, "created_at": datetime.now()}
     try:
         Event.model_validate(probe)
     except ValueError as e:
         raise InvalidInput(f"invalid event: {e}", field="event_type") from e
-    row = await _require(pool).fetchrow(
-        f"INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "  # noqa: S608 - constant columns
-        f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
-        event_type,
-        aggregate_type,
-        aggregate_id,
-        data,
-        metadata or {},
-    )
+    sql, args = _insert(after)
+    row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
+    if row is None:
+        return None
     event = _event(row)
     metrics.EVENT_BUS_EVENTS_EMITTED.labels(event_type).inc()
     try:

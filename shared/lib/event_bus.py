@@ -54,7 +54,7 @@ from shared.lib import _bus_scripts as scripts
 from shared.lib import redis_keys as keys
 from shared.lib._bus_batch import Batcher
 from shared.lib._bus_core import Handler, _Core
-from shared.lib._bus_events import EventCallback, Subscription
+from shared.lib._bus_events import EventCallback, Statement, Subscription
 from shared.lib._bus_serve import Server
 from shared.lib.agent_events import (
     AgentRequestEvent,
@@ -573,6 +573,32 @@ class EventBus:
         metadata: dict[str, Any] | None = None,
     ) -> Event:
         """INSERT the event into ``events`` (the record), then PUBLISH it to live subscribers."""
+        event = await _bus_events.emit(
+            self.pool,
+            self._core.redis,
+            self._core.prefix,
+            event_type,
+            data,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            metadata=metadata,
+        )
+        assert event is not None  # no change to condition it on
+        return event
+
+    async def emit_after(
+        self,
+        change: Statement,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        aggregate_type: str | None = None,
+        aggregate_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Event | None:
+        """Apply ``change`` (SQL and its parameters; it returns a row when it applied) and store the
+        event in the same statement, one commit; then publish it. None when the change did not
+        apply: neither was written."""
         return await _bus_events.emit(
             self.pool,
             self._core.redis,
@@ -582,6 +608,7 @@ class EventBus:
             aggregate_type=aggregate_type,
             aggregate_id=aggregate_id,
             metadata=metadata,
+            after=change,
         )
 
     async def subscribe(

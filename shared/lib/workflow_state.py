@@ -262,23 +262,26 @@ class WorkflowStateManager:
         allow_terminal: bool = False,
     ) -> Workflow:
         """One UPDATE that bumps the version, compared with ``expected_version`` when given."""
-        _check_id(workflow_id)
-        if expected_version is not None and (not isinstance(expected_version, int) or expected_version < 1):
-            raise InvalidInput("expected_version must be a positive integer", field="expected_version")
-        n = len(args)
-        where = f"id = ${n + 1} AND (${n + 2}::integer IS NULL OR version = ${n + 2})"
-        if not allow_terminal:
-            where += " AND completed_at IS NULL"
-        sql = (
-            f"UPDATE workflows SET {assignments}, version = version + 1, updated_at = now() "  # noqa: S608 - literals
-            f"WHERE {where} RETURNING {_COLUMNS}"
+        sql, params = _update(
+            workflow_id, assignments, args, expected_version=expected_version, allow_terminal=allow_terminal
         )
         async with self._connection(conn) as c:
-            row = await c.fetchrow(sql, *args, workflow_id, expected_version)
+            row = await c.fetchrow(sql + f" RETURNING {_COLUMNS}", *params)
             if row is not None:
                 return _workflow(row)
             current = await self.get_workflow(workflow_id, conn=c)
         raise _refused(current, expected_version)
+
+    def step_change(self, workflow_id: str, step: str, *, agents: list[str] | None = None) -> tuple[str, list[Any]]:
+        """:meth:`update_step` as a statement to run inside another one (it returns the id when it
+        applied): ``EventBus.emit_after`` records the step and its event in one commit."""
+        sql, params = _update(workflow_id, *_step_assignment(step, agents))
+        return sql + " RETURNING id", params
+
+    def status_change(self, workflow_id: str, status: str) -> tuple[str, list[Any]]:
+        """:meth:`set_status` as a statement to run inside another one (see :meth:`step_change`)."""
+        sql, params = _update(workflow_id, *_status_assignment(status))
+        return sql + " RETURNING id", params
 
     async def update_state(
         self,
@@ -315,15 +318,8 @@ class WorkflowStateManager:
     ) -> Workflow:
         """Record the step the workflow is at (and the agents it brought in). The version is
         bumped atomically, and compared first when ``expected_version`` is given."""
-        if not isinstance(step, str) or not 0 < len(step) <= 200:
-            raise InvalidInput("step must be a non-empty string of at most 200 characters", field="step")
-        new_agents = _check_agents(agents or [])
         return await self._change(
-            workflow_id,
-            "current_step = $1, agents = agents || ARRAY(SELECT a FROM unnest($2::text[]) a WHERE NOT a = ANY(agents))",
-            [step, new_agents],
-            expected_version=expected_version,
-            conn=conn,
+            workflow_id, *_step_assignment(step, agents), expected_version=expected_version, conn=conn
         )
 
     async def set_status(
@@ -335,13 +331,9 @@ class WorkflowStateManager:
         conn: asyncpg.Connection | None = None,
     ) -> Workflow:
         """Move an unfinished workflow to ``status``; a terminal one also gets its completion time."""
-        _check_status(status)
         return await self._change(
             workflow_id,
-            "status = $1, started_at = CASE WHEN $1 = 'running' THEN coalesce(started_at, now()) "
-            "ELSE started_at END, completed_at = CASE WHEN $1 IN ('succeeded', 'failed', 'cancelled') "
-            "THEN now() END",
-            [status],
+            *_status_assignment(status),
             expected_version=expected_version,
             conn=conn,
         )
@@ -501,6 +493,46 @@ class WorkflowStateManager:
                 seconds,
             )
         return deleted
+
+
+def _update(
+    workflow_id: str,
+    assignments: str,
+    args: list[Any],
+    *,
+    expected_version: int | None = None,
+    allow_terminal: bool = False,
+) -> tuple[str, list[Any]]:
+    """A guarded UPDATE that bumps the version (compared with ``expected_version`` when given),
+    without its RETURNING clause, and its parameters."""
+    _check_id(workflow_id)
+    if expected_version is not None and (not isinstance(expected_version, int) or expected_version < 1):
+        raise InvalidInput("expected_version must be a positive integer", field="expected_version")
+    n = len(args)
+    where = f"id = ${n + 1} AND (${n + 2}::integer IS NULL OR version = ${n + 2})"
+    if not allow_terminal:
+        where += " AND completed_at IS NULL"
+    sql = f"UPDATE workflows SET {assignments}, version = version + 1, updated_at = now() WHERE {where}"  # noqa: S608 - literals
+    return sql, [*args, workflow_id, expected_version]
+
+
+def _step_assignment(step: str, agents: list[str] | None) -> tuple[str, list[Any]]:
+    if not isinstance(step, str) or not 0 < len(step) <= 200:
+        raise InvalidInput("step must be a non-empty string of at most 200 characters", field="step")
+    return (
+        "current_step = $1, agents = agents || ARRAY(SELECT a FROM unnest($2::text[]) a WHERE NOT a = ANY(agents))",
+        [step, _check_agents(agents or [])],
+    )
+
+
+def _status_assignment(status: str) -> tuple[str, list[Any]]:
+    _check_status(status)
+    return (
+        "status = $1, started_at = CASE WHEN $1 = 'running' THEN coalesce(started_at, now()) "
+        "ELSE started_at END, completed_at = CASE WHEN $1 IN ('succeeded', 'failed', 'cancelled') "
+        "THEN now() END",
+        [status],
+    )
 
 
 def _refused(current: Workflow, expected_version: int | None) -> Conflict:

@@ -9,9 +9,11 @@ from datetime import UTC, timedelta
 import asyncpg
 import pytest
 
+from shared.lib.agent_events import Event
 from shared.lib.connections import create_pg_pool
 from shared.lib.errors import Conflict, InvalidInput, NotFound
 from shared.lib.workflow_state import WorkflowStateManager
+from support.tests.integration.conftest import BusFactory
 
 
 @pytest.fixture
@@ -190,3 +192,47 @@ async def test_create_joins_the_callers_transaction(states: WorkflowStateManager
         await tx.rollback()
     with pytest.raises(NotFound):
         await states.get_workflow("wf-rolled-back")
+
+
+async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: BusFactory) -> None:
+    """emit_after: the step and its event are one statement; a finished workflow takes neither."""
+    bus = await make_bus()
+    assert bus.pool is not None
+    states = WorkflowStateManager(bus.pool)
+    wf = await states.create_workflow("agent_chain", {})
+    seen: asyncio.Queue[Event] = asyncio.Queue()
+    sub = await bus.subscribe("workflow.*", seen.put_nowait)
+    try:
+        change = states.step_change(wf.id, "call:0", agents=["noop-1"])
+        event = await bus.emit_after(
+            change, "workflow.node", {"node": "call_next"}, aggregate_type="workflow", aggregate_id=wf.id
+        )
+        assert event is not None
+        assert (await asyncio.wait_for(seen.get(), 5)).id == event.id  # published once committed
+        after = await states.get_workflow(wf.id)
+        assert (after.current_step, after.agents, after.version) == ("call:0", ["noop-1"], wf.version + 1)
+        running = await bus.emit_after(
+            states.status_change(wf.id, "running"),
+            "workflow.status",
+            {"status": "running"},
+            aggregate_type="workflow",
+            aggregate_id=wf.id,
+        )
+        assert running is not None
+        assert (await states.get_workflow(wf.id)).status == "running"
+
+        await states.complete_workflow(wf.id, status="cancelled")
+        refused = await bus.emit_after(
+            states.step_change(wf.id, "call:1"),
+            "workflow.node",
+            {"node": "call_next"},
+            aggregate_type="workflow",
+            aggregate_id=wf.id,
+        )
+        assert refused is None
+        assert [e.id for e in await bus.events_since(0, aggregate_id=wf.id)] == [event.id, running.id]
+        assert (await states.get_workflow(wf.id)).current_step == "call:0"
+        with pytest.raises(InvalidInput):
+            states.step_change(wf.id, "")  # the same checks as update_step, before anything is sent
+    finally:
+        await sub.close()
