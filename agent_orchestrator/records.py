@@ -183,11 +183,3 @@ class WorkflowRecords:
     ) -> tuple[list[WorkflowRecord], str | None]:
         page = await self.manager.list_workflows(status=status, workflow_type=workflow_type, limit=limit, cursor=cursor)
         return [_record(wf) for wf in page.items], page.next_cursor
-
-    async def finish(
-        self, workflow_id: str, status: str, *, result: dict[str, Any], reason: str, errors: list[dict[str, Any]]
-    ) -> WorkflowRecord:
-        wf = await self.manager.complete_workflow(
-            workflow_id, status=status, result=result, errors=errors, metadata={"reason": reason}
-        )
-        return _record(wf)

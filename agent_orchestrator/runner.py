@@ -271,8 +271,10 @@ class WorkflowRunner:
         await self._finish(run, outcome)
 
     async def _finish(self, run: RunRow, outcome: Outcome | BaseException) -> None:
-        await self.store.finish(run.workflow_id)
+        # The workflow row first: if this replica dies in between, the run's lease runs out, another
+        # replica claims it, finds the workflow finished and only finishes the run.
         await self._on_finished(run, outcome)
+        await self.store.finish(run.workflow_id)
 
     def progress(self, workflow_id: str) -> None:
         """Called by the executor after each node; the watchdog reads it (in memory, no write per node)."""

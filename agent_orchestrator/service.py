@@ -53,6 +53,7 @@ class Orchestrator:
 
     def __post_init__(self) -> None:
         self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
+        self._running: dict[str, WorkflowRecord] = {}  # records of the runs executing here
         self.watch = WorkflowWatch(self.bus)  # live wake-ups of the API's event streams
 
     def preinitialize_metrics(self) -> None:
@@ -142,7 +143,9 @@ class Orchestrator:
             )
         state = await self.records.run_store.request_cancel(workflow_id)
         if state in {"queued", "waiting"} and await self.records.run_store.cancel_idle(workflow_id):
-            await self._finalize(workflow_id, record.workflow_type, "cancelled", reason="cancelled by request")
+            await self._finalize(
+                workflow_id, record.workflow_type, "cancelled", reason="cancelled by request", record=record
+            )
         elif self.runner is not None:
             self.runner.cancel_local(workflow_id, reason="cancelled")
         return await self.records.get(workflow_id)
@@ -168,6 +171,7 @@ class Orchestrator:
     async def execute(self, run: RunRow, launched: WorkflowRecord | None = None) -> Outcome:
         """Run the graph of a claimed run (``launched``: its record, when this replica launched it)."""
         record = launched or await self.records.get(run.workflow_id, run=run)
+        self._running[run.workflow_id] = record  # on_finished takes it back
         await self._emit_change(
             self.records.manager.status_change(run.workflow_id, "running"),
             run.workflow_id,
@@ -238,6 +242,7 @@ class Orchestrator:
         return on_node
 
     async def on_finished(self, run: RunRow, outcome: Outcome | BaseException) -> None:
+        record = self._running.pop(run.workflow_id, None)
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted"),
@@ -254,6 +259,7 @@ class Orchestrator:
                 result=outcome.result,
                 reason=outcome.reason,
                 errors=outcome.errors,
+                record=record,
             )
             return
         status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
@@ -264,6 +270,7 @@ class Orchestrator:
             status,
             reason=reason,
             errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
+            record=record,
         )
 
     async def on_stuck(self, run: RunRow) -> None:
@@ -280,12 +287,17 @@ class Orchestrator:
         result: dict[str, Any] | None = None,
         reason: str = "",
         errors: list[dict[str, Any]] | None = None,
+        record: WorkflowRecord | None = None,
     ) -> None:
-        try:
-            record = await self.records.finish(
-                workflow_id, status, result=result or {}, reason=reason, errors=errors or []
-            )
-        except Conflict:
+        """Finish the workflow row and record its terminal event, in one statement."""
+        record = record or await self.records.get(workflow_id)
+        change = self.records.manager.completion_change(
+            workflow_id, status=status, result=result or {}, errors=errors or [], metadata={"reason": reason}
+        )
+        data = {"status": status, "reason": reason}
+        if not await self.bus.emit_after(
+            change, "workflow.status", data, aggregate_type="workflow", aggregate_id=workflow_id
+        ):
             _log.info("workflow %s had already finished; %s not recorded", workflow_id, status)
             return
         finish_workflow_trace(
@@ -302,7 +314,6 @@ class Orchestrator:
         metrics.WORKFLOWS_FINISHED.labels(workflow_type, status).inc()
         if record.created_at is not None:
             metrics.WORKFLOW_DURATION.labels(workflow_type).observe(time.time() - record.created_at.timestamp())
-        await self._emit(workflow_id, "workflow.status", {"status": status, "reason": reason})
 
     async def _emit(self, workflow_id: str, event_type: str, data: dict[str, Any]) -> None:
         await self.bus.emit(event_type, data, aggregate_type="workflow", aggregate_id=workflow_id)

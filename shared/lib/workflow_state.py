@@ -351,20 +351,25 @@ class WorkflowStateManager:
     ) -> Workflow:
         """Finish the workflow with a terminal status, its result and errors (``metadata`` is
         merged). Finishing an already finished workflow raises Conflict."""
-        _check_status(status, allowed=TERMINAL_STATUSES)
-        values = [
-            status,
-            None if result is None else _json_field(result, "result", dict),
-            _json_field([] if errors is None else errors, "errors", list),
-            _json_field({} if metadata is None else metadata, "metadata", dict),
-        ]
         return await self._change(
             workflow_id,
-            "status = $1, result = $2, errors = $3, metadata = metadata || $4::jsonb, completed_at = now()",
-            values,
+            *_completion_assignment(status, result, errors, metadata),
             expected_version=expected_version,
             conn=conn,
         )
+
+    def completion_change(
+        self,
+        workflow_id: str,
+        *,
+        status: str,
+        result: dict[str, Any] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[str, list[Any]]:
+        """:meth:`complete_workflow` as a statement to run inside another one (see :meth:`step_change`)."""
+        sql, params = _update(workflow_id, *_completion_assignment(status, result, errors, metadata))
+        return sql + " RETURNING id", params
 
     # -- checkpoints ------------------------------------------------------------------
     async def checkpoint(
@@ -532,6 +537,24 @@ def _status_assignment(status: str) -> tuple[str, list[Any]]:
         "ELSE started_at END, completed_at = CASE WHEN $1 IN ('succeeded', 'failed', 'cancelled') "
         "THEN now() END",
         [status],
+    )
+
+
+def _completion_assignment(
+    status: str,
+    result: dict[str, Any] | None,
+    errors: list[dict[str, Any]] | None,
+    metadata: dict[str, Any] | None,
+) -> tuple[str, list[Any]]:
+    _check_status(status, allowed=TERMINAL_STATUSES)
+    return (
+        "status = $1, result = $2, errors = $3, metadata = metadata || $4::jsonb, completed_at = now()",
+        [
+            status,
+            None if result is None else _json_field(result, "result", dict),
+            _json_field([] if errors is None else errors, "errors", list),
+            _json_field({} if metadata is None else metadata, "metadata", dict),
+        ],
     )
 
 
