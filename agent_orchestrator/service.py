@@ -20,7 +20,7 @@ from langgraph.graph.state import CompiledStateGraph
 from agent_orchestrator.agent_calls import BusAgentCalls
 from agent_orchestrator.event_watch import WorkflowWatch
 from agent_orchestrator.execution import Outcome, run_graph
-from agent_orchestrator.records import WorkflowRecord, WorkflowRecords
+from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.run_store import RunRow
 from agent_orchestrator.runner import WorkflowRunner
@@ -97,27 +97,39 @@ class Orchestrator:
             inputs=validated,
             metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
         )
-        runner = self.runner
-        reserved = runner is not None and await runner.reserve(workflow_id)  # run it here, at once
-        run = None
-        try:
-            record, created, run = await self.records.create(
-                workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace, claim=reserved
-            )
-        finally:
-            if reserved and run is None and runner is not None:
-                await runner.unreserve(workflow_id)
-        if not created:
-            return record, False
+        launched = await self._create(workflow_id, workflow_type, validated, idempotency_key, trace)
+        if not launched.created:
+            return launched.record, False
         metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
         try:
-            await self._emit(record.workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
+            await self._emit(workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
         finally:  # its pending event first, so a stream sees pending before running
-            if runner is not None and run is not None:
-                runner.adopt(run, record)
-            elif runner is not None:
-                runner.wake()
-        return record, True
+            if self.runner is not None and launched.run is not None:
+                self.runner.adopt(launched.run, launched.record)
+            elif self.runner is not None:
+                self.runner.wake()
+        return launched.record, True
+
+    async def _create(
+        self,
+        workflow_id: str,
+        workflow_type: str,
+        data: dict[str, Any],
+        idempotency_key: str | None,
+        trace: dict[str, str],
+    ) -> Launched:
+        """Write the workflow and its run: claimed by this replica when its runner has room for it."""
+        runner = self.runner
+        reserved = runner is not None and await runner.reserve(workflow_id)
+        launched = None
+        try:
+            launched = await self.records.create(
+                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace, claim=reserved
+            )
+        finally:
+            if reserved and runner is not None and (launched is None or launched.run is None):
+                await runner.unreserve(workflow_id)
+        return launched
 
     async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
         record = await self.records.get(workflow_id)

@@ -573,22 +573,15 @@ class EventBus:
         metadata: dict[str, Any] | None = None,
     ) -> Event:
         """INSERT the event into ``events`` (the record), then PUBLISH it to live subscribers."""
-        event = await _bus_events.emit(
-            self.pool,
-            self._core.redis,
-            self._core.prefix,
-            event_type,
-            data,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            metadata=metadata,
+        event = await self.emit_after(
+            None, event_type, data, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
         )
         assert event is not None  # no change to condition it on
         return event
 
     async def emit_after(
         self,
-        change: Statement,
+        change: Statement | None,
         event_type: str,
         data: dict[str, Any],
         *,
@@ -598,7 +591,7 @@ class EventBus:
     ) -> Event | None:
         """Apply ``change`` (SQL and its parameters; it returns a row when it applied) and store the
         event in the same statement, one commit; then publish it. None when the change did not
-        apply: neither was written."""
+        apply: neither was written. Without a change this is :meth:`emit`."""
         return await _bus_events.emit(
             self.pool,
             self._core.redis,
