@@ -28,7 +28,7 @@ from shared.lib import metrics
 from shared.lib.connections import connect_postgres
 from shared.lib.settings import Settings
 
-__all__ = ["LocalRun", "RunExecutor", "WorkflowRunner", "advisory_key"]
+__all__ = ["LocalRun", "RunExecutor", "RunFinished", "WorkflowRunner", "advisory_key"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ EXPIRED_APPROVAL = {
     "expired": True,
 }
 
-RunExecutor = Callable[[RunRow, Any], Any]
-"""``async def execute(run, launched) -> Outcome``: runs the graph; raising means the workflow failed.
-``launched`` is what :meth:`WorkflowRunner.adopt` was given with a run this replica launched, else None."""
+RunExecutor = Callable[["LocalRun"], Any]
+"""``async def execute(local_run) -> Outcome``: runs the graph; raising means the workflow failed."""
+RunFinished = Callable[["LocalRun", Any], Any]
+"""``async def on_finished(local_run, outcome)``: records how the run ended (an Outcome or the exception)."""
 
 
 def advisory_key(workflow_id: str) -> int:
@@ -60,7 +61,8 @@ class LocalRun:
     run: RunRow
     task: asyncio.Task[None] | None = None
     last_progress: float = field(default_factory=time.monotonic)
-    launched: Any = None
+    record: Any = None
+    """The workflow's record, once read (or handed over by :meth:`WorkflowRunner.adopt`)."""
     cancel_reason: str | None = None
     stuck: bool = False
     unstuck: bool = False  # progressed after being reported stuck: clear the mark at the next pass
@@ -75,7 +77,7 @@ class WorkflowRunner:
         settings: Settings,
         *,
         execute: RunExecutor,
-        on_finished: Callable[[RunRow, Outcome | BaseException], Any],
+        on_finished: RunFinished,
         on_stuck: Callable[[RunRow], Any] | None = None,
         runner_id: str | None = None,
     ) -> None:
@@ -200,13 +202,13 @@ class WorkflowRunner:
             self._reserved.discard(workflow_id)
             await self._advisory(workflow_id, take=False)
 
-    def adopt(self, run: RunRow, launched: Any) -> None:
+    def adopt(self, run: RunRow, record: Any) -> None:
         """Run a reserved workflow whose run row this replica wrote already claimed. A replica
         stopping meanwhile leaves it to its lease: once that runs out another replica claims it."""
         self._reserved.discard(run.workflow_id)
         if self._stopping:
             return
-        lr = LocalRun(run=run, launched=launched)
+        lr = LocalRun(run=run, record=record)
         self._local[run.workflow_id] = lr
         lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{run.workflow_id}")
 
@@ -234,7 +236,7 @@ class WorkflowRunner:
         run = lr.run
         metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).inc()
         try:
-            outcome: Outcome | BaseException = await self._execute(run, lr.launched)
+            outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
             outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
@@ -256,7 +258,7 @@ class WorkflowRunner:
         if isinstance(outcome, asyncio.CancelledError) and lr.cancel_reason in {"shutdown", "lost-lock", "stuck"}:
             if lr.cancel_reason == "stuck" and run.attempts > _MAX_STUCK_RETRIES:
                 await self._finish(
-                    run,
+                    lr,
                     RuntimeError(f"no progress for {self.settings.stuck_after_s:.0f}s after {run.attempts} attempts"),
                 )
                 return
@@ -266,15 +268,15 @@ class WorkflowRunner:
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             wait_s = float((outcome.interrupt or {}).get("timeout_s") or self.settings.approval_timeout_s)
             await self.store.park(run.workflow_id, interrupt=outcome.interrupt, wait_s=wait_s)
-            await self._on_finished(run, outcome)
+            await self._on_finished(lr, outcome)
             return
-        await self._finish(run, outcome)
+        await self._finish(lr, outcome)
 
-    async def _finish(self, run: RunRow, outcome: Outcome | BaseException) -> None:
+    async def _finish(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         # The workflow row first: if this replica dies in between, the run's lease runs out, another
         # replica claims it, finds the workflow finished and only finishes the run.
-        await self._on_finished(run, outcome)
-        await self.store.finish(run.workflow_id)
+        await self._on_finished(lr, outcome)
+        await self.store.finish(lr.run.workflow_id)
 
     def progress(self, workflow_id: str) -> None:
         """Called by the executor after each node; the watchdog reads it (in memory, no write per node)."""

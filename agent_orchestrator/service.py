@@ -23,7 +23,7 @@ from agent_orchestrator.execution import Outcome, run_graph
 from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.run_store import RunRow
-from agent_orchestrator.runner import WorkflowRunner
+from agent_orchestrator.runner import LocalRun, WorkflowRunner
 from agent_orchestrator.workflows import WorkflowContext, WorkflowType
 from shared.lib import metrics
 from shared.lib.errors import Conflict, InvalidInput
@@ -53,7 +53,6 @@ class Orchestrator:
 
     def __post_init__(self) -> None:
         self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
-        self._running: dict[str, WorkflowRecord] = {}  # records of the runs executing here
         self.watch = WorkflowWatch(self.bus)  # live wake-ups of the API's event streams
 
     def preinitialize_metrics(self) -> None:
@@ -180,10 +179,11 @@ class Orchestrator:
         return out
 
     # -- runner callbacks ------------------------------------------------------------------------
-    async def execute(self, run: RunRow, launched: WorkflowRecord | None = None) -> Outcome:
-        """Run the graph of a claimed run (``launched``: its record, when this replica launched it)."""
-        record = launched or await self.records.get(run.workflow_id, run=run)
-        self._running[run.workflow_id] = record  # on_finished takes it back
+    async def execute(self, lr: LocalRun) -> Outcome:
+        """Run the graph of a claimed run (its record is there already when this replica launched it)."""
+        run = lr.run
+        record: WorkflowRecord = lr.record or await self.records.get(run.workflow_id, run=run)
+        lr.record = record  # for on_finished
         await self._emit_change(
             self.records.manager.status_change(run.workflow_id, "running"),
             run.workflow_id,
@@ -253,8 +253,8 @@ class Orchestrator:
 
         return on_node
 
-    async def on_finished(self, run: RunRow, outcome: Outcome | BaseException) -> None:
-        record = self._running.pop(run.workflow_id, None)
+    async def on_finished(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
+        run, record = lr.run, lr.record
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted"),

@@ -9,8 +9,7 @@ from typing import Any
 
 from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
-from agent_orchestrator.run_store import RunRow
-from agent_orchestrator.runner import WorkflowRunner, advisory_key
+from agent_orchestrator.runner import LocalRun, WorkflowRunner, advisory_key
 from shared.lib.connections import connect_postgres, create_pg_pool
 from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
@@ -26,12 +25,12 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
     ran: list[tuple[str, Any]] = []
     finished: asyncio.Queue[str] = asyncio.Queue()
 
-    async def execute(run: RunRow, launched: Any) -> Outcome:
-        ran.append((run.workflow_id, launched))
+    async def execute(lr: LocalRun) -> Outcome:
+        ran.append((lr.run.workflow_id, lr.record))
         return Outcome(status="succeeded")
 
-    async def on_finished(run: RunRow, _outcome: Any) -> None:
-        finished.put_nowait(run.workflow_id)
+    async def on_finished(lr: LocalRun, _outcome: Any) -> None:
+        finished.put_nowait(lr.run.workflow_id)
 
     runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
     records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
