@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,12 @@ class Orchestrator:
             inputs=validated,
             metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
         )
-        launched = await self._create(workflow_id, workflow_type, validated, idempotency_key, trace)
+        launched = await self._create(
+            workflow_id,
+            lambda claim: self.records.create(
+                workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace, claim=claim
+            ),
+        )
         if not launched.created:
             return launched.record, False
         metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
@@ -109,22 +115,14 @@ class Orchestrator:
                 self.runner.wake()
         return launched.record, True
 
-    async def _create(
-        self,
-        workflow_id: str,
-        workflow_type: str,
-        data: dict[str, Any],
-        idempotency_key: str | None,
-        trace: dict[str, str],
-    ) -> Launched:
-        """Write the workflow and its run: claimed by this replica when its runner has room for it."""
+    async def _create(self, workflow_id: str, create: Callable[[bool], Awaitable[Launched]]) -> Launched:
+        """Write the workflow and its run (``create(claim)``): claimed by this replica when its
+        runner has room for it; the room is given back if no claimed run came of it."""
         runner = self.runner
         reserved = runner is not None and await runner.reserve(workflow_id)
         launched = None
         try:
-            launched = await self.records.create(
-                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace, claim=reserved
-            )
+            launched = await create(reserved)
         finally:
             if reserved and runner is not None and (launched is None or launched.run is None):
                 await runner.unreserve(workflow_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -202,33 +203,24 @@ async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: Bu
     wf = await states.create_workflow("agent_chain", {})
     seen: asyncio.Queue[Event] = asyncio.Queue()
     sub = await bus.subscribe("workflow.*", seen.put_nowait)
+
+    async def emit(change: tuple[str, list[Any]], event_type: str, data: dict[str, Any]) -> Event | None:
+        return await bus.emit_after(change, event_type, data, aggregate_type="workflow", aggregate_id=wf.id)
+
     try:
-        change = states.step_change(wf.id, "call:0", agents=["noop-1"])
-        event = await bus.emit_after(
-            change, "workflow.node", {"node": "call_next"}, aggregate_type="workflow", aggregate_id=wf.id
+        event = await emit(
+            states.step_change(wf.id, "call:0", agents=["noop-1"]), "workflow.node", {"node": "call_next"}
         )
         assert event is not None
         assert (await asyncio.wait_for(seen.get(), 5)).id == event.id  # published once committed
         after = await states.get_workflow(wf.id)
         assert (after.current_step, after.agents, after.version) == ("call:0", ["noop-1"], wf.version + 1)
-        running = await bus.emit_after(
-            states.status_change(wf.id, "running"),
-            "workflow.status",
-            {"status": "running"},
-            aggregate_type="workflow",
-            aggregate_id=wf.id,
-        )
+        running = await emit(states.status_change(wf.id, "running"), "workflow.status", {"status": "running"})
         assert running is not None
         assert (await states.get_workflow(wf.id)).status == "running"
 
         await states.complete_workflow(wf.id, status="cancelled")
-        refused = await bus.emit_after(
-            states.step_change(wf.id, "call:1"),
-            "workflow.node",
-            {"node": "call_next"},
-            aggregate_type="workflow",
-            aggregate_id=wf.id,
-        )
+        refused = await emit(states.step_change(wf.id, "call:1"), "workflow.node", {"node": "call_next"})
         assert refused is None
         assert [e.id for e in await bus.events_since(0, aggregate_id=wf.id)] == [event.id, running.id]
         assert (await states.get_workflow(wf.id)).current_step == "call:0"
