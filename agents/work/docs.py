@@ -13,6 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from agents.work.atomic import write_atomically
 from agents.work.process import run_process
 from agents.work.python_ast import ClassInfo, FunctionInfo, ModuleSummary, summarize_module
 from shared.lib.errors import NotFound
@@ -203,9 +204,7 @@ def _update_readme_sync(root: Path, write: bool) -> tuple[str, bool]:
         new = old.rstrip() + "\n\n" + section + "\n"
     changed = new != old
     if changed and write:
-        tmp = readme.with_name(".README.md.tmp")
-        tmp.write_text(new, encoding="utf-8")
-        tmp.replace(readme)
+        write_atomically(readme, new.encode("utf-8"))
     return new, changed
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field
 
+from agents.work.atomic import temp_beside, write_atomically
 from agents.work.git import archive, resolve_revision, worktree
 from agents.work.process import run_process
 from shared.lib.errors import InvalidInput
@@ -208,9 +209,7 @@ def _prepare_store(store: Path, target: Path) -> bool:
 def _write_manifest(artifact: Path, manifest: dict[str, Any], *, replace: bool) -> None:
     if not replace and artifact.with_name(artifact.name + ".json").exists():
         return
-    tmp = artifact.with_name(artifact.name + ".json.tmp")
-    tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, artifact.with_name(artifact.name + ".json"))
+    write_atomically(artifact.with_name(artifact.name + ".json"), orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
 
 
 async def package_revision(repo: Path, revision: str, *, store: Path) -> Artifact:
@@ -222,7 +221,7 @@ async def package_revision(repo: Path, revision: str, *, store: Path) -> Artifac
     target = store / f"{repo.name}-{sha[:12]}.tar.gz"
     created = not await asyncio.to_thread(_prepare_store, store, target)
     if created:
-        tmp = store / f".{target.name}.{os.getpid()}.tmp"
+        tmp = temp_beside(target)
         try:
             await archive(repo, sha, tmp)
             os.replace(tmp, target)

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from agents.work.atomic import temp_beside, write_atomically
 from shared.lib.errors import Conflict, InvalidInput, NotFound
 
 __all__ = ["ReleaseResult", "current_release", "deploy_release", "environment_dir", "release_history", "rollback"]
@@ -77,16 +78,16 @@ def release_history(env: Path) -> list[str]:
 
 
 def _write_history(env: Path, history: list[str]) -> None:
-    tmp = env / f".history.{os.getpid()}.tmp"
-    tmp.write_bytes(orjson.dumps(history))
-    os.replace(tmp, env / "history.json")
+    write_atomically(env / "history.json", orjson.dumps(history))
 
 
 def _switch_current(env: Path, revision: str) -> None:
-    tmp = env / f".current.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(Path("releases") / revision, tmp)
-    os.replace(tmp, env / "current")
+    tmp = temp_beside(env / "current")
+    try:
+        os.symlink(Path("releases") / revision, tmp)
+        os.replace(tmp, env / "current")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _unpack(artifact: Path, releases: Path, revision: str) -> None:

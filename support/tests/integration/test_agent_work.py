@@ -6,6 +6,7 @@ the path both the bus and ``POST /agent-request`` take.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -196,6 +197,20 @@ async def test_artifact_is_archived_with_its_checksum(repo: Repo, agent: Callabl
     assert hashlib.sha256(path.read_bytes()).hexdigest() == first["sha256"]
     with tarfile.open(path) as tar:
         assert "calc.py" in tar.getnames()
+
+
+async def test_the_same_revision_packaged_concurrently_by_one_agent(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """Two workflows may package one revision at once (repositories of the same name and
+    history): every call gets the one intact artifact, and no temporary file is left."""
+    rev = repo.commit({"calc.py": CLEAN})
+    cicd = agent("cicd")
+    results = await asyncio.gather(*(_package(cicd, repo, rev) for _ in range(8)))
+    path = Path(results[0]["path"])
+    assert {r["path"] for r in results} == {str(path)}
+    assert {r["sha256"] for r in results} == {hashlib.sha256(path.read_bytes()).hexdigest()}
+    with tarfile.open(path) as tar:
+        assert "calc.py" in tar.getnames()
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 async def test_deploy_switches_current_and_rollback_switches_back(
