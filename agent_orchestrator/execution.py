@@ -4,12 +4,14 @@ The graph is streamed in ``tasks`` mode at durability ``sync``: every finished
 node is checkpointed before the next starts, reported as a ``workflow.node``
 event and timed in ``workflow_node_duration_seconds``. What comes out is an
 :class:`Outcome`: finished (with status and result) or waiting on an interrupt.
+It is taken from the stream's ``values`` chunks, so the state is not read back
+from the checkpointer; only a run in which nothing ran reads it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,9 @@ from agent_orchestrator.workflows.base import WorkflowContext
 from shared.lib import metrics
 
 __all__ = ["Outcome", "run_graph"]
+
+#: How a ``values`` chunk carries the interrupts raised in its superstep (LangGraph's stream format).
+_INTERRUPTS_KEY = "__interrupt__"
 
 NodeCallback = Callable[[str, dict[str, Any], float], Awaitable[None]]
 
@@ -88,28 +93,52 @@ async def run_graph(
     if new_thread:
         stream_config = {**config, "configurable": {**config["configurable"], NEW_THREAD_KEY: True}}
     started: dict[str, float] = {}
-    async for event in graph.astream(  # type: ignore[call-overload]
+    final: _Final = _Final()
+    async for mode, chunk in graph.astream(  # type: ignore[call-overload]
         graph_input,
         stream_config,
         context=context,
-        stream_mode="tasks",
+        stream_mode=["tasks", "values"],
         durability="sync",
     ):
-        if "input" in event:
-            started[event["id"]] = time.perf_counter()
-            continue
-        elapsed = time.perf_counter() - started.pop(event["id"], time.perf_counter())
-        metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, event["name"]).observe(elapsed)
-        if event.get("error") is None and not event.get("interrupts"):
-            await on_node(event["name"], event.get("result") or {}, elapsed)
-    return await _outcome(graph, config)
+        if mode == "values":
+            final.see(chunk)
+        elif "input" in chunk:
+            started[chunk["id"]] = time.perf_counter()
+        else:
+            elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
+            metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
+            if chunk.get("error") is None and not chunk.get("interrupts"):
+                await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
+    if final.values is None:  # nothing ran (a thread already at its end): read what it holds
+        return await _outcome(graph, config)
+    return _outcome_of(final.values, final.interrupts)
+
+
+@dataclass
+class _Final:
+    """What the stream's ``values`` chunks said last: the state, and the first interrupts seen
+    (a chunk after the interrupt may repeat the state without them)."""
+
+    values: dict[str, Any] | None = None
+    interrupts: tuple[Any, ...] = ()
+
+    def see(self, chunk: dict[str, Any]) -> None:
+        values = dict(chunk)
+        interrupts = values.pop(_INTERRUPTS_KEY, ())
+        self.values = values
+        if interrupts and not self.interrupts:
+            self.interrupts = tuple(interrupts)
 
 
 async def _outcome(graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any]) -> Outcome:
     snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
-    values = dict(snapshot.values)
-    if snapshot.interrupts:
-        return Outcome(status="interrupted", interrupt=dict(snapshot.interrupts[0].value), values=values)
+    return _outcome_of(dict(snapshot.values), snapshot.interrupts)
+
+
+def _outcome_of(values: dict[str, Any], interrupts: Sequence[Any]) -> Outcome:
+    if interrupts:
+        return Outcome(status="interrupted", interrupt=dict(interrupts[0].value), values=values)
     status = values.get("outcome") or "succeeded"
     result = values.get("result") or {"steps": values.get("steps", {})}
     return Outcome(
