@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
+from shared.lib.connections import run_command
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
 __all__ = ["EventCallback", "Statement", "Subscription", "emit", "events_since", "publish", "subscribe"]
@@ -42,8 +43,9 @@ def _require(pool: asyncpg.Pool | None) -> asyncpg.Pool:
 
 
 async def publish(redis: aioredis.Redis, prefix: str, event: Event) -> None:
-    """Publish a stored event to live subscribers (used by emit and by replay)."""
-    await redis.publish(keys.events_channel(prefix, event.event_type), event.to_json())
+    """Publish a stored event to live subscribers (used by emit and by replay), by
+    :func:`run_command`: every workflow transition passes here."""
+    await run_command(redis, "PUBLISH", keys.events_channel(prefix, event.event_type), event.to_json())
 
 
 _INSERT = "INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "

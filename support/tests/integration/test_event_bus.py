@@ -398,3 +398,23 @@ async def test_cli_replays_events(make_bus: BusFactory, service_env: dict[str, s
     code, out = await run_cli(service_env, "events", "replay", "--since", "yesterday")
     assert code == 2
     assert "--since" in out
+
+
+async def test_an_event_is_published_after_the_pooled_connections_were_killed(make_bus: BusFactory) -> None:
+    """Events are published by a direct command on a pooled connection: connections the server
+    closed meanwhile are replaced, and the event still reaches its subscribers."""
+    bus = await make_bus()
+    seen: asyncio.Queue[Event] = asyncio.Queue()
+    sub = await bus.subscribe("workflow.*", seen.put_nowait)
+    try:
+        await bus.emit("workflow.node", {"n": 1}, aggregate_type="workflow", aggregate_id="wf")
+        assert (await asyncio.wait_for(seen.get(), 5)).payload == {"n": 1}
+        me = await bus.redis.client_id()
+        for c in await bus.redis.client_list(_type="normal"):
+            if int(c["id"]) != me:
+                await bus.redis.client_kill_filter(_id=c["id"])
+        await bus.redis.client_kill_filter(_id=me)  # the pool's connections are all dead now
+        await bus.emit("workflow.node", {"n": 2}, aggregate_type="workflow", aggregate_id="wf")
+        assert (await asyncio.wait_for(seen.get(), 5)).payload == {"n": 2}
+    finally:
+        await sub.close()
