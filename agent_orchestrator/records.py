@@ -141,21 +141,28 @@ class WorkflowRecords:
         trace: dict[str, str],
         claim: bool,
     ) -> tuple[WorkflowRecord, RunRow | None]:
-        run = None
+        metadata = {"correlation_id": workflow_id, "trace": trace}
+        if claim:  # one statement: the workflow and its run, claimed by this replica
+            wf = await self.manager.create_workflow(
+                workflow_type,
+                data,
+                workflow_id=workflow_id,
+                idempotency_key=idempotency_key,
+                metadata=metadata,
+                along=lambda first: self.run_store.claimed_insert(workflow_id, workflow_type, first=first),
+            )
+            return _record(wf), self.run_store.claimed_row(workflow_id, workflow_type)
         async with self.pool.acquire() as conn, conn.transaction():
             wf = await self.manager.create_workflow(
                 workflow_type,
                 data,
                 workflow_id=workflow_id,
                 idempotency_key=idempotency_key,
-                metadata={"correlation_id": workflow_id, "trace": trace},
+                metadata=metadata,
                 conn=conn,
             )
-            if claim:
-                run = await self.run_store.insert_claimed(conn, workflow_id, workflow_type)
-            else:
-                await self.run_store.enqueue(conn, workflow_id, workflow_type)
-        return _record(wf), run
+            await self.run_store.enqueue(conn, workflow_id, workflow_type)
+        return _record(wf), None
 
     def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
         if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:

@@ -66,21 +66,20 @@ class RunStore:
             RUNS_CHANNEL,
         )
 
-    async def insert_claimed(self, conn: asyncpg.Connection, workflow_id: str, workflow_type: str) -> RunRow:
-        """A new run already claimed by this runner, inside the caller's transaction: the replica
-        that takes the launch runs it at once (it holds the advisory lock). Nobody is woken; if
-        this replica dies, the lease runs out and another one claims the run as usual."""
-        row = await conn.fetchrow(
-            "INSERT INTO workflow_runs (workflow_id, workflow_type, state, runner_id, attempts, lease_expires_at, "
-            "last_progress_at) VALUES ($1, $2, 'running', $3, 1, now() + make_interval(secs => $4), now()) "
-            "RETURNING *",
-            workflow_id,
-            workflow_type,
-            self.runner_id,
-            self.lease_ttl_s,
+    def claimed_insert(self, workflow_id: str, workflow_type: str, *, first: int) -> tuple[str, list[Any]]:
+        """The INSERT of a new run already claimed by this runner (parameters from ``$first``), to
+        go in the launch's statement: the replica that takes the launch runs it at once (it holds
+        the advisory lock). Nobody is woken; if this replica dies, the lease runs out and another
+        one claims the run as usual. :meth:`claimed_row` is the row it writes."""
+        a, b, c, d = (f"${first + i}" for i in range(4))
+        sql = (
+            "INSERT INTO workflow_runs (workflow_id, workflow_type, state, runner_id, attempts, lease_expires_at, "  # noqa: S608 - parameter numbers only
+            f"last_progress_at) VALUES ({a}, {b}, 'running', {c}, 1, now() + make_interval(secs => {d}::float8), now())"
         )
-        assert row is not None
-        return RunRow.from_record(row)
+        return sql, [workflow_id, workflow_type, self.runner_id, self.lease_ttl_s]
+
+    def claimed_row(self, workflow_id: str, workflow_type: str) -> RunRow:
+        return RunRow(workflow_id, workflow_type, "running", self.runner_id, 1, None, None, None, False, None)
 
     async def get(self, workflow_id: str) -> RunRow | None:
         row = await self.pool.fetchrow("SELECT * FROM workflow_runs WHERE workflow_id = $1", workflow_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -194,9 +194,13 @@ class WorkflowStateManager:
         state: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         conn: asyncpg.Connection | None = None,
+        along: Callable[[int], tuple[str, list[Any]]] | None = None,
     ) -> Workflow:
         """Insert a pending workflow (id: a new UUID unless given). A reused idempotency key
-        raises Conflict naming the workflow it launched: use :meth:`find_by_idempotency_key`."""
+        raises Conflict naming the workflow it launched: use :meth:`find_by_idempotency_key`.
+
+        ``along(n)`` gives a data-modifying statement (and its parameters, numbered from ``$n``)
+        that goes in the same statement as the insert: both are written, or neither."""
         if not isinstance(workflow_type, str) or not _TYPE_RE.match(workflow_type):
             raise InvalidInput("workflow_type must match ^[a-z0-9][a-z0-9_.-]{0,127}$", field="workflow_type")
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
@@ -208,15 +212,14 @@ class WorkflowStateManager:
         ]
         if workflow_id is not None:
             _check_id(workflow_id)
+        args = [workflow_id, workflow_type, *values, idempotency_key]
+        sql = _INSERT
+        if along is not None:
+            along_sql, along_args = along(len(args) + 1)
+            sql, args = f"WITH along AS ({along_sql}) {_INSERT}", [*args, *along_args]
         async with self._connection(conn) as c:
             try:
-                row = await c.fetchrow(
-                    _INSERT,
-                    workflow_id,
-                    workflow_type,
-                    *values,
-                    idempotency_key,
-                )
+                row = await c.fetchrow(sql, *args)
             except asyncpg.UniqueViolationError as e:
                 raise await self._duplicate(c, e, workflow_id, idempotency_key) from e
         assert row is not None

@@ -45,11 +45,15 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(b))
 
         record, created, run = await records.create(
-            a, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=True
+            a, "agent_chain", {"calls": []}, idempotency_key="launch-a", trace={}, claim=True
         )
         assert created
         assert run is not None
         assert (run.state, run.runner_id, run.attempts) == ("running", runner.runner_id, 1)
+        assert await records.run_store.get(a) == run  # the row the launch statement wrote
+        again = await records.create(c, "agent_chain", {"calls": []}, idempotency_key="launch-a", trace={}, claim=True)
+        assert (again.record.workflow_id, again.created, again.run) == (a, False, None)
+        assert await records.run_store.get(c) is None  # the refused launch wrote no run either
         runner.adopt(run, record)
         assert await asyncio.wait_for(finished.get(), 5) == a
         assert ran == [(a, record)]  # run once, with the record the launch wrote (no read back)
