@@ -9,6 +9,7 @@ is stuck.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -141,26 +142,20 @@ class WorkflowRecords:
         trace: dict[str, str],
         claim: bool,
     ) -> tuple[WorkflowRecord, RunRow | None]:
-        metadata = {"correlation_id": workflow_id, "trace": trace}
+        create = functools.partial(
+            self.manager.create_workflow,
+            workflow_type,
+            data,
+            workflow_id=workflow_id,
+            idempotency_key=idempotency_key,
+            metadata={"correlation_id": workflow_id, "trace": trace},
+        )
         if claim:  # one statement: the workflow and its run, claimed by this replica
-            wf = await self.manager.create_workflow(
-                workflow_type,
-                data,
-                workflow_id=workflow_id,
-                idempotency_key=idempotency_key,
-                metadata=metadata,
-                along=lambda first: self.run_store.claimed_insert(workflow_id, workflow_type, first=first),
-            )
+            run_insert = functools.partial(self.run_store.claimed_insert, workflow_id, workflow_type)
+            wf = await create(along=lambda first: run_insert(first=first))
             return _record(wf), self.run_store.claimed_row(workflow_id, workflow_type)
         async with self.pool.acquire() as conn, conn.transaction():
-            wf = await self.manager.create_workflow(
-                workflow_type,
-                data,
-                workflow_id=workflow_id,
-                idempotency_key=idempotency_key,
-                metadata=metadata,
-                conn=conn,
-            )
+            wf = await create(conn=conn)
             await self.run_store.enqueue(conn, workflow_id, workflow_type)
         return _record(wf), None
 
