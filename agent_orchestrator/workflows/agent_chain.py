@@ -2,7 +2,8 @@
 
 Input ``{calls: [{agent, request_type, payload}]}``. Each call is its own
 superstep, so a chain interrupted by a crash resumes at the call it was making
-(whose idempotency key makes the agent answer it once). The first failed call
+(whose idempotency key makes the agent answer it once). The last call also
+writes the result, so a chain of n calls is n supersteps. The first failed call
 fails the workflow, naming it. The result is ``{outputs: [...], calls: [{agent,
 request_type, instance, output}]}``.
 """
@@ -47,30 +48,25 @@ async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -
     except OrchestratorError as e:
         raise OrchestratorError(f"call {i} ({call.agent} {call.request_type}) failed: {e.message}") from e
     part = {"agent": call.agent, "request_type": call.request_type, "instance": reply.instance, "output": reply.payload}
-    return {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
+    update = {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
+    if i + 1 == len(_calls(state)):
+        update |= _finished([*state.get("parts", []), part])
+    return update
+
+
+def _finished(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"result": {"outputs": [p["output"] for p in parts], "calls": parts}, "outcome": "succeeded", "reason": ""}
 
 
 async def _after_call(state: MultiAgentState) -> str:
-    return "call_next" if state.get("iteration", 0) < len(_calls(state)) else "finish"
-
-
-async def finish(state: MultiAgentState) -> dict[str, Any]:
-    parts = state.get("parts", [])
-    return {
-        "current_step": "finish",
-        "result": {"outputs": [p["output"] for p in parts], "calls": parts},
-        "outcome": "succeeded",
-        "reason": "",
-    }
+    return "call_next" if state.get("iteration", 0) < len(_calls(state)) else END
 
 
 def build() -> StateGraph[Any, Any, Any, Any]:
     g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
     g.add_node("call_next", call_next)
-    g.add_node("finish", finish)
     g.add_edge(START, "call_next")
-    g.add_conditional_edges("call_next", _after_call, ["call_next", "finish"])
-    g.add_edge("finish", END)
+    g.add_conditional_edges("call_next", _after_call, ["call_next", END])
     return g
 
 

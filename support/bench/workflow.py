@@ -240,8 +240,7 @@ _PHASES = (
     "pending_to_running",
     "running_to_first_node",
     "per_call_node",
-    "last_call_to_finish_node",
-    "finish_node_to_succeeded",
+    "last_call_to_succeeded",
     "succeeded_to_client",
 )
 
@@ -257,8 +256,7 @@ def _phases(t_launch: float, t_seen: float, events: list[tuple[str, str, float]]
         "launch_to_pending": (t_launch, at["workflow.status:pending"][0]),
         "pending_to_running": (at["workflow.status:pending"][0], at["workflow.status:running"][0]),
         "running_to_first_node": (at["workflow.status:running"][0], calls[0]),
-        "last_call_to_finish_node": (calls[-1], at["workflow.node:finish"][0]),
-        "finish_node_to_succeeded": (at["workflow.node:finish"][0], at["workflow.status:succeeded"][0]),
+        "last_call_to_succeeded": (calls[-1], at["workflow.status:succeeded"][0]),
         "succeeded_to_client": (at["workflow.status:succeeded"][0], t_seen),
     }
     out = {name: 1000 * (b - a) for name, (a, b) in marks.items()}
