@@ -1,7 +1,7 @@
 """The orchestrator's view of workflow metadata: ``WorkflowStateManager`` plus the run row.
 
-A launch writes the workflow and its run row in one transaction, so a workflow
-the API accepted always has a run some replica will claim. Reads join in what
+A launch writes the workflow, its run row and its first event in one statement,
+so a workflow the API accepted always has a run some replica will claim. Reads join in what
 the API shows beyond the metadata: the pending interrupt and whether the run
 is stuck.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -18,7 +19,7 @@ import asyncpg
 
 from agent_orchestrator.run_store import RunRow, RunStore
 from shared.lib.errors import Conflict
-from shared.lib.workflow_state import WorkflowStateManager
+from shared.lib.workflow_state import Along, WorkflowStateManager
 
 __all__ = ["Launched", "WorkflowRecord", "WorkflowRecords"]
 
@@ -92,6 +93,8 @@ class Launched(NamedTuple):
     created: bool
     run: RunRow | None
     """The run, when the launch claimed it for this replica's runner."""
+    events: list[dict[str, Any]]
+    """The rows of the events written with the launch (none when it was not created)."""
 
 
 class WorkflowRecords:
@@ -118,46 +121,28 @@ class WorkflowRecords:
         idempotency_key: str | None,
         trace: dict[str, str],
         claim: bool = False,
+        events: Sequence[Along] = (),
     ) -> Launched:
-        """The new workflow, or (after a race on the key) the one launched with it. With ``claim``
-        its run is written already claimed by this replica's runner (see ``RunStore.insert_claimed``)."""
+        """The new workflow, or (after a race on the key) the one launched with it. Its run row
+        (with ``claim``, already claimed by this replica's runner: ``RunStore.claimed_insert``)
+        and ``events`` (``EventBus.insert_along``) go in the same statement."""
+        run_insert = self.run_store.claimed_insert if claim else self.run_store.queued_insert
         try:
-            record, run = await self._insert(
-                workflow_id, workflow_type, data, idempotency_key=idempotency_key, trace=trace, claim=claim
+            wf, rows = await self.manager.create_workflow_along(
+                workflow_type,
+                data,
+                along=[functools.partial(run_insert, workflow_id, workflow_type), *events],
+                workflow_id=workflow_id,
+                idempotency_key=idempotency_key,
+                metadata={"correlation_id": workflow_id, "trace": trace},
             )
-            return Launched(record, True, run)
         except Conflict as e:
             again = await self.existing(workflow_type, data, idempotency_key=idempotency_key)
             if e.field != "idempotency_key" or again is None:
                 raise
-            return Launched(again, False, None)
-
-    async def _insert(
-        self,
-        workflow_id: str,
-        workflow_type: str,
-        data: dict[str, Any],
-        *,
-        idempotency_key: str | None,
-        trace: dict[str, str],
-        claim: bool,
-    ) -> tuple[WorkflowRecord, RunRow | None]:
-        create = functools.partial(
-            self.manager.create_workflow,
-            workflow_type,
-            data,
-            workflow_id=workflow_id,
-            idempotency_key=idempotency_key,
-            metadata={"correlation_id": workflow_id, "trace": trace},
-        )
-        if claim:  # one statement: the workflow and its run, claimed by this replica
-            run_insert = functools.partial(self.run_store.claimed_insert, workflow_id, workflow_type)
-            wf = await create(along=lambda first: run_insert(first=first))
-            return _record(wf), self.run_store.claimed_row(workflow_id, workflow_type)
-        async with self.pool.acquire() as conn, conn.transaction():
-            wf = await create(conn=conn)
-            await self.run_store.enqueue(conn, workflow_id, workflow_type)
-        return _record(wf), None
+            return Launched(again, False, None, [])
+        run = self.run_store.claimed_row(workflow_id, workflow_type) if claim else None
+        return Launched(_record(wf), True, run, [row for event_rows in rows[1:] for row in event_rows])
 
     def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
         if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:

@@ -1,4 +1,4 @@
-"""SQL over ``workflow_runs``: enqueue, claim, renew, park, finish, resume, cancel.
+"""SQL over ``workflow_runs``: queue, claim, renew, park, finish, resume, cancel.
 
 Every state change is one statement, guarded by the state it expects, so two
 replicas racing on a row cannot both win. Enqueues and resumes ``NOTIFY`` the
@@ -55,18 +55,14 @@ class RunStore:
         self.runner_id = runner_id
         self.lease_ttl_s = lease_ttl_s
 
-    async def enqueue(self, conn: asyncpg.Connection, workflow_id: str, workflow_type: str) -> None:
-        """Queue a new run inside the caller's transaction (the workflow row is written with it),
-        and wake the replicas when it commits: one statement, one round trip."""
-        await conn.execute(
-            "WITH queued AS (INSERT INTO workflow_runs (workflow_id, workflow_type) VALUES ($1, $2) "
-            "ON CONFLICT (workflow_id) DO NOTHING) SELECT pg_notify($3, $1)",
-            workflow_id,
-            workflow_type,
-            RUNS_CHANNEL,
-        )
+    def queued_insert(self, workflow_id: str, workflow_type: str, first: int) -> tuple[str, list[Any]]:
+        """The INSERT of a new queued run (parameters from ``$first``), to go in the launch's
+        statement; it wakes the replicas when that commits."""
+        a, b, c = (f"${first + i}" for i in range(3))
+        sql = f"INSERT INTO workflow_runs (workflow_id, workflow_type) VALUES ({a}, {b}) RETURNING pg_notify({c}, {a})"  # noqa: S608 - parameter numbers only
+        return sql, [workflow_id, workflow_type, RUNS_CHANNEL]
 
-    def claimed_insert(self, workflow_id: str, workflow_type: str, *, first: int) -> tuple[str, list[Any]]:
+    def claimed_insert(self, workflow_id: str, workflow_type: str, first: int) -> tuple[str, list[Any]]:
         """The INSERT of a new run already claimed by this runner (parameters from ``$first``), to
         go in the launch's statement: the replica that takes the launch runs it at once (it holds
         the advisory lock). Nobody is woken; if this replica dies, the lease runs out and another
@@ -74,7 +70,8 @@ class RunStore:
         a, b, c, d = (f"${first + i}" for i in range(4))
         sql = (
             "INSERT INTO workflow_runs (workflow_id, workflow_type, state, runner_id, attempts, lease_expires_at, "  # noqa: S608 - parameter numbers only
-            f"last_progress_at) VALUES ({a}, {b}, 'running', {c}, 1, now() + make_interval(secs => {d}::float8), now())"
+            f"last_progress_at) VALUES ({a}, {b}, 'running', {c}, 1, now() + make_interval(secs => {d}::float8), "
+            "now()) RETURNING workflow_id"
         )
         return sql, [workflow_id, workflow_type, self.runner_id, self.lease_ttl_s]
 

@@ -97,17 +97,30 @@ class Orchestrator:
             inputs=validated,
             metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
         )
+        pending = self.bus.insert_along(
+            "workflow.status",
+            {"status": "pending", "type": workflow_type},
+            aggregate_type="workflow",
+            aggregate_id=workflow_id,
+        )
         launched = await self._create(
             workflow_id,
             lambda claim: self.records.create(
-                workflow_id, workflow_type, validated, idempotency_key=idempotency_key, trace=trace, claim=claim
+                workflow_id,
+                workflow_type,
+                validated,
+                idempotency_key=idempotency_key,
+                trace=trace,
+                claim=claim,
+                events=[pending],
             ),
         )
         if not launched.created:
             return launched.record, False
         metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
         try:
-            await self._emit(workflow_id, "workflow.status", {"status": "pending", "type": workflow_type})
+            for row in launched.events:
+                await self.bus.announce(row)
         finally:  # its pending event first, so a stream sees pending before running
             if self.runner is not None and launched.run is not None:
                 self.runner.adopt(launched.run, launched.record)

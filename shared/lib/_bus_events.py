@@ -22,7 +22,17 @@ from shared.lib.agent_events import Event
 from shared.lib.connections import run_command
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
-__all__ = ["EventCallback", "Statement", "Subscription", "emit", "events_since", "publish", "subscribe"]
+__all__ = [
+    "EventCallback",
+    "Statement",
+    "Subscription",
+    "announce",
+    "emit",
+    "events_since",
+    "insert_along",
+    "publish",
+    "subscribe",
+]
 
 _log = logging.getLogger("shared.lib.event_bus")
 
@@ -32,7 +42,7 @@ EventCallback = Callable[[Event], Awaitable[None] | None]
 _COLUMNS = "id, event_type, aggregate_type, aggregate_id, payload, metadata, schema_version, created_at"
 
 
-def _event(row: asyncpg.Record) -> Event:
+def _event(row: asyncpg.Record | dict[str, Any]) -> Event:
     return Event.model_validate(dict(row))
 
 
@@ -67,6 +77,46 @@ def _insert(after: Statement | None) -> Statement:
     )
 
 
+def _check(event_type: str, data: dict[str, Any]) -> None:
+    probe = {"id": 0, "event_type": event_type, "payload": data, "created_at": datetime.now()}
+    try:
+        Event.model_validate(probe)
+    except ValueError as e:
+        raise InvalidInput(f"invalid event: {e}", field="event_type") from e
+
+
+def insert_along(
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    aggregate_type: str | None,
+    aggregate_id: str | None,
+    metadata: dict[str, Any] | None,
+) -> Callable[[int], tuple[str, list[Any]]]:
+    """The event's INSERT returning the stored row, to go in another statement, given the number
+    of its first parameter; hand that row to :func:`announce` once it committed. A bad event
+    fails here, before any statement is sent."""
+    _check(event_type, data)
+    args = [event_type, aggregate_type, aggregate_id, data, metadata or {}]
+
+    def statement(first: int) -> tuple[str, list[Any]]:
+        p = [f"${first + i}" for i in range(5)]
+        return f"{_INSERT}VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}::jsonb, {p[4]}::jsonb) RETURNING {_COLUMNS}", args
+
+    return statement
+
+
+async def announce(redis: aioredis.Redis, prefix: str, row: asyncpg.Record | dict[str, Any]) -> Event:
+    """A committed event row: counted, and published. A failed publish is logged: the row is the record."""
+    event = _event(row)
+    metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
+    try:
+        await publish(redis, prefix, event)
+    except (RedisError, OSError) as e:
+        _log.warning("event %s stored but not published (%s); subscribers can replay it", event.id, e)
+    return event
+
+
 async def emit(
     pool: asyncpg.Pool | None,
     redis: aioredis.Redis,
@@ -79,27 +129,15 @@ async def emit(
     metadata: dict[str, Any] | None = None,
     after: Statement | None = None,
 ) -> Event | None:
-    """INSERT the event, then PUBLISH it. A failed publish is logged: the row is the record.
+    """INSERT the event, then PUBLISH it (:func:`announce`).
 
     With ``after`` (a statement returning a row when it applied, such as a guarded
     ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
     event is stored and published only if the change applied, and None says it did not."""
-    probe = {"id": 0, "event_type": event_type, "payload": data, "created_at": datetime.now()}
-    try:
-        Event.model_validate(probe)
-    except ValueError as e:
-        raise InvalidInput(f"invalid event: {e}", field="event_type") from e
+    _check(event_type, data)
     sql, args = _insert(after)
     row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
-    if row is None:
-        return None
-    event = _event(row)
-    metrics.EVENT_BUS_EVENTS_EMITTED.labels(event_type).inc()
-    try:
-        await publish(redis, prefix, event)
-    except (RedisError, OSError) as e:
-        _log.warning("event %s stored but not published (%s); subscribers can replay it", event.id, e)
-    return event
+    return None if row is None else await announce(redis, prefix, row)
 
 
 async def events_since(

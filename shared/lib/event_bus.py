@@ -604,6 +604,26 @@ class EventBus:
             after=change,
         )
 
+    def insert_along(
+        self,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        aggregate_type: str | None = None,
+        aggregate_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Callable[[int], tuple[str, list[Any]]]:
+        """The event's INSERT, to go in another statement (such as a launch's: see
+        ``WorkflowStateManager.create_workflow_along``); its parameters are numbered from the
+        ``int`` given. Pass the row it returns to :meth:`announce` once committed."""
+        return _bus_events.insert_along(
+            event_type, data, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
+        )
+
+    async def announce(self, row: dict[str, Any]) -> Event:
+        """Publish an event row another statement stored (see :meth:`insert_along`)."""
+        return await _bus_events.announce(self._core.redis, self._core.prefix, row)
+
     async def subscribe(
         self, pattern: str, callback: EventCallback, *, on_resubscribed: Callable[[], None] | None = None
     ) -> Subscription:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -55,6 +55,24 @@ _INSERT = (
     "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key) "
     "VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6) RETURNING " + _COLUMNS
 )
+
+Along = Callable[[int], tuple[str, list[Any]]]
+"""A data-modifying statement with a RETURNING clause and its parameters, numbered from the
+``int`` it is given: written in the same statement as a new workflow (both, or neither)."""
+
+
+def _with_along(along: Sequence[Along], args: list[Any]) -> tuple[str, list[Any]]:
+    """The launch INSERT with ``along`` as CTEs ``along0``..; each one's rows come back as a JSON
+    array in the column of the same name."""
+    ctes, extra, returned = [], [*args], []
+    for i, statement in enumerate(along):
+        sql, more = statement(len(extra) + 1)
+        ctes.append(f"along{i} AS ({sql})")
+        returned.append(f"(SELECT coalesce(jsonb_agg(to_jsonb(a)), '[]') FROM along{i} a) AS along{i}")  # noqa: S608 - names only
+        extra += more
+    if not ctes:
+        return _INSERT, extra
+    return f"WITH {', '.join(ctes)} {_INSERT}, {', '.join(returned)}", extra
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class WorkflowPage:
     next_cursor: str | None = None
 
 
-def _workflow(row: asyncpg.Record) -> Workflow:
+def _workflow(row: asyncpg.Record | dict[str, Any]) -> Workflow:
     data: dict[str, Any] = dict(row.items())
     data["agents"] = list(data["agents"])
     return Workflow(**data)
@@ -194,13 +212,35 @@ class WorkflowStateManager:
         state: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         conn: asyncpg.Connection | None = None,
-        along: Callable[[int], tuple[str, list[Any]]] | None = None,
     ) -> Workflow:
         """Insert a pending workflow (id: a new UUID unless given). A reused idempotency key
-        raises Conflict naming the workflow it launched: use :meth:`find_by_idempotency_key`.
+        raises Conflict naming the workflow it launched: use :meth:`find_by_idempotency_key`."""
+        created, _ = await self.create_workflow_along(
+            workflow_type,
+            input_data,
+            along=(),
+            workflow_id=workflow_id,
+            idempotency_key=idempotency_key,
+            state=state,
+            metadata=metadata,
+            conn=conn,
+        )
+        return created
 
-        ``along(n)`` gives a data-modifying statement (and its parameters, numbered from ``$n``)
-        that goes in the same statement as the insert: both are written, or neither."""
+    async def create_workflow_along(
+        self,
+        workflow_type: str,
+        input_data: dict[str, Any] | None = None,
+        *,
+        along: Sequence[Along],
+        workflow_id: str | None = None,
+        idempotency_key: str | None = None,
+        state: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> tuple[Workflow, list[list[dict[str, Any]]]]:
+        """:meth:`create_workflow`, with ``along`` in the same statement (all written, or none);
+        also returns each one's RETURNING rows, as JSON objects."""
         if not isinstance(workflow_type, str) or not _TYPE_RE.match(workflow_type):
             raise InvalidInput("workflow_type must match ^[a-z0-9][a-z0-9_.-]{0,127}$", field="workflow_type")
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
@@ -212,18 +252,16 @@ class WorkflowStateManager:
         ]
         if workflow_id is not None:
             _check_id(workflow_id)
-        args = [workflow_id, workflow_type, *values, idempotency_key]
-        sql = _INSERT
-        if along is not None:
-            along_sql, along_args = along(len(args) + 1)
-            sql, args = f"WITH along AS ({along_sql}) {_INSERT}", [*args, *along_args]
+        sql, args = _with_along(along, [workflow_id, workflow_type, *values, idempotency_key])
         async with self._connection(conn) as c:
             try:
                 row = await c.fetchrow(sql, *args)
             except asyncpg.UniqueViolationError as e:
                 raise await self._duplicate(c, e, workflow_id, idempotency_key) from e
         assert row is not None
-        return _workflow(row)
+        columns = dict(row.items())
+        rows = [columns.pop(f"along{i}") for i in range(len(along))]
+        return _workflow(columns), rows
 
     async def _duplicate(
         self, conn: asyncpg.Connection, error: asyncpg.UniqueViolationError, workflow_id: str | None, key: str | None

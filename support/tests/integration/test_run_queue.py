@@ -1,4 +1,5 @@
-"""A launch queues its run and wakes the replicas in the same transaction (real PostgreSQL)."""
+"""A launch is one statement: the workflow, its queued run and its first event; the replicas are
+woken once it commits (real PostgreSQL and Redis)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,72 @@ import uuid
 
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.run_store import RUNS_CHANNEL, RunStore
-from shared.lib.connections import connect_postgres, create_pg_pool
-from shared.lib.workflow_state import WorkflowStateManager
+from shared.lib.agent_events import Event
+from shared.lib.connections import connect_postgres
+from shared.lib.event_bus import EventBus
+from shared.lib.workflow_state import Along, WorkflowStateManager
+from support.tests.integration.conftest import BusFactory
 
 
-async def test_a_launch_queues_its_run_and_notifies_the_replicas_once_committed(database_url: str) -> None:
-    pool = await create_pg_pool(database_url)
+def _pending(bus: EventBus, workflow_id: str) -> Along:
+    return bus.insert_along(
+        "workflow.status", {"status": "pending"}, aggregate_type="workflow", aggregate_id=workflow_id
+    )
+
+
+async def test_a_launch_writes_its_queued_run_and_event_in_one_statement_and_notifies(
+    make_bus: BusFactory, database_url: str
+) -> None:
+    bus = await make_bus()
+    assert bus.pool is not None
     listener = await connect_postgres(database_url)
     woken: asyncio.Queue[str] = asyncio.Queue()
     await listener.add_listener(RUNS_CHANNEL, lambda _c, _pid, _ch, payload: woken.put_nowait(payload))
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), RunStore(pool, runner_id="r1", lease_ttl_s=30))
-    workflow_id = str(uuid.uuid4())
+    records = WorkflowRecords(
+        bus.pool, WorkflowStateManager(bus.pool), RunStore(bus.pool, runner_id="r1", lease_ttl_s=30)
+    )
+    workflow_id, refused_id = str(uuid.uuid4()), str(uuid.uuid4())
+    seen: list[Event] = []
+    sub = await bus.subscribe("workflow.*", seen.append)
     try:
-        record, created, run = await records.create(
-            workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}
+        launched = await records.create(
+            workflow_id,
+            "agent_chain",
+            {"calls": []},
+            idempotency_key="k1",
+            trace={},
+            events=[_pending(bus, workflow_id)],
         )
-        assert created
-        assert run is None  # queued for any replica, not claimed
-        assert record.workflow_id == workflow_id
+        assert launched.created
+        assert launched.run is None  # queued for any replica, not claimed
+        assert launched.record.workflow_id == workflow_id
         assert await asyncio.wait_for(woken.get(), 5) == workflow_id
         run = await records.run_store.get(workflow_id)
         assert run is not None
         assert run.state == "queued"
+        [row] = launched.events
+        stored = await bus.events_since(0, aggregate_id=workflow_id)
+        assert [(e.id, e.event_type, e.payload) for e in stored] == [
+            (row["id"], "workflow.status", {"status": "pending"})
+        ]
+        event = await bus.announce(row)
+        assert event == stored[0]
+        async with asyncio.timeout(5):
+            while not seen:
+                await asyncio.sleep(0.01)
+        assert seen == [event]
+
+        again = await records.create(
+            refused_id,
+            "agent_chain",
+            {"calls": []},
+            idempotency_key="k1",
+            trace={},
+            events=[_pending(bus, refused_id)],
+        )
+        assert (again.record.workflow_id, again.created, again.events) == (workflow_id, False, [])
+        assert await records.run_store.get(refused_id) is None  # the refused launch wrote no run
+        assert await bus.events_since(0, aggregate_id=refused_id) == []  # and no event
     finally:
+        await sub.close()
         await listener.close()
-        await pool.close()

@@ -44,7 +44,7 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
         await runner.unreserve(b)  # b's launch failed: room and lock given back
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(b))
 
-        record, created, run = await records.create(
+        record, created, run, _ = await records.create(
             a, "agent_chain", {"calls": []}, idempotency_key="launch-a", trace={}, claim=True
         )
         assert created
