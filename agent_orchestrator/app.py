@@ -52,7 +52,13 @@ def _orchestrator(
         settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=load_workflow_types()
     )
     orch.runner = WorkflowRunner(
-        pool, settings, execute=orch.execute, on_finished=orch.on_finished, on_stuck=orch.on_stuck, runner_id=replica
+        pool,
+        settings,
+        execute=orch.execute,
+        on_finished=orch.on_finished,
+        on_stuck=orch.on_stuck,
+        load_records=orch.records.get_many,
+        runner_id=replica,
     )
     return orch
 

@@ -161,6 +161,11 @@ class WorkflowRecords:
         wf, row = await asyncio.gather(self.manager.get_workflow(workflow_id), self.run_store.get(workflow_id))
         return _record(wf, row)
 
+    async def get_many(self, runs: list[RunRow]) -> dict[str, WorkflowRecord]:
+        """The records of ``runs`` (their workflows read in one query), by workflow id."""
+        found = await self.manager.get_workflows([run.workflow_id for run in runs])
+        return {run.workflow_id: _record(found[run.workflow_id], run) for run in runs if run.workflow_id in found}
+
     async def require(self, workflow_id: str) -> None:
         """NotFound unless the workflow exists (one read)."""
         await self.manager.get_workflow(workflow_id)

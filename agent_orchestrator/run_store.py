@@ -39,12 +39,23 @@ class RunRow:
         return cls(**{k: r[k] for k in cls.__dataclass_fields__})
 
 
-_CLAIM_SQL = (
-    "UPDATE workflow_runs SET state = 'running', runner_id = $2, attempts = attempts + 1, "
-    "lease_expires_at = now() + make_interval(secs => $3), last_progress_at = now(), stuck_since = NULL, "
-    "updated_at = now() WHERE workflow_id = $1 AND (state = 'queued' OR (state = 'running' "
-    "AND lease_expires_at < now())) RETURNING *"
+# Take the advisory locks of the candidates that no live replica holds, claim those runs, and give
+# back at once the locks of runs that stopped being claimable meanwhile: one statement.
+_CLAIM_SQL = """
+WITH locked AS MATERIALIZED (
+    SELECT id, k FROM unnest($1::text[], $2::int8[]) AS c(id, k) WHERE pg_try_advisory_lock(k)
+), claimed AS (
+    UPDATE workflow_runs SET state = 'running', runner_id = $3, attempts = attempts + 1,
+        lease_expires_at = now() + make_interval(secs => $4), last_progress_at = now(), stuck_since = NULL,
+        updated_at = now()
+    WHERE workflow_id IN (SELECT id FROM locked)
+        AND (state = 'queued' OR (state = 'running' AND lease_expires_at < now()))
+    RETURNING *
+), released AS MATERIALIZED (
+    SELECT pg_advisory_unlock(k) FROM locked WHERE id NOT IN (SELECT workflow_id FROM claimed)
 )
+SELECT * FROM claimed WHERE (SELECT count(*) FROM released) >= 0
+"""
 
 
 class RunStore:
@@ -91,15 +102,12 @@ class RunStore:
         )
         return [r["workflow_id"] for r in rows]
 
-    async def claim(self, workflow_id: str) -> RunRow | None:
-        """Take the run if it is still claimable; the caller already holds its advisory lock."""
-        row = await self.pool.fetchrow(
-            _CLAIM_SQL,
-            workflow_id,
-            self.runner_id,
-            self.lease_ttl_s,
-        )
-        return RunRow.from_record(row) if row else None
+    async def claim(self, lock_conn: asyncpg.Connection, workflow_ids: list[str], keys: list[int]) -> list[RunRow]:
+        """Take the runs of ``workflow_ids`` that are still claimable and whose advisory locks
+        (``keys``, in the same order) no live replica holds; the locks are taken on ``lock_conn``,
+        this runner's lock session, and kept for the runs claimed."""
+        rows = await lock_conn.fetch(_CLAIM_SQL, workflow_ids, keys, self.runner_id, self.lease_ttl_s)
+        return [RunRow.from_record(r) for r in rows]
 
     async def renew(self, workflow_ids: list[str]) -> dict[str, bool]:
         """Extend our leases; returns {workflow_id: cancel_requested} for the ones still ours."""

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ RunExecutor = Callable[["LocalRun"], Any]
 """``async def execute(local_run) -> Outcome``: runs the graph; raising means the workflow failed."""
 RunFinished = Callable[["LocalRun", Any], Any]
 """``async def on_finished(local_run, outcome)``: records how the run ended (an Outcome or the exception)."""
+RecordLoader = Callable[[list[RunRow]], Awaitable[dict[str, Any]]]
+"""``async def load(runs) -> {workflow_id: record}``: the records of runs just claimed, in one read."""
 
 
 def advisory_key(workflow_id: str) -> int:
@@ -79,6 +81,7 @@ class WorkflowRunner:
         execute: RunExecutor,
         on_finished: RunFinished,
         on_stuck: Callable[[RunRow], Any] | None = None,
+        load_records: RecordLoader | None = None,
         runner_id: str | None = None,
     ) -> None:
         self.settings = settings
@@ -87,10 +90,13 @@ class WorkflowRunner:
         self._execute = execute
         self._on_finished = on_finished
         self._on_stuck_hook = on_stuck
+        self._load_records = load_records
         self._local: dict[str, LocalRun] = {}
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_conn_mutex = asyncio.Lock()
+        self._unlocks: list[str] = []  # finished runs whose advisory locks the next flush gives back
+        self._unlocking: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -163,22 +169,20 @@ class WorkflowRunner:
         free = self.settings.max_concurrent_workflows - len(self._local) - len(self._reserved)
         if free <= 0:
             return
-        for workflow_id in await self.store.candidates(limit=free * 2):
-            if len(self._local) + len(self._reserved) >= self.settings.max_concurrent_workflows:
-                return
-            if workflow_id not in self._local:
-                await self._try_claim(workflow_id)
-
-    async def _try_claim(self, workflow_id: str) -> None:
-        if not await self._advisory(workflow_id, take=True):
-            return  # a live replica still runs it
-        run = await self.store.claim(workflow_id)
-        if run is None:
-            await self._advisory(workflow_id, take=False)
+        busy = self._local.keys() | self._reserved
+        ids = [w for w in await self.store.candidates(limit=free) if w not in busy]
+        if not ids:
             return
-        lr = LocalRun(run=run)
-        self._local[workflow_id] = lr
-        lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{workflow_id}")
+        assert self._lock_conn is not None
+        async with self._lock_conn_mutex:
+            runs = await self.store.claim(self._lock_conn, ids, [advisory_key(w) for w in ids])
+        records = await self._load_records(runs) if self._load_records is not None and runs else {}
+        for run in runs:
+            self._start(LocalRun(run=run, record=records.get(run.workflow_id)))
+
+    def _start(self, lr: LocalRun) -> None:
+        self._local[lr.run.workflow_id] = lr
+        lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{lr.run.workflow_id}")
 
     # -- runs launched here -------------------------------------------------------------------------
     async def reserve(self, workflow_id: str) -> bool:
@@ -206,11 +210,8 @@ class WorkflowRunner:
         """Run a reserved workflow whose run row this replica wrote already claimed. A replica
         stopping meanwhile leaves it to its lease: once that runs out another replica claims it."""
         self._reserved.discard(run.workflow_id)
-        if self._stopping:
-            return
-        lr = LocalRun(run=run, record=record)
-        self._local[run.workflow_id] = lr
-        lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{run.workflow_id}")
+        if not self._stopping:
+            self._start(LocalRun(run=run, record=record))
 
     async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
         assert self._lock_conn is not None
@@ -222,6 +223,7 @@ class WorkflowRunner:
         """The lock session is gone, and our advisory locks with it: stop every local run."""
         for workflow_id in list(self._local):
             self.cancel_local(workflow_id, reason="lost-lock")
+        self._unlocks.clear()  # the session held them
         with contextlib.suppress(Exception):
             assert self._lock_conn is not None
             self._lock_conn.terminate()
@@ -248,9 +250,26 @@ class WorkflowRunner:
             await asyncio.shield(self._settle(lr, outcome))
         finally:
             self._local.pop(run.workflow_id, None)
-            with contextlib.suppress(Exception):
-                await self._advisory(run.workflow_id, take=False)
+            self._release(run.workflow_id)
             self._wake.set()
+
+    def _release(self, workflow_id: str) -> None:
+        """Give the run's advisory lock back. Releases that come while the lock session is busy
+        go together in one statement; until then the run is done, so holding it is harmless."""
+        self._unlocks.append(workflow_id)
+        if self._unlocking is None or self._unlocking.done():
+            self._unlocking = asyncio.create_task(self._flush_unlocks(), name="runner-unlock")
+
+    async def _flush_unlocks(self) -> None:
+        while self._unlocks:
+            async with self._lock_conn_mutex:
+                ids, self._unlocks = self._unlocks, []
+                if self._lock_conn is None:
+                    return
+                with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                    await self._lock_conn.execute(
+                        "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k", [advisory_key(w) for w in ids]
+                    )
 
     async def _settle(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         """Record how the run ended; a run handed back is requeued, not finished."""

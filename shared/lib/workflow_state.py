@@ -291,6 +291,13 @@ class WorkflowStateManager:
             raise NotFound(f"no workflow {workflow_id}; list workflows to find its id", resource=workflow_id)
         return _workflow(row)
 
+    async def get_workflows(self, workflow_ids: list[str]) -> dict[str, Workflow]:
+        """The workflows of ``workflow_ids`` that exist, by id, in one read."""
+        for workflow_id in workflow_ids:
+            _check_id(workflow_id)
+        rows = await self._pool.fetch(_SELECT + "WHERE id = ANY($1::text[])", workflow_ids)
+        return {row["id"]: _workflow(row) for row in rows}
+
     # -- changing -------------------------------------------------------------------
     async def _change(
         self,
