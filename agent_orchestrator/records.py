@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from agent_orchestrator.run_store import RunRow, RunStore
+from shared.lib.connections import Along
 from shared.lib.errors import Conflict
-from shared.lib.workflow_state import Along, WorkflowStateManager
+from shared.lib.workflow_state import WorkflowStateManager
 
 __all__ = ["Launched", "WorkflowRecord", "WorkflowRecords"]
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from shared.lib.connections import Along
+
 __all__ = ["CANCEL_CHANNEL", "RUNS_CHANNEL", "RunRow", "RunStore"]
 
 #: Wakes idle runners when a run becomes claimable.
@@ -142,11 +144,21 @@ class RunStore:
         )
 
     async def finish(self, workflow_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE workflow_runs SET state = 'done', runner_id = NULL, lease_expires_at = NULL, "
-            "pending_interrupt = NULL, resume_value = NULL, updated_at = now() WHERE workflow_id = $1",
-            workflow_id,
-        )
+        sql, args = self.finish_along(workflow_id)(1)
+        await self.pool.execute(sql, *args)
+
+    @staticmethod
+    def finish_along(workflow_id: str) -> Along:
+        """The run's finish (state ``done``), to go in the statement that finishes its workflow."""
+
+        def statement(first: int) -> tuple[str, list[Any]]:
+            return (
+                "UPDATE workflow_runs SET state = 'done', runner_id = NULL, lease_expires_at = NULL, "  # noqa: S608 - parameter numbers only
+                f"pending_interrupt = NULL, resume_value = NULL, updated_at = now() WHERE workflow_id = ${first}",
+                [workflow_id],
+            )
+
+        return statement
 
     async def requeue(self, workflow_id: str) -> None:
         """Hand a run back (shutdown, stuck retry) so any replica resumes it from its checkpoint."""

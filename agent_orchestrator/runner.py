@@ -66,6 +66,8 @@ class LocalRun:
     record: Any = None
     """The workflow's record, once read (or handed over by :meth:`WorkflowRunner.adopt`)."""
     cancel_reason: str | None = None
+    run_finished: bool = False
+    """Set by ``on_finished`` when it wrote the run's finish (``RunStore.finish_along``) itself."""
     stuck: bool = False
     unstuck: bool = False  # progressed after being reported stuck: clear the mark at the next pass
 
@@ -295,7 +297,8 @@ class WorkflowRunner:
         # The workflow row first: if this replica dies in between, the run's lease runs out, another
         # replica claims it, finds the workflow finished and only finishes the run.
         await self._on_finished(lr, outcome)
-        await self.store.finish(lr.run.workflow_id)
+        if not lr.run_finished:
+            await self.store.finish(lr.run.workflow_id)
 
     def progress(self, workflow_id: str) -> None:
         """Called by the executor after each node; the watchdog reads it (in memory, no write per node)."""

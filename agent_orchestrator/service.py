@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,11 @@ from agent_orchestrator.event_watch import WorkflowWatch
 from agent_orchestrator.execution import Outcome, run_graph
 from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
-from agent_orchestrator.run_store import RunRow
+from agent_orchestrator.run_store import RunRow, RunStore
 from agent_orchestrator.runner import LocalRun, WorkflowRunner
 from agent_orchestrator.workflows import WorkflowContext, WorkflowType
 from shared.lib import metrics
+from shared.lib.connections import Along
 from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
@@ -274,6 +275,7 @@ class Orchestrator:
                 {"status": "interrupted", "interrupt": outcome.interrupt},
             )
             return
+        finish_run = [RunStore.finish_along(run.workflow_id)]  # the run row, in the same statement
         if isinstance(outcome, Outcome):
             await self._finalize(
                 run.workflow_id,
@@ -283,18 +285,21 @@ class Orchestrator:
                 reason=outcome.reason,
                 errors=outcome.errors,
                 record=record,
+                also=finish_run,
             )
-            return
-        status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
-        reason = "cancelled by request" if status == "cancelled" else f"{type(outcome).__name__}: {outcome}"
-        await self._finalize(
-            run.workflow_id,
-            run.workflow_type,
-            status,
-            reason=reason,
-            errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
-            record=record,
-        )
+        else:
+            status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
+            reason = "cancelled by request" if status == "cancelled" else f"{type(outcome).__name__}: {outcome}"
+            await self._finalize(
+                run.workflow_id,
+                run.workflow_type,
+                status,
+                reason=reason,
+                errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
+                record=record,
+                also=finish_run,
+            )
+        lr.run_finished = True
 
     async def on_stuck(self, run: RunRow) -> None:
         await self._emit(
@@ -311,15 +316,17 @@ class Orchestrator:
         reason: str = "",
         errors: list[dict[str, Any]] | None = None,
         record: WorkflowRecord | None = None,
+        also: Sequence[Along] = (),
     ) -> None:
-        """Finish the workflow row and record its terminal event, in one statement."""
+        """Finish the workflow row and record its terminal event, in one statement (with ``also``,
+        written either way: the run's finish)."""
         record = record or await self.records.get(workflow_id)
         change = self.records.manager.completion_change(
             workflow_id, status=status, result=result or {}, errors=errors or [], metadata={"reason": reason}
         )
         data = {"status": status, "reason": reason}
         if not await self.bus.emit_after(
-            change, "workflow.status", data, aggregate_type="workflow", aggregate_id=workflow_id
+            change, "workflow.status", data, aggregate_type="workflow", aggregate_id=workflow_id, also=also
         ):
             _log.info("workflow %s had already finished; %s not recorded", workflow_id, status)
             return

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
-from shared.lib.connections import run_command
+from shared.lib.connections import Along, run_command
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
 __all__ = [
@@ -64,14 +64,20 @@ Statement = tuple[str, Sequence[Any]]
 """A SQL statement and its parameters (``$1``..): a change an event records."""
 
 
-def _insert(after: Statement | None) -> Statement:
-    """The event's INSERT; after a change, in the same statement and only when the change applied."""
+def _insert(after: Statement | None, also: Sequence[Along] = ()) -> Statement:
+    """The event's INSERT; after a change, in the same statement and only when the change applied.
+    The statements ``also`` go in the same statement too, whether the change applied or not."""
     if after is None:
         return _INSERT + f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}", ()
-    sql, args = after
+    sql, first_args = after
+    args, ctes = list(first_args), [f"change AS ({sql})"]
+    for i, statement in enumerate(also):
+        more_sql, more = statement(len(args) + 1)
+        ctes.append(f"also{i} AS ({more_sql})")
+        args += more
     n = len(args)
     return (
-        f"WITH change AS ({sql}) {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, ${n + 3}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
+        f"WITH {', '.join(ctes)} {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, ${n + 3}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
         f"${n + 4}::jsonb, ${n + 5}::jsonb WHERE EXISTS (SELECT 1 FROM change) RETURNING {_COLUMNS}",
         args,
     )
@@ -92,7 +98,7 @@ def insert_along(
     aggregate_type: str | None,
     aggregate_id: str | None,
     metadata: dict[str, Any] | None,
-) -> Callable[[int], tuple[str, list[Any]]]:
+) -> Along:
     """The event's INSERT returning the stored row, to go in another statement, given the number
     of its first parameter; hand that row to :func:`announce` once it committed. A bad event
     fails here, before any statement is sent."""
@@ -128,14 +134,16 @@ async def emit(
     aggregate_id: str | None = None,
     metadata: dict[str, Any] | None = None,
     after: Statement | None = None,
+    also: Sequence[Along] = (),
 ) -> Event | None:
     """INSERT the event, then PUBLISH it (:func:`announce`).
 
     With ``after`` (a statement returning a row when it applied, such as a guarded
     ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
-    event is stored and published only if the change applied, and None says it did not."""
+    event is stored and published only if the change applied, and None says it did not.
+    ``also`` (with ``after`` only) are written in that statement whether the change applied or not."""
     _check(event_type, data)
-    sql, args = _insert(after)
+    sql, args = _insert(after, also)
     row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
     return None if row is None else await announce(redis, prefix, row)
 

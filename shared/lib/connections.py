@@ -8,6 +8,7 @@ messages that name the server and the reason, with the password redacted.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from shared.lib.errors import StartupError
 
 __all__ = [
+    "Along",
     "connect_postgres",
     "connect_redis",
     "create_database",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 _CONNECT_TIMEOUT_S = 5.0
+
+Along = Callable[[int], tuple[str, list[Any]]]
+"""A data-modifying statement and its parameters, numbered from the ``int`` it is given, to
+go as a CTE in another statement: both are written, or neither."""
 
 
 def redact_url(url: str) -> str:

@@ -39,7 +39,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -65,6 +65,7 @@ from shared.lib.agent_events import (
     request_from_dict,
     response_from_dict,
 )
+from shared.lib.connections import Along
 from shared.lib.errors import (
     AgentOffline,
     Conflict,
@@ -588,10 +589,12 @@ class EventBus:
         aggregate_type: str | None = None,
         aggregate_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        also: Sequence[Along] = (),
     ) -> Event | None:
         """Apply ``change`` (SQL and its parameters; it returns a row when it applied) and store the
         event in the same statement, one commit; then publish it. None when the change did not
-        apply: neither was written. Without a change this is :meth:`emit`."""
+        apply: neither was written. ``also`` go in the same statement, applied either way.
+        Without a change this is :meth:`emit`."""
         return await _bus_events.emit(
             self.pool,
             self._core.redis,
@@ -602,6 +605,7 @@ class EventBus:
             aggregate_id=aggregate_id,
             metadata=metadata,
             after=change,
+            also=also,
         )
 
     def insert_along(
@@ -612,7 +616,7 @@ class EventBus:
         aggregate_type: str | None = None,
         aggregate_id: str | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> Callable[[int], tuple[str, list[Any]]]:
+    ) -> Along:
         """The event's INSERT, to go in another statement (such as a launch's: see
         ``WorkflowStateManager.create_workflow_along``); its parameters are numbered from the
         ``int`` given. Pass the row it returns to :meth:`announce` once committed."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from shared.lib.connections import Along
 from shared.lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from shared.lib.settings import AGENT_ID_PATTERN
 
@@ -55,10 +56,6 @@ _INSERT = (
     "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key) "
     "VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6) RETURNING " + _COLUMNS
 )
-
-Along = Callable[[int], tuple[str, list[Any]]]
-"""A data-modifying statement with a RETURNING clause and its parameters, numbered from the
-``int`` it is given: written in the same statement as a new workflow (both, or neither)."""
 
 
 def _with_along(along: Sequence[Along], args: list[Any]) -> tuple[str, list[Any]]:

@@ -13,6 +13,7 @@ from agent_orchestrator.run_store import RunStore
 from agent_orchestrator.runner import advisory_key
 from shared.lib.connections import connect_postgres, create_pg_pool
 from shared.lib.workflow_state import WorkflowStateManager
+from support.tests.integration.conftest import BusFactory
 
 
 async def _held_by_someone(probe: asyncpg.Connection, workflow_id: str) -> bool:
@@ -73,3 +74,41 @@ async def test_a_lock_taken_for_a_run_no_longer_claimable_is_given_back(database
         await lock_conn.close()
         await probe.close()
         await pool.close()
+
+
+async def test_the_terminal_status_and_the_run_finish_are_one_statement(make_bus: BusFactory) -> None:
+    """The finish of a workflow writes its row, its event and its run's ``done`` together; the run
+    is finished even when the workflow had already finished (cancelled meanwhile)."""
+    bus = await make_bus()
+    assert bus.pool is not None
+    states = WorkflowStateManager(bus.pool)
+    store = RunStore(bus.pool, runner_id="a", lease_ttl_s=30)
+    records = WorkflowRecords(bus.pool, states, store)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    for workflow_id in (first, second):
+        await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+
+    async def finish(workflow_id: str) -> object:
+        change = states.completion_change(workflow_id, status="succeeded", result={"ok": True})
+        return await bus.emit_after(
+            change,
+            "workflow.status",
+            {"status": "succeeded"},
+            aggregate_type="workflow",
+            aggregate_id=workflow_id,
+            also=[RunStore.finish_along(workflow_id)],
+        )
+
+    assert await finish(first) is not None
+    assert (await states.get_workflow(first)).status == "succeeded"
+    run = await store.get(first)
+    assert run is not None
+    assert run.state == "done"
+
+    await states.complete_workflow(second, status="cancelled")
+    assert await finish(second) is None  # no event: the workflow had finished
+    assert (await states.get_workflow(second)).status == "cancelled"
+    run = await store.get(second)
+    assert run is not None
+    assert run.state == "done"  # but the run is closed all the same
+    assert [e.payload["status"] for e in await bus.events_since(0, aggregate_id=second)] == []

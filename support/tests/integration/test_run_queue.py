@@ -9,9 +9,9 @@ import uuid
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.run_store import RUNS_CHANNEL, RunStore
 from shared.lib.agent_events import Event
-from shared.lib.connections import connect_postgres
+from shared.lib.connections import Along, connect_postgres
 from shared.lib.event_bus import EventBus
-from shared.lib.workflow_state import Along, WorkflowStateManager
+from shared.lib.workflow_state import WorkflowStateManager
 from support.tests.integration.conftest import BusFactory
 
 
