@@ -22,7 +22,14 @@ from agents.sdk.agent import Agent
 from agents.sdk.routes import agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.errors import StartupError
-from shared.lib.http_service import BodySizeLimit, check_port_free, install_error_handlers, open_context, ops_router
+from shared.lib.http_service import (
+    BodySizeLimit,
+    check_port_free,
+    install_error_handlers,
+    open_context,
+    ops_router,
+    tune_gc_after_startup,
+)
 
 __all__ = ["create_agent_app", "serve_agent"]
 
@@ -72,6 +79,7 @@ def serve_agent(app: FastAPI, *, host: str, port: int, service: str, log_level: 
     check_port_free(host, port, service)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",
                             access_log=False, timeout_graceful_shutdown=30)  # fmt: skip
+    tune_gc_after_startup(app)
     server = _DrainingServer(config, app)
     server.run()
     if not server.started:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import hmac
 import logging
 import socket
@@ -34,6 +35,7 @@ from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.settings import Settings
 
 __all__ = [
+    "GC_THRESHOLDS",
     "ApiKeyDep",
     "BodySizeLimit",
     "ContextDep",
@@ -46,6 +48,7 @@ __all__ = [
     "open_context",
     "ops_router",
     "serve",
+    "tune_gc_after_startup",
 ]
 
 _log = logging.getLogger(__name__)
@@ -300,6 +303,30 @@ def check_port_free(host: str, port: int, service: str) -> None:
             ) from e
 
 
+#: The collector's thresholds for a serving process (CPython's default is 700, 10, 10). A busy
+#: orchestrator allocates a great many short-lived objects per workflow; at the default, young
+#: collections ran every ~700 of them and took about a tenth of its CPU. Only cyclic garbage
+#: waits longer; everything else is still freed at once by reference counting.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc_after_startup(app: FastAPI) -> None:
+    """Once the app has started, freeze what is alive (modules, compiled graphs, pools: never
+    garbage, so no collection walks them again) and set :data:`GC_THRESHOLDS`. Measured by
+    ``agent-orchestrator bench workflow``: ~10 % more workflows per second on one replica."""
+    started = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        async with started(a) as state:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
 def serve(app: FastAPI, *, host: str, port: int, service: str, log_level: str = "info") -> None:
     """Run ``app`` under uvicorn until SIGTERM/SIGINT, after checking the port is free."""
     check_port_free(host, port, service)
@@ -312,6 +339,7 @@ def serve(app: FastAPI, *, host: str, port: int, service: str, log_level: str = 
         access_log=False,
         timeout_graceful_shutdown=30,
     )
+    tune_gc_after_startup(app)
     server = uvicorn.Server(config)
     server.run()
     if getattr(server, "started", False) is False:
