@@ -97,7 +97,8 @@ _BLOBS_INSERT = """
 """
 _CHECKPOINT_UPSERT = """
 INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, checkpoint, metadata)
-VALUES (%(thread_id)s, %(ns)s, %(id)s, %(parent)s, %(checkpoint)s::jsonb, %(metadata)s::jsonb)
+SELECT %(thread_id)s, %(ns)s, c.id, c.parent, c.checkpoint, c.metadata
+FROM jsonb_to_recordset(%(checkpoints)s::jsonb) AS c(id text, parent text, checkpoint jsonb, metadata jsonb)
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id)
 DO UPDATE SET checkpoint = EXCLUDED.checkpoint, metadata = EXCLUDED.metadata
 """
@@ -194,18 +195,43 @@ def _writes_params(batches: Sequence[_WriteBatch]) -> dict[str, str | None]:
     return params
 
 
-def _statement_for(params: dict[str, Any], *, checkpoint: bool) -> str:
+def _statement_for(params: dict[str, Any]) -> str:
     return _statement(
         upserts=params["u_writes"] is not None,
         inserts=params["i_writes"] is not None,
         blobs=params.get("blobs") is not None,
-        checkpoint=checkpoint,
+        checkpoint=params.get("checkpoints") is not None,
     )
+
+
+@dataclass
+class _CheckpointRows:
+    """One checkpoint's row and its new blobs, as ``jsonb_to_recordset`` takes them."""
+
+    checkpoint: dict[str, Any]
+    blobs: list[dict[str, str | None]]
+
+
+def _checkpoint_params(rows: Sequence[_CheckpointRows]) -> dict[str, str | None]:
+    blobs = [blob for r in rows for blob in r.blobs]
+    return {
+        "checkpoints": _json([r.checkpoint for r in rows]) if rows else None,
+        "blobs": _json(blobs) if blobs else None,
+    }
 
 
 def _blob_row(row: tuple[str, str, str, str, str, bytes | None]) -> dict[str, str | None]:
     """A ``_dump_blobs`` row (thread, ns, channel, version, type, blob) for ``jsonb_to_recordset``."""
     return {"channel": row[2], "version": row[3], "type": row[4], "blob": _b64(row[5])}
+
+
+def _first_of_new_thread(configurable: dict[str, Any], metadata: CheckpointMetadata) -> bool:
+    """The input checkpoint of a thread the caller said is new (``NEW_THREAD_KEY``)."""
+    return (
+        bool(configurable.get(NEW_THREAD_KEY))
+        and not configurable.get("checkpoint_id")
+        and (metadata.get("source") == "input")
+    )
 
 
 def _consume_exception(fut: asyncio.Future[None]) -> None:
@@ -234,6 +260,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self.stats = SaverStats()
         self._waiting: dict[tuple[str, str], list[_WriteBatch]] = {}
         self._puts: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._deferred: dict[tuple[str, str], _CheckpointRows] = {}  # input checkpoints of new threads
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
@@ -266,34 +293,57 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         configurable = config["configurable"]
-        thread_id, ns = configurable["thread_id"], configurable["checkpoint_ns"]
-        copy, blob_values = _split_channel_values(checkpoint)
-        blob_rows = self._dump_blobs(
-            thread_id, ns, blob_values, {k: v for k, v in new_versions.items() if k in blob_values}
-        )
-        batches = self._take((thread_id, ns))
-        self.stats.merged_write_batches += len(batches)
-        params: dict[str, Any] = {
-            "thread_id": thread_id,
-            "ns": ns,
-            "id": checkpoint["id"],
-            "parent": configurable.get("checkpoint_id"),
-            "checkpoint": _json(copy),
-            "metadata": _json(get_serializable_checkpoint_metadata(config, metadata)),
-            "blobs": _json([_blob_row(row) for row in blob_rows]) if blob_rows else None,
-            **_writes_params(batches),
+        key = (configurable["thread_id"], configurable["checkpoint_ns"])
+        rows = self._rows(config, checkpoint, metadata, new_versions)
+        saved: RunnableConfig = {
+            "configurable": {"thread_id": key[0], "checkpoint_ns": key[1], "checkpoint_id": checkpoint["id"]}
         }
+        if _first_of_new_thread(configurable, metadata):
+            self._deferred[key] = rows  # rides with the thread's next statement
+            return saved
+        batches = self._take(key)
+        self.stats.merged_write_batches += len(batches)
+        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, rows), **_writes_params(batches)}
         in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._puts.setdefault((thread_id, ns), set()).add(in_flight)
+        self._puts.setdefault(key, set()).add(in_flight)
         try:
-            await self._execute(_statement_for(params, checkpoint=True), params, batches)
+            await self._execute(_statement_for(params), params, batches)
         finally:
             in_flight.set_result(None)
-            puts = self._puts[(thread_id, ns)]
+            puts = self._puts[key]
             puts.discard(in_flight)
             if not puts:
-                del self._puts[(thread_id, ns)]
-        return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": checkpoint["id"]}}
+                del self._puts[key]
+        return saved
+
+    def _rows(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> _CheckpointRows:
+        configurable = config["configurable"]
+        copy, blob_values = _split_channel_values(checkpoint)
+        blob_rows = self._dump_blobs(
+            configurable["thread_id"],
+            configurable["checkpoint_ns"],
+            blob_values,
+            {k: v for k, v in new_versions.items() if k in blob_values},
+        )
+        row = {
+            "id": checkpoint["id"],
+            "parent": configurable.get("checkpoint_id"),
+            "checkpoint": copy,
+            "metadata": get_serializable_checkpoint_metadata(config, metadata),
+        }
+        return _CheckpointRows(row, [_blob_row(b) for b in blob_rows])
+
+    def _carried(self, key: tuple[str, str], rows: _CheckpointRows | None) -> dict[str, str | None]:
+        """The checkpoint parameters of the thread's next statement: the deferred input checkpoint
+        of a new thread first (if any), then ``rows``."""
+        deferred = self._deferred.pop(key, None)
+        return _checkpoint_params([r for r in (deferred, rows) if r is not None])
 
     async def aput_writes(
         self,
@@ -320,8 +370,8 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self._waiting.setdefault(key, []).insert(0, batch)
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches) - 1
-        params = {"thread_id": key[0], "ns": key[1], **_writes_params(batches)}
-        await self._execute(_statement_for(params, checkpoint=False), params, batches)
+        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None), **_writes_params(batches)}
+        await self._execute(_statement_for(params), params, batches)
 
     def _forget(self, key: tuple[str, str], batch: _WriteBatch) -> None:
         waiting = self._waiting.get(key, [])

@@ -169,6 +169,52 @@ async def test_new_thread_hint_skips_nothing_it_should_not(saver: PooledPostgres
     assert (await saver.aget_tuple(_config(thread))) is not None  # type: ignore[arg-type]
 
 
+async def test_a_new_threads_input_checkpoint_rides_with_its_next_statement(
+    saver: PooledPostgresSaver, stock: AsyncPostgresSaver
+) -> None:
+    """Told the thread is new, the saver writes its input checkpoint with the first superstep's:
+    one statement fewer, and the same history as the stock saver reads it."""
+    graph = _chain().compile(checkpointer=saver)
+    thread = uuid.uuid4().hex
+    before = saver.stats.statements
+    out = await graph.ainvoke({"n": 2}, _config(thread, **{NEW_THREAD_KEY: True}), durability="sync")  # type: ignore[arg-type]
+    assert out["n"] == 30
+    assert saver.stats.statements - before == 3  # __start__ (carrying the input), first, second
+    assert not saver._deferred, "a deferred checkpoint left behind"
+    ours = [c async for c in saver.alist(_config(thread))]  # type: ignore[arg-type]
+    theirs = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
+    assert [(c.metadata["source"], c.metadata["step"]) for c in theirs] == [
+        ("loop", 2),
+        ("loop", 1),
+        ("loop", 0),
+        ("input", -1),
+    ]
+    assert [c.checkpoint["id"] for c in ours] == [c.checkpoint["id"] for c in theirs]
+    parent = theirs[-2].parent_config
+    assert parent is not None
+    assert parent["configurable"]["checkpoint_id"] == theirs[-1].checkpoint["id"]  # step 0's parent: the input
+
+
+async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: PooledPostgresSaver) -> None:
+    """A first node that raises: its error write carries the deferred input checkpoint along."""
+
+    async def broken(_s: State) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    g = StateGraph(State)
+    g.add_node("broken", broken)
+    g.add_edge(START, "broken")
+    g.add_edge("broken", END)
+    thread = uuid.uuid4().hex
+    with pytest.raises(RuntimeError, match="boom"):
+        await g.compile(checkpointer=saver).ainvoke(
+            {"n": 1}, _config(thread, **{NEW_THREAD_KEY: True}), durability="sync"
+        )  # type: ignore[arg-type]
+    history = [c async for c in saver.alist(_config(thread))]  # type: ignore[arg-type]
+    assert [c.metadata["source"] for c in history][-1] == "input"
+    assert not saver._deferred
+
+
 async def test_writes_share_statements_with_checkpoints(saver: PooledPostgresSaver) -> None:
     """At durability sync, task writes ride with the next checkpoint: one statement per superstep."""
     graph = _chain().compile(checkpointer=saver)
