@@ -3,7 +3,9 @@
 ``GET /workflows/{id}/events`` replays the ``events`` table, then follows the
 workflow's events as they are published. One Redis subscription per process
 hands each published event to the streams of its workflow only, as a
-:class:`Feed`, so a live event costs no query. The table stays the record: a
+:class:`Feed`, so a live event costs no query. Events this process stores reach
+its feeds at once, before they are published (``own_first``); their copy from
+Redis is then a duplicate the stream drops. The table stays the record: a
 feed is marked *stale* when the subscription had to reconnect (what was
 published meanwhile was missed), and its stream reads the table again.
 """
@@ -27,8 +29,13 @@ class Feed:
         self.arrived = asyncio.Event()
         self.stale = True  # nothing seen yet: the stream starts from the table
         self._events: list[Event] = []
+        self._pushed: set[int] = set()
 
     def push(self, event: Event) -> None:
+        """Keep ``event`` for the next take, once: this process's own events come twice."""
+        if event.id in self._pushed:
+            return
+        self._pushed.add(event.id)
         self._events.append(event)
         self.arrived.set()
 
@@ -57,7 +64,9 @@ class WorkflowWatch:
             return
         async with self._starting:
             if self._sub is None:  # returns once subscribed
-                self._sub = await self._bus.subscribe("workflow.*", self._on_event, on_resubscribed=self._on_lost)
+                self._sub = await self._bus.subscribe(
+                    "workflow.*", self._on_event, on_resubscribed=self._on_lost, own_first=True
+                )
 
     def _on_event(self, event: Event) -> None:
         for feed in self._feeds.get(event.aggregate_id or "", ()):

@@ -112,10 +112,19 @@ def insert_along(
     return statement
 
 
-async def announce(redis: aioredis.Redis, prefix: str, row: asyncpg.Record | dict[str, Any]) -> Event:
-    """A committed event row: counted, and published. A failed publish is logged: the row is the record."""
+async def announce(
+    redis: aioredis.Redis,
+    prefix: str,
+    row: asyncpg.Record | dict[str, Any],
+    *,
+    stored: Callable[[Event], None] | None = None,
+) -> Event:
+    """A committed event row: counted, handed to ``stored`` (in-process listeners), and published.
+    A failed publish is logged: the row is the record."""
     event = _event(row)
     metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
+    if stored is not None:
+        stored(event)
     try:
         await publish(redis, prefix, event)
     except (RedisError, OSError) as e:
@@ -135,6 +144,7 @@ async def emit(
     metadata: dict[str, Any] | None = None,
     after: Statement | None = None,
     also: Sequence[Along] = (),
+    stored: Callable[[Event], None] | None = None,
 ) -> Event | None:
     """INSERT the event, then PUBLISH it (:func:`announce`).
 
@@ -145,7 +155,7 @@ async def emit(
     _check(event_type, data)
     sql, args = _insert(after, also)
     row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
-    return None if row is None else await announce(redis, prefix, row)
+    return None if row is None else await announce(redis, prefix, row, stored=stored)
 
 
 async def events_since(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import os
 import re
@@ -163,6 +164,7 @@ class EventBus:
         self._replies_ready = asyncio.Event()
         self._servers: list[Server] = []
         self._subscriptions: set[Subscription] = set()
+        self._own: list[tuple[str, EventCallback]] = []  # in-process listeners of this bus's events
         self._sweeps: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -606,6 +608,7 @@ class EventBus:
             metadata=metadata,
             after=change,
             also=also,
+            stored=self._stored,
         )
 
     def insert_along(
@@ -626,23 +629,47 @@ class EventBus:
 
     async def announce(self, row: dict[str, Any]) -> Event:
         """Publish an event row another statement stored (see :meth:`insert_along`)."""
-        return await _bus_events.announce(self._core.redis, self._core.prefix, row)
+        return await _bus_events.announce(self._core.redis, self._core.prefix, row, stored=self._stored)
+
+    def _stored(self, event: Event) -> None:
+        for pattern, callback in self._own:
+            if fnmatch.fnmatchcase(event.event_type, pattern):
+                callback(event)
 
     async def subscribe(
-        self, pattern: str, callback: EventCallback, *, on_resubscribed: Callable[[], None] | None = None
+        self,
+        pattern: str,
+        callback: EventCallback,
+        *,
+        on_resubscribed: Callable[[], None] | None = None,
+        own_first: bool = False,
     ) -> Subscription:
         """Call ``callback(event)`` for each live event whose type matches the glob ``pattern``.
         Returns once subscribed; ``await sub.close()`` ends it. ``on_resubscribed()`` is called
-        when it listens again after losing Redis (events published meanwhile were missed)."""
+        when it listens again after losing Redis (events published meanwhile were missed).
+
+        With ``own_first`` (a synchronous callback), the events this bus stores itself are also
+        handed over as soon as they are stored, before they are published: a listener in this
+        process gets them without the Redis round trip, and then once more from Redis (dedupe
+        by ``event.id``)."""
+        own = (pattern, callback)
+
+        def closed(sub: Subscription) -> None:
+            self._subscriptions.discard(sub)
+            if own in self._own:
+                self._own.remove(own)
+
         sub = await _bus_events.subscribe(
             self._core.redis,
             self._core.prefix,
             pattern,
             callback,
-            on_close=self._subscriptions.discard,
+            on_close=closed,
             on_resubscribed=on_resubscribed,
         )
         self._subscriptions.add(sub)
+        if own_first:
+            self._own.append(own)
         return sub
 
     async def events_since(

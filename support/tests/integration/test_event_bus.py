@@ -418,3 +418,32 @@ async def test_an_event_is_published_after_the_pooled_connections_were_killed(ma
         assert (await asyncio.wait_for(seen.get(), 5)).payload == {"n": 2}
     finally:
         await sub.close()
+
+
+async def test_own_first_hands_this_buses_events_over_before_publishing_them(make_bus: BusFactory) -> None:
+    """A listener subscribed ``own_first`` gets the events its own bus stores as soon as they are
+    stored (before emit returns), and once more from Redis; another bus's events only from Redis;
+    once closed, nothing more."""
+    bus, other = await make_bus(), await make_bus()
+    got: list[tuple[str, int]] = []
+    done = asyncio.Event()
+
+    def listen(event: Event) -> None:
+        got.append((event.event_type, event.id))
+        done.set()
+
+    sub = await bus.subscribe("workflow.*", listen, own_first=True)
+    try:
+        mine = await bus.emit("workflow.node", {"n": 1}, aggregate_type="workflow", aggregate_id="wf")
+        assert (("workflow.node", mine.id)) in got  # handed over before emit returned
+        theirs = await other.emit("workflow.node", {"n": 2}, aggregate_type="workflow", aggregate_id="wf")
+        await bus.emit("agent.other", {"n": 3})  # another pattern: not handed over
+        async with asyncio.timeout(5):
+            while Counter(i for _, i in got) != Counter({mine.id: 2, theirs.id: 1}):
+                done.clear()
+                await done.wait()
+    finally:
+        await sub.close()
+    got.clear()
+    await bus.emit("workflow.node", {"n": 4}, aggregate_type="workflow", aggregate_id="wf")
+    assert got == []  # closed: no longer handed over
