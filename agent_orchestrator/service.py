@@ -9,6 +9,7 @@ event stream can replay them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
+from shared.lib.tasks import InOrder
 from shared.lib.tracing import finish_workflow_trace, start_workflow_trace, trace_headers, workflow_context
 
 __all__ = ["Orchestrator"]
@@ -223,8 +225,26 @@ class Orchestrator:
             if not new_thread:
                 snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
                 await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
+            return await self._stream(run, record, graph, config, context, new_thread=new_thread)
+        finally:
+            await locks.release_all()
+
+    async def _stream(
+        self,
+        run: RunRow,
+        record: WorkflowRecord,
+        graph: CompiledStateGraph[Any, Any, Any, Any],
+        config: dict[str, Any],
+        context: WorkflowContext,
+        *,
+        new_thread: bool,
+    ) -> Outcome:
+        """Run the graph. Each finished node's step and event are written in order while the graph
+        goes on (its checkpoint, the next node); all are written before the run's outcome is."""
+        writes = InOrder()
+        try:
             with workflow_context(record.trace, metadata=config["metadata"]):
-                return await run_graph(
+                outcome = await run_graph(
                     graph,
                     context=context,
                     config=config,
@@ -232,11 +252,15 @@ class Orchestrator:
                     data=record.input,
                     correlation_id=record.correlation_id,
                     resume_value=run.resume_value,
-                    on_node=self._node_reporter(run),
+                    on_node=self._node_reporter(run, writes),
                     new_thread=new_thread,
                 )
-        finally:
-            await locks.release_all()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the graph's own failure is the one to report
+                await writes.drain()
+            raise
+        await writes.drain()
+        return outcome
 
     def _config(self, record: WorkflowRecord) -> dict[str, Any]:
         meta = {
@@ -252,15 +276,17 @@ class Orchestrator:
             "recursion_limit": 200,
         }
 
-    def _node_reporter(self, run: RunRow) -> Any:
+    def _node_reporter(self, run: RunRow, writes: InOrder) -> Any:
         async def on_node(node: str, update: dict[str, Any], elapsed_s: float) -> None:
             assert self.runner is not None
             self.runner.progress(run.workflow_id)
-            await self._emit_change(
-                self.records.manager.step_change(run.workflow_id, node, agents=list(update.get("agents", []))),
-                run.workflow_id,
-                "workflow.node",
-                {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
+            writes.add(  # raises an earlier write's failure (Conflict: cancelled meanwhile)
+                self._emit_change(
+                    self.records.manager.step_change(run.workflow_id, node, agents=list(update.get("agents", []))),
+                    run.workflow_id,
+                    "workflow.node",
+                    {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
+                )
             )
 
         return on_node
