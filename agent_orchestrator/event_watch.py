@@ -5,7 +5,10 @@ workflow's events as they are published. One Redis subscription per process
 hands each published event to the streams of its workflow only, as a
 :class:`Feed`, so a live event costs no query. Events this process stores reach
 its feeds at once, before they are published (``own_first``); their copy from
-Redis is then a duplicate the stream drops. The table stays the record: a
+Redis is then a duplicate the stream drops. The subscription is closed once no
+stream has followed for ``linger_s``, so a replica nobody watches does not
+receive every event of every replica; the next stream opens it again (and, new,
+reads the table first). The table stays the record: a
 feed is marked *stale* when the subscription had to reconnect (what was
 published meanwhile was missed), and its stream reads the table again.
 """
@@ -18,6 +21,7 @@ from collections.abc import AsyncIterator
 
 from shared.lib.agent_events import Event
 from shared.lib.event_bus import EventBus, Subscription
+from shared.lib.tasks import cancel_and_wait
 
 __all__ = ["Feed", "WorkflowWatch"]
 
@@ -53,11 +57,13 @@ class Feed:
 class WorkflowWatch:
     """``async with watch.follow(workflow_id) as feed:``; ``feed`` gets that workflow's events."""
 
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, *, linger_s: float = 5.0) -> None:
         self._bus = bus
+        self._linger_s = linger_s
         self._sub: Subscription | None = None
-        self._starting = asyncio.Lock()
+        self._starting = asyncio.Lock()  # opening or closing the subscription
         self._feeds: dict[str, set[Feed]] = {}  # by workflow id
+        self._idle: asyncio.Task[None] | None = None
 
     async def _ensure(self) -> None:
         if self._sub is not None:
@@ -89,13 +95,28 @@ class WorkflowWatch:
             feeds.discard(feed)
             if not feeds:
                 del self._feeds[workflow_id]
+            if not self._feeds and (self._idle is None or self._idle.done()):
+                self._idle = asyncio.create_task(self._close_when_idle(), name="workflow-watch-idle")
+
+    async def _close_when_idle(self) -> None:
+        await asyncio.sleep(self._linger_s)
+        async with self._starting:
+            if self._feeds or self._sub is None:
+                return  # followed again meanwhile
+            sub, self._sub = self._sub, None
+            await sub.close()
 
     @property
     def following(self) -> int:
         """How many workflows have a stream following them right now."""
         return len(self._feeds)
 
+    @property
+    def subscribed(self) -> bool:
+        return self._sub is not None
+
     async def close(self) -> None:
+        await cancel_and_wait(self._idle)
         sub, self._sub = self._sub, None
         if sub is not None:
             await sub.close()

@@ -58,3 +58,29 @@ async def test_a_lost_subscription_marks_every_feed_stale_then_follows_again(mak
             assert [e.payload for e in a.take()] == [{"node": "y"}]
     finally:
         await watch.close()
+
+
+async def test_the_subscription_closes_when_nobody_follows_and_opens_again(make_bus: BusFactory) -> None:
+    """A replica no stream watches stops receiving every event; the next stream subscribes again."""
+    bus, other = await make_bus(), await make_bus()
+    watch = WorkflowWatch(bus, linger_s=0.2)
+    try:
+        async with watch.follow("wf-a"):
+            assert watch.subscribed
+        async with watch.follow("wf-a"):  # followed again within the linger: kept open
+            await asyncio.sleep(0.3)
+            assert watch.subscribed
+        async with asyncio.timeout(5):
+            while watch.subscribed:
+                await asyncio.sleep(0.05)
+        assert not bus._subscriptions  # closed on Redis too, and no longer handed this bus's events
+        async with watch.follow("wf-a") as feed:
+            assert watch.subscribed
+            assert feed.stale  # it reads the table first, so nothing published meanwhile is lost
+            feed.take()
+            emitted = await other.emit("workflow.node", {"node": "z"}, aggregate_type="workflow", aggregate_id="wf-a")
+            await asyncio.wait_for(feed.arrived.wait(), 5)
+            assert [e.id for e in feed.take()] == [emitted.id]
+    finally:
+        await watch.close()
+    assert not bus._subscriptions
