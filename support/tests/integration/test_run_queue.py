@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.records import Launched, WorkflowRecords
 from agent_orchestrator.run_store import RUNS_CHANNEL, RunStore
 from shared.lib.agent_events import Event
 from shared.lib.connections import Along, connect_postgres
@@ -18,6 +18,13 @@ from support.tests.integration.conftest import BusFactory
 def _pending(bus: EventBus, workflow_id: str) -> Along:
     return bus.insert_along(
         "workflow.status", {"status": "pending"}, aggregate_type="workflow", aggregate_id=workflow_id
+    )
+
+
+async def _launch(records: WorkflowRecords, bus: EventBus, workflow_id: str) -> Launched:
+    """A launch with the idempotency key ``k1`` and its pending event."""
+    return await records.create(
+        workflow_id, "agent_chain", {"calls": []}, idempotency_key="k1", trace={}, events=[_pending(bus, workflow_id)]
     )
 
 
@@ -36,14 +43,7 @@ async def test_a_launch_writes_its_queued_run_and_event_in_one_statement_and_not
     seen: list[Event] = []
     sub = await bus.subscribe("workflow.*", seen.append)
     try:
-        launched = await records.create(
-            workflow_id,
-            "agent_chain",
-            {"calls": []},
-            idempotency_key="k1",
-            trace={},
-            events=[_pending(bus, workflow_id)],
-        )
+        launched = await _launch(records, bus, workflow_id)
         assert launched.created
         assert launched.run is None  # queued for any replica, not claimed
         assert launched.record.workflow_id == workflow_id
@@ -63,14 +63,7 @@ async def test_a_launch_writes_its_queued_run_and_event_in_one_statement_and_not
                 await asyncio.sleep(0.01)
         assert seen == [event]
 
-        again = await records.create(
-            refused_id,
-            "agent_chain",
-            {"calls": []},
-            idempotency_key="k1",
-            trace={},
-            events=[_pending(bus, refused_id)],
-        )
+        again = await _launch(records, bus, refused_id)
         assert (again.record.workflow_id, again.created, again.events) == (workflow_id, False, [])
         assert await records.run_store.get(refused_id) is None  # the refused launch wrote no run
         assert await bus.events_since(0, aggregate_id=refused_id) == []  # and no event
