@@ -95,7 +95,7 @@ class Launched(NamedTuple):
     run: RunRow | None
     """The run, when the launch claimed it for this replica's runner."""
     events: list[dict[str, Any]]
-    """The rows of the events written with the launch (none when it was not created)."""
+    """The rows of the events written with the launch, oldest first (none when it was not created)."""
 
 
 class WorkflowRecords:
@@ -125,8 +125,9 @@ class WorkflowRecords:
         events: Sequence[Along] = (),
     ) -> Launched:
         """The new workflow, or (after a race on the key) the one launched with it. Its run row
-        (with ``claim``, already claimed by this replica's runner: ``RunStore.claimed_insert``)
-        and ``events`` (``EventBus.insert_along``) go in the same statement."""
+        and ``events`` (``EventBus.insert_along``) go in the same statement. With ``claim`` the
+        run is written already claimed by this replica's runner (``RunStore.claimed_insert``)
+        and the workflow starts ``running``."""
         run_insert = self.run_store.claimed_insert if claim else self.run_store.queued_insert
         try:
             wf, rows = await self.manager.create_workflow_along(
@@ -136,6 +137,7 @@ class WorkflowRecords:
                 workflow_id=workflow_id,
                 idempotency_key=idempotency_key,
                 metadata={"correlation_id": workflow_id, "trace": trace},
+                status="running" if claim else "pending",
             )
         except Conflict as e:
             again = await self.existing(workflow_type, data, idempotency_key=idempotency_key)
@@ -143,7 +145,8 @@ class WorkflowRecords:
                 raise
             return Launched(again, False, None, [])
         run = self.run_store.claimed_row(workflow_id, workflow_type) if claim else None
-        return Launched(_record(wf), True, run, [row for event_rows in rows[1:] for row in event_rows])
+        stored = sorted((row for event_rows in rows[1:] for row in event_rows), key=lambda row: int(row["id"]))
+        return Launched(_record(wf), True, run, stored)
 
     def _same_launch(self, wf: Any, workflow_type: str, data: dict[str, Any]) -> WorkflowRecord:
         if wf.workflow_type != workflow_type or dict(wf.input or {}) != data:

@@ -66,6 +66,8 @@ class LocalRun:
     record: Any = None
     """The workflow's record, once read (or handed over by :meth:`WorkflowRunner.adopt`)."""
     cancel_reason: str | None = None
+    launched_running: bool = False
+    """The launch wrote the workflow ``running`` and its event already (:meth:`WorkflowRunner.adopt`)."""
     run_finished: bool = False
     """Set by ``on_finished`` when it wrote the run's finish (``RunStore.finish_along``) itself."""
     stuck: bool = False
@@ -209,11 +211,12 @@ class WorkflowRunner:
             await self._advisory(workflow_id, take=False)
 
     def adopt(self, run: RunRow, record: Any) -> None:
-        """Run a reserved workflow whose run row this replica wrote already claimed. A replica
-        stopping meanwhile leaves it to its lease: once that runs out another replica claims it."""
+        """Run a reserved workflow whose launch wrote its run row already claimed and the workflow
+        ``running``. A replica stopping meanwhile leaves it to its lease: once that runs out
+        another replica claims it."""
         self._reserved.discard(run.workflow_id)
         if not self._stopping:
-            self._start(LocalRun(run=run, record=record))
+            self._start(LocalRun(run=run, record=record, launched_running=True))
 
     async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
         assert self._lock_conn is not None

@@ -100,12 +100,6 @@ class Orchestrator:
             inputs=validated,
             metadata={"workflow_id": workflow_id, "workflow_type": workflow_type, "correlation_id": workflow_id},
         )
-        pending = self.bus.insert_along(
-            "workflow.status",
-            {"status": "pending", "type": workflow_type},
-            aggregate_type="workflow",
-            aggregate_id=workflow_id,
-        )
         launched = await self._create(
             workflow_id,
             lambda claim: self.records.create(
@@ -115,7 +109,7 @@ class Orchestrator:
                 idempotency_key=idempotency_key,
                 trace=trace,
                 claim=claim,
-                events=[pending],
+                events=[self._launch_events(workflow_id, workflow_type, running=claim)],
             ),
         )
         if not launched.created:
@@ -124,12 +118,19 @@ class Orchestrator:
         try:
             for row in launched.events:
                 await self.bus.announce(row)
-        finally:  # its pending event first, so a stream sees pending before running
+        finally:  # its launch events first, so a stream sees them before the run's
             if self.runner is not None and launched.run is not None:
                 self.runner.adopt(launched.run, launched.record)
             elif self.runner is not None:
                 self.runner.wake()
         return launched.record, True
+
+    def _launch_events(self, workflow_id: str, workflow_type: str, *, running: bool) -> Along:
+        """``pending`` and, for a run this replica claimed at launch, ``running`` (attempt 1)."""
+        events: list[tuple[str, dict[str, Any]]] = [("workflow.status", {"status": "pending", "type": workflow_type})]
+        if running:
+            events.append(("workflow.status", {"status": "running", "attempt": 1}))
+        return self.bus.insert_along(*events, aggregate_type="workflow", aggregate_id=workflow_id)
 
     async def _create(self, workflow_id: str, create: Callable[[bool], Awaitable[Launched]]) -> Launched:
         """Write the workflow and its run (``create(claim)``): claimed by this replica when its
@@ -198,12 +199,13 @@ class Orchestrator:
         run = lr.run
         record: WorkflowRecord = lr.record or await self.records.get(run.workflow_id, run=run)
         lr.record = record  # for on_finished
-        await self._emit_change(
-            self.records.manager.status_change(run.workflow_id, "running"),
-            run.workflow_id,
-            "workflow.status",
-            {"status": "running", "attempt": run.attempts},
-        )
+        if not lr.launched_running:
+            await self._emit_change(
+                self.records.manager.status_change(run.workflow_id, "running"),
+                run.workflow_id,
+                "workflow.status",
+                {"status": "running", "attempt": run.attempts},
+            )
         locks = RunLocks(self.locks, owner=f"workflow:{run.workflow_id}")
         context = WorkflowContext(
             workflow_id=run.workflow_id,

@@ -92,22 +92,27 @@ def _check(event_type: str, data: dict[str, Any]) -> None:
 
 
 def insert_along(
-    event_type: str,
-    data: dict[str, Any],
+    events: Sequence[tuple[str, dict[str, Any]]],
     *,
     aggregate_type: str | None,
     aggregate_id: str | None,
     metadata: dict[str, Any] | None,
 ) -> Along:
-    """The event's INSERT returning the stored row, to go in another statement, given the number
-    of its first parameter; hand that row to :func:`announce` once it committed. A bad event
-    fails here, before any statement is sent."""
-    _check(event_type, data)
-    args = [event_type, aggregate_type, aggregate_id, data, metadata or {}]
+    """The INSERT of ``events`` (type, data), in that order (their ids increase in it), returning
+    the stored rows, to go in another statement, given the number of its first parameter; hand
+    those rows to :func:`announce` once it committed. A bad event fails here, before any
+    statement is sent."""
+    args: list[Any] = []
+    for event_type, data in events:
+        _check(event_type, data)
+        args += [event_type, aggregate_type, aggregate_id, data, metadata or {}]
 
     def statement(first: int) -> tuple[str, list[Any]]:
-        p = [f"${first + i}" for i in range(5)]
-        return f"{_INSERT}VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}::jsonb, {p[4]}::jsonb) RETURNING {_COLUMNS}", args
+        rows = []
+        for row in range(len(events)):
+            p = [f"${first + 5 * row + i}" for i in range(5)]
+            rows.append(f"({p[0]}, {p[1]}, {p[2]}, {p[3]}::jsonb, {p[4]}::jsonb)")
+        return f"{_INSERT}VALUES {', '.join(rows)} RETURNING {_COLUMNS}", args
 
     return statement
 

@@ -613,18 +613,17 @@ class EventBus:
 
     def insert_along(
         self,
-        event_type: str,
-        data: dict[str, Any],
-        *,
+        *events: tuple[str, dict[str, Any]],
         aggregate_type: str | None = None,
         aggregate_id: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Along:
-        """The event's INSERT, to go in another statement (such as a launch's: see
-        ``WorkflowStateManager.create_workflow_along``); its parameters are numbered from the
-        ``int`` given. Pass the row it returns to :meth:`announce` once committed."""
+        """The INSERT of ``events`` (``(event_type, data)``, stored in that order), to go in
+        another statement (such as a launch's: see ``WorkflowStateManager.create_workflow_along``);
+        its parameters are numbered from the ``int`` given. Pass the rows it returns to
+        :meth:`announce`, in id order, once committed."""
         return _bus_events.insert_along(
-            event_type, data, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
+            events, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
         )
 
     async def announce(self, row: dict[str, Any]) -> Event:

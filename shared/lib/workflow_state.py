@@ -53,9 +53,12 @@ _COLUMNS = (
 # Interpolated SQL in this module joins module constants and internal literals only; values are bound.
 _SELECT = "SELECT " + _COLUMNS + " FROM workflows "  # noqa: S608 - constants only
 _INSERT = (
-    "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key) "
-    "VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6) RETURNING " + _COLUMNS
+    "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key, status, started_at) "
+    "VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7, "
+    "CASE WHEN $7 = 'running' THEN now() END) RETURNING " + _COLUMNS
 )
+#: What a new workflow may start as: queued, or already claimed by the replica launching it.
+_NEW_STATUSES = ("pending", "running")
 
 
 def _with_along(along: Sequence[Along], args: list[Any]) -> tuple[str, list[Any]]:
@@ -235,9 +238,12 @@ class WorkflowStateManager:
         state: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         conn: asyncpg.Connection | None = None,
+        status: str = "pending",
     ) -> tuple[Workflow, list[list[dict[str, Any]]]]:
         """:meth:`create_workflow`, with ``along`` in the same statement (all written, or none);
-        also returns each one's RETURNING rows, as JSON objects."""
+        also returns each one's RETURNING rows, as JSON objects. ``status="running"`` starts it
+        running (the replica launching it runs it at once)."""
+        _check_status(status, allowed=_NEW_STATUSES)
         if not isinstance(workflow_type, str) or not _TYPE_RE.match(workflow_type):
             raise InvalidInput("workflow_type must match ^[a-z0-9][a-z0-9_.-]{0,127}$", field="workflow_type")
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
@@ -249,7 +255,7 @@ class WorkflowStateManager:
         ]
         if workflow_id is not None:
             _check_id(workflow_id)
-        sql, args = _with_along(along, [workflow_id, workflow_type, *values, idempotency_key])
+        sql, args = _with_along(along, [workflow_id, workflow_type, *values, idempotency_key, status])
         async with self._connection(conn) as c:
             try:
                 row = await c.fetchrow(sql, *args)

@@ -17,7 +17,7 @@ from support.tests.integration.conftest import BusFactory
 
 def _pending(bus: EventBus, workflow_id: str) -> Along:
     return bus.insert_along(
-        "workflow.status", {"status": "pending"}, aggregate_type="workflow", aggregate_id=workflow_id
+        ("workflow.status", {"status": "pending"}), aggregate_type="workflow", aggregate_id=workflow_id
     )
 
 
@@ -70,3 +70,28 @@ async def test_a_launch_writes_its_queued_run_and_event_in_one_statement_and_not
     finally:
         await sub.close()
         await listener.close()
+
+
+async def test_a_launch_claimed_here_starts_running_with_both_events_in_order(make_bus: BusFactory) -> None:
+    bus = await make_bus()
+    assert bus.pool is not None
+    store = RunStore(bus.pool, runner_id="r1", lease_ttl_s=30)
+    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), store)
+    workflow_id = str(uuid.uuid4())
+    events = bus.insert_along(
+        ("workflow.status", {"status": "pending"}),
+        ("workflow.status", {"status": "running", "attempt": 1}),
+        aggregate_type="workflow",
+        aggregate_id=workflow_id,
+    )
+    launched = await records.create(
+        workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=True, events=[events]
+    )
+    assert launched.record.status == "running"
+    assert [row["payload"]["status"] for row in launched.events] == ["pending", "running"]
+    assert launched.events[0]["id"] < launched.events[1]["id"]
+    stored = await bus.events_since(0, aggregate_id=workflow_id)
+    assert [e.id for e in stored] == [row["id"] for row in launched.events]
+    run = await store.get(workflow_id)
+    assert run is not None
+    assert (run.state, run.runner_id) == ("running", "r1")

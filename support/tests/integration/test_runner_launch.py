@@ -50,6 +50,8 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
         assert created
         assert run is not None
         assert (run.state, run.runner_id, run.attempts) == ("running", runner.runner_id, 1)
+        assert record.status == "running"  # claimed at launch: it starts running
+        assert (await records.manager.get_workflow(a)).started_at is not None
         assert await records.run_store.get(a) == run  # the row the launch statement wrote
         again = await records.create(c, "agent_chain", {"calls": []}, idempotency_key="launch-a", trace={}, claim=True)
         assert (again.record.workflow_id, again.created, again.run) == (a, False, None)
