@@ -116,8 +116,7 @@ class Orchestrator:
             return launched.record, False
         metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
         try:
-            for row in launched.events:
-                await self.bus.announce(row)
+            await self.bus.announce(*launched.events)
         finally:  # its launch events first, so a stream sees them before the run's
             if self.runner is not None and launched.run is not None:
                 self.runner.adopt(launched.run, launched.record)

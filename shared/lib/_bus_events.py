@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
-from shared.lib.connections import Along, run_command
+from shared.lib.connections import Along, run_commands
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
 __all__ = [
@@ -52,10 +52,13 @@ def _require(pool: asyncpg.Pool | None) -> asyncpg.Pool:
     return pool
 
 
-async def publish(redis: aioredis.Redis, prefix: str, event: Event) -> None:
-    """Publish a stored event to live subscribers (used by emit and by replay), by
-    :func:`run_command`: every workflow transition passes here."""
-    await run_command(redis, "PUBLISH", keys.events_channel(prefix, event.event_type), event.to_json())
+async def publish(redis: aioredis.Redis, prefix: str, *events: Event) -> None:
+    """Publish stored events to live subscribers (used by emit and by replay), in one write
+    (:func:`run_commands`): every workflow transition passes here."""
+    commands = [("PUBLISH", keys.events_channel(prefix, e.event_type), e.to_json()) for e in events]
+    for reply in await run_commands(redis, *commands):
+        if isinstance(reply, Exception):
+            raise reply
 
 
 _INSERT = "INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "
@@ -120,21 +123,22 @@ def insert_along(
 async def announce(
     redis: aioredis.Redis,
     prefix: str,
-    row: asyncpg.Record | dict[str, Any],
+    rows: Sequence[asyncpg.Record | dict[str, Any]],
     *,
     stored: Callable[[Event], None] | None = None,
-) -> Event:
-    """A committed event row: counted, handed to ``stored`` (in-process listeners), and published.
-    A failed publish is logged: the row is the record."""
-    event = _event(row)
-    metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
-    if stored is not None:
-        stored(event)
+) -> list[Event]:
+    """Committed event rows: counted, handed to ``stored`` (in-process listeners), and published
+    together, in order. A failed publish is logged: the rows are the record."""
+    events = [_event(row) for row in rows]
+    for event in events:
+        metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
+        if stored is not None:
+            stored(event)
     try:
-        await publish(redis, prefix, event)
+        await publish(redis, prefix, *events)
     except (RedisError, OSError) as e:
-        _log.warning("event %s stored but not published (%s); subscribers can replay it", event.id, e)
-    return event
+        _log.warning("events %s stored but not published (%s); subscribers can replay them", [e.id for e in events], e)
+    return events
 
 
 async def emit(
@@ -160,7 +164,7 @@ async def emit(
     _check(event_type, data)
     sql, args = _insert(after, also)
     row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
-    return None if row is None else await announce(redis, prefix, row, stored=stored)
+    return None if row is None else (await announce(redis, prefix, [row], stored=stored))[0]
 
 
 async def events_since(

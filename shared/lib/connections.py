@@ -8,7 +8,7 @@ messages that name the server and the reason, with the password redacted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,6 +29,7 @@ __all__ = [
     "drop_database",
     "redact_url",
     "run_command",
+    "run_commands",
     "with_database",
 ]
 
@@ -183,13 +184,26 @@ async def run_command(client: aioredis.Redis, *args: Any) -> Any:
     instead of 57. A connection whose command failed other than by an error reply (or
     was cancelled mid-way) is disconnected before it goes back to the pool.
     """
+    reply = (await run_commands(client, args))[0]
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
+
+
+async def run_commands(client: aioredis.Redis, *commands: Sequence[Any]) -> list[Any]:
+    """:func:`run_command` for several commands sent in one write (a pipeline without MULTI):
+    their replies in order, an error reply as its ``ResponseError``."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
     try:
-        await conn.send_packed_command(conn.pack_command(*args))
-        return await conn.read_response()
-    except ResponseError:
-        raise  # an error reply: the connection is in step and stays usable
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as e:  # an error reply: the connection is in step and stays usable
+                replies.append(e)
+        return replies
     except BaseException:
         await conn.disconnect(nowait=True)
         raise

@@ -626,9 +626,10 @@ class EventBus:
             events, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
         )
 
-    async def announce(self, row: dict[str, Any]) -> Event:
-        """Publish an event row another statement stored (see :meth:`insert_along`)."""
-        return await _bus_events.announce(self._core.redis, self._core.prefix, row, stored=self._stored)
+    async def announce(self, *rows: dict[str, Any]) -> list[Event]:
+        """Publish the event rows another statement stored (see :meth:`insert_along`), together
+        and in the order given."""
+        return await _bus_events.announce(self._core.redis, self._core.prefix, rows, stored=self._stored)
 
     def _stored(self, event: Event) -> None:
         for pattern, callback in self._own:

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from redis.exceptions import ResponseError
 
-from shared.lib.connections import connect_postgres, connect_redis, create_pg_pool, run_command
+from shared.lib.connections import connect_postgres, connect_redis, create_pg_pool, run_command, run_commands
 
 
 async def test_release_rolls_back_an_open_transaction(database_url: str) -> None:
@@ -80,6 +80,25 @@ async def test_run_command_returns_the_raw_reply_and_survives_an_error_reply(red
         before = await client.client_id()
         with pytest.raises(ResponseError, match="WRONGTYPE"):
             await run_command(client, "INCR", key)
+        assert await client.client_id() == before
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_run_commands_send_together_and_keep_step_past_an_error_reply(redis_url: str, redis_prefix: str) -> None:
+    """Several commands in one write: every reply in order, an error reply in its place, and the
+    connection stays in step for the next caller."""
+    client = await connect_redis(redis_url, max_connections=1)
+    key = f"{redis_prefix}:many"
+    try:
+        before = await client.client_id()
+        replies = await run_commands(client, ("RPUSH", key, "a"), ("INCR", key), ("LLEN", key))
+        assert replies[0] == 1
+        assert isinstance(replies[1], ResponseError)
+        assert "WRONGTYPE" in str(replies[1])
+        assert replies[2] == 1
+        assert await run_command(client, "LRANGE", key, 0, -1) == [b"a"]  # its own reply, not a stale one
         assert await client.client_id() == before
     finally:
         await client.delete(key)

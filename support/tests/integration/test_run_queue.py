@@ -56,7 +56,7 @@ async def test_a_launch_writes_its_queued_run_and_event_in_one_statement_and_not
         assert [(e.id, e.event_type, e.payload) for e in stored] == [
             (row["id"], "workflow.status", {"status": "pending"})
         ]
-        event = await bus.announce(row)
+        [event] = await bus.announce(row)
         assert event == stored[0]
         async with asyncio.timeout(5):
             while not seen:
