@@ -24,6 +24,7 @@ from shared.lib.errors import InvalidInput, ServiceUnavailable
 
 __all__ = [
     "EventCallback",
+    "Publisher",
     "Statement",
     "Subscription",
     "announce",
@@ -31,6 +32,7 @@ __all__ = [
     "events_since",
     "insert_along",
     "publish",
+    "publish_commands",
     "subscribe",
 ]
 
@@ -52,11 +54,17 @@ def _require(pool: asyncpg.Pool | None) -> asyncpg.Pool:
     return pool
 
 
+Publisher = Callable[[Sequence[Event]], Awaitable[None]]
+"""Publishes stored events, in order (raises RedisError or OSError when it could not)."""
+
+
+def publish_commands(prefix: str, events: Sequence[Event]) -> list[tuple[str, str, bytes]]:
+    return [("PUBLISH", keys.events_channel(prefix, e.event_type), e.to_json()) for e in events]
+
+
 async def publish(redis: aioredis.Redis, prefix: str, *events: Event) -> None:
-    """Publish stored events to live subscribers (used by emit and by replay), in one write
-    (:func:`run_commands`): every workflow transition passes here."""
-    commands = [("PUBLISH", keys.events_channel(prefix, e.event_type), e.to_json()) for e in events]
-    for reply in await run_commands(redis, *commands):
+    """Publish stored events to live subscribers in one write (:func:`run_commands`)."""
+    for reply in await run_commands(redis, *publish_commands(prefix, events)):
         if isinstance(reply, Exception):
             raise reply
 
@@ -121,8 +129,7 @@ def insert_along(
 
 
 async def announce(
-    redis: aioredis.Redis,
-    prefix: str,
+    send: Publisher,
     rows: Sequence[asyncpg.Record | dict[str, Any]],
     *,
     stored: Callable[[Event], None] | None = None,
@@ -130,12 +137,14 @@ async def announce(
     """Committed event rows: counted, handed to ``stored`` (in-process listeners), and published
     together, in order. A failed publish is logged: the rows are the record."""
     events = [_event(row) for row in rows]
+    if not events:
+        return []
     for event in events:
         metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
         if stored is not None:
             stored(event)
     try:
-        await publish(redis, prefix, *events)
+        await send(events)
     except (RedisError, OSError) as e:
         _log.warning("events %s stored but not published (%s); subscribers can replay them", [e.id for e in events], e)
     return events
@@ -143,8 +152,7 @@ async def announce(
 
 async def emit(
     pool: asyncpg.Pool | None,
-    redis: aioredis.Redis,
-    prefix: str,
+    send: Publisher,
     event_type: str,
     data: dict[str, Any],
     *,
@@ -155,7 +163,7 @@ async def emit(
     also: Sequence[Along] = (),
     stored: Callable[[Event], None] | None = None,
 ) -> Event | None:
-    """INSERT the event, then PUBLISH it (:func:`announce`).
+    """INSERT the event, then publish it with ``send`` (:func:`announce`).
 
     With ``after`` (a statement returning a row when it applied, such as a guarded
     ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
@@ -164,7 +172,7 @@ async def emit(
     _check(event_type, data)
     sql, args = _insert(after, also)
     row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
-    return None if row is None else (await announce(redis, prefix, [row], stored=stored))[0]
+    return None if row is None else (await announce(send, [row], stored=stored))[0]
 
 
 async def events_since(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import itertools
 import logging
 import os
 import re
@@ -66,7 +67,7 @@ from shared.lib.agent_events import (
     request_from_dict,
     response_from_dict,
 )
-from shared.lib.connections import Along
+from shared.lib.connections import Along, run_commands
 from shared.lib.errors import (
     AgentOffline,
     Conflict,
@@ -160,6 +161,7 @@ class EventBus:
         self._core = _Core.build(redis, settings, instance_id)
         self._waiters: dict[str, _Waiter] = {}
         self._admissions: Batcher[_Admission, Any] = Batcher(self._flush_admissions)
+        self._publishes: Batcher[Sequence[Event], Any] = Batcher(self._flush_publishes)
         self._reply_task: asyncio.Task[None] | None = None
         self._replies_ready = asyncio.Event()
         self._servers: list[Server] = []
@@ -599,8 +601,7 @@ class EventBus:
         Without a change this is :meth:`emit`."""
         return await _bus_events.emit(
             self.pool,
-            self._core.redis,
-            self._core.prefix,
+            self._publish,
             event_type,
             data,
             aggregate_type=aggregate_type,
@@ -629,7 +630,24 @@ class EventBus:
     async def announce(self, *rows: dict[str, Any]) -> list[Event]:
         """Publish the event rows another statement stored (see :meth:`insert_along`), together
         and in the order given."""
-        return await _bus_events.announce(self._core.redis, self._core.prefix, rows, stored=self._stored)
+        return await _bus_events.announce(self._publish, rows, stored=self._stored)
+
+    async def _publish(self, events: Sequence[Event]) -> None:
+        """Publish stored events; those published in the same loop iteration go in one write."""
+        result = await self._publishes.submit(events)
+        if isinstance(result, Exception):
+            raise result
+
+    async def _flush_publishes(self, batches: list[Sequence[Event]]) -> list[Any]:
+        """Every batch's PUBLISHes in one write; a result per batch (None, or its first error)."""
+        replies = iter(await run_commands(self._core.redis, *[
+            command for events in batches for command in _bus_events.publish_commands(self._core.prefix, events)
+        ]))  # fmt: skip
+        results: list[Any] = []
+        for events in batches:
+            errors = [r for r in itertools.islice(replies, len(events)) if isinstance(r, Exception)]
+            results.append(errors[0] if errors else None)
+        return results
 
     def _stored(self, event: Event) -> None:
         for pattern, callback in self._own:

@@ -447,3 +447,30 @@ async def test_own_first_hands_this_buses_events_over_before_publishing_them(mak
     got.clear()
     await bus.emit("workflow.node", {"n": 4}, aggregate_type="workflow", aggregate_id="wf")
     assert got == []  # closed: no longer handed over
+
+
+async def test_events_emitted_at_once_are_all_published_each_once(make_bus: BusFactory) -> None:
+    """Publishes of one loop iteration share a write: every event still reaches a subscriber
+    once, and each workflow's events in the order they were stored."""
+    bus, listener = await make_bus(), await make_bus()
+    got: list[Event] = []
+    sub = await listener.subscribe("workflow.*", got.append)
+    try:
+
+        async def three(wf: str) -> list[int]:
+            out = []
+            for n in range(3):
+                event = await bus.emit("workflow.node", {"n": n}, aggregate_type="workflow", aggregate_id=wf)
+                out.append(event.id)
+            return out
+
+        emitted = await asyncio.gather(*(three(f"wf-{i}") for i in range(20)))
+        async with asyncio.timeout(5):
+            while len(got) < 60:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert sorted(e.id for e in got) == sorted(i for ids in emitted for i in ids)  # each once
+        for i, ids in enumerate(emitted):
+            assert [e.id for e in got if e.aggregate_id == f"wf-{i}"] == ids  # in order per workflow
+    finally:
+        await sub.close()
