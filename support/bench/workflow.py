@@ -398,8 +398,9 @@ def _note(f: dict[str, float]) -> str:
     phases = ", ".join(f"{k.replace('_', ' ')} {f[f'workflow_phase_{k}_ms']:.1f} ms" for k in _PHASES)
     return (
         f"One three-call workflow is {f['workflow_write_transactions']:.0f} write transactions on PostgreSQL "
-        f"(each waits for a WAL flush; the checkpoints are 6 of them) besides 3 bus round trips. Median "
-        f"time between its stored events: {phases}."
+        f"(each waits for a WAL flush; 4 are checkpoints: the input with the first superstep, then one per "
+        f"call) besides 3 bus round trips. A run claimed at launch starts running in the launch statement "
+        f"(pending to running: 0). Median time between its stored events: {phases}."
     )
 
 
