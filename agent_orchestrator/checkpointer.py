@@ -73,6 +73,8 @@ from shared.lib.settings import Settings
 
 __all__ = ["NEW_THREAD_KEY", "PooledPostgresSaver", "SaverStats", "open_checkpointer"]
 
+#: How long a held-back input checkpoint waits for its thread's next statement before it is dropped.
+_DEFERRED_MAX_S = 60.0
 #: ``configurable`` key a caller sets when it knows the thread has no checkpoint yet.
 NEW_THREAD_KEY = "thread_is_new"
 
@@ -260,7 +262,8 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self.stats = SaverStats()
         self._waiting: dict[tuple[str, str], list[_WriteBatch]] = {}
         self._puts: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
-        self._deferred: dict[tuple[str, str], _CheckpointRows] = {}  # input checkpoints of new threads
+        # input checkpoints of new threads, with when they were held back
+        self._deferred: dict[tuple[str, str], tuple[float, _CheckpointRows]] = {}
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
@@ -299,7 +302,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             "configurable": {"thread_id": key[0], "checkpoint_ns": key[1], "checkpoint_id": checkpoint["id"]}
         }
         if _first_of_new_thread(configurable, metadata):
-            self._deferred[key] = rows  # rides with the thread's next statement
+            self._defer(key, rows)
             return saved
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches)
@@ -342,8 +345,17 @@ class PooledPostgresSaver(AsyncPostgresSaver):
     def _carried(self, key: tuple[str, str], rows: _CheckpointRows | None) -> dict[str, str | None]:
         """The checkpoint parameters of the thread's next statement: the deferred input checkpoint
         of a new thread first (if any), then ``rows``."""
-        deferred = self._deferred.pop(key, None)
+        deferred = self._deferred.pop(key, (0.0, None))[1]
         return _checkpoint_params([r for r in (deferred, rows) if r is not None])
+
+    def _defer(self, key: tuple[str, str], rows: _CheckpointRows) -> None:
+        """Hold a new thread's input checkpoint back to ride with its next statement. One whose
+        run ended without another statement (cancelled at once) is dropped after a while, as a
+        crash would have lost it: the run starts again from the stored input."""
+        now = time.monotonic()
+        for stale in [k for k, (at, _) in self._deferred.items() if now - at > _DEFERRED_MAX_S]:
+            del self._deferred[stale]
+        self._deferred[key] = (now, rows)
 
     async def aput_writes(
         self,

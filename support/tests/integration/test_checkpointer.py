@@ -215,6 +215,27 @@ async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: Po
     assert not saver._deferred
 
 
+async def test_a_held_back_input_checkpoint_whose_run_ended_is_dropped_later(saver: PooledPostgresSaver) -> None:
+    """A run cancelled right after its input checkpoint sends nothing more: the held-back row
+    does not stay in memory for ever (dropped once stale, when another is held back)."""
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    async def hold(thread: str) -> None:
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": "", NEW_THREAD_KEY: True}}
+        await saver.aput(config, empty_checkpoint(), {"source": "input", "step": -1, "parents": {}}, {})  # type: ignore[arg-type, typeddict-item]
+
+    before = saver.stats.statements
+    await hold("abandoned")
+    assert saver.stats.statements == before  # held back, nothing sent
+    assert ("abandoned", "") in saver._deferred
+    at, rows = saver._deferred[("abandoned", "")]
+    saver._deferred[("abandoned", "")] = (at - 3600, rows)  # an hour ago
+    await hold("next")
+    assert ("abandoned", "") not in saver._deferred
+    assert ("next", "") in saver._deferred
+    saver._deferred.clear()
+
+
 async def test_writes_share_statements_with_checkpoints(saver: PooledPostgresSaver) -> None:
     """At durability sync, task writes ride with the next checkpoint: one statement per superstep."""
     graph = _chain().compile(checkpointer=saver)
