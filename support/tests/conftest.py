@@ -67,17 +67,22 @@ def redis_url(server_urls: tuple[str, str]) -> str:
     return server_urls[1]
 
 
-@pytest.fixture
-def redis_prefix(redis_url: str) -> Iterator[str]:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    yield prefix
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (a test's own), so a shared Redis keeps nothing of it."""
     client = redis.Redis.from_url(redis_url)
     try:
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             client.unlink(key)
     finally:
         client.close()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    yield prefix
+    delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture

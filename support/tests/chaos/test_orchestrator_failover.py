@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -10,8 +9,7 @@ import httpx
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
-from shared.lib.connections import drop_database, with_database
-from support.tests.e2e.conftest import start_stack
+from support.tests.e2e.conftest import start_stack, stop_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -77,5 +75,4 @@ def test_replica_killed_mid_run_loses_and_repeats_nothing(server_urls: tuple[str
     finally:
         for api in apis:
             api.close()
-        stack.stop()
-        asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
+        stop_stack(stack, server_urls, db_name)

@@ -20,7 +20,7 @@ from agent_orchestrator.stack import Stack
 from shared.lib.connections import create_database, drop_database, with_database
 from shared.lib.migrations import apply_migrations
 from shared.lib.settings import Settings
-from support.tests.conftest import TEST_SECRETS
+from support.tests.conftest import TEST_SECRETS, delete_prefix
 from support.tests.procs import free_port
 
 STACK_ENV = {
@@ -72,13 +72,19 @@ def start_stack(
     return stack, name
 
 
+def stop_stack(stack: Stack, server_urls: tuple[str, str], db_name: str) -> None:
+    """Stop a stack of :func:`start_stack`; drop its database and delete its Redis keys."""
+    stack.stop()
+    asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
+    delete_prefix(server_urls[1], stack.settings.redis_prefix)
+
+
 @pytest.fixture(scope="module")
 def stack(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A real stack shared by the tests of one module."""
     s, name = start_stack(server_urls, tmp_path_factory.mktemp("stack"))
     yield s
-    s.stop()
-    asyncio.run(drop_database(with_database(server_urls[0], "postgres"), name))
+    stop_stack(s, server_urls, name)
 
 
 @pytest.fixture

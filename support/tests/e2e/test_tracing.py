@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,7 @@ import httpx
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
-from shared.lib.connections import drop_database, with_database
-from support.tests.e2e.conftest import start_stack
+from support.tests.e2e.conftest import start_stack, stop_stack
 from support.tests.langsmith_standin import LangSmithStandIn
 
 pytestmark = pytest.mark.slow
@@ -55,8 +53,7 @@ def test_workflow_is_one_trace_with_agent_spans_nested(server_urls: tuple[str, s
         finally:
             for client in stack_clients:
                 client.close()
-            stack.stop()
-            asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
+            stop_stack(stack, server_urls, db_name)
     assert root["extra"]["metadata"]["workflow_id"] == wf_id
     assert root.get("parent_run_id") is None
     everything = list(standin.runs.values())
