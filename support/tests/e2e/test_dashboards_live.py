@@ -9,7 +9,6 @@ evaluate cleanly, and killing an agent instance makes ServiceDown's expression f
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import shutil
@@ -26,10 +25,9 @@ import yaml
 
 from agent_orchestrator.demo import make_sample_repo
 from agent_orchestrator.stack import Stack
-from shared.lib.connections import drop_database, with_database
 from shared.lib.settings import SERVICE_PORTS
 from support.tests.dashboards_support import FORBIDDEN_LABELS, ROOT, alert_rules, generator, metric_names
-from support.tests.e2e.conftest import start_stack
+from support.tests.e2e.conftest import start_stack, stop_stack
 from support.tests.procs import free_port
 
 pytestmark = [
@@ -189,8 +187,7 @@ def live(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFactory)
             prom.proc.terminate()
             prom.proc.wait(timeout=15)
             prom.http.close()
-        stack.stop()
-        asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
+        stop_stack(stack, server_urls, db_name)
 
 
 def _has_data(series: list[dict[str, Any]]) -> bool:
