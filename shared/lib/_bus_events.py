@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
-from shared.lib.connections import Along, run_commands
+from shared.lib.connections import Along, run_commands, with_ctes
 from shared.lib.errors import InvalidInput, ServiceUnavailable
 
 __all__ = [
@@ -75,21 +75,15 @@ Statement = tuple[str, Sequence[Any]]
 """A SQL statement and its parameters (``$1``..): a change an event records."""
 
 
-def _insert(after: Statement | None, also: Sequence[Along] = ()) -> Statement:
-    """The event's INSERT; after a change, in the same statement and only when the change applied.
+def _insert(after: Statement, also: Sequence[Along] = ()) -> Statement:
+    """The event's INSERT after a change, in the same statement and only when the change applied.
     The statements ``also`` go in the same statement too, whether the change applied or not."""
-    if after is None:
-        return _INSERT + f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}", ()
     sql, first_args = after
-    args, ctes = list(first_args), [f"change AS ({sql})"]
-    for i, statement in enumerate(also):
-        more_sql, more = statement(len(args) + 1)
-        ctes.append(f"also{i} AS ({more_sql})")
-        args += more
+    more, args = with_ctes("also", also, first_args)
     n = len(args)
     return (
-        f"WITH {', '.join(ctes)} {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, ${n + 3}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
-        f"${n + 4}::jsonb, ${n + 5}::jsonb WHERE EXISTS (SELECT 1 FROM change) RETURNING {_COLUMNS}",
+        f"WITH {', '.join([f'change AS ({sql})', *more])} {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
+        f"${n + 3}::text, ${n + 4}::jsonb, ${n + 5}::jsonb WHERE EXISTS (SELECT 1 FROM change) RETURNING {_COLUMNS}",
         args,
     )
 
@@ -169,9 +163,15 @@ async def emit(
     ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
     event is stored and published only if the change applied, and None says it did not.
     ``also`` (with ``after`` only) are written in that statement whether the change applied or not."""
-    _check(event_type, data)
-    sql, args = _insert(after, also)
-    row = await _require(pool).fetchrow(sql, *args, event_type, aggregate_type, aggregate_id, data, metadata or {})
+    if after is None:
+        sql, args = insert_along(
+            [(event_type, data)], aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
+        )(1)
+    else:
+        _check(event_type, data)
+        sql, change_args = _insert(after, also)
+        args = [*change_args, event_type, aggregate_type, aggregate_id, data, metadata or {}]
+    row = await _require(pool).fetchrow(sql, *args)
     return None if row is None else (await announce(send, [row], stored=stored))[0]
 
 

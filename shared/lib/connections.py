@@ -30,6 +30,7 @@ __all__ = [
     "redact_url",
     "run_command",
     "run_commands",
+    "with_ctes",
     "with_database",
 ]
 
@@ -38,6 +39,17 @@ _CONNECT_TIMEOUT_S = 5.0
 Along = Callable[[int], tuple[str, list[Any]]]
 """A data-modifying statement and its parameters, numbered from the ``int`` it is given, to
 go as a CTE in another statement: both are written, or neither."""
+
+
+def with_ctes(name: str, along: Sequence[Along], args: Sequence[Any]) -> tuple[list[str], list[Any]]:
+    """``along`` as CTEs ``<name>0``, ``<name>1``..., numbering their parameters after ``args``:
+    the CTE clauses, and ``args`` followed by theirs."""
+    ctes, all_args = [], list(args)
+    for i, statement in enumerate(along):
+        sql, more = statement(len(all_args) + 1)
+        ctes.append(f"{name}{i} AS ({sql})")
+        all_args += more
+    return ctes, all_args
 
 
 def redact_url(url: str) -> str:

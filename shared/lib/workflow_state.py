@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from shared.lib.connections import Along
+from shared.lib.connections import Along, with_ctes
 from shared.lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from shared.lib.settings import AGENT_ID_PATTERN
 
@@ -64,12 +64,11 @@ _NEW_STATUSES = ("pending", "running")
 def _with_along(along: Sequence[Along], args: list[Any]) -> tuple[str, list[Any]]:
     """The launch INSERT with ``along`` as CTEs ``along0``..; each one's rows come back as a JSON
     array in the column of the same name."""
-    ctes, extra, returned = [], [*args], []
-    for i, statement in enumerate(along):
-        sql, more = statement(len(extra) + 1)
-        ctes.append(f"along{i} AS ({sql})")
-        returned.append(f"(SELECT coalesce(jsonb_agg(to_jsonb(a)), '[]') FROM along{i} a) AS along{i}")  # noqa: S608 - names only
-        extra += more
+    ctes, extra = with_ctes("along", along, args)
+    returned = [
+        f"(SELECT coalesce(jsonb_agg(to_jsonb(a)), '[]') FROM along{i} a) AS along{i}"  # noqa: S608 - names only
+        for i in range(len(along))
+    ]
     if not ctes:
         return _INSERT, extra
     return f"WITH {', '.join(ctes)} {_INSERT}, {', '.join(returned)}", extra
