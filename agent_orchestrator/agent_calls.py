@@ -2,8 +2,13 @@
 
 LangGraph re-runs a node after an interrupt resume, a retry or a crash
 recovery. Each call's idempotency key is derived from the thread, the task (its
-id is stable across those re-runs) and a label the node gives the call, so the
-bus hands back the stored response instead of running the side effect again.
+step and its place in it: the node, and a ``Send``'s index) and a label the node
+gives the call, so the bus hands back the stored response instead of running
+the side effect again. None of these depends on a checkpoint's id, so the key
+is the same when the step's checkpoint was lost in a crash and the step runs
+again (a workflow at durability ``async``). A subgraph's node has only its task
+ids, which do depend on its parent's checkpoint: it keeps them in its key and
+may call agents only at durability ``sync``.
 
 Transient failures retry with a tenacity policy. A timeout or an offline agent
 keeps the key (the first attempt may still complete and its answer be stored);
@@ -13,6 +18,7 @@ a fresh key with the attempt number.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,22 +26,56 @@ from langgraph.config import get_config
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from agent_orchestrator.workflows.base import AgentReply
-from shared.lib.agent_events import AgentRequestEvent
-from shared.lib.errors import AgentOffline, OrchestratorError, Timeout
+from shared.lib.agent_events import MAX_ID_LENGTH, AgentRequestEvent
+from shared.lib.errors import AgentOffline, InvalidInput, OrchestratorError, Timeout
 from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
 from shared.lib.tracing import child_span
 
-__all__ = ["BusAgentCalls", "call_key"]
+__all__ = ["KEYS_OUTLIVE_CHECKPOINTS", "BusAgentCalls", "call_key"]
+
+#: ``configurable`` flag the runner sets for a run at durability ``async``: a key must not
+#: depend on a checkpoint that a crash may lose.
+KEYS_OUTLIVE_CHECKPOINTS = "ao_keys_outlive_checkpoints"
+# LangGraph's (private) names: the separator of nested checkpoint namespaces, a pushed task's path.
+_NS_SEP = "|"
+_PUSH = "__pregel_push"
 
 _ATTEMPTS = 4
 SOURCE_AGENT = "orchestrator"
 
 
 def call_key(label: str) -> str:
-    """``wf:<thread>:<task namespace>:<label>``, from the running node's config."""
-    conf = get_config().get("configurable", {})
-    return f"wf:{conf.get('thread_id')}:{conf.get('checkpoint_ns', '')}:{label}"
+    """``wf:<thread>:<step>:<task>:<label>``, from the running node's config; a subgraph's node:
+    ``wf:<thread>:<task namespace>:<label>``."""
+    config = get_config()
+    conf, meta = config.get("configurable", {}), config.get("metadata", {})
+    ns = str(conf.get("checkpoint_ns", ""))
+    if _NS_SEP in ns:
+        if conf.get(KEYS_OUTLIVE_CHECKPOINTS):
+            raise InvalidInput(
+                f"a subgraph's node ({ns.split(':')[0]}) calls agent with label {label!r} in a workflow at "
+                "durability 'async'; its key would change if a crash lost a checkpoint: declare the "
+                "workflow type with durability='sync'",
+                field="durability",
+            )
+        return _bounded(f"wf:{conf.get('thread_id')}:{ns}:{label}")
+    return _bounded(f"wf:{conf.get('thread_id')}:{meta.get('langgraph_step')}:{_task(meta)}:{label}")
+
+
+def _bounded(key: str) -> str:
+    """``key``, or when longer than an envelope takes, its head and a digest of the whole."""
+    if len(key) <= MAX_ID_LENGTH:
+        return key
+    return f"{key[: MAX_ID_LENGTH - 33]}~{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}"
+
+
+def _task(meta: dict[str, Any]) -> str:
+    """The task's place in its step: the node, and for a ``Send`` (a push) its index."""
+    node, path = str(meta.get("langgraph_node")), tuple(meta.get("langgraph_path", ()))
+    if path and path[0] == _PUSH:
+        return f"{node}#{'.'.join(str(p) for p in path[1:3] if p is not False)}"
+    return node
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -76,7 +116,11 @@ class BusAgentCalls:
             with attempt:
                 try:
                     return await self._once(
-                        agent, request_type, payload, key=key if not bumped else f"{key}~{bumped}", timeout_s=timeout
+                        agent,
+                        request_type,
+                        payload,
+                        key=key if not bumped else _bounded(f"{key}~{bumped}"),
+                        timeout_s=timeout,
                     )
                 except (Timeout, AgentOffline):
                     raise

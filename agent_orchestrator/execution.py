@@ -1,8 +1,9 @@
 """Running one workflow's graph from wherever its checkpoint left it.
 
-The graph is streamed in ``tasks`` mode at durability ``sync``: every finished
-node is checkpointed before the next starts, reported as a ``workflow.node``
-event and timed in ``workflow_node_duration_seconds``. What comes out is an
+The graph is streamed in ``tasks`` mode at its type's durability (``sync``: every
+finished node is checkpointed before the next starts; ``async``: while the next
+runs, and all before the stream ends). Every finished node is reported as a
+``workflow.node`` event and timed in ``workflow_node_duration_seconds``. What comes out is an
 :class:`Outcome`: finished (with status and result) or waiting on an interrupt.
 It is taken from the stream's ``values`` chunks, so the state is not read back
 from the checkpointer; only a run in which nothing ran reads it.
@@ -18,8 +19,9 @@ from typing import Any
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
+from agent_orchestrator.agent_calls import KEYS_OUTLIVE_CHECKPOINTS
 from agent_orchestrator.checkpointer import NEW_THREAD_KEY
-from agent_orchestrator.workflows.base import WorkflowContext
+from agent_orchestrator.workflows.base import Durability, WorkflowContext
 from shared.lib import metrics
 
 __all__ = ["Outcome", "run_graph"]
@@ -81,6 +83,7 @@ async def run_graph(
     resume_value: Any,
     on_node: NodeCallback,
     new_thread: bool = False,
+    durability: Durability = "sync",
 ) -> Outcome:
     """Stream the graph to its end or its next interrupt, reporting each finished node.
 
@@ -89,9 +92,8 @@ async def run_graph(
     """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
-    stream_config = config
-    if new_thread:
-        stream_config = {**config, "configurable": {**config["configurable"], NEW_THREAD_KEY: True}}
+    flags = {NEW_THREAD_KEY: new_thread, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync"}
+    stream_config = {**config, "configurable": {**config["configurable"], **{k: v for k, v in flags.items() if v}}}
     started: dict[str, float] = {}
     final: _Final = _Final()
     async for mode, chunk in graph.astream(  # type: ignore[call-overload]
@@ -99,7 +101,7 @@ async def run_graph(
         stream_config,
         context=context,
         stream_mode=["tasks", "values"],
-        durability="sync",
+        durability=durability,
     ):
         if mode == "values":
             final.see(chunk)

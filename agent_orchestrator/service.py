@@ -255,6 +255,7 @@ class Orchestrator:
                     resume_value=run.resume_value,
                     on_node=self._node_reporter(run, writes),
                     new_thread=new_thread,
+                    durability=self.types[run.workflow_type].durability,
                 )
         except BaseException:
             with contextlib.suppress(Exception):  # the graph's own failure is the one to report

@@ -75,4 +75,5 @@ AGENT_CHAIN = WorkflowType(
     description="Call agents one after another and return their outputs in order.",
     input_model=AgentChainInput,
     build=build,
+    durability="async",
 )

@@ -15,14 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from langgraph.graph import StateGraph
 from pydantic import BaseModel
 
 from shared.lib.settings import Settings
 
-__all__ = ["AgentCalls", "AgentReply", "LockHolder", "WorkflowContext", "WorkflowType"]
+__all__ = ["AgentCalls", "AgentReply", "Durability", "LockHolder", "WorkflowContext", "WorkflowType"]
+
+Durability = Literal["sync", "async"]
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,20 @@ class WorkflowType:
 
     User workflows expose one of these through the ``agent_orchestrator.workflows``
     entry-point group.
+
+    ``durability`` is when a node's checkpoint is written. ``sync``: before the next node
+    starts. ``async``: while the next node runs; the run's outcome is still recorded only
+    once every checkpoint is stored. A crash may then lose the last step, which runs again
+    and gets its agents' stored answers: call keys name the step and the task, not the
+    checkpoint. That holds for the nodes of the workflow's own graph; a graph whose nodes
+    run subgraphs that call agents must stay ``sync`` (the call is refused otherwise).
     """
 
     name: str
     description: str
     input_model: type[BaseModel]
     build: Callable[[], StateGraph[Any, Any, Any, Any]]
+    durability: Durability = "sync"
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()

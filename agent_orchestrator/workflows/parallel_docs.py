@@ -128,4 +128,5 @@ PARALLEL_DOCS = WorkflowType(
     description="Generate documentation in parallel across the documentation agent's instances, then merge it.",
     input_model=ParallelDocsInput,
     build=build,
+    durability="async",
 )

@@ -218,4 +218,5 @@ PR_DEPLOYMENT = WorkflowType(
     description="Review, test, approve (human), deploy under an environment lock, verify, roll back on failure.",
     input_model=PrDeploymentInput,
     build=build,
+    durability="async",
 )

@@ -133,4 +133,5 @@ SELF_HEALING = WorkflowType(
     description="Detect, diagnose, fix and verify infrastructure issues, looping at most max_iterations times.",
     input_model=SelfHealingInput,
     build=build,
+    durability="async",
 )

@@ -36,6 +36,7 @@ from shared.lib.settings import AGENT_ID_PATTERN, Settings
 
 __all__ = [
     "ENVELOPE_OVERHEAD_BYTES",
+    "MAX_ID_LENGTH",
     "PRIORITIES",
     "REQUEST_TYPE_PATTERN",
     "SCHEMA_VERSION",
@@ -67,7 +68,10 @@ ENVELOPE_OVERHEAD_BYTES = 64 * 1024
 Priority = Literal["urgent", "high", "normal", "low"]
 ResponseStatus = Literal["success", "error", "timeout", "rejected"]
 
-_ID = Field(min_length=1, max_length=128)
+#: The longest id an envelope takes (request, correlation and idempotency ids).
+MAX_ID_LENGTH = 128
+
+_ID = Field(min_length=1, max_length=MAX_ID_LENGTH)
 _AGENT = Field(pattern=AGENT_ID_PATTERN)
 
 

@@ -1,5 +1,7 @@
 """The ``agent_chain`` workflow type on a real bus and a real checkpointer: calls in order,
-outputs returned, the first failed call fails the run naming it, bad input refused."""
+outputs returned, the first failed call fails the run naming it, bad input refused; a
+step run again after its checkpoint was lost gets its stored answers, and a subgraph
+cannot call agents at durability ``async``."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import START, StateGraph
 from pydantic import BaseModel
 
-from agent_orchestrator.agent_calls import BusAgentCalls
+from agent_orchestrator.agent_calls import KEYS_OUTLIVE_CHECKPOINTS, BusAgentCalls
 from agent_orchestrator.checkpointer import PooledPostgresSaver, open_checkpointer
 from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.workflows import WorkflowContext, builtin_workflow_types
@@ -19,6 +23,7 @@ from agent_orchestrator.workflows.agent_chain import AGENT_CHAIN
 from shared.lib.connections import connect_redis, create_pg_pool
 from shared.lib.errors import InvalidInput, OrchestratorError
 from shared.lib.event_bus import EventBus
+from shared.lib.multi_agent_state import MultiAgentState
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
 
@@ -26,7 +31,12 @@ from shared.lib.settings import Settings
 pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
 
 
+HANDLED: list[tuple[str, str]] = []
+"""(agent, idempotency key) of every request an agent's handler ran."""
+
+
 async def _echo(name: str, request: Any) -> dict[str, Any]:
+    HANDLED.append((name, request.idempotency_key))
     if request.request_type == "FAIL":
         raise InvalidInput("this request always fails", field="payload")
     return {"by": name, **request.payload}
@@ -68,12 +78,19 @@ async def saver(settings_factory: Callable[..., Settings]) -> AsyncIterator[Pool
         yield s
 
 
-async def _run(saver: PooledPostgresSaver, make: Callable[[str], Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
-    workflow_id = str(uuid.uuid4())
+async def _run(
+    saver: PooledPostgresSaver,
+    make: Callable[[str], Any],
+    calls: list[dict[str, Any]],
+    *,
+    workflow_id: str | None = None,
+    durability: Any = "sync",
+) -> dict[str, Any]:
+    workflow_id = workflow_id or str(uuid.uuid4())
     graph = AGENT_CHAIN.build().compile(checkpointer=saver)
     state = {"workflow_id": workflow_id, "input": AGENT_CHAIN.validate_input({"calls": calls}), "iteration": 0}
-    config = {"configurable": {"thread_id": workflow_id}}
-    out: dict[str, Any] = await graph.ainvoke(state, config, context=make(workflow_id), durability="sync")  # type: ignore[arg-type]
+    config = {"configurable": {"thread_id": workflow_id, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync"}}
+    out: dict[str, Any] = await graph.ainvoke(state, config, context=make(workflow_id), durability=durability)  # type: ignore[arg-type]
     return out
 
 
@@ -133,3 +150,58 @@ def test_input_model_is_documented() -> None:
     assert issubclass(AGENT_CHAIN.input_model, BaseModel)
     assert schema["properties"]["calls"]["description"]
     assert "call_next" in AGENT_CHAIN.mermaid()
+
+
+async def test_a_step_run_again_without_its_checkpoint_gets_stored_answers(
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+) -> None:
+    """At durability ``async`` a crash may lose checkpoints whose calls were made. The run then
+    starts again from what is stored (here: nothing, every checkpoint deleted) and the same
+    calls get the same keys: each agent ran each call once, and the outputs are the same."""
+    calls = [
+        {"agent": a, "request_type": "ECHO", "payload": {"i": i}} for i, a in enumerate(["alpha", "beta", "alpha"])
+    ]
+    workflow_id = str(uuid.uuid4())
+    HANDLED.clear()
+    first = await _run(saver, context_factory, calls, workflow_id=workflow_id, durability="async")
+    keys = [key for _, key in HANDLED]
+    assert len(keys) == len(set(keys)) == 3
+    async with saver.conn.connection() as conn:  # type: ignore[union-attr]
+        for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints"):
+            await conn.execute(f"DELETE FROM {table} WHERE thread_id = %s", (workflow_id,))
+    again = await _run(saver, context_factory, calls, workflow_id=workflow_id, durability="async")
+    assert again["result"] == first["result"]
+    assert [key for _, key in HANDLED] == keys, "a call ran twice"
+    assert all(key.startswith(f"wf:{workflow_id}:") and "call_next" in key for key in keys)
+
+
+async def test_a_subgraph_cannot_call_agents_at_durability_async(
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+) -> None:
+    """A subgraph's node has no key that survives its parent's lost checkpoint: at durability
+    ``async`` its call is refused, naming the fix; at ``sync`` it is made."""
+    inner = AGENT_CHAIN.build().compile()
+
+    async def run_inner(state: MultiAgentState, config: RunnableConfig) -> dict[str, Any]:
+        out = await inner.ainvoke(state, config)
+        return {"result": out["result"], "outcome": out["outcome"]}
+
+    outer = StateGraph(MultiAgentState, context_schema=WorkflowContext)
+    outer.add_node("inner", run_inner)
+    outer.add_edge(START, "inner")
+    graph = outer.compile(checkpointer=saver)
+    calls = AGENT_CHAIN.validate_input({"calls": [{"agent": "alpha", "request_type": "ECHO", "payload": {}}]})
+    for durability in ("async", "sync"):
+        workflow_id = str(uuid.uuid4())
+        config = {"configurable": {"thread_id": workflow_id, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync"}}
+        run = graph.ainvoke(
+            {"workflow_id": workflow_id, "input": calls, "iteration": 0},
+            config,  # type: ignore[arg-type]
+            context=context_factory(workflow_id),
+            durability=durability,  # type: ignore[arg-type]
+        )
+        if durability == "async":
+            with pytest.raises(OrchestratorError, match="durability='sync'"):
+                await run
+        else:
+            assert (await run)["outcome"] == "succeeded"
