@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from langgraph.graph.state import CompiledStateGraph
 
 from agent_orchestrator.agent_calls import BusAgentCalls
@@ -43,6 +44,8 @@ _log = logging.getLogger(__name__)
 #: Workflow locks are held for the run; their TTL covers a long pipeline, renewed never.
 _RUN_LOCK_TTL_S = 3600.0
 _TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+#: The largest result (or errors list) a terminal event carries, as JSON.
+_RESULT_IN_EVENT_MAX_BYTES = 64 * 1024
 
 
 @dataclass
@@ -352,7 +355,7 @@ class Orchestrator:
         change = self.records.manager.completion_change(
             workflow_id, status=status, result=result or {}, errors=errors or [], metadata={"reason": reason}
         )
-        data = {"status": status, "reason": reason}
+        data = _terminal_event(status, reason, result or {}, errors or [])
         if not await self.bus.emit_after(
             change, "workflow.status", data, aggregate_type="workflow", aggregate_id=workflow_id, also=also
         ):
@@ -389,6 +392,18 @@ class Orchestrator:
             resource=workflow_id,
             details={"status": record.status},
         )
+
+
+def _terminal_event(status: str, reason: str, result: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A terminal ``workflow.status`` event's data: the outcome itself, so a follower needs no
+    read; a result or errors above ``_RESULT_IN_EVENT_MAX_BYTES`` as JSON are left to the record."""
+    data: dict[str, Any] = {"status": status, "reason": reason}
+    for name, value in (("result", result), ("errors", errors)):
+        if value and len(orjson.dumps(value)) > _RESULT_IN_EVENT_MAX_BYTES:
+            data[f"{name}_omitted"] = True
+        elif value:
+            data[name] = value
+    return data
 
 
 def _input_error(exc: ValueError) -> InvalidInput:

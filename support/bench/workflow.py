@@ -6,7 +6,8 @@ registry, two instances of the no-op agent (``support.bench.noop_agent``), and
 one, then two, orchestrator replicas (``agent-orchestrator serve``). A workflow
 is ``agent_chain`` with three ``NOOP`` calls; the client POSTs ``/workflows``
 and follows ``GET /workflows/{id}/events`` (server-sent events, pushed as they are
-published) until the terminal status, then reads the record.
+published) until the terminal status, whose event carries the result; it checks the
+outputs.
 
 Figures:
 - ``workflow_e2e_p50_ms`` / ``workflow_e2e_p99_ms``: one workflow at a time, one replica;
@@ -206,27 +207,25 @@ async def follow(http: httpx.AsyncClient, base: str, workflow_id: str, *, poll_s
 
 async def follow_events(http: httpx.AsyncClient, base: str, workflow_id: str) -> dict[str, Any]:
     """Follow the workflow's event stream (pushed as events are published) to its terminal
-    status; then its record."""
+    status; that event's data (status, reason, and the result or errors it carries)."""
     async with asyncio.timeout(FOLLOW_TIMEOUT_S):
         async with http.stream("GET", f"{base}/workflows/{workflow_id}/events") as stream:
             event = ""
             async for line in stream.aiter_lines():
                 if line.startswith("event:"):
                     event = line.removeprefix("event:").strip()
-                elif (
-                    line.startswith("data:")
-                    and event == "workflow.status"
-                    and json.loads(line.removeprefix("data:")).get("status") in TERMINAL
-                ):
-                    break
-    record: dict[str, Any] = (await http.get(f"{base}/workflows/{workflow_id}")).json()
-    return record
+                elif line.startswith("data:") and event == "workflow.status":
+                    data: dict[str, Any] = json.loads(line.removeprefix("data:"))
+                    if data.get("status") in TERMINAL:
+                        return data
+    raise RuntimeError(f"the event stream of workflow {workflow_id} ended before its terminal status")
 
 
 async def _chain(http: httpx.AsyncClient, base: str) -> None:
-    record = await follow_events(http, base, await launch(http, base, "agent_chain", {"calls": CALLS}))
-    if record["status"] != "succeeded" or record["result"]["outputs"] != [c["payload"] for c in CALLS]:
-        raise RuntimeError(f"workflow {record['workflow_id']} ended {record['status']}: {record.get('reason')}")
+    workflow_id = await launch(http, base, "agent_chain", {"calls": CALLS})
+    outcome = await follow_events(http, base, workflow_id)
+    if outcome["status"] != "succeeded" or outcome["result"]["outputs"] != [c["payload"] for c in CALLS]:
+        raise RuntimeError(f"workflow {workflow_id} ended {outcome['status']}: {outcome.get('reason')}")
 
 
 async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label: str) -> Any:

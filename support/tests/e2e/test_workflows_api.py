@@ -139,14 +139,16 @@ def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: t
 def test_events_stream_in_order_and_resume_from_last_event_id(
     api: httpx.Client, sample_repo: tuple[Path, str, str]
 ) -> None:
-    """SSE events arrive in id order; reconnecting with Last-Event-ID yields exactly the rest."""
+    """SSE events arrive in id order, the last carrying the result; reconnecting with
+    Last-Event-ID yields exactly the rest."""
     wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc", "tests"]})
-    follow(api, wf_id, TERMINAL)
+    record = follow(api, wf_id, TERMINAL)
     full = read_sse(api, wf_id)
     ids = [e["id"] for e in full]
     assert ids == sorted(ids)
     assert len(ids) >= 4
     assert full[-1]["data"]["status"] == "succeeded"
+    assert full[-1]["data"]["result"] == record["result"], "the terminal event carries the result"
     rest = read_sse(api, wf_id, last_event_id=ids[1])
     assert [e["id"] for e in rest] == ids[2:]
 
