@@ -33,6 +33,8 @@ _ID = Path(pattern=r"^[0-9a-f-]{36}$", description="Workflow id (a UUID).")
 _STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
 _SSE_POLL_S = 1.0
 _SSE_READ_LIMIT = 500
+#: The longest ``POST /workflows?wait_s=`` a launch may wait for its outcome.
+_MAX_WAIT_S = 300.0
 
 
 class LaunchRequest(BaseModel):
@@ -61,11 +63,25 @@ def workflows_router() -> APIRouter:
     router = APIRouter(dependencies=[ApiKeyDep])
 
     @router.post("/workflows", status_code=202)
-    async def launch(body: LaunchRequest, orch: OrchestratorDep) -> JSONResponse:
+    async def launch(
+        body: LaunchRequest,
+        orch: OrchestratorDep,
+        wait_s: float = Query(
+            default=0,
+            ge=0,
+            le=_MAX_WAIT_S,
+            description="Wait this long for the workflow to finish or stop at an interrupt; "
+            "200 with its outcome if it did.",
+        ),
+    ) -> JSONResponse:
         record, created = await orch.launch(body.workflow_type, body.input, idempotency_key=body.idempotency_key)
-        return JSONResponse(
-            {"workflow_id": record.workflow_id, "status": record.status, "created": created}, status_code=202
-        )
+        launched = {"workflow_id": record.workflow_id, "status": record.status, "created": created}
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    outcome = await _outcome(orch, record.workflow_id)
+                    return JSONResponse({**launched, **outcome}, status_code=200)
+        return JSONResponse(launched, status_code=202)
 
     @router.get("/workflows")
     async def list_workflows(
@@ -151,35 +167,60 @@ def _parse_last_id(value: str | None) -> int:
     return int(value)
 
 
-_TERMINAL = {"succeeded", "failed", "cancelled"}
+_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_STOPPED = _TERMINAL | {"interrupted"}
 
 
 async def _event_stream(orch: Orchestrator, workflow_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
-    """Replay stored events after ``after``, then follow live ones until a terminal status.
+    """The workflow's events after ``after`` as server-sent events, to its terminal status."""
+    async for batch in _follow(orch, workflow_id, after):
+        for ev in batch:
+            yield ServerSentEvent(data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id))
+
+
+async def _outcome(orch: Orchestrator, workflow_id: str) -> dict[str, Any]:
+    """The data of the workflow's status event once it is terminal or ``interrupted``: the last
+    status of a batch is the current one (the first batch replays every stored event)."""
+    async for batch in _follow(orch, workflow_id, 0, until=_STOPPED):
+        if _status(batch) in _STOPPED:
+            return dict(next(ev.payload for ev in reversed(batch) if ev.event_type == "workflow.status"))
+    raise AssertionError("unreachable: _follow ends at a stopping status")  # pragma: no cover
+
+
+async def _follow(
+    orch: Orchestrator, workflow_id: str, after: int, *, until: frozenset[str] = _TERMINAL
+) -> AsyncIterator[list[Event]]:
+    """Replay stored events after ``after``, then follow live ones, in batches (each in id order),
+    until a batch's last status is in ``until``.
 
     The feed (subscribed before the table is read) hands over each event as it is
     published, so following costs no query per event. The table is read again
     whenever the feed may have missed one: at the start, after the subscription
-    reconnected, and after ``_SSE_POLL_S`` without an event. An event is sent once,
+    reconnected, and after ``_SSE_POLL_S`` without an event. An event is given once,
     whichever way it came, so a reconnect with ``Last-Event-ID`` misses nothing and
     never sees an event twice.
     """
     floor, sent = after, set[int]()  # the client has everything up to its Last-Event-ID
     async with orch.watch.follow(workflow_id) as feed:
         while True:  # sse-starlette ends the generator when the client goes away
-            batch = await _next_events(orch, feed, workflow_id, after)
-            for ev in batch:
-                if ev.id <= floor or ev.id in sent:
-                    continue
-                sent.add(ev.id)
-                after = max(after, ev.id)
-                yield ServerSentEvent(data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id))
-                if ev.event_type == "workflow.status" and ev.payload.get("status") in _TERMINAL:
+            batch = [ev for ev in await _next_events(orch, feed, workflow_id, after) if ev.id > floor]
+            batch = [ev for ev in batch if ev.id not in sent]
+            if batch:
+                sent.update(ev.id for ev in batch)
+                after = max(after, *(ev.id for ev in batch))
+                yield batch
+                if _status(batch) in until:
                     return
             if not feed.arrived.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(feed.arrived.wait(), timeout=_SSE_POLL_S)
                 feed.stale = feed.stale or not feed.arrived.is_set()  # a quiet second: look at the table
+
+
+def _status(batch: list[Event]) -> str | None:
+    """The last status a batch of events reports, if any."""
+    statuses = [ev.payload.get("status") for ev in batch if ev.event_type == "workflow.status"]
+    return statuses[-1] if statuses else None
 
 
 async def _next_events(orch: Orchestrator, feed: Feed, workflow_id: str, after: int) -> list[Event]:

@@ -110,6 +110,12 @@ ROWS: dict[str, list[Row]] = {
         Row("workflow_e2e_p50_ms", "langgraph_dev_run_p50_ms", "≤ 10 ms", _le("workflow_e2e_p50_ms", 10)),
         Row("workflow_e2e_p99_ms"),
         Row(
+            "workflow_e2e_wait_p50_ms",
+            "langgraph_dev_run_p50_ms",
+            "≤ 10 ms (launched with wait_s, as the peer's /runs/wait)",
+            _le("workflow_e2e_wait_p50_ms", 10),
+        ),
+        Row(
             "workflow_throughput_per_s",
             "langgraph_dev_runs_per_s",
             "≥ 300/s across 2 replicas",

@@ -11,6 +11,9 @@ outputs.
 
 Figures:
 - ``workflow_e2e_p50_ms`` / ``workflow_e2e_p99_ms``: one workflow at a time, one replica;
+- ``workflow_e2e_wait_p50_ms`` / ``..._p99_ms``: the same workflow launched with
+  ``POST /workflows?wait_s=``, which answers with the outcome (as the peer's ``/runs/wait``
+  does), measured in rounds interleaved with the followed one;
 - ``workflow_e2e_p50_ms_<n>_replicas`` for n in 1, 2 (the plot's curve);
 - ``workflow_write_transactions``: write transactions (commits) per workflow, server-wide;
 - ``workflow_phase_<phase>_ms``: median time between a workflow's stored events (launch ->
@@ -228,10 +231,26 @@ async def _chain(http: httpx.AsyncClient, base: str) -> None:
         raise RuntimeError(f"workflow {workflow_id} ended {outcome['status']}: {outcome.get('reason')}")
 
 
-async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label: str) -> Any:
-    return (await measure({"e2e": lambda: _chain(http, base)}, plan=LATENCY_PLAN, progress=progress, label=label))[
-        "e2e"
-    ]
+async def _waited(http: httpx.AsyncClient, base: str) -> None:
+    """One workflow launched with ``wait_s``: the launch answers with its outcome."""
+    r = await http.post(
+        f"{base}/workflows",
+        params={"wait_s": FOLLOW_TIMEOUT_S},
+        json={"workflow_type": "agent_chain", "input": {"calls": CALLS}},
+    )
+    outcome = r.json()
+    if (
+        r.status_code != 200
+        or outcome["status"] != "succeeded"
+        or outcome["result"]["outputs"] != [c["payload"] for c in CALLS]
+    ):
+        raise RuntimeError(f"launch with wait_s answered {r.status_code}: {r.text[:300]}")
+
+
+async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label: str) -> dict[str, Any]:
+    """e2e followed on the event stream, and launched with ``wait_s``, in interleaved rounds."""
+    variants = {"e2e": lambda: _chain(http, base), "wait": lambda: _waited(http, base)}
+    return dict(await measure(variants, plan=LATENCY_PLAN, progress=progress, label=label))
 
 
 _PHASES = (
@@ -365,7 +384,8 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
         await start_base(services, registry_port=registry_port)
         bases = [await start_replica(services, 1)]
         async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": api_key}) as http:
-            one = await _latency(http, bases[0], progress, "workflow (1 replica)")
+            timings = await _latency(http, bases[0], progress, "workflow (1 replica)")
+            one = timings["e2e"]
             say(progress, "workflow: counting write transactions per workflow")
             result.figures["workflow_write_transactions"] = await _write_transactions(
                 settings.database_url, http, bases[0]
@@ -373,7 +393,7 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
             say(progress, "workflow: timing the phases of a workflow from its stored events")
             result.figures.update(await _timeline(settings.database_url, http, bases[0]))
             bases.append(await start_replica(services, 2))
-            two = await _latency(http, bases[1], progress, "workflow (2 replicas)")
+            two = (await _latency(http, bases[1], progress, "workflow (2 replicas)"))["e2e"]
             result.figures["workflow_throughput_per_s"] = await _throughput(http, bases, progress)
     finally:
         await services.stop()
@@ -381,6 +401,8 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
         {
             "workflow_e2e_p50_ms": one.p50,
             "workflow_e2e_p99_ms": one.p99,
+            "workflow_e2e_wait_p50_ms": timings["wait"].p50,
+            "workflow_e2e_wait_p99_ms": timings["wait"].p99,
             "workflow_e2e_p50_ms_1_replicas": one.p50,
             "workflow_e2e_p50_ms_2_replicas": two.p50,
             "workflow_e2e_p99_ms_2_replicas": two.p99,
@@ -388,6 +410,7 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
     )
     result.notes["workflow"] = _note(result.figures)
     result.distributions["workflow e2e, 1 replica"] = quantiles(one.samples_ms)
+    result.distributions["workflow e2e with wait_s, 1 replica"] = quantiles(timings["wait"].samples_ms)
     result.distributions["workflow e2e, 2 replicas"] = quantiles(two.samples_ms)
     result.series["workflow latency vs replicas"] = [[1.0, one.p50], [2.0, two.p50]]
     return result

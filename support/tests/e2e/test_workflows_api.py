@@ -99,6 +99,27 @@ def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tu
     assert "def add" in ops_doc or "add(" in ops_doc
 
 
+def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """``wait_s`` answers 200 with the outcome once the workflow finished or stopped at an
+    interrupt, the same the record shows; 202 as usual when it had not within ``wait_s``."""
+    docs = {"workflow_type": "parallel_docs", "input": {"repo_path": str(sample_repo[0]), "modules": ["calc"]}}
+    r = api.post("/workflows", params={"wait_s": 60}, json=docs)
+    assert r.status_code == 200, r.text
+    done = r.json()
+    assert (done["status"], done["created"]) == ("succeeded", True)
+    assert done["result"] == api.get(f"/workflows/{done['workflow_id']}").json()["result"]
+    pr = {"workflow_type": "pr_deployment", "input": pr_input(sample_repo, environment="wait")}
+    r = api.post("/workflows", params={"wait_s": 60}, json=pr)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "interrupted"
+    assert r.json()["interrupt"]["review"]["approved"] is True
+    api.post(f"/workflows/{r.json()['workflow_id']}/cancel")
+    r = api.post("/workflows", params={"wait_s": 0.001}, json=docs)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] in {"pending", "running"}
+    follow(api, r.json()["workflow_id"], TERMINAL)
+
+
 def test_cancel_waiting_workflow_and_refuse_finished(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
     """Cancelling an interrupted workflow cancels it; cancelling it again is a 409."""
     wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cancelme"))
@@ -209,6 +230,8 @@ def read_sse(
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", None, 404, None),
         ("GET", "/workflows?status=bogus", None, 422, "status"),
         ("GET", "/workflows?limit=0", None, 422, "limit"),
+        ("POST", "/workflows?wait_s=-1", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),
+        ("POST", "/workflows?wait_s=soon", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),
     ],
 )
 def test_bad_input_gets_4xx_naming_the_problem(
