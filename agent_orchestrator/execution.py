@@ -84,11 +84,13 @@ async def run_graph(
     on_node: NodeCallback,
     new_thread: bool = False,
     durability: Durability = "sync",
+    on_task_start: Callable[[], None] | None = None,
 ) -> Outcome:
     """Stream the graph to its end or its next interrupt, reporting each finished node.
 
     ``new_thread`` says no checkpoint can exist yet (the run's first attempt), so neither
-    this function nor the saver reads one before the first write.
+    this function nor the saver reads one before the first write. ``on_task_start`` is called
+    as each task starts.
     """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
@@ -107,6 +109,8 @@ async def run_graph(
             final.see(chunk)
         elif "input" in chunk:
             started[chunk["id"]] = time.perf_counter()
+            if on_task_start is not None:
+                on_task_start()
         else:
             elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
             metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)

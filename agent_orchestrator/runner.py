@@ -68,6 +68,9 @@ class LocalRun:
     cancel_reason: str | None = None
     launched_running: bool = False
     """The launch wrote the workflow ``running`` and its event already (:meth:`WorkflowRunner.adopt`)."""
+    node_events: Any = None
+    """The run's :class:`~agent_orchestrator.node_events.NodeEvents`: ``on_finished`` writes the
+    ones not written yet with the run's outcome."""
     run_finished: bool = False
     """Set by ``on_finished`` when it wrote the run's finish (``RunStore.finish_along``) itself."""
     stuck: bool = False
@@ -189,26 +192,22 @@ class WorkflowRunner:
         lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{lr.run.workflow_id}")
 
     # -- runs launched here -------------------------------------------------------------------------
-    async def reserve(self, workflow_id: str) -> bool:
-        """Make room for a workflow this replica is launching, and take its advisory lock, so it
-        runs here at once (no claim through the table). False when there is no room."""
+    def reserve(self, workflow_id: str) -> asyncio.Future[bool] | None:
+        """Make room for a workflow this replica is launching and start taking its advisory lock,
+        so it runs here at once (no claim through the table). The lock is taken while the launch
+        statement runs: no one else knows the new id, and the run row it writes is claimed with
+        a fresh lease. None when there is no room; else whether the lock was taken."""
         if self._stopping or len(self._local) + len(self._reserved) >= self.settings.max_concurrent_workflows:
-            return False
+            return None
         self._reserved.add(workflow_id)
-        try:
-            if await self._advisory(workflow_id, take=True):
-                return True
-        except BaseException:
-            self._reserved.discard(workflow_id)
-            raise
-        self._reserved.discard(workflow_id)
-        return False
+        return asyncio.ensure_future(self._advisory(workflow_id, take=True))
 
-    async def unreserve(self, workflow_id: str) -> None:
-        """The launch did not create the run after all: give the room and the lock back."""
+    async def unreserve(self, workflow_id: str, *, locked: bool) -> None:
+        """The launch did not give this replica a run to start: give the room (and the lock) back."""
         if workflow_id in self._reserved:
             self._reserved.discard(workflow_id)
-            await self._advisory(workflow_id, take=False)
+            if locked:
+                await self._advisory(workflow_id, take=False)
 
     def adopt(self, run: RunRow, record: Any) -> None:
         """Run a reserved workflow whose launch wrote its run row already claimed and the workflow

@@ -9,6 +9,7 @@ event stream can replay them).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,6 +24,7 @@ from langgraph.graph.state import CompiledStateGraph
 from agent_orchestrator.agent_calls import BusAgentCalls
 from agent_orchestrator.event_watch import WorkflowWatch
 from agent_orchestrator.execution import Outcome, run_graph
+from agent_orchestrator.node_events import NodeEvent, NodeEvents, merged_agents
 from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.run_store import RunRow, RunStore
@@ -34,7 +36,6 @@ from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
-from shared.lib.tasks import InOrder
 from shared.lib.tracing import finish_workflow_trace, start_workflow_trace, trace_headers, workflow_context
 
 __all__ = ["Orchestrator"]
@@ -118,13 +119,13 @@ class Orchestrator:
         if not launched.created:
             return launched.record, False
         metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
-        try:
-            await self.bus.announce(*launched.events)
-        finally:  # its launch events first, so a stream sees them before the run's
-            if self.runner is not None and launched.run is not None:
-                self.runner.adopt(launched.run, launched.record)
-            elif self.runner is not None:
-                self.runner.wake()
+        # Published before the run's events (publishes go out in order), while the run starts.
+        announced = asyncio.ensure_future(self.bus.announce(*launched.events))
+        if self.runner is not None and launched.run is not None:
+            self.runner.adopt(launched.run, launched.record)
+        elif self.runner is not None:
+            self.runner.wake()
+        await announced
         return launched.record, True
 
     def _launch_events(self, workflow_id: str, workflow_type: str, *, running: bool) -> Along:
@@ -136,15 +137,23 @@ class Orchestrator:
 
     async def _create(self, workflow_id: str, create: Callable[[bool], Awaitable[Launched]]) -> Launched:
         """Write the workflow and its run (``create(claim)``): claimed by this replica when its
-        runner has room for it; the room is given back if no claimed run came of it."""
+        runner has room for it, its advisory lock taken meanwhile. The room (and the lock) go back
+        if no claimed run came of it; a claimed run whose lock was not taken is handed back."""
         runner = self.runner
-        reserved = runner is not None and await runner.reserve(workflow_id)
+        locking = runner.reserve(workflow_id) if runner is not None else None
         launched = None
         try:
-            launched = await create(reserved)
+            launched = await create(locking is not None)
         finally:
-            if reserved and runner is not None and (launched is None or launched.run is None):
-                await runner.unreserve(workflow_id)
+            if runner is not None and locking is not None:
+                locked = await _taken(locking)
+                claimed = launched is not None and launched.run is not None
+                if not (claimed and locked):
+                    await runner.unreserve(workflow_id, locked=locked)
+                if claimed and not locked:  # a 64-bit key clash, or the lock session went away
+                    await self.records.run_store.requeue(workflow_id)
+                    launched = launched._replace(run=None) if launched is not None else None
+        assert launched is not None
         return launched
 
     async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
@@ -229,7 +238,8 @@ class Orchestrator:
             if not new_thread:
                 snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
                 await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
-            return await self._stream(run, record, graph, config, context, new_thread=new_thread)
+            lr.node_events = NodeEvents(self._node_writer(run.workflow_id))
+            return await self._stream(run, record, graph, config, context, lr.node_events, new_thread=new_thread)
         finally:
             await locks.release_all()
 
@@ -240,12 +250,13 @@ class Orchestrator:
         graph: CompiledStateGraph[Any, Any, Any, Any],
         config: dict[str, Any],
         context: WorkflowContext,
+        node_events: NodeEvents,
         *,
         new_thread: bool,
     ) -> Outcome:
-        """Run the graph. Each finished node's step and event are written in order while the graph
-        goes on (its checkpoint, the next node); all are written before the run's outcome is."""
-        writes = InOrder()
+        """Run the graph. Each finished node's step and event are written in order as the next node
+        starts, while the graph goes on (:mod:`node_events`); the last node's is left to the run's
+        outcome, which writes it first."""
         try:
             with workflow_context(record.trace, metadata=config["metadata"]):
                 outcome = await run_graph(
@@ -256,15 +267,16 @@ class Orchestrator:
                     data=record.input,
                     correlation_id=record.correlation_id,
                     resume_value=run.resume_value,
-                    on_node=self._node_reporter(run, writes),
+                    on_node=self._node_reporter(run, node_events),
+                    on_task_start=node_events.send,
                     new_thread=new_thread,
                     durability=self.types[run.workflow_type].durability,
                 )
         except BaseException:
             with contextlib.suppress(Exception):  # the graph's own failure is the one to report
-                await writes.drain()
+                await node_events.flush()
             raise
-        await writes.drain()
+        await node_events.drain()
         return outcome
 
     def _config(self, record: WorkflowRecord) -> dict[str, Any]:
@@ -281,24 +293,30 @@ class Orchestrator:
             "recursion_limit": 200,
         }
 
-    def _node_reporter(self, run: RunRow, writes: InOrder) -> Any:
+    def _node_reporter(self, run: RunRow, node_events: NodeEvents) -> Any:
         async def on_node(node: str, update: dict[str, Any], elapsed_s: float) -> None:
             assert self.runner is not None
             self.runner.progress(run.workflow_id)
-            writes.add(  # raises an earlier write's failure (Conflict: cancelled meanwhile)
-                self._emit_change(
-                    self.records.manager.step_change(run.workflow_id, node, agents=list(update.get("agents", []))),
-                    run.workflow_id,
-                    "workflow.node",
-                    {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)},
-                )
-            )
+            data = {"node": node, "duration_s": round(elapsed_s, 4), "keys": sorted(update)}
+            # raises an earlier write's failure (Conflict: cancelled meanwhile)
+            node_events.add(NodeEvent(node, list(update.get("agents", [])), data))
 
         return on_node
 
+    def _node_writer(self, workflow_id: str) -> Callable[[list[NodeEvent]], Awaitable[None]]:
+        async def write(events: list[NodeEvent]) -> None:
+            change = self.records.manager.step_change(workflow_id, events[-1].node, agents=merged_agents(events))
+            before = _node_events(events[:-1])
+            await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before)
+
+        return write
+
     async def on_finished(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         run, record = lr.run, lr.record
+        nodes: list[NodeEvent] = lr.node_events.take() if lr.node_events is not None else []
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
+            if nodes:  # the step goes with the nodes' events; the status after them
+                await self._node_writer(run.workflow_id)(nodes)
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted"),
                 run.workflow_id,
@@ -317,6 +335,7 @@ class Orchestrator:
                 errors=outcome.errors,
                 record=record,
                 also=finish_run,
+                nodes=nodes,
             )
         else:
             status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
@@ -329,6 +348,7 @@ class Orchestrator:
                 errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
                 record=record,
                 also=finish_run,
+                nodes=nodes,
             )
         lr.run_finished = True
 
@@ -348,16 +368,29 @@ class Orchestrator:
         errors: list[dict[str, Any]] | None = None,
         record: WorkflowRecord | None = None,
         also: Sequence[Along] = (),
+        nodes: Sequence[NodeEvent] = (),
     ) -> None:
         """Finish the workflow row and record its terminal event, in one statement (with ``also``,
-        written either way: the run's finish)."""
+        written either way: the run's finish). ``nodes`` not written yet go first, in it too."""
         record = record or await self.records.get(workflow_id)
         change = self.records.manager.completion_change(
-            workflow_id, status=status, result=result or {}, errors=errors or [], metadata={"reason": reason}
+            workflow_id,
+            status=status,
+            result=result or {},
+            errors=errors or [],
+            metadata={"reason": reason},
+            step=nodes[-1].node if nodes else None,
+            agents=merged_agents(nodes),
         )
         data = _terminal_event(status, reason, result or {}, errors or [])
         if not await self.bus.emit_after(
-            change, "workflow.status", data, aggregate_type="workflow", aggregate_id=workflow_id, also=also
+            change,
+            "workflow.status",
+            data,
+            aggregate_type="workflow",
+            aggregate_id=workflow_id,
+            also=also,
+            before=_node_events(nodes),
         ):
             _log.info("workflow %s had already finished; %s not recorded", workflow_id, status)
             return
@@ -380,11 +413,19 @@ class Orchestrator:
         await self.bus.emit(event_type, data, aggregate_type="workflow", aggregate_id=workflow_id)
 
     async def _emit_change(
-        self, change: tuple[str, list[Any]], workflow_id: str, event_type: str, data: dict[str, Any]
+        self,
+        change: tuple[str, list[Any]],
+        workflow_id: str,
+        event_type: str,
+        data: dict[str, Any],
+        *,
+        before: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> None:
-        """Change the workflow row and record the event in one statement (one commit). A workflow
-        already finished (cancelled meanwhile) takes neither: Conflict stops its run."""
-        if await self.bus.emit_after(change, event_type, data, aggregate_type="workflow", aggregate_id=workflow_id):
+        """Change the workflow row and record the event (after ``before``) in one statement (one
+        commit). A workflow already finished (cancelled meanwhile) takes none: Conflict stops its run."""
+        if await self.bus.emit_after(
+            change, event_type, data, aggregate_type="workflow", aggregate_id=workflow_id, before=before
+        ):
             return
         record = await self.records.get(workflow_id)
         raise Conflict(
@@ -392,6 +433,19 @@ class Orchestrator:
             resource=workflow_id,
             details={"status": record.status},
         )
+
+
+async def _taken(locking: asyncio.Future[bool]) -> bool:
+    """Whether a launch's advisory lock was taken (not when taking it failed)."""
+    try:
+        return await locking
+    except Exception:  # noqa: BLE001 - the lock session failed: the run goes to the queue instead
+        _log.warning("could not take the advisory lock of a launch; its run is queued", exc_info=True)
+        return False
+
+
+def _node_events(events: Sequence[NodeEvent]) -> list[tuple[str, dict[str, Any]]]:
+    return [("workflow.node", e.data) for e in events]
 
 
 def _terminal_event(status: str, reason: str, result: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:

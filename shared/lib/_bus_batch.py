@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Batcher"]
 
@@ -27,14 +27,18 @@ class Batcher(Generic[T, R]):
     """``await batcher.submit(item)`` -> that item's result from ``flush(items)``.
 
     ``flush`` returns one result per item, in order; if it raises, every item of
-    the batch gets the exception (callers retry on their own).
+    the batch gets the exception (callers retry on their own). ``ordered``: a batch
+    is flushed only once the one before it was, so items reach the server in the
+    order they were submitted (the items submitted meanwhile join the waiting batch).
     """
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], *, ordered: bool = False) -> None:
         self._flush = flush
+        self._ordered = ordered
         self._items: list[tuple[T, asyncio.Future[R]]] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
+        self._last: asyncio.Task[Any] | None = None
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
@@ -50,10 +54,17 @@ class Batcher(Generic[T, R]):
         return await future
 
     async def _run(self) -> None:
-        items, self._items, self._scheduled = self._items, [], False
+        items: list[tuple[T, asyncio.Future[R]]] = []
         try:
+            if self._ordered:  # flushed in the order submitted: after the batch before, joined meanwhile
+                previous, self._last = self._last, asyncio.current_task()
+                if previous is not None and not previous.done():
+                    await asyncio.wait([previous])
+            items, self._items, self._scheduled = self._items, [], False
             results = await self._flush([item for item, _ in items])
         except BaseException as e:  # every waiter must hear of it, cancellation included
+            if not items:  # cancelled while waiting for the batch before
+                items, self._items, self._scheduled = self._items, [], False
             for _, future in items:
                 if not future.done():
                     future.set_exception(e if isinstance(e, Exception) else ConnectionError("batch cancelled"))

@@ -75,15 +75,22 @@ Statement = tuple[str, Sequence[Any]]
 """A SQL statement and its parameters (``$1``..): a change an event records."""
 
 
-def _insert(after: Statement, also: Sequence[Along] = ()) -> Statement:
-    """The event's INSERT after a change, in the same statement and only when the change applied.
-    The statements ``also`` go in the same statement too, whether the change applied or not."""
+def _insert(after: Statement, also: Sequence[Along], events: int) -> Statement:
+    """The INSERT of ``events`` events after a change, in the same statement, in order, and only
+    when the change applied; their parameters (5 each) follow the statement's. The statements
+    ``also`` go in the same statement too, whether the change applied or not."""
     sql, first_args = after
     more, args = with_ctes("also", also, first_args)
     n = len(args)
+    rows = ", ".join(
+        f"(${n + 5 * i + 1}::text, ${n + 5 * i + 2}::text, ${n + 5 * i + 3}::text, ${n + 5 * i + 4}::jsonb, "
+        f"${n + 5 * i + 5}::jsonb, {i})"
+        for i in range(events)
+    )
     return (
-        f"WITH {', '.join([f'change AS ({sql})', *more])} {_INSERT}SELECT ${n + 1}::text, ${n + 2}::text, "  # noqa: S608 - the change is code's SQL, values are parameters
-        f"${n + 3}::text, ${n + 4}::jsonb, ${n + 5}::jsonb WHERE EXISTS (SELECT 1 FROM change) RETURNING {_COLUMNS}",
+        f"WITH {', '.join([f'change AS ({sql})', *more])} {_INSERT}SELECT t, at, ai, d, m "  # noqa: S608 - the change is code's SQL, values are parameters
+        f"FROM (VALUES {rows}) AS v(t, at, ai, d, m, ord) WHERE EXISTS (SELECT 1 FROM change) ORDER BY ord "
+        f"RETURNING {_COLUMNS}",
         args,
     )
 
@@ -155,6 +162,7 @@ async def emit(
     metadata: dict[str, Any] | None = None,
     after: Statement | None = None,
     also: Sequence[Along] = (),
+    before: Sequence[tuple[str, dict[str, Any]]] = (),
     stored: Callable[[Event], None] | None = None,
 ) -> Event | None:
     """INSERT the event, then publish it with ``send`` (:func:`announce`).
@@ -162,17 +170,20 @@ async def emit(
     With ``after`` (a statement returning a row when it applied, such as a guarded
     ``UPDATE ... RETURNING``), the change and the event are one statement, one commit; the
     event is stored and published only if the change applied, and None says it did not.
-    ``also`` (with ``after`` only) are written in that statement whether the change applied or not."""
+    ``also`` (with ``after`` only) are written in that statement whether the change applied or not;
+    ``before`` (type, data) are stored and published ahead of the event, with it or not at all."""
+    events = [*before, (event_type, data)]
     if after is None:
-        sql, args = insert_along(
-            [(event_type, data)], aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata
-        )(1)
+        sql, args = insert_along(events, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata)(1)
     else:
-        _check(event_type, data)
-        sql, change_args = _insert(after, also)
-        args = [*change_args, event_type, aggregate_type, aggregate_id, data, metadata or {}]
-    row = await _require(pool).fetchrow(sql, *args)
-    return None if row is None else (await announce(send, [row], stored=stored))[0]
+        for t, d in events:
+            _check(t, d)
+        sql, change_args = _insert(after, also, len(events))
+        args = [*change_args]
+        for t, d in events:
+            args += [t, aggregate_type, aggregate_id, d, metadata or {}]
+    rows = await _require(pool).fetch(sql, *args)
+    return (await announce(send, rows, stored=stored))[-1] if rows else None
 
 
 async def events_since(

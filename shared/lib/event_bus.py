@@ -161,7 +161,7 @@ class EventBus:
         self._core = _Core.build(redis, settings, instance_id)
         self._waiters: dict[str, _Waiter] = {}
         self._admissions: Batcher[_Admission, Any] = Batcher(self._flush_admissions)
-        self._publishes: Batcher[Sequence[Event], Any] = Batcher(self._flush_publishes)
+        self._publishes: Batcher[Sequence[Event], Any] = Batcher(self._flush_publishes, ordered=True)
         self._reply_task: asyncio.Task[None] | None = None
         self._replies_ready = asyncio.Event()
         self._servers: list[Server] = []
@@ -594,11 +594,13 @@ class EventBus:
         aggregate_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         also: Sequence[Along] = (),
+        before: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> Event | None:
         """Apply ``change`` (SQL and its parameters; it returns a row when it applied) and store the
         event in the same statement, one commit; then publish it. None when the change did not
         apply: neither was written. ``also`` go in the same statement, applied either way.
-        Without a change this is :meth:`emit`."""
+        ``before`` (``(event_type, data)``) are events stored and published ahead of this one,
+        in that order, on the same terms. Without a change this is :meth:`emit`."""
         return await _bus_events.emit(
             self.pool,
             self._publish,
@@ -609,6 +611,7 @@ class EventBus:
             metadata=metadata,
             after=change,
             also=also,
+            before=before,
             stored=self._stored,
         )
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -30,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.errors import OrchestratorError, PayloadTooLarge, StartupError, Unauthorized
+from shared.lib.errors import OrchestratorError, PayloadTooLarge, ServiceUnavailable, StartupError, Unauthorized
 from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.settings import Settings
 
@@ -162,6 +163,19 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": body}, status_code=422)
 
 
+#: Errors that say PostgreSQL or Redis cannot serve right now (down, restarting, out of
+#: connections): answered 503, retryable, not 500.
+_BACKEND_DOWN: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Turn every error into a JSON body naming the problem; never leak a traceback."""
 
@@ -180,6 +194,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, _BACKEND_DOWN):
+            _log.warning("%s %s: a backend is unavailable: %r", request.method, request.url.path, exc)
+            return error_response(ServiceUnavailable(f"a backend is unavailable, try again: {type(exc).__name__}"))
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
         body = {"code": "internal", "message": "internal error; the service log has the details", "retryable": True}
         return JSONResponse({"error": body}, status_code=500)

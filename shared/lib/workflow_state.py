@@ -416,9 +416,16 @@ class WorkflowStateManager:
         result: dict[str, Any] | None = None,
         errors: list[dict[str, Any]] | None = None,
         metadata: dict[str, Any] | None = None,
+        step: str | None = None,
+        agents: list[str] | None = None,
     ) -> tuple[str, list[Any]]:
-        """:meth:`complete_workflow` as a statement to run inside another one (see :meth:`step_change`)."""
-        sql, params = _update(workflow_id, *_completion_assignment(status, result, errors, metadata))
+        """:meth:`complete_workflow` as a statement to run inside another one (see :meth:`step_change`);
+        with ``step``, it also records the last step and its agents as :meth:`step_change` does."""
+        assignments, args = _completion_assignment(status, result, errors, metadata)
+        if step is not None:
+            step_sql, step_args = _step_assignment(step, agents, first=len(args) + 1)
+            assignments, args = f"{assignments}, {step_sql}", [*args, *step_args]
+        sql, params = _update(workflow_id, assignments, args)
         return sql + " RETURNING id", params
 
     # -- checkpoints ------------------------------------------------------------------
@@ -571,11 +578,13 @@ def _update(
     return sql, [*args, workflow_id, expected_version]
 
 
-def _step_assignment(step: str, agents: list[str] | None) -> tuple[str, list[Any]]:
+def _step_assignment(step: str, agents: list[str] | None, *, first: int = 1) -> tuple[str, list[Any]]:
+    """``current_step`` and the agents added, its parameters numbered from ``first``."""
     if not isinstance(step, str) or not 0 < len(step) <= 200:
         raise InvalidInput("step must be a non-empty string of at most 200 characters", field="step")
     return (
-        "current_step = $1, agents = agents || ARRAY(SELECT a FROM unnest($2::text[]) a WHERE NOT a = ANY(agents))",
+        f"current_step = ${first}, "  # noqa: S608 - parameter numbers only
+        f"agents = agents || ARRAY(SELECT a FROM unnest(${first + 1}::text[]) a WHERE NOT a = ANY(agents))",
         [step, _check_agents(agents or [])],
     )
 

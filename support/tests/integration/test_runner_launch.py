@@ -10,9 +10,11 @@ from typing import Any
 from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.runner import LocalRun, WorkflowRunner, advisory_key
+from agent_orchestrator.service import Orchestrator
 from shared.lib.connections import connect_postgres, create_pg_pool
 from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
+from support.tests.integration.conftest import BusFactory
 
 
 async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
@@ -37,11 +39,14 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
     a, b, c = (str(uuid.uuid4()) for _ in range(3))
     await runner.start()
     try:
-        assert await runner.reserve(a)
-        assert await runner.reserve(b)
-        assert not await runner.reserve(c)  # no room left: c would be queued for any replica
+        locking_a, locking_b = runner.reserve(a), runner.reserve(b)
+        assert locking_a is not None
+        assert locking_b is not None
+        assert runner.reserve(c) is None  # no room left: c would be queued for any replica
+        assert await locking_a
+        assert await locking_b
         assert not await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(a))
-        await runner.unreserve(b)  # b's launch failed: room and lock given back
+        await runner.unreserve(b, locked=True)  # b's launch failed: room and lock given back
         assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(b))
 
         record, created, run, _ = await records.create(
@@ -69,3 +74,43 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
         await runner.stop()
         await other.close()
         await pool.close()
+
+
+async def test_a_launch_whose_lock_is_held_elsewhere_is_queued_not_run_here(
+    settings_factory: Callable[..., Settings], make_bus: BusFactory
+) -> None:
+    """The advisory lock is taken while the launch statement runs. If it could not be taken (a
+    64-bit key clash), the run the statement claimed is handed back to the queue: no replica
+    runs it without the lock, and this one's room is given back."""
+    settings = settings_factory(max_concurrent_workflows=1)
+    bus = await make_bus()
+    assert bus.pool is not None
+    other = await connect_postgres(settings.database_url or "")
+
+    async def execute(lr: LocalRun) -> Outcome:
+        raise AssertionError("a run without its lock must not start")
+
+    runner = WorkflowRunner(bus.pool, settings, execute=execute, on_finished=lambda *_: asyncio.sleep(0))
+    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), runner.store)
+    orch = Orchestrator(settings, records, bus, locks=None, saver=None, types={}, runner=runner)  # type: ignore[arg-type]
+    workflow_id = str(uuid.uuid4())
+    assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(workflow_id))
+    await runner.start()
+    try:
+        launched = await orch._create(
+            workflow_id,
+            lambda claim: records.create(
+                workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=claim
+            ),
+        )
+        assert launched.created
+        assert launched.run is None
+        stored = await records.run_store.get(workflow_id)
+        assert stored is not None
+        assert (stored.state, stored.runner_id) == ("queued", None)
+        locking = runner.reserve(str(uuid.uuid4()))
+        assert locking is not None  # the room came back
+        assert await locking
+    finally:
+        await runner.stop()
+        await other.close()

@@ -228,3 +228,44 @@ async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: Bu
             states.step_change(wf.id, "")  # the same checks as update_step, before anything is sent
     finally:
         await sub.close()
+
+
+async def test_events_before_a_change_and_a_completion_with_its_last_step(make_bus: BusFactory) -> None:
+    """emit_after with ``before``: several events in one statement, in order, all published; a
+    completion that records the last step and its agents too; a refused change stores none."""
+    bus = await make_bus()
+    assert bus.pool is not None
+    states = WorkflowStateManager(bus.pool)
+    wf = await states.create_workflow("agent_chain", {})
+    seen: asyncio.Queue[Event] = asyncio.Queue()
+    sub = await bus.subscribe("workflow.*", seen.put_nowait)
+    nodes = [("workflow.node", {"node": "call_next", "i": i}) for i in range(3)]
+    try:
+        done = await bus.emit_after(
+            states.completion_change(wf.id, status="succeeded", result={"n": 3}, step="call:2", agents=["a", "b"]),
+            "workflow.status",
+            {"status": "succeeded"},
+            aggregate_type="workflow",
+            aggregate_id=wf.id,
+            before=nodes,
+        )
+        assert done is not None
+        stored = await bus.events_since(0, aggregate_id=wf.id)
+        assert [(e.event_type, e.payload) for e in stored] == [*nodes, ("workflow.status", {"status": "succeeded"})]
+        assert [e.id for e in stored] == sorted(e.id for e in stored)
+        assert stored[-1].id == done.id
+        assert [(await asyncio.wait_for(seen.get(), 5)).id for _ in stored] == [e.id for e in stored]
+        after = await states.get_workflow(wf.id)
+        assert (after.status, after.result, after.current_step, after.agents) == (
+            "succeeded",
+            {"n": 3},
+            "call:2",
+            ["a", "b"],
+        )
+        refused = await bus.emit_after(
+            states.step_change(wf.id, "call:3"), "workflow.node", {"node": "x"}, aggregate_id=wf.id, before=nodes
+        )
+        assert refused is None
+        assert len(await bus.events_since(0, aggregate_id=wf.id)) == len(stored)
+    finally:
+        await sub.close()

@@ -1,0 +1,88 @@
+"""A run's node events: written as the next node starts, the last with the run's outcome.
+
+Every finished node is reported as a ``workflow.node`` event, and the workflow's
+current step and agents are updated with it. A node's event is written when the
+next node starts (:meth:`NodeEvents.send`), in the background while the graph
+goes on. Events released while a write is in flight go together, in one statement,
+right after it: their events in order, the step of the last one, the agents of
+all. The ones still waiting when the run ends (the last node's) are taken
+(:meth:`NodeEvents.take`, once the ones sent are written: :meth:`NodeEvents.drain`)
+and go in the statement of the run's outcome, ahead of its terminal event.
+
+A statement the database refuses (the workflow finished meanwhile: cancelled)
+stops the run at its next node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["NodeEvent", "NodeEvents", "merged_agents"]
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """A finished node: its name, the agents it called and its event's data."""
+
+    node: str
+    agents: list[str]
+    data: dict[str, Any]
+
+
+def merged_agents(events: Sequence[NodeEvent]) -> list[str]:
+    """The agents of ``events``, each once, in the order they first came."""
+    return list(dict.fromkeys(a for e in events for a in e.agents))
+
+
+class NodeEvents:
+    """The node events of one run; ``write(events)`` stores a batch in one statement."""
+
+    def __init__(self, write: Callable[[list[NodeEvent]], Awaitable[Any]]) -> None:
+        self._write = write
+        self._waiting: list[NodeEvent] = []
+        self._released: list[NodeEvent] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    def add(self, event: NodeEvent) -> None:
+        """Report a finished node; raises the failure of an earlier write (the run stops)."""
+        self._check()
+        self._waiting.append(event)
+
+    def send(self) -> None:
+        """Write the waiting events: now, or together right after the write in flight."""
+        self._released += self._waiting
+        self._waiting = []
+        if self._released and (self._writing is None or self._writing.done()) and not self._failed():
+            self._writing = asyncio.create_task(self._write_released(), name="node-events")
+
+    async def _write_released(self) -> None:
+        while self._released:
+            batch, self._released = self._released, []
+            await self._write(batch)
+
+    def _failed(self) -> bool:
+        task = self._writing
+        return task is not None and task.done() and not task.cancelled() and task.exception() is not None
+
+    def _check(self) -> None:
+        if self._failed():
+            assert self._writing is not None
+            raise self._writing.exception()  # type: ignore[misc]
+
+    async def drain(self) -> None:
+        """Wait until the events sent are written; raises the failure of a write."""
+        if self._writing is not None:
+            await asyncio.shield(self._writing)
+
+    def take(self) -> list[NodeEvent]:
+        """The events not sent, for the caller to write in its own statement (after :meth:`drain`)."""
+        batch, self._waiting = self._waiting, []
+        return batch
+
+    async def flush(self) -> None:
+        """Send the waiting events and wait until every one is written."""
+        self.send()
+        await self.drain()

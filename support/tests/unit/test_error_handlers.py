@@ -1,0 +1,51 @@
+"""The one error handler: a backend that cannot serve (PostgreSQL out of connections or down,
+Redis unreachable) is a retryable 503 naming it, not a 500; anything else unexpected is a 500
+that leaks no traceback."""
+
+from __future__ import annotations
+
+import asyncpg
+import httpx
+import pytest
+import redis.exceptions
+from fastapi import FastAPI
+
+from shared.lib.http_service import install_error_handlers
+
+
+def _app(exc: Exception) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise exc
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+        ConnectionRefusedError(111, "Connection refused"),
+        redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379"),
+    ],
+)
+async def test_an_unavailable_backend_is_a_retryable_503(exc: Exception) -> None:
+    transport = httpx.ASGITransport(app=_app(exc), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/boom")
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert (error["code"], error["retryable"]) == ("unavailable", True)
+    assert type(exc).__name__ in error["message"]
+
+
+async def test_anything_else_is_a_500_without_a_traceback() -> None:
+    transport = httpx.ASGITransport(app=_app(RuntimeError("secret detail")), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/boom")
+    assert r.status_code == 500
+    assert "secret detail" not in r.text

@@ -1,0 +1,77 @@
+"""NodeEvents: a node's event is written when the next node starts; events released while a
+write is in flight go together right after it, in order; the last ones are taken for the run's
+outcome; a refused write stops the run at its next node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent_orchestrator.node_events import NodeEvent, NodeEvents, merged_agents
+
+
+def _event(i: int, *agents: str) -> NodeEvent:
+    return NodeEvent(f"n{i}", list(agents), {"node": f"n{i}"})
+
+
+class _Writes:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[list[str]] = []
+
+    async def __call__(self, events: list[NodeEvent]) -> None:
+        await asyncio.sleep(self.delay)
+        self.batches.append([e.node for e in events])
+
+
+async def test_an_event_is_written_when_the_next_node_starts() -> None:
+    writes = _Writes()
+    events = NodeEvents(writes)
+    events.send()  # the first node starts: nothing to write
+    events.add(_event(0))
+    await asyncio.sleep(0.01)
+    assert writes.batches == []  # waits for the next start (or the outcome)
+    events.send()
+    await events.drain()
+    assert writes.batches == [["n0"]]
+
+
+async def test_events_released_during_a_write_go_together_after_it() -> None:
+    writes = _Writes(delay=0.03)
+    events = NodeEvents(writes)
+    events.add(_event(0))
+    events.send()
+    await asyncio.sleep(0.01)  # n0 being written
+    for i in (1, 2):
+        events.add(_event(i))
+        events.send()
+    await events.drain()
+    assert writes.batches == [["n0"], ["n1", "n2"]]
+
+
+async def test_the_last_ones_are_taken_not_written() -> None:
+    writes = _Writes()
+    events = NodeEvents(writes)
+    events.add(_event(0, "a"))
+    events.send()
+    events.add(_event(1, "b", "a"))
+    events.add(_event(2, "c"))
+    await events.drain()
+    taken = events.take()
+    assert writes.batches == [["n0"]]
+    assert [e.node for e in taken] == ["n1", "n2"]
+    assert merged_agents(taken) == ["b", "a", "c"]
+    assert events.take() == []
+
+
+async def test_flush_writes_what_waits_and_a_refused_write_stops_the_next_add() -> None:
+    async def refuse(events: list[NodeEvent]) -> None:
+        raise RuntimeError("workflow cancelled")
+
+    events = NodeEvents(refuse)
+    events.add(_event(0))
+    with pytest.raises(RuntimeError, match="cancelled"):
+        await events.flush()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        events.add(_event(1))
