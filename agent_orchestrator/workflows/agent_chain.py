@@ -42,14 +42,15 @@ def _calls(state: MultiAgentState) -> list[ChainCall]:
 
 async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     i = state.get("iteration", 0)
-    call = _calls(state)[i]
+    calls = _calls(state)
+    call = calls[i]
     try:
         reply = await runtime.context.calls.call(call.agent, call.request_type, call.payload, label=f"call:{i}")
     except OrchestratorError as e:
         raise OrchestratorError(f"call {i} ({call.agent} {call.request_type}) failed: {e.message}") from e
     part = {"agent": call.agent, "request_type": call.request_type, "instance": reply.instance, "output": reply.payload}
     update = {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
-    if i + 1 == len(_calls(state)):
+    if i + 1 == len(calls):
         update |= _finished([*state.get("parts", []), part])
     return update
 
@@ -59,7 +60,8 @@ def _finished(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _after_call(state: MultiAgentState) -> str:
-    return "call_next" if state.get("iteration", 0) < len(_calls(state)) else END
+    # the input was validated at launch and by the call just made: counting is enough here
+    return "call_next" if state.get("iteration", 0) < len(state["input"]["calls"]) else END
 
 
 def build() -> StateGraph[Any, Any, Any, Any]:
