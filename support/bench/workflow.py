@@ -421,7 +421,8 @@ def _note(f: dict[str, float]) -> str:
         f"One three-call workflow is {f['workflow_write_transactions']:.0f} write transactions on PostgreSQL "
         f"(each waits for a WAL flush; 4 are checkpoints: the input with the first superstep, then one per "
         f"call) besides 3 bus round trips. A run claimed at launch starts running in the launch statement "
-        f"(pending to running: 0); node events go in one statement with the next ones or the outcome. "
+        f"(pending to running: 0); a node's event is written as the next node starts, the last one's "
+        f"with the outcome. "
         f"Median time between its stored events (call node: the duration its event reports): {phases}."
     )
 

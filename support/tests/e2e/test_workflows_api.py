@@ -144,7 +144,8 @@ def test_cancel_running_workflow_stops_it(api: httpx.Client, sample_repo: tuple[
 
 
 def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
-    """Launching twice with one idempotency key returns the same workflow id."""
+    """Launching twice with one idempotency key returns the same workflow id; waiting on the
+    repeat answers that workflow's outcome."""
     body = {
         "workflow_type": "parallel_docs",
         "input": {"repo_path": str(sample_repo[0]), "modules": ["calc"]},
@@ -155,6 +156,10 @@ def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: t
     assert second["created"] is False
     other = api.post("/workflows", json={**body, "input": {"repo_path": "/elsewhere"}})
     assert other.status_code == 409
+    waited = api.post("/workflows", params={"wait_s": 60}, json=body)  # the same launch, waiting for it
+    assert waited.status_code == 200, waited.text
+    assert (waited.json()["workflow_id"], waited.json()["created"]) == (first["workflow_id"], False)
+    assert waited.json()["status"] == "succeeded"
 
 
 def test_events_stream_in_order_and_resume_from_last_event_id(

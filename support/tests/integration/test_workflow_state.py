@@ -13,7 +13,8 @@ import pytest
 from shared.lib.agent_events import Event
 from shared.lib.connections import create_pg_pool
 from shared.lib.errors import Conflict, InvalidInput, NotFound
-from shared.lib.workflow_state import WorkflowStateManager
+from shared.lib.event_bus import EventBus, Subscription
+from shared.lib.workflow_state import Workflow, WorkflowStateManager
 from support.tests.integration.conftest import BusFactory
 
 
@@ -195,14 +196,21 @@ async def test_create_joins_the_callers_transaction(states: WorkflowStateManager
         await states.get_workflow("wf-rolled-back")
 
 
-async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: BusFactory) -> None:
-    """emit_after: the step and its event are one statement; a finished workflow takes neither."""
+async def _watched_workflow(
+    make_bus: BusFactory,
+) -> tuple[EventBus, WorkflowStateManager, Workflow, asyncio.Queue[Event], Subscription]:
+    """A bus, its state manager, a new workflow, and a queue of the ``workflow.*`` events published."""
     bus = await make_bus()
     assert bus.pool is not None
     states = WorkflowStateManager(bus.pool)
     wf = await states.create_workflow("agent_chain", {})
     seen: asyncio.Queue[Event] = asyncio.Queue()
-    sub = await bus.subscribe("workflow.*", seen.put_nowait)
+    return bus, states, wf, seen, await bus.subscribe("workflow.*", seen.put_nowait)
+
+
+async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: BusFactory) -> None:
+    """emit_after: the step and its event are one statement; a finished workflow takes neither."""
+    bus, states, wf, seen, sub = await _watched_workflow(make_bus)
 
     async def emit(change: tuple[str, list[Any]], event_type: str, data: dict[str, Any]) -> Event | None:
         return await bus.emit_after(change, event_type, data, aggregate_type="workflow", aggregate_id=wf.id)
@@ -233,12 +241,7 @@ async def test_a_change_and_its_event_commit_together_or_not_at_all(make_bus: Bu
 async def test_events_before_a_change_and_a_completion_with_its_last_step(make_bus: BusFactory) -> None:
     """emit_after with ``before``: several events in one statement, in order, all published; a
     completion that records the last step and its agents too; a refused change stores none."""
-    bus = await make_bus()
-    assert bus.pool is not None
-    states = WorkflowStateManager(bus.pool)
-    wf = await states.create_workflow("agent_chain", {})
-    seen: asyncio.Queue[Event] = asyncio.Queue()
-    sub = await bus.subscribe("workflow.*", seen.put_nowait)
+    bus, states, wf, seen, sub = await _watched_workflow(make_bus)
     nodes = [("workflow.node", {"node": "call_next", "i": i}) for i in range(3)]
     try:
         done = await bus.emit_after(
