@@ -122,6 +122,9 @@ ROWS: dict[str, list[Row]] = {
             _ge("workflow_throughput_per_s", 300),
             lower_is_better=False,
         ),
+        Row("workflow_cpu_ms_orchestrator", goal="report (CPU per workflow at throughput, both replicas)"),
+        Row("workflow_cpu_ms_agents", goal="report (both no-op agents)"),
+        Row("workflow_cpu_ms_client", goal="report (the benchmark's own HTTP client)"),
     ],
     "scale": [
         Row("agents_heartbeating", goal="500", check=lambda r: r["agents_heartbeating"] == 500, lower_is_better=False),

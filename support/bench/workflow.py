@@ -22,6 +22,8 @@ Figures:
 - ``workflow_throughput_per_s``: ``THROUGHPUT_N`` workflows launched over two replicas as fast
   as the API takes them, from the first launch to the last finish as the orchestrator
   recorded it;
+- ``workflow_cpu_ms_<kind>``: meanwhile, CPU milliseconds per workflow of the orchestrator
+  replicas, the agents and the benchmark's client (from ``/proc``; the servers not counted);
 - the peer: ``langgraph_dev_run_p50_ms`` and ``langgraph_dev_runs_per_s``, ``POST /runs/wait``
   of a three-node no-op graph on ``langgraph dev`` (langgraph-cli[inmem]) in its own
   environment (``uv tool run``); when it cannot run, ``notes`` says why.
@@ -345,7 +347,7 @@ async def _records(http: httpx.AsyncClient, base: str, ids: set[str]) -> list[di
             return found
 
 
-async def _throughput(http: httpx.AsyncClient, bases: list[str], progress: Progress) -> float:
+async def _throughput(http: httpx.AsyncClient, bases: list[str], progress: Progress) -> tuple[float, int]:
     """Workflows per second with a backlog: ``THROUGHPUT_N`` launched over the replicas as fast as
     the API takes them, none followed one by one (that would load the replicas with reads); done
     when none is pending or running. First launch to last finish, by the orchestrator's clock."""
@@ -370,7 +372,35 @@ async def _throughput(http: httpx.AsyncClient, bases: list[str], progress: Progr
         raise RuntimeError(f"{len(bad)} of {n} workflows did not succeed ({len(records)} found)")
     first = min(_ts(r["created_at"]) for r in records)
     last = max(_ts(r["updated_at"]) for r in records)
-    return n / (last - first)
+    return n / (last - first), n
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far; 0 where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _throughput_with_cpu(
+    http: httpx.AsyncClient, bases: list[str], services: Services, progress: Progress
+) -> dict[str, float]:
+    """Throughput, and the CPU milliseconds each kind of process spent per workflow meanwhile:
+    the orchestrator replicas, the agents, and this client (the servers are not counted)."""
+    pids = services.pids()
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
+    rate, n = await _throughput(http, bases, progress)
+    spent = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    kinds = {"orchestrator": "orchestrator-", "agents": "noop-"}
+    figures = {
+        f"workflow_cpu_ms_{kind}": 1000 * sum(v for k, v in spent.items() if k.startswith(prefix)) / n
+        for kind, prefix in kinds.items()
+    }
+    figures["workflow_cpu_ms_client"] = 1000 * (time.process_time() - client_before) / n
+    return {"workflow_throughput_per_s": rate, **figures}
 
 
 async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
@@ -393,7 +423,7 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
             result.figures.update(await _timeline(settings.database_url, http, bases[0]))
             bases.append(await start_replica(services, 2))
             two = (await _latency(http, bases[1], progress, "workflow (2 replicas)"))["e2e"]
-            result.figures["workflow_throughput_per_s"] = await _throughput(http, bases, progress)
+            result.figures.update(await _throughput_with_cpu(http, bases, services, progress))
     finally:
         await services.stop()
     result.figures.update(
