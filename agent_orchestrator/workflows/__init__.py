@@ -10,12 +10,20 @@ from __future__ import annotations
 import logging
 from importlib.metadata import entry_points
 
-from agent_orchestrator.workflows.base import AgentCalls, AgentReply, LockHolder, WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import (
+    AgentCalls,
+    AgentReply,
+    Durability,
+    LockHolder,
+    WorkflowContext,
+    WorkflowType,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "AgentCalls",
     "AgentReply",
+    "Durability",
     "LockHolder",
     "WorkflowContext",
     "WorkflowType",
