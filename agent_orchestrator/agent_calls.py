@@ -54,7 +54,7 @@ def call_key(label: str) -> str:
     if _NS_SEP in ns:
         if conf.get(KEYS_OUTLIVE_CHECKPOINTS):
             raise InvalidInput(
-                f"a subgraph's node ({ns.split(':')[0]}) calls agent with label {label!r} in a workflow at "
+                f"a subgraph's node ({ns.split(':')[0]}) calls an agent (label {label!r}) in a workflow at "
                 "durability 'async'; its key would change if a crash lost a checkpoint: declare the "
                 "workflow type with durability='sync'",
                 field="durability",

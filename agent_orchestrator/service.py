@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -238,7 +239,7 @@ class Orchestrator:
             if not new_thread:
                 snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
                 await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
-            lr.node_events = NodeEvents(self._node_writer(run.workflow_id))
+            lr.node_events = NodeEvents(functools.partial(self._write_nodes, run.workflow_id))
             return await self._stream(run, record, graph, config, context, lr.node_events, new_thread=new_thread)
         finally:
             await locks.release_all()
@@ -303,20 +304,18 @@ class Orchestrator:
 
         return on_node
 
-    def _node_writer(self, workflow_id: str) -> Callable[[list[NodeEvent]], Awaitable[None]]:
-        async def write(events: list[NodeEvent]) -> None:
-            change = self.records.manager.step_change(workflow_id, events[-1].node, agents=merged_agents(events))
-            before = _node_events(events[:-1])
-            await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before)
-
-        return write
+    async def _write_nodes(self, workflow_id: str, events: list[NodeEvent]) -> None:
+        """Node events in one statement, in order, with the last one's step and all their agents."""
+        change = self.records.manager.step_change(workflow_id, events[-1].node, agents=merged_agents(events))
+        before = _node_events(events[:-1])
+        await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before)
 
     async def on_finished(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         run, record = lr.run, lr.record
         nodes: list[NodeEvent] = lr.node_events.take() if lr.node_events is not None else []
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             if nodes:  # the step goes with the nodes' events; the status after them
-                await self._node_writer(run.workflow_id)(nodes)
+                await self._write_nodes(run.workflow_id, nodes)
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted"),
                 run.workflow_id,

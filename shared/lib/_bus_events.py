@@ -103,6 +103,20 @@ def _check(event_type: str, data: dict[str, Any]) -> None:
         raise InvalidInput(f"invalid event: {e}", field="event_type") from e
 
 
+def _event_args(
+    events: Sequence[tuple[str, dict[str, Any]]],
+    aggregate_type: str | None,
+    aggregate_id: str | None,
+    metadata: dict[str, Any] | None,
+) -> list[Any]:
+    """The INSERT parameters of ``events`` (5 each), checked first: a bad event fails here."""
+    args: list[Any] = []
+    for event_type, data in events:
+        _check(event_type, data)
+        args += [event_type, aggregate_type, aggregate_id, data, metadata or {}]
+    return args
+
+
 def insert_along(
     events: Sequence[tuple[str, dict[str, Any]]],
     *,
@@ -114,10 +128,7 @@ def insert_along(
     the stored rows, to go in another statement, given the number of its first parameter; hand
     those rows to :func:`announce` once it committed. A bad event fails here, before any
     statement is sent."""
-    args: list[Any] = []
-    for event_type, data in events:
-        _check(event_type, data)
-        args += [event_type, aggregate_type, aggregate_id, data, metadata or {}]
+    args = _event_args(events, aggregate_type, aggregate_id, metadata)
 
     def statement(first: int) -> tuple[str, list[Any]]:
         rows = []
@@ -176,12 +187,9 @@ async def emit(
     if after is None:
         sql, args = insert_along(events, aggregate_type=aggregate_type, aggregate_id=aggregate_id, metadata=metadata)(1)
     else:
-        for t, d in events:
-            _check(t, d)
+        event_args = _event_args(events, aggregate_type, aggregate_id, metadata)
         sql, change_args = _insert(after, also, len(events))
-        args = [*change_args]
-        for t, d in events:
-            args += [t, aggregate_type, aggregate_id, d, metadata or {}]
+        args = [*change_args, *event_args]
     rows = await _require(pool).fetch(sql, *args)
     return (await announce(send, rows, stored=stored))[-1] if rows else None
 
