@@ -14,6 +14,7 @@ from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
+from langgraph.types import Command
 from pydantic import BaseModel, Field
 
 from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
@@ -40,7 +41,7 @@ def _calls(state: MultiAgentState) -> list[ChainCall]:
     return AgentChainInput.model_validate(state["input"]).calls
 
 
-async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
+async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> Command[str]:
     i = state.get("iteration", 0)
     calls = _calls(state)
     call = calls[i]
@@ -52,23 +53,19 @@ async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -
     update = {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
     if i + 1 == len(calls):
         update |= _finished([*state.get("parts", []), part])
-    return update
+        return Command(update=update, goto=END)
+    return Command(update=update, goto="call_next")
 
 
 def _finished(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"result": {"outputs": [p["output"] for p in parts], "calls": parts}, "outcome": "succeeded", "reason": ""}
 
 
-async def _after_call(state: MultiAgentState) -> str:
-    # the input was validated at launch and by the call just made: counting is enough here
-    return "call_next" if state.get("iteration", 0) < len(state["input"]["calls"]) else END
-
-
 def build() -> StateGraph[Any, Any, Any, Any]:
     g = StateGraph(MultiAgentState, context_schema=WorkflowContext)
-    g.add_node("call_next", call_next)
+    # the node says where to go (Command): no router to run between the calls
+    g.add_node("call_next", call_next, destinations=("call_next", END))
     g.add_edge(START, "call_next")
-    g.add_conditional_edges("call_next", _after_call, ["call_next", END])
     return g
 
 
