@@ -1,5 +1,6 @@
 """The LangGraph checkpointer: ``AsyncPostgresSaver`` on a psycopg pool, tuned for
-durability ``sync``.
+durability ``sync`` (the built-in workflows run at ``async``, where the same holds but
+LangGraph does not wait for each checkpoint before the next node).
 
 :class:`PooledPostgresSaver` is a drop-in ``AsyncPostgresSaver``: the same
 tables, serialisation and results (``setup``, ``alist``, ``adelete_thread`` and
