@@ -203,8 +203,8 @@ async def _follow(
     floor, sent = after, set[int]()  # the client has everything up to its Last-Event-ID
     async with orch.watch.follow(workflow_id) as feed:
         while True:  # sse-starlette ends the generator when the client goes away
-            batch = [ev for ev in await _next_events(orch, feed, workflow_id, after) if ev.id > floor]
-            batch = [ev for ev in batch if ev.id not in sent]
+            events = await _next_events(orch, feed, workflow_id, after)
+            batch = [ev for ev in events if ev.id > floor and ev.id not in sent]
             if batch:
                 sent.update(ev.id for ev in batch)
                 after = max(after, *(ev.id for ev in batch))

@@ -9,16 +9,18 @@ all. The ones still waiting when the run ends (the last node's) are taken
 (:meth:`NodeEvents.take`, once the ones sent are written: :meth:`NodeEvents.drain`)
 and go in the statement of the run's outcome, ahead of its terminal event.
 
-A statement the database refuses (the workflow finished meanwhile: cancelled)
-stops the run at its next node.
+Writes run one after another (:class:`~shared.lib.tasks.InOrder`). A statement
+the database refuses (the workflow finished meanwhile: cancelled) stops the run
+at its next node.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from shared.lib.tasks import InOrder
 
 __all__ = ["NodeEvent", "NodeEvents", "merged_agents"]
 
@@ -44,38 +46,32 @@ class NodeEvents:
         self._write = write
         self._waiting: list[NodeEvent] = []
         self._released: list[NodeEvent] = []
-        self._writing: asyncio.Task[None] | None = None
+        self._queued = False  # a write of the released events is queued and has not started
+        self._writes = InOrder()
 
     def add(self, event: NodeEvent) -> None:
         """Report a finished node; raises the failure of an earlier write (the run stops)."""
-        self._check()
+        self._writes.check()
         self._waiting.append(event)
 
     def send(self) -> None:
-        """Write the waiting events: now, or together right after the write in flight."""
+        """Write the waiting events: now, or together right after the write in flight; raises
+        the failure of an earlier write."""
         self._released += self._waiting
         self._waiting = []
-        if self._released and (self._writing is None or self._writing.done()) and not self._failed():
-            self._writing = asyncio.create_task(self._write_released(), name="node-events")
+        if self._released and not self._queued:
+            self._queued = True
+            self._writes.add(self._write_released())
 
     async def _write_released(self) -> None:
-        while self._released:
-            batch, self._released = self._released, []
+        self._queued = False  # events released from now on go in the next write
+        batch, self._released = self._released, []
+        if batch:
             await self._write(batch)
-
-    def _failed(self) -> bool:
-        task = self._writing
-        return task is not None and task.done() and not task.cancelled() and task.exception() is not None
-
-    def _check(self) -> None:
-        if self._failed():
-            assert self._writing is not None
-            raise self._writing.exception()  # type: ignore[misc]
 
     async def drain(self) -> None:
         """Wait until the events sent are written; raises the failure of a write."""
-        if self._writing is not None:
-            await asyncio.shield(self._writing)
+        await self._writes.drain()
 
     def take(self) -> list[NodeEvent]:
         """The events not sent, for the caller to write in its own statement (after :meth:`drain`)."""
