@@ -105,6 +105,9 @@ class WorkflowRunner:
         self._unlocks: list[str] = []  # finished runs whose advisory locks the next flush gives back
         self._unlocking: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Whether claimable runs may be waiting for room here: a finished run then wakes the claim
+        # loop. Runs made claimable later NOTIFY (expired leases are found by the periodic poll).
+        self._backlog = True
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -163,21 +166,24 @@ class WorkflowRunner:
     # -- claiming --------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         while not self._stopping:
+            self._wake.clear()  # before looking: a wake-up while it looks brings another look
             try:
                 await self._claim_available()
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 _log.warning("claiming runs failed (%s); retrying", e)
                 await self._reconnect_lock_conn()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=_POLL_S)
 
     async def _claim_available(self) -> None:
         free = self.settings.max_concurrent_workflows - len(self._local) - len(self._reserved)
         if free <= 0:
+            self._backlog = True
             return
         busy = self._local.keys() | self._reserved
-        ids = [w for w in await self.store.candidates(limit=free) if w not in busy]
+        candidates = await self.store.candidates(limit=free)
+        self._backlog = len(candidates) >= free  # there may be more than there was room for
+        ids = [w for w in candidates if w not in busy]
         if not ids:
             return
         assert self._lock_conn is not None
@@ -206,6 +212,7 @@ class WorkflowRunner:
         """The launch did not give this replica a run to start: give the room (and the lock) back."""
         if workflow_id in self._reserved:
             self._reserved.discard(workflow_id)
+            self._room_freed()
             if locked:
                 await self._advisory(workflow_id, take=False)
 
@@ -255,6 +262,11 @@ class WorkflowRunner:
         finally:
             self._local.pop(run.workflow_id, None)
             self._release(run.workflow_id)
+            self._room_freed()
+
+    def _room_freed(self) -> None:
+        """Look for claimable runs again, when some may have waited for room here."""
+        if self._backlog:
             self._wake.set()
 
     def _release(self, workflow_id: str) -> None:
