@@ -29,10 +29,16 @@ the rest are upstream's). Only the hot path reaches PostgreSQL differently:
   were most of the client time of a statement (pyinstrument).
 - **No thread hop.** Upstream (de)serialises in ``asyncio.to_thread``; for the
   small states of a step the hop costs more than the work, so it runs inline.
-- **No read for a thread known to be new.** A run of a brand-new thread starts
-  with ``aget_tuple`` of nothing. A caller that knows the thread is new (the
+- **No read, and no commit before the first node, for a thread known to be new.**
+  A run of a brand-new thread starts with ``aget_tuple`` of nothing, then writes the
+  input checkpoint and step 0's (after ``__start__``), both made from the input
+  alone. A caller that knows the thread is new and keeps its input (the
   orchestrator launching a workflow) can say so with
-  ``configurable[NEW_THREAD_KEY] = True`` and the read is skipped.
+  ``configurable[NEW_THREAD_KEY] = True``: the read is skipped, and those
+  checkpoints ride with the first node's statement (one commit for a one-node
+  run). A crash before it loses only what the input makes again. A run that
+  stops before any node ran leaves them held back: the caller sends them with
+  :meth:`PooledPostgresSaver.flush`.
 
 ``AO_CHECKPOINT_SYNCHRONOUS_COMMIT=false`` also skips the WAL flush per commit (see
 the setting for what that trades). The effect of each is measured by
@@ -48,7 +54,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -237,6 +243,21 @@ def _first_of_new_thread(configurable: dict[str, Any], metadata: CheckpointMetad
     )
 
 
+def _opening(metadata: CheckpointMetadata) -> bool:
+    """A checkpoint taken before any node ran: the input's, or step 0 (after ``__start__``)."""
+    step = metadata.get("step")
+    return step is not None and step <= 0
+
+
+@dataclass
+class _Deferred:
+    """What a new thread holds back: its opening checkpoints and their writes, since ``at``."""
+
+    at: float
+    rows: list[_CheckpointRows] = field(default_factory=list)
+    batches: list[_WriteBatch] = field(default_factory=list)
+
+
 def _consume_exception(fut: asyncio.Future[None]) -> None:
     """Mark a batch's failure as seen: its waiter may be gone, and the error is raised to the sender."""
     if not fut.cancelled():
@@ -263,8 +284,8 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self.stats = SaverStats()
         self._waiting: dict[tuple[str, str], list[_WriteBatch]] = {}
         self._puts: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
-        # input checkpoints of new threads, with when they were held back
-        self._deferred: dict[tuple[str, str], tuple[float, _CheckpointRows]] = {}
+        # the opening checkpoints (and their writes) of new threads, held back until a node has run
+        self._deferred: dict[tuple[str, str], _Deferred] = {}
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
@@ -302,12 +323,12 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         saved: RunnableConfig = {
             "configurable": {"thread_id": key[0], "checkpoint_ns": key[1], "checkpoint_id": checkpoint["id"]}
         }
-        if _first_of_new_thread(configurable, metadata):
+        if _first_of_new_thread(configurable, metadata) or (key in self._deferred and _opening(metadata)):
             self._defer(key, rows)
             return saved
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches)
-        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, rows), **_writes_params(batches)}
+        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, rows, batches)}
         in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._puts.setdefault(key, set()).add(in_flight)
         try:
@@ -343,20 +364,38 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         }
         return _CheckpointRows(row, [_blob_row(b) for b in blob_rows])
 
-    def _carried(self, key: tuple[str, str], rows: _CheckpointRows | None) -> dict[str, str | None]:
-        """The checkpoint parameters of the thread's next statement: the deferred input checkpoint
-        of a new thread first (if any), then ``rows``."""
-        deferred = self._deferred.pop(key, (0.0, None))[1]
-        return _checkpoint_params([r for r in (deferred, rows) if r is not None])
+    def _carried(
+        self, key: tuple[str, str], rows: _CheckpointRows | None, batches: list[_WriteBatch]
+    ) -> dict[str, str | None]:
+        """The parameters of the thread's next statement: what was held back for it (if anything)
+        first, then ``rows`` and the write ``batches``."""
+        held = self._deferred.pop(key, None)
+        if held is not None:
+            batches[:0] = held.batches
+        checkpoints = [*(held.rows if held else ()), *([rows] if rows is not None else [])]
+        return {**_checkpoint_params(checkpoints), **_writes_params(batches)}
 
     def _defer(self, key: tuple[str, str], rows: _CheckpointRows) -> None:
-        """Hold a new thread's input checkpoint back to ride with its next statement. One whose
-        run ended without another statement (cancelled at once) is dropped after a while, as a
-        crash would have lost it: the run starts again from the stored input."""
+        """Hold a new thread's opening checkpoint back, with the writes waiting for it, to ride
+        with the thread's next statement: the one that carries the first node's writes. Until a
+        node has run, all of it follows from the input, which the caller keeps (the orchestrator
+        stores it with the workflow); a crash loses nothing the run cannot make again. The caller
+        sends what a run leaves held back (it stopped before any node ran) with :meth:`flush`;
+        anything left is dropped after a while."""
         now = time.monotonic()
-        for stale in [k for k, (at, _) in self._deferred.items() if now - at > _DEFERRED_MAX_S]:
+        for stale in [k for k, d in self._deferred.items() if now - d.at > _DEFERRED_MAX_S]:
             del self._deferred[stale]
-        self._deferred[key] = (now, rows)
+        held = self._deferred.setdefault(key, _Deferred(now))
+        held.rows.append(rows)
+        for batch in self._take(key):
+            held.batches.append(batch)
+            batch.done.set_result(None)
+
+    async def flush(self, thread_id: str) -> None:
+        """Write what is held back for ``thread_id`` (every namespace), if anything."""
+        for key in [k for k in self._deferred if k[0] == thread_id]:
+            params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
+            await self._execute(_statement_for(params), params, [])
 
     async def aput_writes(
         self,
@@ -383,7 +422,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self._waiting.setdefault(key, []).insert(0, batch)
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches) - 1
-        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None), **_writes_params(batches)}
+        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, batches)}
         await self._execute(_statement_for(params), params, batches)
 
     def _forget(self, key: tuple[str, str], batch: _WriteBatch) -> None:

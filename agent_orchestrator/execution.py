@@ -20,7 +20,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from agent_orchestrator.agent_calls import KEYS_OUTLIVE_CHECKPOINTS
-from agent_orchestrator.checkpointer import NEW_THREAD_KEY
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY, PooledPostgresSaver
 from agent_orchestrator.workflows.base import Durability, WorkflowContext
 from shared.lib import metrics
 
@@ -116,6 +116,8 @@ async def run_graph(
             metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
             if chunk.get("error") is None and not chunk.get("interrupts"):
                 await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
+    if new_thread and isinstance(graph.checkpointer, PooledPostgresSaver):
+        await graph.checkpointer.flush(config["configurable"]["thread_id"])  # stopped before any node ran
     if final.values is None:  # nothing ran (a thread already at its end): read what it holds
         return await _outcome(graph, config)
     return _outcome_of(final.values, final.interrupts)

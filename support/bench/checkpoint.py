@@ -9,7 +9,8 @@ Figures:
 - ``step_plain_ms``: no checkpointer (the baseline);
 - ``step_checkpointed_ms``: ours at durability ``sync`` (goal: at most 2x plain);
 - ``step_checkpointed_new_thread_ms``: ours, told the thread is new (the orchestrator
-  can say so when it launches a workflow), so the opening read is skipped;
+  says so when it launches a workflow): no opening read, and the input and step-0
+  checkpoints ride with the node's statement (one commit per run);
 - ``step_checkpointed_async_commit_ms``: ours with ``AO_CHECKPOINT_SYNCHRONOUS_COMMIT=false``
   (no WAL flush wait per commit);
 - ``stock_step_checkpointed_ms``: the stock saver at its default durability (``async``);

@@ -169,17 +169,18 @@ async def test_new_thread_hint_skips_nothing_it_should_not(saver: PooledPostgres
     assert (await saver.aget_tuple(_config(thread))) is not None  # type: ignore[arg-type]
 
 
-async def test_a_new_threads_input_checkpoint_rides_with_its_next_statement(
+async def test_a_new_threads_opening_checkpoints_ride_with_its_first_nodes_statement(
     saver: PooledPostgresSaver, stock: AsyncPostgresSaver
 ) -> None:
-    """Told the thread is new, the saver writes its input checkpoint with the first superstep's:
-    one statement fewer, and the same history as the stock saver reads it."""
+    """Told the thread is new, the saver writes its input checkpoint and step 0's (after
+    ``__start__``) with the first node's: two statements fewer, and the same history as the
+    stock saver reads it."""
     graph = _chain().compile(checkpointer=saver)
     thread = uuid.uuid4().hex
     before = saver.stats.statements
     out = await graph.ainvoke({"n": 2}, _config(thread, **{NEW_THREAD_KEY: True}), durability="sync")  # type: ignore[arg-type]
     assert out["n"] == 30
-    assert saver.stats.statements - before == 3  # __start__ (carrying the input), first, second
+    assert saver.stats.statements - before == 2  # first (carrying the input and step 0), second
     assert not saver._deferred, "a deferred checkpoint left behind"
     ours = [c async for c in saver.alist(_config(thread))]  # type: ignore[arg-type]
     theirs = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
@@ -193,6 +194,29 @@ async def test_a_new_threads_input_checkpoint_rides_with_its_next_statement(
     parent = theirs[-2].parent_config
     assert parent is not None
     assert parent["configurable"]["checkpoint_id"] == theirs[-1].checkpoint["id"]  # step 0's parent: the input
+
+
+async def test_a_new_thread_stopped_before_its_first_node_keeps_its_checkpoint_once_flushed(
+    saver: PooledPostgresSaver,
+) -> None:
+    """A run that stops before any node ran (``interrupt_before`` its first node) sends nothing
+    itself: ``flush`` (which the orchestrator calls after every first run) writes what was held
+    back, and the thread resumes from it."""
+    graph = _chain().compile(checkpointer=saver, interrupt_before=["first"])
+    thread = uuid.uuid4().hex
+    before = saver.stats.statements
+    await graph.ainvoke({"n": 2}, _config(thread, **{NEW_THREAD_KEY: True}), durability="sync")  # type: ignore[arg-type]
+    assert saver.stats.statements == before
+    assert await saver.aget_tuple(_config(thread)) is None  # type: ignore[arg-type]
+    await saver.flush(thread)
+    assert not saver._deferred
+    state = await graph.aget_state(_config(thread))  # type: ignore[arg-type]
+    assert state.next == ("first",)
+    assert state.values["n"] == 2
+    out = await graph.ainvoke(None, _config(thread), durability="sync")  # type: ignore[arg-type]
+    assert out["n"] == 30
+    await saver.flush(thread)  # nothing held back any more: no statement
+    assert saver.stats.statements == before + 3
 
 
 async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: PooledPostgresSaver) -> None:
@@ -228,8 +252,7 @@ async def test_a_held_back_input_checkpoint_whose_run_ended_is_dropped_later(sav
     await hold("abandoned")
     assert saver.stats.statements == before  # held back, nothing sent
     assert ("abandoned", "") in saver._deferred
-    at, rows = saver._deferred[("abandoned", "")]
-    saver._deferred[("abandoned", "")] = (at - 3600, rows)  # an hour ago
+    saver._deferred[("abandoned", "")].at -= 3600  # an hour ago
     await hold("next")
     assert ("abandoned", "") not in saver._deferred
     assert ("next", "") in saver._deferred
