@@ -204,20 +204,23 @@ async def events_since(
     since: datetime | None = None,
     limit: int = 1000,
 ) -> list[Event]:
-    """Stored events with ``id > after_id`` (and the given filters), oldest first."""
+    """Stored events with ``id > after_id`` (and the given filters), oldest first.
+
+    The query names only the filters given (one prepared statement per combination): with
+    ``$n IS NULL OR ...`` for the others, PostgreSQL planned it again at every call."""
+    filters = {"event_type": event_type, "aggregate_type": aggregate_type, "aggregate_id": aggregate_id}
+    conditions, args = ["id > $1"], [after_id]
+    for column, value in filters.items():
+        if value is not None:
+            args.append(value)
+            conditions.append(f"{column} = ${len(args)}")
+    if since is not None:
+        args.append(since)
+        conditions.append(f"created_at >= ${len(args)}")
+    args.append(limit)
     rows = await _require(pool).fetch(
-        f"SELECT {_COLUMNS} FROM events WHERE id > $1 "  # noqa: S608 - constant columns
-        "AND ($2::text IS NULL OR event_type = $2) "
-        "AND ($3::text IS NULL OR aggregate_type = $3) "
-        "AND ($4::text IS NULL OR aggregate_id = $4) "
-        "AND ($5::timestamptz IS NULL OR created_at >= $5) "
-        "ORDER BY id LIMIT $6",
-        after_id,
-        event_type,
-        aggregate_type,
-        aggregate_id,
-        since,
-        limit,
+        f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(conditions)} ORDER BY id LIMIT ${len(args)}",  # noqa: S608 - constant columns, numbered parameters
+        *args,
     )
     return [_event(r) for r in rows]
 
