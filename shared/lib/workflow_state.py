@@ -290,8 +290,14 @@ class WorkflowStateManager:
         async with self._connection(conn) as c:
             row = await c.fetchrow(_SELECT + "WHERE id = $1", workflow_id)
         if row is None:
-            raise NotFound(f"no workflow {workflow_id}; list workflows to find its id", resource=workflow_id)
+            raise _no_workflow(workflow_id)
         return _workflow(row)
+
+    async def require_workflow(self, workflow_id: str) -> None:
+        """NotFound unless the workflow exists; reads nothing else."""
+        _check_id(workflow_id)
+        if await self._pool.fetchval("SELECT 1 FROM workflows WHERE id = $1", workflow_id) is None:
+            raise _no_workflow(workflow_id)
 
     async def get_workflows(self, workflow_ids: list[str]) -> dict[str, Workflow]:
         """The workflows of ``workflow_ids`` that exist, by id, in one read."""
@@ -632,3 +638,7 @@ def _refused(current: Workflow, expected_version: int | None) -> Conflict:
         field="expected_version",
         details=details,
     )
+
+
+def _no_workflow(workflow_id: str) -> NotFound:
+    return NotFound(f"no workflow {workflow_id}; list workflows to find its id", resource=workflow_id)
