@@ -209,7 +209,8 @@ async def events_since(
     The query names only the filters given (one prepared statement per combination): with
     ``$n IS NULL OR ...`` for the others, PostgreSQL planned it again at every call."""
     filters = {"event_type": event_type, "aggregate_type": aggregate_type, "aggregate_id": aggregate_id}
-    conditions, args = ["id > $1"], [after_id]
+    conditions = ["id > $1"]
+    args: list[Any] = [after_id]
     for column, value in filters.items():
         if value is not None:
             args.append(value)
