@@ -34,6 +34,13 @@ _log = logging.getLogger(__name__)
 
 #: How often an idle runner looks for claimable runs when no NOTIFY woke it.
 _POLL_S = 1.0
+#: How long the advisory lock of a finished run may wait to go back with the next launch's lock.
+_UNLOCK_DELAY_S = 0.05
+#: Take a launch's advisory lock and give back those of finished runs, in one statement.
+_TAKE_SQL = (
+    "SELECT (SELECT count(pg_advisory_unlock(k)) FROM unnest($2::int8[]) AS k) AS released, "
+    "pg_try_advisory_lock($1) AS taken"
+)
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
 
@@ -102,8 +109,9 @@ class WorkflowRunner:
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_conn_mutex = asyncio.Lock()
-        self._unlocks: list[str] = []  # finished runs whose advisory locks the next flush gives back
-        self._unlocking: asyncio.Task[None] | None = None
+        self._unlocks: list[str] = []  # ended runs whose advisory locks the next flush or take gives back
+        self._unlocking: asyncio.Task[None] | None = None  # the flush of finished runs' locks, if due
+        self._flushes: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         # Whether claimable runs may be waiting for room here: a finished run then wakes the claim
         # loop. Runs made claimable later NOTIFY (expired leases are found by the periodic poll).
@@ -137,6 +145,8 @@ class WorkflowRunner:
             lr.task.cancel()
         if running:
             await asyncio.wait([lr.task for lr in running if lr.task], timeout=grace_s)
+        for task in list(self._flushes):  # the session's end gives every lock back
+            task.cancel()
         if self._lock_conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._lock_conn.close(), timeout=2)
@@ -225,10 +235,15 @@ class WorkflowRunner:
             self._start(LocalRun(run=run, record=record, launched_running=True))
 
     async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
+        """Take (or give back) a workflow's advisory lock; a take gives back the locks of the
+        runs ended meanwhile in the same statement."""
         assert self._lock_conn is not None
-        sql = "SELECT pg_try_advisory_lock($1)" if take else "SELECT pg_advisory_unlock($1)"
         async with self._lock_conn_mutex:
-            return bool(await self._lock_conn.fetchval(sql, advisory_key(workflow_id)))
+            if not take:
+                return bool(await self._lock_conn.fetchval("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id)))
+            ended, self._unlocks = self._unlocks, []
+            row = await self._lock_conn.fetchrow(_TAKE_SQL, advisory_key(workflow_id), [advisory_key(w) for w in ended])
+            return bool(row and row["taken"])
 
     async def _reconnect_lock_conn(self) -> None:
         """The lock session is gone, and our advisory locks with it: stop every local run."""
@@ -261,7 +276,7 @@ class WorkflowRunner:
             await asyncio.shield(self._settle(lr, outcome))
         finally:
             self._local.pop(run.workflow_id, None)
-            self._release(run.workflow_id)
+            self._release(run.workflow_id, finished=lr.run_finished)
             self._room_freed()
 
     def _room_freed(self) -> None:
@@ -269,14 +284,25 @@ class WorkflowRunner:
         if self._backlog:
             self._wake.set()
 
-    def _release(self, workflow_id: str) -> None:
+    def _release(self, workflow_id: str, *, finished: bool) -> None:
         """Give the run's advisory lock back. Releases that come while the lock session is busy
-        go together in one statement; until then the run is done, so holding it is harmless."""
+        go together in one statement; until then the run has ended, so holding it is harmless.
+        A finished run's is never claimed again: it waits up to ``_UNLOCK_DELAY_S`` to go with
+        the next launch's lock. One that may be claimed again (interrupted, handed back) goes now."""
         self._unlocks.append(workflow_id)
-        if self._unlocking is None or self._unlocking.done():
-            self._unlocking = asyncio.create_task(self._flush_unlocks(), name="runner-unlock")
+        if not finished:
+            self._flush_unlocks_after(0.0)
+        elif self._unlocking is None or self._unlocking.done():
+            self._unlocking = self._flush_unlocks_after(_UNLOCK_DELAY_S)
 
-    async def _flush_unlocks(self) -> None:
+    def _flush_unlocks_after(self, delay_s: float) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._flush_unlocks(delay_s), name="runner-unlock")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+        return task
+
+    async def _flush_unlocks(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
         while self._unlocks:
             async with self._lock_conn_mutex:
                 ids, self._unlocks = self._unlocks, []
@@ -313,6 +339,7 @@ class WorkflowRunner:
         await self._on_finished(lr, outcome)
         if not lr.run_finished:
             await self.store.finish(lr.run.workflow_id)
+            lr.run_finished = True
 
     def progress(self, workflow_id: str) -> None:
         """Called by the executor after each node; the watchdog reads it (in memory, no write per node)."""

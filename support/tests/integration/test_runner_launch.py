@@ -7,6 +7,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from agent_orchestrator import runner as runner_module
 from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.runner import LocalRun, WorkflowRunner, advisory_key
@@ -114,3 +117,68 @@ async def test_a_launch_whose_lock_is_held_elsewhere_is_queued_not_run_here(
     finally:
         await runner.stop()
         await other.close()
+
+
+async def test_a_finished_runs_lock_goes_back_with_the_next_launchs_and_an_interrupted_ones_at_once(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run is never claimed again: its advisory lock is given back in the statement
+    that takes the next launch's (no statement of its own). An interrupted run may be resumed on
+    another replica: its lock goes back at once."""
+    monkeypatch.setattr(runner_module, "_UNLOCK_DELAY_S", 60.0)  # only a take gives it back
+    settings = settings_factory(max_concurrent_workflows=2)
+    assert settings.database_url is not None
+    pool = await create_pg_pool(settings.database_url)
+    other = await connect_postgres(settings.database_url)  # another replica's lock session
+    finished: asyncio.Queue[str] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        if lr.run.workflow_id == waits:
+            return Outcome(status="interrupted", interrupt={"question": "ship it?"})
+        return Outcome(status="succeeded")
+
+    async def on_finished(lr: LocalRun, _outcome: Any) -> None:
+        finished.put_nowait(lr.run.workflow_id)
+
+    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    done, waits, nxt = (str(uuid.uuid4()) for _ in range(3))
+
+    async def launch_and_run(workflow_id: str) -> None:
+        locking = runner.reserve(workflow_id)
+        assert locking is not None
+        assert await locking
+        launched = await records.create(
+            workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=True
+        )
+        assert launched.run is not None
+        runner.adopt(launched.run, launched.record)
+        assert await asyncio.wait_for(finished.get(), 5) == workflow_id
+
+    async def held(workflow_id: str) -> bool:
+        key = advisory_key(workflow_id)
+        if await other.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            await other.fetchval("SELECT pg_advisory_unlock($1)", key)
+            return False
+        return True
+
+    await runner.start()
+    try:
+        await launch_and_run(done)
+        await asyncio.sleep(0.2)
+        assert await held(done)  # finished, its lock waits for the next take
+        await launch_and_run(waits)
+        assert not await held(done)  # given back with waits' take
+        for _ in range(50):  # interrupted: given back at once, in a statement of its own
+            if not await held(waits):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("an interrupted run's lock was not given back")
+        locking = runner.reserve(nxt)
+        assert locking is not None
+        assert await locking
+    finally:
+        await runner.stop()
+        await other.close()
+        await pool.close()
