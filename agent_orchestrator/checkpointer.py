@@ -26,9 +26,7 @@ the rest are upstream's). Only the hot path reaches PostgreSQL differently:
 - **Only what there is.** The statement is composed of just the parts with rows
   (an empty CTE still costs ~0.1 ms), and prepared after a few uses. Rows travel
   as JSON made by orjson: psycopg's ``Jsonb`` (stdlib encoder) and list adapters
-  were most of the client time of a statement (pyinstrument). The server reads
-  them as ``json``, not ``jsonb``: ``json_to_recordset`` walks the text once
-  instead of building a ``jsonb`` value first (~5% of a statement).
+  were most of the client time of a statement (pyinstrument).
 - **No thread hop.** Upstream (de)serialises in ``asyncio.to_thread``; for the
   small states of a step the hop costs more than the work, so it runs inline.
 - **No read, and no commit before the first node, for a thread known to be new.**
@@ -92,7 +90,7 @@ _WRITES_INSERT = """
         (thread_id, checkpoint_ns, checkpoint_id, task_id, task_path, idx, channel, type, blob)
     SELECT %(thread_id)s, %(ns)s, w.checkpoint_id, w.task_id, w.task_path, w.idx, w.channel, w.type,
            decode(w.blob, 'base64')
-    FROM json_to_recordset(%({p}writes)s::json)
+    FROM jsonb_to_recordset(%({p}writes)s::jsonb)
         AS w(checkpoint_id text, task_id text, task_path text, idx int, channel text, type text, blob text)
     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
 """
@@ -103,13 +101,13 @@ _WRITES_INSERT_ONLY = _WRITES_INSERT.format(p="i_") + "    DO NOTHING\n"
 _BLOBS_INSERT = """
     INSERT INTO checkpoint_blobs (thread_id, checkpoint_ns, channel, version, type, blob)
     SELECT %(thread_id)s, %(ns)s, b.channel, b.version, b.type, decode(b.blob, 'base64')
-    FROM json_to_recordset(%(blobs)s::json) AS b(channel text, version text, type text, blob text)
+    FROM jsonb_to_recordset(%(blobs)s::jsonb) AS b(channel text, version text, type text, blob text)
     ON CONFLICT (thread_id, checkpoint_ns, channel, version) DO NOTHING
 """
 _CHECKPOINT_UPSERT = """
 INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, checkpoint, metadata)
 SELECT %(thread_id)s, %(ns)s, c.id, c.parent, c.checkpoint, c.metadata
-FROM json_to_recordset(%(checkpoints)s::json) AS c(id text, parent text, checkpoint jsonb, metadata jsonb)
+FROM jsonb_to_recordset(%(checkpoints)s::jsonb) AS c(id text, parent text, checkpoint jsonb, metadata jsonb)
 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id)
 DO UPDATE SET checkpoint = EXCLUDED.checkpoint, metadata = EXCLUDED.metadata
 """
@@ -180,7 +178,7 @@ def _split_channel_values(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[
 
 
 def _json(value: Any) -> str:
-    """JSON text for a ``::json`` parameter: orjson (psycopg's ``Jsonb`` runs the stdlib encoder and
+    """JSON text for a ``::jsonb`` parameter: orjson (psycopg's ``Jsonb`` runs the stdlib encoder and
     its array adapter a regex per item, most of a statement's client time); the stdlib as a fallback."""
     try:
         return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
@@ -217,7 +215,7 @@ def _statement_for(params: dict[str, Any]) -> str:
 
 @dataclass
 class _CheckpointRows:
-    """One checkpoint's row and its new blobs, as ``json_to_recordset`` takes them."""
+    """One checkpoint's row and its new blobs, as ``jsonb_to_recordset`` takes them."""
 
     checkpoint: dict[str, Any]
     blobs: list[dict[str, str | None]]
@@ -232,7 +230,7 @@ def _checkpoint_params(rows: Sequence[_CheckpointRows]) -> dict[str, str | None]
 
 
 def _blob_row(row: tuple[str, str, str, str, str, bytes | None]) -> dict[str, str | None]:
-    """A ``_dump_blobs`` row (thread, ns, channel, version, type, blob) for ``json_to_recordset``."""
+    """A ``_dump_blobs`` row (thread, ns, channel, version, type, blob) for ``jsonb_to_recordset``."""
     return {"channel": row[2], "version": row[3], "type": row[4], "blob": _b64(row[5])}
 
 
