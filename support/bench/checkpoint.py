@@ -13,6 +13,8 @@ Figures:
   checkpoints ride with the node's statement (one commit per run);
 - ``step_checkpointed_async_commit_ms``: ours with ``AO_CHECKPOINT_SYNCHRONOUS_COMMIT=false``
   (no WAL flush wait per commit);
+- ``step_checkpointed_new_thread_async_commit_ms``: both (what the orchestrator's first run of a
+  workflow pays with that setting);
 - ``stock_step_checkpointed_ms``: the stock saver at its default durability (``async``);
 - ``stock_step_sync_ms``: the stock saver at ``sync``, like for like with ours;
 - ``step_inmemory_sync_ms``: LangGraph's ``InMemorySaver`` at ``sync``: LangGraph's own
@@ -148,6 +150,7 @@ def _figures(timings: dict[str, Any], commits: float, stock_commits: float) -> d
         "step_checkpointed_p99_ms": timings["ours_sync"].p99,
         "step_checkpointed_new_thread_ms": timings["ours_sync_new_thread"].p50,
         "step_checkpointed_async_commit_ms": timings["ours_sync_async_commit"].p50,
+        "step_checkpointed_new_thread_async_commit_ms": timings["ours_sync_new_thread_async_commit"].p50,
         "stock_step_checkpointed_ms": timings["stock_default"].p50,
         "stock_step_sync_ms": timings["stock_sync"].p50,
         "step_inmemory_sync_ms": timings["inmemory_sync"].p50,
@@ -157,6 +160,7 @@ def _figures(timings: dict[str, Any], commits: float, stock_commits: float) -> d
         "step_checkpointed_ratio": timings["ours_sync"].p50 / plain,
         "step_checkpointed_new_thread_ratio": timings["ours_sync_new_thread"].p50 / plain,
         "step_checkpointed_async_commit_ratio": timings["ours_sync_async_commit"].p50 / plain,
+        "step_checkpointed_new_thread_async_commit_ratio": timings["ours_sync_new_thread_async_commit"].p50 / plain,
         "stock_step_ratio": timings["stock_default"].p50 / plain,
         "step_inmemory_ratio": timings["inmemory_sync"].p50 / plain,
         "step_checkpointed_floor_ratio": floor / plain,
@@ -174,6 +178,9 @@ async def _latencies(url: str, pool: Any, progress: Progress) -> SuiteResult:
             "ours_sync": _run_op(_graph(ours), durability="sync"),
             "ours_sync_new_thread": _run_op(_graph(ours), durability="sync", **{NEW_THREAD_KEY: True}),
             "ours_sync_async_commit": _run_op(_graph(PooledPostgresSaver(fast)), durability="sync"),
+            "ours_sync_new_thread_async_commit": _run_op(
+                _graph(PooledPostgresSaver(fast)), durability="sync", **{NEW_THREAD_KEY: True}
+            ),
             "stock_default": _run_op(_graph(stock_saver), durability=None),
             "stock_sync": _run_op(_graph(stock_saver), durability="sync"),
             **_bare_ops(pool),

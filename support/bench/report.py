@@ -93,6 +93,12 @@ ROWS: dict[str, list[Row]] = {
         ),
         Row("step_checkpointed_new_thread_ms", "step_plain_ms", "report (no read; one commit)", baseline=True),
         Row("step_checkpointed_async_commit_ms", "step_plain_ms", "report (no WAL flush wait)", baseline=True),
+        Row(
+            "step_checkpointed_new_thread_async_commit_ms",
+            "step_plain_ms",
+            "report (new thread, no WAL flush wait)",
+            baseline=True,
+        ),
         Row("stock_step_checkpointed_ms", "step_plain_ms", "report (stock saver, default durability)", baseline=True),
         Row("step_checkpointed_ms", "stock_step_checkpointed_ms", "report (ours at sync, stock at async)"),
         Row("step_inmemory_sync_ms", "step_plain_ms", "report (LangGraph's own work, no I/O)", baseline=True),
