@@ -242,7 +242,13 @@ class WorkflowRunner:
             if not take:
                 return bool(await self._lock_conn.fetchval("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id)))
             ended, self._unlocks = self._unlocks, []
-            row = await self._lock_conn.fetchrow(_TAKE_SQL, advisory_key(workflow_id), [advisory_key(w) for w in ended])
+            try:
+                row = await self._lock_conn.fetchrow(
+                    _TAKE_SQL, advisory_key(workflow_id), [advisory_key(w) for w in ended]
+                )
+            except BaseException:  # given back or not: the next flush gives them back (again)
+                self._unlocks[:0] = ended
+                raise
             return bool(row and row["taken"])
 
     async def _reconnect_lock_conn(self) -> None:
