@@ -27,6 +27,13 @@ the rest are upstream's). Only the hot path reaches PostgreSQL differently:
   (an empty CTE still costs ~0.1 ms), and prepared after a few uses. Rows travel
   as JSON made by orjson: psycopg's ``Jsonb`` (stdlib encoder) and list adapters
   were most of the client time of a statement (pyinstrument).
+- **Steps written together, at durability ``async``.** A caller that sets
+  ``configurable[WRITE_BEHIND_KEY]`` (seconds; the orchestrator's is
+  ``AO_CHECKPOINT_WRITE_BEHIND_MS``) lets checkpoints wait that long to go in one
+  statement with the ones that follow; the window's writes go when it runs out, and
+  the caller sends what is still held with :meth:`PooledPostgresSaver.flush` when the
+  run stops, before it records the outcome. Three quick steps are then one commit, not
+  three. A write that fails in the background is raised by the thread's next put or flush.
 - **No thread hop.** Upstream (de)serialises in ``asyncio.to_thread``; for the
   small states of a step the hop costs more than the work, so it runs inline.
 - **No read, and no commit before the first node, for a thread known to be new.**
@@ -78,12 +85,15 @@ from psycopg_pool import AsyncConnectionPool
 from shared.lib.errors import StartupError
 from shared.lib.settings import Settings
 
-__all__ = ["NEW_THREAD_KEY", "PooledPostgresSaver", "SaverStats", "open_checkpointer"]
+__all__ = ["NEW_THREAD_KEY", "WRITE_BEHIND_KEY", "PooledPostgresSaver", "SaverStats", "open_checkpointer"]
 
 #: How long a held-back input checkpoint waits for its thread's next statement before it is dropped.
 _DEFERRED_MAX_S = 60.0
 #: ``configurable`` key a caller sets when it knows the thread has no checkpoint yet.
 NEW_THREAD_KEY = "thread_is_new"
+#: ``configurable`` key (seconds) a caller sets, at durability ``async`` only, to let checkpoints
+#: wait that long to be written together; it sends what is still held with ``flush`` at the end.
+WRITE_BEHIND_KEY = "checkpoint_write_behind_s"
 
 _WRITES_INSERT = """
     INSERT INTO checkpoint_writes
@@ -256,6 +266,8 @@ class _Deferred:
     at: float
     rows: list[_CheckpointRows] = field(default_factory=list)
     batches: list[_WriteBatch] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    """When it is written anyway (a write-behind window), if it is."""
 
 
 def _consume_exception(fut: asyncio.Future[None]) -> None:
@@ -286,6 +298,9 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self._puts: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         # the opening checkpoints (and their writes) of new threads, held back until a node has run
         self._deferred: dict[tuple[str, str], _Deferred] = {}
+        # held rows being written when their window ran out, and such writes that failed
+        self._writing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._failed: dict[tuple[str, str], Exception] = {}
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[Any]:
@@ -323,8 +338,13 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         saved: RunnableConfig = {
             "configurable": {"thread_id": key[0], "checkpoint_ns": key[1], "checkpoint_id": checkpoint["id"]}
         }
+        if failed := self._failed.pop(key, None):
+            raise failed
         if _first_of_new_thread(configurable, metadata) or (key in self._deferred and _opening(metadata)):
             self._defer(key, rows)
+            return saved
+        if window_s := configurable.get(WRITE_BEHIND_KEY):
+            self._defer(key, rows, write_within_s=float(window_s))
             return saved
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches)
@@ -372,30 +392,66 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         held = self._deferred.pop(key, None)
         if held is not None:
             batches[:0] = held.batches
+            if held.timer is not None:
+                held.timer.cancel()
         checkpoints = [*(held.rows if held else ()), *([rows] if rows is not None else [])]
         return {**_checkpoint_params(checkpoints), **_writes_params(batches)}
 
-    def _defer(self, key: tuple[str, str], rows: _CheckpointRows) -> None:
-        """Hold a new thread's opening checkpoint back, with the writes waiting for it, to ride
-        with the thread's next statement: the one that carries the first node's writes. Until a
-        node has run, all of it follows from the input, which the caller keeps (the orchestrator
-        stores it with the workflow); a crash loses nothing the run cannot make again. The caller
-        sends what a run leaves held back (it stopped before any node ran) with :meth:`flush`;
-        anything left is dropped after a while."""
+    def _defer(self, key: tuple[str, str], rows: _CheckpointRows, *, write_within_s: float | None = None) -> None:
+        """Hold a checkpoint back, with the writes waiting for it, to ride with the thread's
+        next statement.
+
+        - A new thread's opening checkpoints, until the first node's statement. Until a node
+          has run, all of it follows from the input, which the caller keeps (the orchestrator
+          stores it with the workflow); a crash loses nothing the run cannot make again.
+        - At durability ``async``, with a write-behind window (``WRITE_BEHIND_KEY``): the
+          held rows are written ``write_within_s`` after the first of them, with whatever
+          came meanwhile; a crash may lose that window's steps, which run again.
+
+        The caller sends what a run leaves held back with :meth:`flush`; a held opening
+        checkpoint left there (its run stopped and was never flushed) is dropped after a while."""
         now = time.monotonic()
-        for stale in [k for k, d in self._deferred.items() if now - d.at > _DEFERRED_MAX_S]:
+        for stale in [k for k, d in self._deferred.items() if now - d.at > _DEFERRED_MAX_S and d.timer is None]:
             del self._deferred[stale]
         held = self._deferred.setdefault(key, _Deferred(now))
         held.rows.append(rows)
         for batch in self._take(key):
             held.batches.append(batch)
             batch.done.set_result(None)
+        if write_within_s is not None and held.timer is None:
+            held.timer = asyncio.get_running_loop().call_later(write_within_s, self._write_held_soon, key)
+
+    def _write_held_soon(self, key: tuple[str, str]) -> None:
+        """A write-behind window ran out: write the thread's held rows (after its write before)."""
+        if (held := self._deferred.get(key)) is not None:
+            held.timer = None
+        previous = self._writing.get(key)
+        task = asyncio.get_running_loop().create_task(self._write_held(key, after=previous))
+        self._writing[key] = task
+        task.add_done_callback(lambda t: self._writing.pop(key) if self._writing.get(key) is t else None)
+
+    async def _write_held(self, key: tuple[str, str], *, after: asyncio.Task[None] | None = None) -> None:
+        """Write what is held for ``key``; a failure is raised to the thread's next put or flush."""
+        if after is not None:
+            await asyncio.wait([after])
+        if key not in self._deferred:
+            return
+        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
+        try:
+            await self._execute(_statement_for(params), params, [])
+        except Exception as e:  # noqa: BLE001 - the run hears of it at its next put or flush
+            self._failed[key] = e
 
     async def flush(self, thread_id: str) -> None:
-        """Write what is held back for ``thread_id`` (every namespace), if anything."""
+        """Write what is held back for ``thread_id`` (every namespace), if anything, once the
+        writes of its windows that ran out are done; raise the first of theirs that failed."""
+        if writing := [task for key, task in self._writing.items() if key[0] == thread_id]:
+            await asyncio.wait(writing)
         for key in [k for k in self._deferred if k[0] == thread_id]:
             params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
             await self._execute(_statement_for(params), params, [])
+        for key in [k for k in self._failed if k[0] == thread_id]:
+            raise self._failed.pop(key)
 
     async def aput_writes(
         self,

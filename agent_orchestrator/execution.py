@@ -2,7 +2,8 @@
 
 The graph is streamed in ``tasks`` mode at its type's durability (``sync``: every
 finished node is checkpointed before the next starts; ``async``: while the next
-runs, and all before the stream ends). Every finished node is reported as a
+runs, the checkpoints of ``AO_CHECKPOINT_WRITE_BEHIND_MS`` together, and all before
+the run's outcome is taken). Every finished node is reported as a
 ``workflow.node`` event and timed in ``workflow_node_duration_seconds``. What comes out is an
 :class:`Outcome`: finished (with status and result) or waiting on an interrupt.
 It is taken from the stream's ``values`` chunks, so the state is not read back
@@ -20,7 +21,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
 from agent_orchestrator.agent_calls import KEYS_OUTLIVE_CHECKPOINTS
-from agent_orchestrator.checkpointer import NEW_THREAD_KEY, PooledPostgresSaver
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY, WRITE_BEHIND_KEY, PooledPostgresSaver
 from agent_orchestrator.workflows.base import Durability, WorkflowContext
 from shared.lib import metrics
 
@@ -94,7 +95,8 @@ async def run_graph(
     """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
-    flags = {NEW_THREAD_KEY: new_thread, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync"}
+    window_s = context.settings.checkpoint_write_behind_ms / 1000 if durability == "async" else 0.0
+    flags = {NEW_THREAD_KEY: new_thread, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync", WRITE_BEHIND_KEY: window_s}
     stream_config = {**config, "configurable": {**config["configurable"], **{k: v for k, v in flags.items() if v}}}
     started: dict[str, float] = {}
     final: _Final = _Final()
@@ -116,8 +118,8 @@ async def run_graph(
             metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
             if chunk.get("error") is None and not chunk.get("interrupts"):
                 await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
-    if new_thread and isinstance(graph.checkpointer, PooledPostgresSaver):
-        await graph.checkpointer.flush(config["configurable"]["thread_id"])  # stopped before any node ran
+    if isinstance(graph.checkpointer, PooledPostgresSaver):  # what is still held: all before the outcome
+        await graph.checkpointer.flush(config["configurable"]["thread_id"])
     if final.values is None:  # nothing ran (a thread already at its end): read what it holds
         return await _outcome(graph, config)
     return _outcome_of(final.values, final.interrupts)

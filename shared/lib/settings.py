@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     """Wait for the WAL flush on each checkpoint commit. Off, a checkpoint still survives an
     orchestrator crash and stays in WAL order, but a PostgreSQL crash may lose the last
     ~0.6 s of them (those steps re-run on resume); it saves a flush per superstep."""
+    checkpoint_write_behind_ms: float = Field(default=20.0, ge=0, le=10_000)
+    """In a workflow at durability ``async``, how long a step's checkpoint may wait to be written
+    with the next steps' in one statement (0: each on its own). A crash may lose the steps of
+    that window; they run again with the same call keys. Every checkpoint is written before the
+    run's outcome is recorded."""
 
     # -- process ---------------------------------------------------------------------
     data_dir: Path = Path(".data")

@@ -14,7 +14,7 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from agent_orchestrator.checkpointer import NEW_THREAD_KEY, PooledPostgresSaver, open_checkpointer
+from agent_orchestrator.checkpointer import NEW_THREAD_KEY, WRITE_BEHIND_KEY, PooledPostgresSaver, open_checkpointer
 from shared.lib.settings import Settings
 
 
@@ -217,6 +217,64 @@ async def test_a_new_thread_stopped_before_its_first_node_keeps_its_checkpoint_o
     assert out["n"] == 30
     await saver.flush(thread)  # nothing held back any more: no statement
     assert saver.stats.statements == before + 3
+
+
+async def test_a_write_behind_window_writes_the_steps_together_and_flush_sends_the_rest(
+    saver: PooledPostgresSaver, stock: AsyncPostgresSaver
+) -> None:
+    """At durability async with a write-behind window, the steps' checkpoints wait to go together:
+    none is written before the window runs out, ``flush`` sends what is held in one statement,
+    and the history is the one the stock saver reads for a run written step by step."""
+    graph = _chain().compile(checkpointer=saver)
+    thread = uuid.uuid4().hex
+    before = saver.stats.statements
+    out = await graph.ainvoke({"n": 2}, _config(thread, **{WRITE_BEHIND_KEY: 30.0}), durability="async")  # type: ignore[arg-type]
+    assert out["n"] == 30
+    assert saver.stats.statements == before  # all held: the window has not run out
+    await saver.flush(thread)
+    assert saver.stats.statements == before + 1
+    assert not saver._deferred
+    history = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
+    assert [(c.metadata["source"], c.metadata["step"]) for c in history] == [
+        ("loop", 2),
+        ("loop", 1),
+        ("loop", 0),
+        ("input", -1),
+    ]
+    assert history[0].checkpoint["channel_values"]["n"] == 30
+
+
+async def test_held_checkpoints_are_written_when_their_window_runs_out(saver: PooledPostgresSaver) -> None:
+    """Without a flush, what a window holds is written once the window has run out."""
+    graph = _chain().compile(checkpointer=saver)
+    thread = uuid.uuid4().hex
+    await graph.ainvoke({"n": 2}, _config(thread, **{WRITE_BEHIND_KEY: 0.05}), durability="async")  # type: ignore[arg-type]
+    for _ in range(100):
+        if not saver._deferred and not saver._writing:
+            break
+        await asyncio.sleep(0.02)
+    state = await graph.aget_state(_config(thread))  # type: ignore[arg-type]
+    assert state.values["n"] == 30
+    assert state.next == ()
+
+
+async def test_a_held_write_that_fails_is_raised_by_the_flush(saver: PooledPostgresSaver, database_url: str) -> None:
+    """A window's write the server refuses fails the run's flush (the orchestrator records no
+    outcome over checkpoints that were not stored)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE checkpoints ADD CONSTRAINT refuse_doomed CHECK (thread_id NOT LIKE 'doomed-%')")
+        graph = _chain().compile(checkpointer=saver)
+        thread = f"doomed-{uuid.uuid4().hex}"
+        await graph.ainvoke({"n": 2}, _config(thread, **{WRITE_BEHIND_KEY: 0.01}), durability="async")  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # the window ran out and its write failed
+        with pytest.raises(Exception, match="refuse_doomed"):
+            await saver.flush(thread)
+        await saver.flush(thread)  # raised once
+    finally:
+        await conn.close()
 
 
 async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: PooledPostgresSaver) -> None:
