@@ -12,8 +12,9 @@ from the checkpointer; only a run in which nothing ran reads it.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,15 +99,32 @@ async def run_graph(
     window_s = context.settings.checkpoint_write_behind_ms / 1000 if durability == "async" else 0.0
     flags = {NEW_THREAD_KEY: new_thread, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync", WRITE_BEHIND_KEY: window_s}
     stream_config = {**config, "configurable": {**config["configurable"], **{k: v for k, v in flags.items() if v}}}
+    stream = graph.astream(  # type: ignore[call-overload]
+        graph_input, stream_config, context=context, stream_mode=["tasks", "values"], durability=durability
+    )
+    try:
+        final = await _consume(stream, workflow_type, on_node=on_node, on_task_start=on_task_start)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own failure is the one to report
+            await _flush(graph, config)
+        raise
+    await _flush(graph, config)  # what the saver still holds: stored before the outcome is taken
+    if final.values is None:  # nothing ran (a thread already at its end): read what it holds
+        return await _outcome(graph, config)
+    return _outcome_of(final.values, final.interrupts)
+
+
+async def _consume(
+    stream: AsyncIterator[tuple[str, dict[str, Any]]],
+    workflow_type: str,
+    *,
+    on_node: NodeCallback,
+    on_task_start: Callable[[], None] | None,
+) -> _Final:
+    """Consume the stream: time and report each finished node; what the ``values`` chunks said last."""
     started: dict[str, float] = {}
-    final: _Final = _Final()
-    async for mode, chunk in graph.astream(  # type: ignore[call-overload]
-        graph_input,
-        stream_config,
-        context=context,
-        stream_mode=["tasks", "values"],
-        durability=durability,
-    ):
+    final = _Final()
+    async for mode, chunk in stream:
         if mode == "values":
             final.see(chunk)
         elif "input" in chunk:
@@ -118,11 +136,12 @@ async def run_graph(
             metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
             if chunk.get("error") is None and not chunk.get("interrupts"):
                 await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
-    if isinstance(graph.checkpointer, PooledPostgresSaver):  # what is still held: all before the outcome
+    return final
+
+
+async def _flush(graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any]) -> None:
+    if isinstance(graph.checkpointer, PooledPostgresSaver):
         await graph.checkpointer.flush(config["configurable"]["thread_id"])
-    if final.values is None:  # nothing ran (a thread already at its end): read what it holds
-        return await _outcome(graph, config)
-    return _outcome_of(final.values, final.interrupts)
 
 
 @dataclass
