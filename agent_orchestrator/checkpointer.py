@@ -59,6 +59,7 @@ import base64
 import contextlib
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ from psycopg import AsyncConnection, AsyncPipeline
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from shared.lib.connections import Along
 from shared.lib.errors import StartupError
 from shared.lib.settings import Settings
 
@@ -123,21 +125,25 @@ DO UPDATE SET checkpoint = EXCLUDED.checkpoint, metadata = EXCLUDED.metadata
 """
 
 
-@functools.cache
-def _statement(*, upserts: bool, inserts: bool, blobs: bool, checkpoint: bool) -> str:
-    """One statement writing what there is: task writes (upserted or inserted), blobs and the
-    checkpoint row, the others as CTEs of the last. Only the parts with rows are included: an
-    empty CTE still costs ~0.1 ms a statement (prepared, measured on PostgreSQL 18)."""
-    parts = [
+def _parts(params: dict[str, Any]) -> list[str]:
+    """The INSERTs ``params`` has rows for: task writes (upserted or inserted), blobs, checkpoints."""
+    return [
         sql
-        for sql, present in (
-            (_WRITES_UPSERT, upserts),
-            (_WRITES_INSERT_ONLY, inserts),
-            (_BLOBS_INSERT, blobs),
-            (_CHECKPOINT_UPSERT, checkpoint),
+        for sql, name in (
+            (_WRITES_UPSERT, "u_writes"),
+            (_WRITES_INSERT_ONLY, "i_writes"),
+            (_BLOBS_INSERT, "blobs"),
+            (_CHECKPOINT_UPSERT, "checkpoints"),
         )
-        if present
+        if params.get(name) is not None
     ]
+
+
+@functools.cache
+def _statement(*parts: str) -> str:
+    """One statement writing what there is, the others as CTEs of the last. Only the parts with
+    rows are included: an empty CTE still costs ~0.1 ms a statement (prepared, measured on
+    PostgreSQL 18)."""
     *ctes, last = parts
     if not ctes:
         return last
@@ -215,12 +221,28 @@ def _writes_params(batches: Sequence[_WriteBatch]) -> dict[str, str | None]:
 
 
 def _statement_for(params: dict[str, Any]) -> str:
-    return _statement(
-        upserts=params["u_writes"] is not None,
-        inserts=params["i_writes"] is not None,
-        blobs=params.get("blobs") is not None,
-        checkpoint=params.get("checkpoints") is not None,
-    )
+    return _statement(*_parts(params))
+
+
+_PARAM = re.compile(r"%\((\w+)\)s")
+
+
+def _along(sql: str, params: dict[str, Any]) -> Along:
+    """A part as a statement to go in an asyncpg statement: its ``%(name)s`` parameters numbered
+    from the ``int`` given, each sent as text (every one is a string, or None)."""
+
+    def statement(first: int) -> tuple[str, list[Any]]:
+        names: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in names:
+                names.append(m.group(1))
+            return f"(${first + names.index(m.group(1))}::text)"
+
+        numbered = _PARAM.sub(number, sql)
+        return numbered, [params[n] for n in names]
+
+    return statement
 
 
 @dataclass
@@ -445,13 +467,26 @@ class PooledPostgresSaver(AsyncPostgresSaver):
     async def flush(self, thread_id: str) -> None:
         """Write what is held back for ``thread_id`` (every namespace), if anything, once the
         writes of its windows that ran out are done; raise the first of theirs that failed."""
+        for params in await self._held(thread_id):
+            await self._execute(_statement_for(params), params, [])
+
+    async def take_held(self, thread_id: str) -> list[Along]:
+        """What is held back for ``thread_id``, as statements to go in the caller's (asyncpg)
+        statement: stored in its commit, with what it writes (the orchestrator's: the run's
+        outcome). As :meth:`flush`, once the writes of its windows that ran out are done."""
+        return [_along(sql, params) for params in await self._held(thread_id) for sql in _parts(params)]
+
+    async def _held(self, thread_id: str) -> list[dict[str, Any]]:
+        """Take what is held for ``thread_id``, one statement's parameters per namespace, after the
+        writes of its windows that ran out; raise the first of those that failed."""
         if writing := [task for key, task in self._writing.items() if key[0] == thread_id]:
             await asyncio.wait(writing)
-        for key in [k for k in self._deferred if k[0] == thread_id]:
-            params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
-            await self._execute(_statement_for(params), params, [])
         for key in [k for k in self._failed if k[0] == thread_id]:
             raise self._failed.pop(key)
+        return [
+            {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
+            for key in [k for k in self._deferred if k[0] == thread_id]
+        ]
 
     async def aput_writes(
         self,

@@ -92,7 +92,9 @@ async def run_graph(
 
     ``new_thread`` says no checkpoint can exist yet (the run's first attempt), so neither
     this function nor the saver reads one before the first write. ``on_task_start`` is called
-    as each task starts.
+    as each task starts. Checkpoints the saver still holds when the run stops are stored here
+    before an interrupt or a failure; a finished run's are left for the caller to store with its
+    outcome (``PooledPostgresSaver.take_held``), or else for the saver's write-behind window.
     """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
@@ -108,10 +110,13 @@ async def run_graph(
         with contextlib.suppress(Exception):  # the run's own failure is the one to report
             await _flush(graph, config)
         raise
-    await _flush(graph, config)  # what the saver still holds: stored before the outcome is taken
     if final.values is None:  # nothing ran (a thread already at its end): read what it holds
+        await _flush(graph, config)
         return await _outcome(graph, config)
-    return _outcome_of(final.values, final.interrupts)
+    outcome = _outcome_of(final.values, final.interrupts)
+    if outcome.status == "interrupted":  # stored before the run is parked on it
+        await _flush(graph, config)
+    return outcome
 
 
 async def _consume(

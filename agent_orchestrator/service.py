@@ -23,6 +23,7 @@ import orjson
 from langgraph.graph.state import CompiledStateGraph
 
 from agent_orchestrator.agent_calls import BusAgentCalls
+from agent_orchestrator.checkpointer import PooledPostgresSaver
 from agent_orchestrator.event_watch import WorkflowWatch
 from agent_orchestrator.execution import Outcome, run_graph
 from agent_orchestrator.node_events import NodeEvent, NodeEvents, merged_agents
@@ -323,7 +324,8 @@ class Orchestrator:
                 {"status": "interrupted", "interrupt": outcome.interrupt},
             )
             return
-        finish_run = [RunStore.finish_along(run.workflow_id)]  # the run row, in the same statement
+        # the run row and the checkpoints the saver still holds, in the same statement
+        finish_run = [RunStore.finish_along(run.workflow_id), *await self._held_checkpoints(run.workflow_id)]
         if isinstance(outcome, Outcome):
             await self._finalize(
                 run.workflow_id,
@@ -350,6 +352,11 @@ class Orchestrator:
                 nodes=nodes,
             )
         lr.run_finished = True
+
+    async def _held_checkpoints(self, workflow_id: str) -> list[Along]:
+        if isinstance(self.saver, PooledPostgresSaver):
+            return await self.saver.take_held(workflow_id)
+        return []
 
     async def on_stuck(self, run: RunRow) -> None:
         await self._emit(

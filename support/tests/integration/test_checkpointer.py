@@ -15,6 +15,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
 from agent_orchestrator.checkpointer import NEW_THREAD_KEY, WRITE_BEHIND_KEY, PooledPostgresSaver, open_checkpointer
+from shared.lib.connections import create_pg_pool, with_ctes
 from shared.lib.settings import Settings
 
 
@@ -242,6 +243,32 @@ async def test_a_write_behind_window_writes_the_steps_together_and_flush_sends_t
         ("input", -1),
     ]
     assert history[0].checkpoint["channel_values"]["n"] == 30
+
+
+async def test_held_checkpoints_taken_go_in_the_callers_statement(
+    saver: PooledPostgresSaver, stock: AsyncPostgresSaver, database_url: str
+) -> None:
+    """``take_held`` hands what is held over as statements for another (asyncpg) statement, as
+    the orchestrator writes a finished run's checkpoints with its outcome: one commit for both,
+    and the history the stock saver reads is whole."""
+    graph = _chain().compile(checkpointer=saver)
+    thread = uuid.uuid4().hex
+    before = saver.stats.statements
+    await graph.ainvoke({"n": 2}, _config(thread, **{WRITE_BEHIND_KEY: 30.0}), durability="async")  # type: ignore[arg-type]
+    held = await saver.take_held(thread)
+    assert held
+    assert not saver._deferred
+    pool = await create_pg_pool(database_url, max_size=1)  # the JSON codecs the event bus uses
+    try:
+        ctes, args = with_ctes("held", held, [thread])
+        await pool.execute(f"WITH {', '.join(ctes)} SELECT $1::text", *args)
+    finally:
+        await pool.close()
+    assert saver.stats.statements == before  # the saver sent none of it
+    history = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
+    assert [c.metadata["step"] for c in history] == [2, 1, 0, -1]
+    assert history[0].checkpoint["channel_values"]["n"] == 30
+    assert await saver.take_held(thread) == []
 
 
 async def test_held_checkpoints_are_written_when_their_window_runs_out(saver: PooledPostgresSaver) -> None:
