@@ -306,10 +306,12 @@ class Orchestrator:
         return on_node
 
     async def _write_nodes(self, workflow_id: str, events: list[NodeEvent]) -> None:
-        """Node events in one statement, in order, with the last one's step and all their agents."""
+        """Node events in one statement, in order, with the last one's step and all their agents,
+        and the checkpoints the saver holds by then (the steps' that ended)."""
         change = self.records.manager.step_change(workflow_id, events[-1].node, agents=merged_agents(events))
         before = _node_events(events[:-1])
-        await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before)
+        held = await self._held_checkpoints(workflow_id)
+        await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before, also=held)
 
     async def on_finished(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         run, record = lr.run, lr.record
@@ -426,11 +428,13 @@ class Orchestrator:
         data: dict[str, Any],
         *,
         before: Sequence[tuple[str, dict[str, Any]]] = (),
+        also: Sequence[Along] = (),
     ) -> None:
         """Change the workflow row and record the event (after ``before``) in one statement (one
-        commit). A workflow already finished (cancelled meanwhile) takes none: Conflict stops its run."""
+        commit), with ``also`` written either way. A workflow already finished (cancelled
+        meanwhile) takes no event: Conflict stops its run."""
         if await self.bus.emit_after(
-            change, event_type, data, aggregate_type="workflow", aggregate_id=workflow_id, before=before
+            change, event_type, data, aggregate_type="workflow", aggregate_id=workflow_id, before=before, also=also
         ):
             return
         record = await self.records.get(workflow_id)
