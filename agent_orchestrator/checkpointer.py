@@ -27,13 +27,14 @@ the rest are upstream's). Only the hot path reaches PostgreSQL differently:
   (an empty CTE still costs ~0.1 ms), and prepared after a few uses. Rows travel
   as JSON made by orjson: psycopg's ``Jsonb`` (stdlib encoder) and list adapters
   were most of the client time of a statement (pyinstrument).
-- **Steps written together, at durability ``async``.** A caller that sets
-  ``configurable[WRITE_BEHIND_KEY]`` (seconds; the orchestrator's is
-  ``AO_CHECKPOINT_WRITE_BEHIND_MS``) lets checkpoints wait that long to go in one
-  statement with the ones that follow; the window's writes go when it runs out, and
-  the caller sends what is still held with :meth:`PooledPostgresSaver.flush` when the
-  run stops, before it records the outcome. Three quick steps are then one commit, not
-  three. A write that fails in the background is raised by the thread's next put or flush.
+- **Steps written with what the run writes anyway, at durability ``async``.** A
+  caller that sets ``configurable[WRITE_BEHIND_KEY]`` (seconds; the orchestrator's is
+  ``AO_CHECKPOINT_WRITE_BEHIND_MS``) lets checkpoints wait that long. It takes what is
+  held with :meth:`PooledPostgresSaver.take_held`, as statements to go in one of its
+  own (the orchestrator's node events and the run's outcome), or sends it with
+  :meth:`PooledPostgresSaver.flush`; what is still held when its window runs out is
+  written then. A finished three-step run then costs no statement of the saver's. A
+  write that fails in the background is raised by the thread's next put, take or flush.
 - **No thread hop.** Upstream (de)serialises in ``asyncio.to_thread``; for the
   small states of a step the hop costs more than the work, so it runs inline.
 - **No read, and no commit before the first node, for a thread known to be new.**

@@ -59,10 +59,10 @@ class Settings(BaseSettings):
     orchestrator crash and stays in WAL order, but a PostgreSQL crash may lose the last
     ~0.6 s of them (those steps re-run on resume); it saves a flush per superstep."""
     checkpoint_write_behind_ms: float = Field(default=20.0, ge=0, le=10_000)
-    """In a workflow at durability ``async``, how long a step's checkpoint may wait to be written
-    with the next steps' in one statement (0: each on its own). A crash may lose the steps of
-    that window; they run again with the same call keys. Every checkpoint is written before the
-    run's outcome is recorded."""
+    """In a workflow at durability ``async``, how long a step's checkpoint may wait to go in a
+    statement the run writes anyway (its node's event, the outcome) before it is written on its
+    own (0: each at once). A crash may lose the steps of that window; they run again with the
+    same call keys. Every checkpoint is stored no later than the run's outcome."""
 
     # -- process ---------------------------------------------------------------------
     data_dir: Path = Path(".data")
