@@ -20,6 +20,22 @@ from shared.lib.workflow_state import WorkflowStateManager
 from support.tests.integration.conftest import BusFactory
 
 
+def _runner(
+    pool: Any, settings: Settings, outcome: Callable[[LocalRun], Outcome]
+) -> tuple[WorkflowRunner, WorkflowRecords, asyncio.Queue[str]]:
+    """A runner whose runs end with ``outcome(run)``, its records, and the ids of the runs it finished."""
+    finished: asyncio.Queue[str] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        return outcome(lr)
+
+    async def on_finished(lr: LocalRun, _outcome: Any) -> None:
+        finished.put_nowait(lr.run.workflow_id)
+
+    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
+    return runner, WorkflowRecords(pool, WorkflowStateManager(pool), runner.store), finished
+
+
 async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
     settings_factory: Callable[..., Settings],
 ) -> None:
@@ -28,17 +44,12 @@ async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
     pool = await create_pg_pool(settings.database_url)
     other = await connect_postgres(settings.database_url)  # another replica's lock session
     ran: list[tuple[str, Any]] = []
-    finished: asyncio.Queue[str] = asyncio.Queue()
 
-    async def execute(lr: LocalRun) -> Outcome:
+    def succeed(lr: LocalRun) -> Outcome:
         ran.append((lr.run.workflow_id, lr.record))
         return Outcome(status="succeeded")
 
-    async def on_finished(lr: LocalRun, _outcome: Any) -> None:
-        finished.put_nowait(lr.run.workflow_id)
-
-    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    runner, records, finished = _runner(pool, settings, succeed)
     a, b, c = (str(uuid.uuid4()) for _ in range(3))
     await runner.start()
     try:
@@ -130,19 +141,14 @@ async def test_a_finished_runs_lock_goes_back_with_the_next_launchs_and_an_inter
     assert settings.database_url is not None
     pool = await create_pg_pool(settings.database_url)
     other = await connect_postgres(settings.database_url)  # another replica's lock session
-    finished: asyncio.Queue[str] = asyncio.Queue()
+    done, waits, nxt = (str(uuid.uuid4()) for _ in range(3))
 
-    async def execute(lr: LocalRun) -> Outcome:
+    def outcome(lr: LocalRun) -> Outcome:
         if lr.run.workflow_id == waits:
             return Outcome(status="interrupted", interrupt={"question": "ship it?"})
         return Outcome(status="succeeded")
 
-    async def on_finished(lr: LocalRun, _outcome: Any) -> None:
-        finished.put_nowait(lr.run.workflow_id)
-
-    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
-    done, waits, nxt = (str(uuid.uuid4()) for _ in range(3))
+    runner, records, finished = _runner(pool, settings, outcome)
 
     async def launch_and_run(workflow_id: str) -> None:
         locking = runner.reserve(workflow_id)
