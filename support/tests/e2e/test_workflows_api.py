@@ -108,11 +108,17 @@ def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path
     done = r.json()
     assert (done["status"], done["created"]) == ("succeeded", True)
     assert done["result"] == api.get(f"/workflows/{done['workflow_id']}").json()["result"]
+    # every checkpoint is stored no later than the outcome: the last one, with nothing next, is there
+    history = api.get(f"/workflows/{done['workflow_id']}/history").json()["checkpoints"]
+    assert history[0]["next"] == []
+    assert [c["step"] for c in history] == list(range(history[0]["step"], -2, -1))
     pr = {"workflow_type": "pr_deployment", "input": pr_input(sample_repo, environment="wait")}
     r = api.post("/workflows", params={"wait_s": 60}, json=pr)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "interrupted"
     assert r.json()["interrupt"]["review"]["approved"] is True
+    history = api.get(f"/workflows/{r.json()['workflow_id']}/history").json()["checkpoints"]
+    assert history[0]["next"] == ["approval"], history[0]  # the checkpoint a resume starts from
     api.post(f"/workflows/{r.json()['workflow_id']}/cancel")
     r = api.post("/workflows", params={"wait_s": 0.001}, json=docs)
     assert r.status_code == 202, r.text
