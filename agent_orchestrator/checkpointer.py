@@ -90,12 +90,13 @@ from shared.lib.settings import Settings
 
 __all__ = ["NEW_THREAD_KEY", "WRITE_BEHIND_KEY", "PooledPostgresSaver", "SaverStats", "open_checkpointer"]
 
-#: How long a held-back input checkpoint waits for its thread's next statement before it is dropped.
+#: How long a held-back opening checkpoint waits for its thread's next statement before it is dropped.
 _DEFERRED_MAX_S = 60.0
 #: ``configurable`` key a caller sets when it knows the thread has no checkpoint yet.
 NEW_THREAD_KEY = "thread_is_new"
 #: ``configurable`` key (seconds) a caller sets, at durability ``async`` only, to let checkpoints
-#: wait that long to be written together; it sends what is still held with ``flush`` at the end.
+#: wait that long for a statement to ride with; when its run stops it takes what is still held
+#: (``take_held``) or sends it (``flush``).
 WRITE_BEHIND_KEY = "checkpoint_write_behind_s"
 
 _WRITES_INSERT = """
@@ -284,7 +285,7 @@ def _opening(metadata: CheckpointMetadata) -> bool:
 
 @dataclass
 class _Deferred:
-    """What a new thread holds back: its opening checkpoints and their writes, since ``at``."""
+    """What a thread holds back: checkpoints and the writes that came with them, since ``at``."""
 
     at: float
     rows: list[_CheckpointRows] = field(default_factory=list)
@@ -319,7 +320,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self.stats = SaverStats()
         self._waiting: dict[tuple[str, str], list[_WriteBatch]] = {}
         self._puts: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
-        # the opening checkpoints (and their writes) of new threads, held back until a node has run
+        # checkpoints (and their writes) held back: a new thread's opening ones, a write-behind window's
         self._deferred: dict[tuple[str, str], _Deferred] = {}
         # held rows being written when their window ran out, and such writes that failed
         self._writing: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -454,7 +455,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         task.add_done_callback(lambda t: self._writing.pop(key) if self._writing.get(key) is t else None)
 
     async def _write_held(self, key: tuple[str, str], *, after: asyncio.Task[None] | None = None) -> None:
-        """Write what is held for ``key``; a failure is raised to the thread's next put or flush."""
+        """Write what is held for ``key``; a failure is raised to the thread's next put, take or flush."""
         if after is not None:
             await asyncio.wait([after])
         if key not in self._deferred:
