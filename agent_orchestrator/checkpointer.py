@@ -372,7 +372,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             return saved
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches)
-        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, rows, batches)}
+        params = self._statement_params(key, rows, batches)
         in_flight: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._puts.setdefault(key, set()).add(in_flight)
         try:
@@ -408,7 +408,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         }
         return _CheckpointRows(row, [_blob_row(b) for b in blob_rows])
 
-    def _carried(
+    def _statement_params(
         self, key: tuple[str, str], rows: _CheckpointRows | None, batches: list[_WriteBatch]
     ) -> dict[str, str | None]:
         """The parameters of the thread's next statement: what was held back for it (if anything)
@@ -419,7 +419,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             if held.timer is not None:
                 held.timer.cancel()
         checkpoints = [*(held.rows if held else ()), *([rows] if rows is not None else [])]
-        return {**_checkpoint_params(checkpoints), **_writes_params(batches)}
+        return {"thread_id": key[0], "ns": key[1], **_checkpoint_params(checkpoints), **_writes_params(batches)}
 
     def _defer(self, key: tuple[str, str], rows: _CheckpointRows, *, write_within_s: float | None = None) -> None:
         """Hold a checkpoint back, with the writes waiting for it, to ride with the thread's
@@ -460,7 +460,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             await asyncio.wait([after])
         if key not in self._deferred:
             return
-        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
+        params = self._statement_params(key, None, [])
         try:
             await self._execute(_statement_for(params), params, [])
         except Exception as e:  # noqa: BLE001 - the run hears of it at its next put or flush
@@ -485,10 +485,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             await asyncio.wait(writing)
         for key in [k for k in self._failed if k[0] == thread_id]:
             raise self._failed.pop(key)
-        return [
-            {"thread_id": key[0], "ns": key[1], **self._carried(key, None, [])}
-            for key in [k for k in self._deferred if k[0] == thread_id]
-        ]
+        return [self._statement_params(key, None, []) for key in [k for k in self._deferred if k[0] == thread_id]]
 
     async def aput_writes(
         self,
@@ -515,7 +512,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         self._waiting.setdefault(key, []).insert(0, batch)
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches) - 1
-        params = {"thread_id": key[0], "ns": key[1], **self._carried(key, None, batches)}
+        params = self._statement_params(key, None, batches)
         await self._execute(_statement_for(params), params, batches)
 
     def _forget(self, key: tuple[str, str], batch: _WriteBatch) -> None:
