@@ -58,6 +58,10 @@ def _chain() -> StateGraph[Any, Any, Any, Any]:
     return g
 
 
+#: (source, step) of a ``_chain`` run's checkpoints, newest first.
+_CHAIN_HISTORY = [("loop", 2), ("loop", 1), ("loop", 0), ("input", -1)]
+
+
 def _approval() -> StateGraph[Any, Any, Any, Any]:
     async def ask(s: State) -> dict[str, Any]:
         return {"answer": str(interrupt({"question": "ship it?", "n": s["n"]})), "log": ["ask"]}
@@ -185,12 +189,7 @@ async def test_a_new_threads_opening_checkpoints_ride_with_its_first_nodes_state
     assert not saver._deferred, "a deferred checkpoint left behind"
     ours = [c async for c in saver.alist(_config(thread))]  # type: ignore[arg-type]
     theirs = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
-    assert [(c.metadata["source"], c.metadata["step"]) for c in theirs] == [
-        ("loop", 2),
-        ("loop", 1),
-        ("loop", 0),
-        ("input", -1),
-    ]
+    assert [(c.metadata["source"], c.metadata["step"]) for c in theirs] == _CHAIN_HISTORY
     assert [c.checkpoint["id"] for c in ours] == [c.checkpoint["id"] for c in theirs]
     parent = theirs[-2].parent_config
     assert parent is not None
@@ -236,12 +235,7 @@ async def test_a_write_behind_window_writes_the_steps_together_and_flush_sends_t
     assert saver.stats.statements == before + 1
     assert not saver._deferred
     history = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
-    assert [(c.metadata["source"], c.metadata["step"]) for c in history] == [
-        ("loop", 2),
-        ("loop", 1),
-        ("loop", 0),
-        ("input", -1),
-    ]
+    assert [(c.metadata["source"], c.metadata["step"]) for c in history] == _CHAIN_HISTORY
     assert history[0].checkpoint["channel_values"]["n"] == 30
 
 
