@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -75,13 +76,23 @@ def workflows_router() -> APIRouter:
             description="Wait this long for the workflow to finish or stop at an interrupt; "
             "200 with its outcome if it did.",
         ),
-    ) -> JSONResponse:
-        record, created = await orch.launch(body.workflow_type, body.input, idempotency_key=body.idempotency_key)
-        launched = {"workflow_id": record.workflow_id, "status": record.status, "created": created}
-        if wait_s > 0:
+        stream: bool = Query(
+            default=False,
+            description="Answer 200 with the workflow's event stream (server-sent events, as "
+            "GET /workflows/{id}/events), opened by a workflow.launched event.",
+        ),
+    ) -> Response:
+        if stream and wait_s > 0:
+            raise InvalidInput("give stream or wait_s, not both", field="stream")
+        if stream:
+            return await _launch_streamed(orch, body)
+        if wait_s == 0:
+            record, created = await orch.launch(body.workflow_type, body.input, idempotency_key=body.idempotency_key)
+            return JSONResponse(_launched_view(record, created), status_code=202)
+        async with _launched(orch, body) as (launched, feed):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):
-                    outcome = await _outcome(orch, record.workflow_id)
+                    outcome = await _outcome(orch, launched["workflow_id"], feed)
                     return JSONResponse({**launched, **outcome}, status_code=200)
         return JSONResponse(launched, status_code=202)
 
@@ -131,7 +142,7 @@ def _workflow_views_router() -> APIRouter:
     ) -> EventSourceResponse:
         await orch.records.require(workflow_id)  # 404 before the stream starts
         after = _parse_last_id(last_event_id)
-        return EventSourceResponse(_event_stream(orch, workflow_id, after), ping=15, sep=_SSE_SEP)
+        return EventSourceResponse(_followed_stream(orch, workflow_id, after), ping=15, sep=_SSE_SEP)
 
     @router.get("/interrupts")
     async def interrupts(orch: OrchestratorDep, limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
@@ -173,55 +184,116 @@ _TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _STOPPED = _TERMINAL | {"interrupted"}
 
 
-async def _event_stream(orch: Orchestrator, workflow_id: str, after: int) -> AsyncIterator[bytes]:
-    """The workflow's events after ``after`` as server-sent events, to its terminal status: the
-    events of a batch in one chunk (one write to the socket)."""
-    async for batch in _follow(orch, workflow_id, after):
-        yield b"".join(
-            ServerSentEvent(
-                data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id), sep=_SSE_SEP
-            ).encode()
-            for ev in batch
+def _launched_view(record: WorkflowRecord, created: bool) -> dict[str, Any]:
+    return {"workflow_id": record.workflow_id, "status": record.status, "created": created}
+
+
+@contextlib.asynccontextmanager
+async def _launched(orch: Orchestrator, body: LaunchRequest) -> AsyncIterator[tuple[dict[str, Any], Feed]]:
+    """Launch, with the workflow's feed open from before it exists: a new workflow's events all
+    arrive live, so following it reads no table. A repeated idempotency key gives the existing
+    workflow, followed from its stored events."""
+    new_id = str(uuid.uuid4())
+    async with orch.watch.follow(new_id, new=True) as feed:
+        record, created = await orch.launch(
+            body.workflow_type, body.input, idempotency_key=body.idempotency_key, workflow_id=new_id
         )
+        if created:
+            yield _launched_view(record, created), feed
+            return
+    async with orch.watch.follow(record.workflow_id) as feed:
+        yield _launched_view(record, created), feed
 
 
-async def _outcome(orch: Orchestrator, workflow_id: str) -> dict[str, Any]:
+async def _launch_streamed(orch: Orchestrator, body: LaunchRequest) -> EventSourceResponse:
+    """``POST /workflows?stream=true``: the launch, then the workflow's events to its terminal
+    status. The launch happens before the response starts, so a refused one answers 4xx."""
+    launched: dict[str, Any] = {}
+    chunks = _launch_then_follow(orch, body, launched)
+    first = await anext(chunks)  # launches (or raises)
+    return EventSourceResponse(
+        _prepend(first, chunks),
+        ping=15,
+        sep=_SSE_SEP,
+        headers={"Location": f"/workflows/{launched['workflow_id']}"},
+    )
+
+
+async def _launch_then_follow(
+    orch: Orchestrator, body: LaunchRequest, launched: dict[str, Any]
+) -> AsyncGenerator[bytes, None]:
+    """A ``workflow.launched`` event (no id: it is not stored) with what a plain launch answers
+    (also put in ``launched``), then the workflow's events as server-sent events."""
+    async with _launched(orch, body) as (view, feed):
+        launched.update(view)
+        yield ServerSentEvent(data=orjson.dumps(view).decode(), event="workflow.launched", sep=_SSE_SEP).encode()
+        async for batch in _follow(orch, view["workflow_id"], 0, feed):
+            yield _sse(batch)
+
+
+async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
+async def _followed_stream(orch: Orchestrator, workflow_id: str, after: int) -> AsyncIterator[bytes]:
+    """The workflow's events after ``after`` as server-sent events, to its terminal status."""
+    async with orch.watch.follow(workflow_id) as feed:
+        async for batch in _follow(orch, workflow_id, after, feed):
+            yield _sse(batch)
+
+
+def _sse(batch: list[Event]) -> bytes:
+    """A batch of events as server-sent events, in one chunk (one write to the socket)."""
+    return b"".join(
+        ServerSentEvent(
+            data=orjson.dumps(ev.payload).decode(), event=ev.event_type, id=str(ev.id), sep=_SSE_SEP
+        ).encode()
+        for ev in batch
+    )
+
+
+async def _outcome(orch: Orchestrator, workflow_id: str, feed: Feed) -> dict[str, Any]:
     """The data of the workflow's status event once it is terminal or ``interrupted``: the last
     status of a batch is the current one (the first batch replays every stored event)."""
-    async for batch in _follow(orch, workflow_id, 0, until=_STOPPED):
+    async for batch in _follow(orch, workflow_id, 0, feed, until=_STOPPED):
         if _status(batch) in _STOPPED:
             return dict(next(ev.payload for ev in reversed(batch) if ev.event_type == "workflow.status"))
     raise AssertionError("unreachable: _follow ends at a stopping status")  # pragma: no cover
 
 
 async def _follow(
-    orch: Orchestrator, workflow_id: str, after: int, *, until: frozenset[str] = _TERMINAL
+    orch: Orchestrator, workflow_id: str, after: int, feed: Feed, *, until: frozenset[str] = _TERMINAL
 ) -> AsyncIterator[list[Event]]:
     """Replay stored events after ``after``, then follow live ones, in batches (each in id order),
     until a batch's last status is in ``until``.
 
     The feed (subscribed before the table is read) hands over each event as it is
     published, so following costs no query per event. The table is read again
-    whenever the feed may have missed one: at the start, after the subscription
-    reconnected, and after ``_SSE_POLL_S`` without an event. An event is given once,
+    whenever the feed may have missed one: at the start (unless the feed was open
+    before the workflow existed), after the subscription reconnected, and after
+    ``_SSE_POLL_S`` without an event. An event is given once,
     whichever way it came, so a reconnect with ``Last-Event-ID`` misses nothing and
     never sees an event twice.
     """
     floor, sent = after, set[int]()  # the client has everything up to its Last-Event-ID
-    async with orch.watch.follow(workflow_id) as feed:
-        while True:  # sse-starlette ends the generator when the client goes away
-            events = await _next_events(orch, feed, workflow_id, after)
-            batch = [ev for ev in events if ev.id > floor and ev.id not in sent]
-            if batch:
-                sent.update(ev.id for ev in batch)
-                after = max(after, *(ev.id for ev in batch))
-                yield batch
-                if _status(batch) in until:
-                    return
-            if not feed.arrived.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(feed.arrived.wait(), timeout=_SSE_POLL_S)
-                feed.stale = feed.stale or not feed.arrived.is_set()  # a quiet second: look at the table
+    while True:  # sse-starlette ends the generator when the client goes away
+        events = await _next_events(orch, feed, workflow_id, after)
+        batch = [ev for ev in events if ev.id > floor and ev.id not in sent]
+        if batch:
+            sent.update(ev.id for ev in batch)
+            after = max(after, *(ev.id for ev in batch))
+            yield batch
+            if _status(batch) in until:
+                return
+        if not feed.arrived.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(feed.arrived.wait(), timeout=_SSE_POLL_S)
+            feed.stale = feed.stale or not feed.arrived.is_set()  # a quiet second: look at the table
 
 
 def _status(batch: list[Event]) -> str | None:

@@ -1,7 +1,8 @@
 """Live events for the workflow event streams of one process.
 
 ``GET /workflows/{id}/events`` replays the ``events`` table, then follows the
-workflow's events as they are published. One Redis subscription per process
+workflow's events as they are published. A launch that streams or waits for its
+outcome opens its feed before the workflow exists, and reads no table. One Redis subscription per process
 hands each published event to the streams of its workflow only, as a
 :class:`Feed`, so a live event costs no query. Events this process stores reach
 its feeds at once, before they are published (``own_first``); their copy from
@@ -29,9 +30,9 @@ __all__ = ["Feed", "WorkflowWatch"]
 class Feed:
     """The live events of one workflow for one stream, and whether the table must be read."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, stale: bool = True) -> None:
         self.arrived = asyncio.Event()
-        self.stale = True  # nothing seen yet: the stream starts from the table
+        self.stale = stale  # by default nothing is seen yet: the stream starts from the table
         self._events: list[Event] = []
         self._pushed: set[int] = set()
 
@@ -84,9 +85,12 @@ class WorkflowWatch:
                 feed.lost()
 
     @contextlib.asynccontextmanager
-    async def follow(self, workflow_id: str) -> AsyncIterator[Feed]:
+    async def follow(self, workflow_id: str, *, new: bool = False) -> AsyncIterator[Feed]:
+        """With ``new``, the workflow does not exist yet (its launch comes after this returns):
+        every event it will have reaches the feed live, so the stream need not read the table
+        unless the subscription is lost."""
         await self._ensure()
-        feed = Feed()
+        feed = Feed(stale=not new)
         self._feeds.setdefault(workflow_id, set()).add(feed)
         try:
             yield feed

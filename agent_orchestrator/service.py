@@ -85,9 +85,12 @@ class Orchestrator:
 
     # -- API operations --------------------------------------------------------------------------
     async def launch(
-        self, workflow_type: str, data: Any, *, idempotency_key: str | None
+        self, workflow_type: str, data: Any, *, idempotency_key: str | None, workflow_id: str | None = None
     ) -> tuple[WorkflowRecord, bool]:
-        """Validate and queue a workflow; the same idempotency key returns the same workflow."""
+        """Validate and queue a workflow; the same idempotency key returns the same workflow.
+
+        ``workflow_id`` (a fresh UUID) is the id a new workflow gets, for a caller that follows
+        its events from before it exists; by default one is made here."""
         wtype = self.types.get(workflow_type)
         if wtype is None:
             raise InvalidInput(
@@ -100,7 +103,7 @@ class Orchestrator:
         existing = await self.records.existing(workflow_type, validated, idempotency_key=idempotency_key)
         if existing is not None:
             return existing, False
-        workflow_id = str(uuid.uuid4())
+        workflow_id = workflow_id or str(uuid.uuid4())
         trace = start_workflow_trace(
             f"workflow:{workflow_type}",
             inputs=validated,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,25 +200,59 @@ def test_live_events_are_the_stored_ones_across_a_reconnect(
     assert [e["data"].get("status") for e in replay if e["event"] == "workflow.status"][:2] == ["pending", "running"]
 
 
+def test_a_streamed_launch_answers_with_the_workflows_events(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """``POST /workflows?stream=true`` opens with ``workflow.launched`` (what a plain launch
+    answers), then streams the workflow's events to its terminal one: the same a replay gives.
+    Repeating its idempotency key streams the same workflow from its stored events."""
+    body = {
+        "workflow_type": "parallel_docs",
+        "input": {"repo_path": str(sample_repo[0]), "modules": ["calc", "tests"]},
+        "idempotency_key": f"stream-{time.time()}",
+    }
+    with api.stream("POST", "/workflows", params={"stream": "true"}, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        launched, *streamed = parse_sse(r.iter_lines())
+    assert launched["event"] == "workflow.launched"
+    assert "id" not in launched  # not a stored event: Last-Event-ID stays the workflow's
+    wf_id = launched["data"]["workflow_id"]
+    assert launched["data"]["created"] is True
+    assert r.headers["location"] == f"/workflows/{wf_id}"
+    assert streamed == read_sse(api, wf_id)
+    assert streamed[-1]["data"]["status"] == "succeeded"
+    assert streamed[-1]["data"]["result"] == api.get(f"/workflows/{wf_id}").json()["result"]
+    with api.stream("POST", "/workflows", params={"stream": "true"}, json=body, timeout=60) as r:
+        again, *replayed = parse_sse(r.iter_lines())
+    assert (again["data"]["workflow_id"], again["data"]["created"]) == (wf_id, False)
+    assert replayed == streamed
+
+
 def read_sse(
     api: httpx.Client, wf_id: str, last_event_id: int | None = None, *, stop_after: int | None = None
 ) -> list[dict[str, Any]]:
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events, current = [], {}
     with api.stream("GET", f"/workflows/{wf_id}/events", headers=headers, timeout=30) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("id:"):
-                current["id"] = int(line[3:].strip())
-            elif line.startswith("event:"):
-                current["event"] = line[6:].strip()
-            elif line.startswith("data:"):
-                current["data"] = orjson.loads(line[5:].strip())
-            elif line == "" and "id" in current:
-                events.append(current)
-                current = {}
-                if len(events) == stop_after:
-                    break
+        return parse_sse(r.iter_lines(), stop_after=stop_after)
+
+
+def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[dict[str, Any]]:
+    """Server-sent events as ``{"event", "data"[, "id"]}``, to the end of the stream or ``stop_after``."""
+    events, current = [], {}
+    for line in lines:
+        if line.startswith("id:"):
+            current["id"] = int(line[3:].strip())
+        elif line.startswith("event:"):
+            current["event"] = line[6:].strip()
+        elif line.startswith("data:"):
+            current["data"] = orjson.loads(line[5:].strip())
+        elif line == "" and "event" in current:
+            events.append(current)
+            current = {}
+            if len(events) == stop_after:
+                break
     return events
 
 
@@ -243,6 +278,9 @@ def read_sse(
         ("GET", "/workflows?limit=0", None, 422, "limit"),
         ("POST", "/workflows?wait_s=-1", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),
         ("POST", "/workflows?wait_s=soon", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),
+        ("POST", "/workflows?stream=maybe", {"workflow_type": "parallel_docs", "input": {}}, 422, "stream"),
+        ("POST", "/workflows?stream=true&wait_s=5", {"workflow_type": "parallel_docs", "input": {}}, 422, "stream"),
+        ("POST", "/workflows?stream=true", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
     ],
 )
 def test_bad_input_gets_4xx_naming_the_problem(

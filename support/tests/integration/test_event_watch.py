@@ -84,3 +84,24 @@ async def test_the_subscription_closes_when_nobody_follows_and_opens_again(make_
     finally:
         await watch.close()
     assert not bus._subscriptions
+
+
+async def test_a_feed_opened_before_its_workflow_exists_has_no_table_to_read(make_bus: BusFactory) -> None:
+    """``follow(new=True)`` starts fresh, since every event of a workflow launched after it comes
+    live; a lost subscription still makes it stale."""
+    bus = await make_bus()
+    watch = WorkflowWatch(bus)
+    try:
+        async with watch.follow("wf-new", new=True) as fresh, watch.follow("wf-old") as old:
+            assert not fresh.stale
+            assert old.stale
+            stored = await bus.emit(
+                "workflow.status", {"status": "pending"}, aggregate_type="workflow", aggregate_id="wf-new"
+            )
+            assert [e.id for e in fresh.take()] == [stored.id]
+            for c in await bus.redis.client_list(_type="pubsub"):
+                await bus.redis.client_kill_filter(_id=c["id"])
+            await asyncio.wait_for(fresh.arrived.wait(), 5)
+            assert fresh.stale
+    finally:
+        await watch.close()
