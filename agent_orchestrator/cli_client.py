@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import httpx
 import orjson
@@ -18,7 +18,7 @@ from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailabl
 __all__ = ["approve", "reject", "run", "status"]
 
 _out = Console()
-_TERMINAL = {"succeeded", "failed", "cancelled"}
+_STOPPED = {"succeeded", "failed", "cancelled", "interrupted"}
 
 
 def _client() -> httpx.Client:
@@ -36,11 +36,18 @@ def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> dic
         r = client.request(method, path, json=body)
     except httpx.HTTPError as e:
         raise ServiceUnavailable(f"cannot reach the orchestrator at {client.base_url}: {e}; is it running?") from e
-    data: dict[str, Any] = r.json() if r.content else {}
     if r.status_code >= 400:
-        err = data.get("error", {})
-        raise OrchestratorError(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}")
+        _refused(r)
+    data: dict[str, Any] = r.json() if r.content else {}
     return data
+
+
+def _refused(r: httpx.Response) -> NoReturn:
+    try:
+        err = r.json().get("error", {})
+    except ValueError:
+        err = {}
+    raise OrchestratorError(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}")
 
 
 def _table(wf: dict[str, Any]) -> Table:
@@ -64,14 +71,61 @@ def _ask_approval(client: httpx.Client, wf: dict[str, Any]) -> None:
     _call(client, "POST", f"/workflows/{wf['workflow_id']}/resume", {"decision": decision})
 
 
-def _follow(client: httpx.Client, workflow_id: str, *, interactive: bool) -> dict[str, Any]:
-    with Live(console=_out, refresh_per_second=4) as live:
-        while True:
-            wf = _call(client, "GET", f"/workflows/{workflow_id}")
-            live.update(_table(wf))
-            if wf["status"] in _TERMINAL or (wf["status"] == "interrupted" and interactive):
-                return wf
-            time.sleep(0.3)
+def _sse(r: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The server-sent events of a response, as ``{"event", "data"[, "id"]}``."""
+    event: dict[str, Any] = {}
+    for line in r.iter_lines():
+        field, _, value = line.partition(":")
+        if field in ("id", "event"):
+            event[field] = value.strip()
+        elif field == "data":
+            event["data"] = orjson.loads(value)
+        elif line == "" and "event" in event:
+            yield event
+            event = {}
+
+
+def _stream(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """The events a request answers with; an error answer raised as :func:`_call` does."""
+    try:
+        with client.stream(method, path, timeout=httpx.Timeout(30.0, read=None), **kwargs) as r:
+            if r.status_code >= 400:
+                r.read()
+                _refused(r)
+            yield from _sse(r)
+    except httpx.HTTPError as e:
+        raise ServiceUnavailable(f"lost the orchestrator at {client.base_url}: {e}; is it running?") from e
+
+
+def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str:
+    """Show the workflow live as its events come; the status it stopped at (terminal or
+    ``interrupted``). ``view["last_id"]`` is the last event received, to follow on from."""
+    with Live(_table(view), console=_out, refresh_per_second=8) as live:
+        for ev in events:
+            data = ev.get("data") or {}
+            view["last_id"] = ev.get("id", view.get("last_id"))
+            if ev["event"] == "workflow.launched":
+                view["workflow_id"] = data["workflow_id"]
+            elif ev["event"] == "workflow.node":
+                view["current_step"] = data.get("node")
+            elif ev["event"] == "workflow.status":
+                view["status"] = data["status"]
+                view["reason"] = data.get("reason")
+            live.update(_table(view))
+            if ev["event"] == "workflow.status" and data["status"] in _STOPPED:
+                return str(data["status"])
+    raise ServiceUnavailable(f"the event stream of workflow {view.get('workflow_id')} ended before it stopped")
+
+
+def _follow(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """Launch streaming and follow to the end; answer each approval at the prompt on the way."""
+    view: dict[str, Any] = {"workflow_id": "(launching)", "workflow_type": body["workflow_type"]}
+    status = _watch(_stream(client, "POST", "/workflows", params={"stream": "true"}, json=body), view)
+    while status == "interrupted":
+        _ask_approval(client, _call(client, "GET", f"/workflows/{view['workflow_id']}"))
+        headers = {"Last-Event-ID": str(view["last_id"])}
+        status = _watch(_stream(client, "GET", f"/workflows/{view['workflow_id']}/events", headers=headers), view)
+    return _call(client, "GET", f"/workflows/{view['workflow_id']}")
 
 
 def run(
@@ -85,20 +139,14 @@ def run(
         data = orjson.loads(input_json)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"--input is not valid JSON: {e}", field="input") from e
+    body = {"workflow_type": workflow_type, "input": data, "idempotency_key": idempotency_key}
     with _client() as client:
-        launched = _call(
-            client,
-            "POST",
-            "/workflows",
-            {"workflow_type": workflow_type, "input": data, "idempotency_key": idempotency_key},
-        )
-        _out.print(f"workflow {launched['workflow_id']} is {launched['status']}")
         if not follow:
+            launched = _call(client, "POST", "/workflows", body)
+            _out.print(f"workflow {launched['workflow_id']} is {launched['status']}")
             return
-        wf = _follow(client, launched["workflow_id"], interactive=True)
-        while wf["status"] == "interrupted":
-            _ask_approval(client, wf)
-            wf = _follow(client, launched["workflow_id"], interactive=True)
+        wf = _follow(client, body)
+    _out.print(_table(wf))
     if wf["status"] != "succeeded":
         raise typer.Exit(1)
 

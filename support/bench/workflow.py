@@ -14,6 +14,8 @@ Figures:
 - ``workflow_e2e_wait_p50_ms`` / ``..._p99_ms``: the same workflow launched with
   ``POST /workflows?wait_s=``, which answers with the outcome (as the peer's ``/runs/wait``
   does), measured in rounds interleaved with the followed one;
+- ``workflow_e2e_streamed_p50_ms`` / ``..._p99_ms``: launched with ``POST /workflows?stream=true``,
+  whose answer is the event stream (as the peer's ``/runs/stream``): followed in one request;
 - ``workflow_e2e_p50_ms_<n>_replicas`` for n in 1, 2 (the plot's curve);
 - ``workflow_write_transactions``: write transactions (commits) per workflow, server-wide;
 - ``workflow_phase_<phase>_ms``: median time between a workflow's stored events (launch ->
@@ -215,22 +217,31 @@ async def follow_events(http: httpx.AsyncClient, base: str, workflow_id: str) ->
     status; that event's data (status, reason, and the result or errors it carries)."""
     async with asyncio.timeout(FOLLOW_TIMEOUT_S):
         async with http.stream("GET", f"{base}/workflows/{workflow_id}/events") as stream:
-            event = ""
-            async for line in stream.aiter_lines():
-                if line.startswith("event:"):
-                    event = line.removeprefix("event:").strip()
-                elif line.startswith("data:") and event == "workflow.status":
-                    data: dict[str, Any] = json.loads(line.removeprefix("data:"))
-                    if data.get("status") in TERMINAL:
-                        return data
-    raise RuntimeError(f"the event stream of workflow {workflow_id} ended before its terminal status")
+            return await _terminal_event(stream, f"the event stream of workflow {workflow_id}")
+
+
+async def _terminal_event(stream: httpx.Response, what: str) -> dict[str, Any]:
+    """The data of the first terminal ``workflow.status`` event of a server-sent event stream."""
+    event = ""
+    async for line in stream.aiter_lines():
+        if line.startswith("event:"):
+            event = line.removeprefix("event:").strip()
+        elif line.startswith("data:") and event == "workflow.status":
+            data: dict[str, Any] = json.loads(line.removeprefix("data:"))
+            if data.get("status") in TERMINAL:
+                return data
+    raise RuntimeError(f"{what} ended before its terminal status")
+
+
+def _check(outcome: dict[str, Any], what: str) -> None:
+    """A chain's outcome: succeeded, with every call's output."""
+    if outcome.get("status") != "succeeded" or outcome["result"]["outputs"] != [c["payload"] for c in CALLS]:
+        raise RuntimeError(f"{what} ended {outcome.get('status')}: {outcome.get('reason')}")
 
 
 async def _chain(http: httpx.AsyncClient, base: str) -> None:
     workflow_id = await launch(http, base, "agent_chain", {"calls": CALLS})
-    outcome = await follow_events(http, base, workflow_id)
-    if outcome["status"] != "succeeded" or outcome["result"]["outputs"] != [c["payload"] for c in CALLS]:
-        raise RuntimeError(f"workflow {workflow_id} ended {outcome['status']}: {outcome.get('reason')}")
+    _check(await follow_events(http, base, workflow_id), f"workflow {workflow_id}")
 
 
 async def _waited(http: httpx.AsyncClient, base: str) -> None:
@@ -240,18 +251,27 @@ async def _waited(http: httpx.AsyncClient, base: str) -> None:
         params={"wait_s": FOLLOW_TIMEOUT_S},
         json={"workflow_type": "agent_chain", "input": {"calls": CALLS}},
     )
-    outcome = r.json()
-    if (
-        r.status_code != 200
-        or outcome["status"] != "succeeded"
-        or outcome["result"]["outputs"] != [c["payload"] for c in CALLS]
-    ):
+    if r.status_code != 200:
         raise RuntimeError(f"launch with wait_s answered {r.status_code}: {r.text[:300]}")
+    _check(r.json(), "a launch with wait_s")
+
+
+async def _streamed(http: httpx.AsyncClient, base: str) -> None:
+    """One workflow launched with ``stream=true``: the launch's answer is its event stream."""
+    body = {"workflow_type": "agent_chain", "input": {"calls": CALLS}}
+    async with asyncio.timeout(FOLLOW_TIMEOUT_S):
+        async with http.stream("POST", f"{base}/workflows", params={"stream": "true"}, json=body) as stream:
+            _check(await _terminal_event(stream, "a streamed launch"), "a streamed launch")
 
 
 async def _latency(http: httpx.AsyncClient, base: str, progress: Progress, label: str) -> dict[str, Any]:
-    """e2e followed on the event stream, and launched with ``wait_s``, in interleaved rounds."""
-    variants = {"e2e": lambda: _chain(http, base), "wait": lambda: _waited(http, base)}
+    """e2e followed on the event stream, launched with ``wait_s`` and launched streaming, in
+    interleaved rounds."""
+    variants = {
+        "e2e": lambda: _chain(http, base),
+        "wait": lambda: _waited(http, base),
+        "stream": lambda: _streamed(http, base),
+    }
     return dict(await measure(variants, plan=LATENCY_PLAN, progress=progress, label=label))
 
 
@@ -432,6 +452,8 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
             "workflow_e2e_p99_ms": one.p99,
             "workflow_e2e_wait_p50_ms": timings["wait"].p50,
             "workflow_e2e_wait_p99_ms": timings["wait"].p99,
+            "workflow_e2e_streamed_p50_ms": timings["stream"].p50,
+            "workflow_e2e_streamed_p99_ms": timings["stream"].p99,
             "workflow_e2e_p50_ms_1_replicas": one.p50,
             "workflow_e2e_p50_ms_2_replicas": two.p50,
             "workflow_e2e_p99_ms_2_replicas": two.p99,
@@ -440,6 +462,7 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
     result.notes["workflow"] = _note(result.figures)
     result.distributions["workflow e2e, 1 replica"] = quantiles(one.samples_ms)
     result.distributions["workflow e2e with wait_s, 1 replica"] = quantiles(timings["wait"].samples_ms)
+    result.distributions["workflow e2e launched streaming, 1 replica"] = quantiles(timings["stream"].samples_ms)
     result.distributions["workflow e2e, 2 replicas"] = quantiles(two.samples_ms)
     result.series["workflow latency vs replicas"] = [[1.0, one.p50], [2.0, two.p50]]
     return result
@@ -449,10 +472,10 @@ def _note(f: dict[str, float]) -> str:
     phases = ", ".join(f"{k.replace('_', ' ')} {f[f'workflow_phase_{k}_ms']:.1f} ms" for k in _PHASES)
     return (
         f"One three-call workflow is {f['workflow_write_transactions']:.0f} write transactions on PostgreSQL "
-        f"(each waits for a WAL flush; 4 are checkpoints: the input with the first superstep, then one per "
-        f"call) besides 3 bus round trips. A run claimed at launch starts running in the launch statement "
-        f"(pending to running: 0); a node's event is written as the next node starts, the last one's "
-        f"with the outcome. "
+        f"(each waits for a WAL flush) besides 3 bus round trips: the launch, then a node's event as the next "
+        f"node starts, the last one's with the outcome. The checkpoints go in those statements (durability "
+        f"async, held for the write-behind window). A run claimed at launch starts running in the launch "
+        f"statement (pending to running: 0). "
         f"Median time between its stored events (call node: the duration its event reports): {phases}."
     )
 

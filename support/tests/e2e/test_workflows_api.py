@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +76,35 @@ def test_pr_deployment_deploys_after_approval(
     assert current.resolve().name.startswith(sample_repo[2][:12])
     history = api.get(f"/workflows/{wf_id}/history").json()["checkpoints"]
     assert len(history) >= 8
+
+
+def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
+) -> None:
+    """``agent-orchestrator run pr_deployment --follow`` follows the workflow's events, asks for
+    the approval at the interrupt, sends the answer typed at the prompt and follows on to the
+    deploy; it exits 0 once the workflow succeeded."""
+    cli = [sys.executable, "-m", "agent_orchestrator", "run", "pr_deployment", "--follow"]
+    data = orjson.dumps(pr_input(sample_repo, environment="cli")).decode()
+    done = subprocess.run(
+        [*cli, "--input", data],
+        input="y\nbea\nlooks good\n",
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "approve?" in done.stdout
+    wf_id = re.findall(r"workflow ([0-9a-f-]{36})", done.stdout)[-1]
+    wf = api.get(f"/workflows/{wf_id}").json()
+    assert wf["status"] == "succeeded"
+    assert (
+        wf["result"]["steps"]["approval"] | {"by": "bea", "comment": "looks good"} == wf["result"]["steps"]["approval"]
+    )
+    refused = subprocess.run([*cli, "--input", "{}"], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert "input.repo_path" in refused.stdout + refused.stderr
 
 
 def test_unanswered_approval_expires_as_rejected(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
