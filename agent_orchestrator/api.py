@@ -223,12 +223,14 @@ async def _launch_then_follow(
     orch: Orchestrator, body: LaunchRequest, launched: dict[str, Any]
 ) -> AsyncGenerator[bytes, None]:
     """A ``workflow.launched`` event (no id: it is not stored) with what a plain launch answers
-    (also put in ``launched``), then the workflow's events as server-sent events."""
+    (also put in ``launched``), then the workflow's events as server-sent events. The first
+    chunk holds the launch's own events too: they are in the feed when the launch returns."""
     async with _launched(orch, body) as (view, feed):
         launched.update(view)
-        yield ServerSentEvent(data=orjson.dumps(view).decode(), event="workflow.launched", sep=_SSE_SEP).encode()
+        head = ServerSentEvent(data=orjson.dumps(view).decode(), event="workflow.launched", sep=_SSE_SEP).encode()
         async for batch in _follow(orch, view["workflow_id"], 0, feed):
-            yield _sse(batch)
+            yield head + _sse(batch)
+            head = b""
 
 
 async def _prepend(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:

@@ -221,16 +221,18 @@ async def follow_events(http: httpx.AsyncClient, base: str, workflow_id: str) ->
 
 
 async def _terminal_event(stream: httpx.Response, what: str) -> dict[str, Any]:
-    """The data of the first terminal ``workflow.status`` event of a server-sent event stream."""
-    event = ""
+    """The data of the terminal ``workflow.status`` event of a server-sent event stream, read to
+    its end (the server ends it there), so the connection is kept for the next request."""
+    event, outcome = "", None
     async for line in stream.aiter_lines():
         if line.startswith("event:"):
             event = line.removeprefix("event:").strip()
         elif line.startswith("data:") and event == "workflow.status":
             data: dict[str, Any] = json.loads(line.removeprefix("data:"))
-            if data.get("status") in TERMINAL:
-                return data
-    raise RuntimeError(f"{what} ended before its terminal status")
+            outcome = data if data.get("status") in TERMINAL else outcome
+    if outcome is None:
+        raise RuntimeError(f"{what} ended before its terminal status")
+    return outcome
 
 
 def _check(outcome: dict[str, Any], what: str) -> None:
