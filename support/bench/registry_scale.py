@@ -9,7 +9,7 @@ close any instance came to it.
 
 Figures:
 - ``agents_heartbeating``: instances whose last heartbeat, as the registry
-  stored it, is under 3 s old at the end;
+  stored it, is under 3 s old at the end, by the database's clock;
 - ``agents_wrongly_offline``: stale transitions the registry counted
   (``registry_stale_agents_total``) plus instances offline at the end; every
   instance heartbeats throughout, so this must be 0;
@@ -41,7 +41,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +172,30 @@ class _Fleet:
         await asyncio.gather(*(c.aclose() for c in self.clients))
 
 
-async def _registry_view(url: str, api_key: str) -> dict[str, float]:
+#: Instances whose stored heartbeat is under 3 s old by the database's clock: this process's
+#: clock would add its own event-loop lag (it runs all 500 clients) to every age.
+_FRESH = "SELECT count(*) FROM agent_instances WHERE name = $1 AND last_heartbeat > now() - interval '3 seconds'"
+
+
+async def _registry_view(url: str, api_key: str, database_url: str) -> dict[str, float]:
     """What the registry says at the end: fresh heartbeats, offline instances, stale transitions."""
+    from shared.lib.connections import connect_postgres
+
+    conn = await connect_postgres(database_url)
+    try:
+        fresh = int(await conn.fetchval(_FRESH, NAME))
+    finally:
+        await conn.close()
     async with httpx.AsyncClient(timeout=10, headers={"X-API-Key": api_key}) as http:
         agents = (await http.get(f"{url}/agents", params={"name": NAME, "limit": 1000})).json()
         metrics = (await http.get(f"{url}/metrics")).text
-    now = datetime.now(UTC)
-    fresh = sum(1 for a in agents if (now - datetime.fromisoformat(a["last_heartbeat"])).total_seconds() < 3)
     offline = sum(1 for a in agents if a["status"] == "offline")
     stale = sum(float(v) for v in re.findall(r"^registry_stale_agents_total\{[^}]*\} (\S+)$", metrics, re.M))
     return {"fresh": fresh, "offline": offline, "stale": stale}
 
 
 async def _measure(
-    url: str, pid: int, secrets_: dict[str, str], progress: Progress, *, stale_after_s: float
+    url: str, pid: int, secrets_: dict[str, str], progress: Progress, *, stale_after_s: float, database_url: str
 ) -> dict[str, float]:
     fleet = _Fleet(url, secrets_)
     try:
@@ -201,7 +210,7 @@ async def _measure(
         cpu_after, elapsed = _cpu_s(pid), time.monotonic() - started
         worst_silence_s = fleet.worst_silence_s()
         fleet.recording = False
-        view = await _registry_view(url, secrets_["AO_API_KEYS"])
+        view = await _registry_view(url, secrets_["AO_API_KEYS"], database_url)
     finally:
         await fleet.close()
     expected = INSTANCES * elapsed / INTERVAL_S
@@ -233,7 +242,7 @@ async def run(settings: Any, *, progress: Progress = None) -> dict[str, float]:
             log = Path(tmp) / "registry.log"
             stale_after_s = settings.agent_stale_after_s
             async with _registry(db_url, redis_url, secrets_, log, stale_after_s=stale_after_s) as (url, pid):
-                return await _measure(url, pid, secrets_, progress, stale_after_s=stale_after_s)
+                return await _measure(url, pid, secrets_, progress, stale_after_s=stale_after_s, database_url=db_url)
 
 
 if __name__ == "__main__":

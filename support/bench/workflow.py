@@ -476,7 +476,8 @@ def _note(f: dict[str, float]) -> str:
         f"One three-call workflow is {f['workflow_write_transactions']:.0f} write transactions on PostgreSQL "
         f"(each waits for a WAL flush) besides 3 bus round trips: the launch, then a node's event as the next "
         f"node starts, the last one's with the outcome. The checkpoints go in those statements (durability "
-        f"async, held for the write-behind window). A run claimed at launch starts running in the launch "
+        f"async, held for the write-behind window; under load, a checkpoint whose window runs out first is "
+        f"written on its own). A run claimed at launch starts running in the launch "
         f"statement (pending to running: 0). "
         f"Median time between its stored events (call node: the duration its event reports): {phases}."
     )
