@@ -139,10 +139,15 @@ def _workflow_views_router() -> APIRouter:
         orch: OrchestratorDep,
         workflow_id: str = _ID,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    ) -> EventSourceResponse:
-        await orch.records.require(workflow_id)  # 404 before the stream starts
+    ) -> Response:
+        status = await orch.records.require(workflow_id)  # 404 before the stream starts
         after = _parse_last_id(last_event_id)
-        return EventSourceResponse(_followed_stream(orch, workflow_id, after), ping=15, sep=_SSE_SEP)
+        if status not in _TERMINAL:
+            return EventSourceResponse(_followed_stream(orch, workflow_id, after), ping=15, sep=_SSE_SEP)
+        stored = await _events_after(orch, workflow_id, after, limit=_SSE_READ_LIMIT)
+        if not stored:
+            return Response(status_code=204)  # all received: an EventSource stops reconnecting
+        return EventSourceResponse(_replayed_stream(orch, workflow_id, stored), ping=15, sep=_SSE_SEP)
 
     @router.get("/interrupts")
     async def interrupts(orch: OrchestratorDep, limit: int = Query(default=100, ge=1, le=1000)) -> dict[str, Any]:
@@ -249,6 +254,16 @@ async def _followed_stream(orch: Orchestrator, workflow_id: str, after: int) -> 
             yield _sse(batch)
 
 
+async def _replayed_stream(orch: Orchestrator, workflow_id: str, stored: list[Event]) -> AsyncIterator[bytes]:
+    """A finished workflow's stored events from ``stored`` (the first page) on, to the last one:
+    nothing more will come, so nothing is followed live."""
+    while stored:
+        yield _sse(stored)
+        if len(stored) < _SSE_READ_LIMIT:
+            return
+        stored = await _events_after(orch, workflow_id, stored[-1].id, limit=_SSE_READ_LIMIT)
+
+
 def _sse(batch: list[Event]) -> bytes:
     """A batch of events as server-sent events, in one chunk (one write to the socket)."""
     return b"".join(
@@ -309,11 +324,13 @@ async def _next_events(orch: Orchestrator, feed: Feed, workflow_id: str, after: 
     live = feed.take()
     if not feed.stale:
         return live
-    stored = await orch.bus.events_since(
-        after, aggregate_type="workflow", aggregate_id=workflow_id, limit=_SSE_READ_LIMIT
-    )
+    stored = await _events_after(orch, workflow_id, after, limit=_SSE_READ_LIMIT)
     feed.stale = len(stored) == _SSE_READ_LIMIT  # more to read before following live
     return sorted({ev.id: ev for ev in [*stored, *live]}.values(), key=lambda ev: ev.id)
+
+
+async def _events_after(orch: Orchestrator, workflow_id: str, after: int, *, limit: int) -> list[Event]:
+    return await orch.bus.events_since(after, aggregate_type="workflow", aggregate_id=workflow_id, limit=limit)
 
 
 def mount(app: FastAPI) -> None:

@@ -2,8 +2,9 @@
 
 ``GET /workflows/{id}/events`` replays the ``events`` table, then follows the
 workflow's events as they are published. A launch that streams or waits for its
-outcome opens its feed before the workflow exists, and reads no table. One Redis subscription per process
-hands each published event to the streams of its workflow only, as a
+outcome opens its feed before the workflow exists, and reads no table. One Redis
+subscription per process hands each published event to the streams of its
+workflow only, as a
 :class:`Feed`, so a live event costs no query. Events this process stores reach
 its feeds at once, before they are published (``own_first``); their copy from
 Redis is then a duplicate the stream drops. The subscription is closed once no

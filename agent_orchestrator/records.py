@@ -170,9 +170,9 @@ class WorkflowRecords:
         found = await self.manager.get_workflows([run.workflow_id for run in runs])
         return {run.workflow_id: _record(found[run.workflow_id], run) for run in runs if run.workflow_id in found}
 
-    async def require(self, workflow_id: str) -> None:
-        """NotFound unless the workflow exists (one read of its key only)."""
-        await self.manager.require_workflow(workflow_id)
+    async def require(self, workflow_id: str) -> str:
+        """The workflow's status; NotFound unless the workflow exists (one read of one column)."""
+        return await self.manager.require_workflow(workflow_id)
 
     async def page(
         self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None

@@ -293,11 +293,13 @@ class WorkflowStateManager:
             raise _no_workflow(workflow_id)
         return _workflow(row)
 
-    async def require_workflow(self, workflow_id: str) -> None:
-        """NotFound unless the workflow exists; reads nothing else."""
+    async def require_workflow(self, workflow_id: str) -> str:
+        """The workflow's status; NotFound unless the workflow exists. Reads nothing else."""
         _check_id(workflow_id)
-        if await self._pool.fetchval("SELECT 1 FROM workflows WHERE id = $1", workflow_id) is None:
+        status = await self._pool.fetchval("SELECT status FROM workflows WHERE id = $1", workflow_id)
+        if status is None:
             raise _no_workflow(workflow_id)
+        return str(status)
 
     async def get_workflows(self, workflow_ids: list[str]) -> dict[str, Workflow]:
         """The workflows of ``workflow_ids`` that exist, by id, in one read."""

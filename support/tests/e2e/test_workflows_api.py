@@ -205,7 +205,7 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     api: httpx.Client, sample_repo: tuple[Path, str, str]
 ) -> None:
     """SSE events arrive in id order, the last carrying the result; reconnecting with
-    Last-Event-ID yields exactly the rest."""
+    Last-Event-ID yields exactly the rest, and after the last one, nothing (204)."""
     wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc", "tests"]})
     record = follow(api, wf_id, TERMINAL)
     full = read_sse(api, wf_id)
@@ -216,6 +216,8 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     assert full[-1]["data"]["result"] == record["result"], "the terminal event carries the result"
     rest = read_sse(api, wf_id, last_event_id=ids[1])
     assert [e["id"] for e in rest] == ids[2:]
+    # a finished workflow with nothing after Last-Event-ID: 204 at once, so an EventSource stops reconnecting
+    assert api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(ids[-1])}, timeout=5).status_code == 204
 
 
 def test_live_events_are_the_stored_ones_across_a_reconnect(
