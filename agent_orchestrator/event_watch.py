@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from shared.lib import metrics
 from shared.lib.agent_events import Event
 from shared.lib.event_bus import EventBus, Subscription
 from shared.lib.tasks import cancel_and_wait
@@ -93,9 +94,11 @@ class WorkflowWatch:
         await self._ensure()
         feed = Feed(stale=not new)
         self._feeds.setdefault(workflow_id, set()).add(feed)
+        metrics.WORKFLOW_EVENT_STREAMS.inc()
         try:
             yield feed
         finally:
+            metrics.WORKFLOW_EVENT_STREAMS.dec()
             feeds = self._feeds[workflow_id]
             feeds.discard(feed)
             if not feeds:

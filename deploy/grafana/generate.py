@@ -242,6 +242,12 @@ WORKFLOWS = Dashboard(
             unit="s",
         ),
         Panel(
+            "Open event streams",
+            "Event streams open over all replicas: followers of GET /workflows/{id}/events, streamed "
+            "launches and launches waiting with wait_s (back to 0 when nobody follows).",
+            _q("sum(workflow_event_streams)", "streams"),
+        ),
+        Panel(
             "Workflows failed or cancelled",
             "Workflows ending failed or cancelled, per type and status.",
             _q(

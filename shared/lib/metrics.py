@@ -62,6 +62,7 @@ __all__ += [
     "WORKFLOW_APPROVALS_PENDING",
     "WORKFLOW_APPROVAL_OLDEST_WAIT",
     "WORKFLOW_DURATION",
+    "WORKFLOW_EVENT_STREAMS",
     "WORKFLOW_INTERRUPT_WAIT",
     "WORKFLOW_NODE_DURATION",
 ]
@@ -85,6 +86,11 @@ WORKFLOW_APPROVALS_PENDING = Gauge(
 )
 WORKFLOW_APPROVAL_OLDEST_WAIT = Gauge(
     "workflow_approval_oldest_wait_seconds", "How long the oldest unanswered approval has waited; 0 when none."
+)
+WORKFLOW_EVENT_STREAMS = Gauge(
+    "workflow_event_streams",
+    "Workflow event streams open on this replica: GET /workflows/{id}/events, streamed launches, "
+    "launches waiting with wait_s.",
 )
 WORKFLOW_INTERRUPT_WAIT = Histogram(
     "workflow_interrupt_wait_seconds",

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,17 @@ def follow(api: httpx.Client, workflow_id: str, until: set[str], timeout_s: floa
     raise AssertionError(f"{workflow_id} never reached {until}: {api.get(f'/workflows/{workflow_id}').json()}")
 
 
-def wait_for_metric(api: httpx.Client, name: str, timeout_s: float = 10) -> float:
-    """The value of an unlabelled metric on /metrics, once the watchdog has set it above zero."""
+def wait_for_metric(
+    api: httpx.Client, name: str, timeout_s: float = 10, until: Callable[[float], bool] = lambda v: v > 0
+) -> float:
+    """The value of an unlabelled metric on /metrics, once ``until`` holds (by default: above
+    zero, as the watchdog sets it); the last value read when it never did."""
     deadline = time.monotonic() + timeout_s
     value = 0.0
     while time.monotonic() < deadline:
         lines = [ln for ln in api.get("/metrics").text.splitlines() if ln.startswith(f"{name} ")]
         value = float(lines[0].split()[1]) if lines else 0.0
-        if value > 0:
+        if until(value):
             return value
         time.sleep(0.3)
     return value
@@ -261,6 +264,22 @@ def test_a_streamed_launch_answers_with_the_workflows_events(
         again, *replayed = parse_sse(r.iter_lines())
     assert (again["data"]["workflow_id"], again["data"]["created"]) == (wf_id, False)
     assert replayed == streamed
+
+
+def test_streams_a_client_drops_leave_nothing_open(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """A streamed launch and a followed stream, both dropped by the client mid-way: the
+    replica's open streams (``workflow_event_streams``) go back to zero."""
+    assert wait_for_metric(api, "workflow_event_streams", timeout_s=15, until=lambda v: v == 0) == 0  # none left over
+    body = {"workflow_type": "pr_deployment", "input": pr_input(sample_repo, environment="dropped")}
+    with api.stream("POST", "/workflows", params={"stream": "true"}, json=body, timeout=30) as launched:
+        launched_lines = launched.iter_lines()  # kept: a line iterator dropped mid-way closes the connection
+        wf_id = parse_sse(launched_lines, stop_after=1)[0]["data"]["workflow_id"]
+        with api.stream("GET", f"/workflows/{wf_id}/events", timeout=30) as followed:
+            followed_lines = followed.iter_lines()
+            assert parse_sse(followed_lines, stop_after=1)[0]["data"]["status"] == "pending"
+            assert wait_for_metric(api, "workflow_event_streams", until=lambda v: v >= 2) == 2
+    assert wait_for_metric(api, "workflow_event_streams", timeout_s=15, until=lambda v: v == 0) == 0
+    assert api.post(f"/workflows/{wf_id}/cancel").status_code == 202
 
 
 def read_sse(
