@@ -27,11 +27,11 @@ from agent_orchestrator.service import Orchestrator
 from shared.lib.agent_events import Event
 from shared.lib.errors import InvalidInput
 from shared.lib.http_service import ApiKeyDep
+from shared.lib.workflow_state import TERMINAL_STATUSES, WORKFLOW_STATUSES
 
 __all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
 
 _ID = Path(pattern=r"^[0-9a-f-]{36}$", description="Workflow id (a UUID).")
-_STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
 _SSE_POLL_S = 1.0
 _SSE_READ_LIMIT = 500
 #: The line separator of the event stream (sse-starlette's default, given to the events encoded here too).
@@ -104,8 +104,8 @@ def workflows_router() -> APIRouter:
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        if status is not None and status not in _STATUSES:
-            raise InvalidInput(f"status must be one of {list(_STATUSES)}", field="status")
+        if status is not None and status not in WORKFLOW_STATUSES:
+            raise InvalidInput(f"status must be one of {list(WORKFLOW_STATUSES)}", field="status")
         items, next_cursor = await orch.records.page(status=status, workflow_type=type, limit=limit, cursor=cursor)
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 
@@ -185,8 +185,8 @@ def _parse_last_id(value: str | None) -> int:
     return int(value)
 
 
-_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-_STOPPED = _TERMINAL | {"interrupted"}
+_TERMINAL = TERMINAL_STATUSES
+_STOPPED = TERMINAL_STATUSES | {"interrupted"}
 
 
 def _launched_view(record: WorkflowRecord, created: bool) -> dict[str, Any]:

@@ -14,11 +14,12 @@ from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
+from shared.lib.workflow_state import TERMINAL_STATUSES
 
 __all__ = ["approve", "reject", "run", "status"]
 
 _out = Console()
-_STOPPED = {"succeeded", "failed", "cancelled", "interrupted"}
+_STOPPED = TERMINAL_STATUSES | {"interrupted"}
 
 
 def _client() -> httpx.Client:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from agent_orchestrator.stack import Stack
+from shared.lib.workflow_state import TERMINAL_STATUSES
 
 __all__ = ["DemoResult", "make_sample_repo", "run_demo"]
 
 _FOLLOW_TIMEOUT_S = 240.0
-_TERMINAL = {"succeeded", "failed", "cancelled"}
+_TERMINAL = TERMINAL_STATUSES
 
 _PACKAGE = {
     "calc/__init__.py": '"""A tiny calculator package."""\n\nfrom calc.ops import add, sub\n\n'
@@ -101,7 +103,7 @@ class _Api:
         r.raise_for_status()
         return str(r.json()["workflow_id"])
 
-    def follow(self, workflow_id: str, *, until: set[str]) -> dict[str, Any]:
+    def follow(self, workflow_id: str, *, until: AbstractSet[str]) -> dict[str, Any]:
         deadline = time.monotonic() + _FOLLOW_TIMEOUT_S
         while time.monotonic() < deadline:
             wf = self.http.get(f"/workflows/{workflow_id}").json()

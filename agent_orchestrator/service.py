@@ -39,6 +39,7 @@ from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
 from shared.lib.tracing import finish_workflow_trace, start_workflow_trace, trace_headers, workflow_context
+from shared.lib.workflow_state import TERMINAL_STATUSES
 
 __all__ = ["Orchestrator"]
 
@@ -46,7 +47,6 @@ _log = logging.getLogger(__name__)
 
 #: Workflow locks are held for the run; their TTL covers a long pipeline, renewed never.
 _RUN_LOCK_TTL_S = 3600.0
-_TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 #: The largest result (or errors list) a terminal event carries, as JSON.
 _RESULT_IN_EVENT_MAX_BYTES = 64 * 1024
 
@@ -72,7 +72,7 @@ class Orchestrator:
             metrics.preinitialize(metrics.WORKFLOW_NODE_DURATION, *((name, n) for n in nodes))
             metrics.preinitialize(metrics.WORKFLOW_DURATION, (name,))
             metrics.preinitialize(metrics.WORKFLOWS_STARTED, (name,))
-            metrics.preinitialize(metrics.WORKFLOWS_FINISHED, *((name, s) for s in _TERMINAL_STATUSES))
+            metrics.preinitialize(metrics.WORKFLOWS_FINISHED, *((name, s) for s in sorted(TERMINAL_STATUSES)))
             metrics.preinitialize(metrics.WORKFLOWS_ACTIVE, (name,))
             metrics.preinitialize(metrics.WORKFLOWS_STUCK, (name,))
         # the resource types the built-in workflows lock (repo:<path>, env:<environment>)
