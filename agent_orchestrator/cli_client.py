@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -20,6 +22,9 @@ __all__ = ["approve", "reject", "run", "status"]
 
 _out = Console()
 _STOPPED = TERMINAL_STATUSES | {"interrupted"}
+#: How long ``run --follow`` keeps reconnecting to a lost event stream before it gives up.
+_RECONNECT_S = 120.0
+_RECONNECT_PAUSE_S = 0.5
 
 
 def _client() -> httpx.Client:
@@ -48,11 +53,13 @@ def _refused(r: httpx.Response) -> NoReturn:
         err = r.json().get("error", {})
     except ValueError:
         err = {}
-    raise OrchestratorError(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}")
+    unavailable = r.status_code in (502, 503, 504)  # a restarting or overloaded orchestrator: try again
+    error = ServiceUnavailable if unavailable else OrchestratorError
+    raise error(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}")
 
 
 def _table(wf: dict[str, Any]) -> Table:
-    table = Table(show_header=False, title=f"workflow {wf['workflow_id']}")
+    table = Table(show_header=False, title=f"workflow {wf.get('workflow_id', '(launching)')}")
     for key in ("workflow_type", "status", "current_step", "reason", "stuck"):
         if wf.get(key) not in (None, ""):
             table.add_row(key, str(wf[key]))
@@ -87,7 +94,7 @@ def _sse(r: httpx.Response) -> Iterator[dict[str, Any]]:
 
 
 def _stream(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """The events a request answers with; an error answer raised as :func:`_call` does."""
+    """The events a request answers with (none for a 204); an error answer raised as :func:`_call` does."""
     try:
         with client.stream(method, path, timeout=httpx.Timeout(30.0, read=None), **kwargs) as r:
             if r.status_code >= 400:
@@ -95,15 +102,18 @@ def _stream(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Iter
                 _refused(r)
             yield from _sse(r)
     except httpx.HTTPError as e:
-        raise ServiceUnavailable(f"lost the orchestrator at {client.base_url}: {e}; is it running?") from e
+        what = "cannot reach" if isinstance(e, httpx.ConnectError) else "lost"
+        raise ServiceUnavailable(f"{what} the orchestrator at {client.base_url}: {e}") from e
 
 
-def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str:
+def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str | None:
     """Show the workflow live as its events come; the status it stopped at (terminal or
-    ``interrupted``). ``view["last_id"]`` is the last event received, to follow on from."""
+    ``interrupted``), or None when the stream ended first. ``view["last_id"]`` is the last
+    event received, to follow on from; ``view["alive"]`` when the stream last answered."""
     with Live(_table(view), console=_out, refresh_per_second=8) as live:
         for ev in events:
             data = ev.get("data") or {}
+            view["alive"] = time.monotonic()
             view["last_id"] = ev.get("id", view.get("last_id"))
             if ev["event"] == "workflow.launched":
                 view["workflow_id"] = data["workflow_id"]
@@ -115,24 +125,59 @@ def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str:
             live.update(_table(view))
             if ev["event"] == "workflow.status" and data["status"] in _STOPPED:
                 return str(data["status"])
-    raise ServiceUnavailable(f"the event stream of workflow {view.get('workflow_id')} ended before it stopped")
+    return None
+
+
+def _connect(client: httpx.Client, body: dict[str, Any], view: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The streamed launch until it answered (launched again, its idempotency key follows the same
+    workflow); then the workflow's events after the last one received."""
+    if "workflow_id" not in view:
+        return _stream(client, "POST", "/workflows", params={"stream": "true"}, json=body)
+    headers = {"Last-Event-ID": str(view["last_id"])} if view.get("last_id") else {}
+    return _stream(client, "GET", f"/workflows/{view['workflow_id']}/events", headers=headers)
+
+
+def _leg(client: httpx.Client, body: dict[str, Any], view: dict[str, Any]) -> str | None:
+    """Follow one connection: the status the workflow stopped at, or None when the stream was lost
+    first (the orchestrator restarting, say) and is to be connected again. An orchestrator
+    unreachable from the start is raised at once; a lost one after ``_RECONNECT_S`` in vain."""
+    try:
+        stopped = _watch(_connect(client, body, view), view)
+        if stopped is None and "workflow_id" in view:  # ended: a finished workflow has no more events
+            wf = _call(client, "GET", f"/workflows/{view['workflow_id']}")
+            stopped = wf["status"] if wf["status"] in TERMINAL_STATUSES else None
+    except ServiceUnavailable as e:
+        if "alive" not in view and isinstance(e.__cause__, httpx.ConnectError):
+            raise ServiceUnavailable(f"{e.message}; is it running?") from e
+        view.setdefault("alive", time.monotonic())
+        if time.monotonic() - view["alive"] > _RECONNECT_S:
+            see = f"; `agent-orchestrator status {view['workflow_id']}` shows it" if "workflow_id" in view else ""
+            raise ServiceUnavailable(f"{e.message}; gave up after {_RECONNECT_S:.0f}s{see}") from e
+        _out.print(f"[yellow]{e.message}; reconnecting[/]")
+        time.sleep(_RECONNECT_PAUSE_S)
+        return None
+    return stopped
 
 
 def _follow(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    """Launch streaming and follow to the end; answer each approval at the prompt on the way."""
-    view: dict[str, Any] = {"workflow_id": "(launching)", "workflow_type": body["workflow_type"]}
-    status = _watch(_stream(client, "POST", "/workflows", params={"stream": "true"}, json=body), view)
-    while status == "interrupted":
-        _ask_approval(client, _call(client, "GET", f"/workflows/{view['workflow_id']}"))
-        headers = {"Last-Event-ID": str(view["last_id"])}
-        status = _watch(_stream(client, "GET", f"/workflows/{view['workflow_id']}/events", headers=headers), view)
+    """Launch streaming and follow to the end, as an EventSource does: a lost stream is connected
+    again after the last event received. Each approval is answered at the prompt on the way."""
+    body = {**body, "idempotency_key": body["idempotency_key"] or f"cli-{uuid.uuid4()}"}
+    view: dict[str, Any] = {"workflow_type": body["workflow_type"]}
+    status = _leg(client, body, view)
+    while status not in TERMINAL_STATUSES:
+        if status == "interrupted":
+            _ask_approval(client, _call(client, "GET", f"/workflows/{view['workflow_id']}"))
+        status = _leg(client, body, view)
     return _call(client, "GET", f"/workflows/{view['workflow_id']}")
 
 
 def run(
     workflow_type: str = typer.Argument(..., help="A type from GET /workflow-types."),
     input_json: str = typer.Option("{}", "--input", help="The workflow input, as JSON."),
-    follow: bool = typer.Option(False, "--follow", help="Show progress live; prompt at an approval."),
+    follow: bool = typer.Option(
+        False, "--follow", help="Show progress live, reconnecting when the stream is lost; prompt at an approval."
+    ),
     idempotency_key: str | None = typer.Option(None, help="Launching twice with one key runs once."),
 ) -> None:
     """Launch a workflow."""

@@ -198,6 +198,11 @@ class Stack:
             os.kill(sp.proc.pid, signal.SIGKILL)
             sp.proc.wait(timeout=10)
 
+    def restart(self, sp: StackProcess) -> None:
+        """Start ``sp`` again with its own arguments (after :meth:`kill9`, say); wait until it is ready."""
+        sp.proc = spawn_cli(sp.args, env=self._env, log=sp.log)
+        self._wait_ready(sp)
+
     @property
     def orchestrator_url(self) -> str:
         return self.settings.url_for("orchestrator")

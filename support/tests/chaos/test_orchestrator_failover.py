@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
@@ -75,4 +78,47 @@ def test_replica_killed_mid_run_loses_and_repeats_nothing(server_urls: tuple[str
     finally:
         for api in apis:
             api.close()
+        stop_stack(stack, server_urls, db_name)
+
+
+def _wait_running(api: httpx.Client, workflow_type: str, timeout_s: float = 60) -> str:
+    """The id of the first workflow of ``workflow_type`` seen running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        items = api.get("/workflows", params={"type": workflow_type, "status": "running"}).json()["items"]
+        if items:
+            return str(items[0]["workflow_id"])
+        time.sleep(0.02)
+    raise AssertionError(f"no {workflow_type} workflow ran within {timeout_s:.0f}s")
+
+
+def test_cli_follow_reconnects_across_an_orchestrator_restart(server_urls: tuple[str, str], tmp_path: Path) -> None:
+    """``run --follow`` keeps following when its orchestrator is killed with SIGKILL mid-run and
+    started again: it reconnects after the last event it got, the restarted replica takes the run
+    over once its lease ran out, and the CLI takes the approval at its prompt and exits 0 once the
+    workflow succeeded, deployed once."""
+    stack, db_name = start_stack(server_urls, tmp_path, docs=1)
+    try:
+        repo, base, head = make_sample_repo(tmp_path / "repo")
+        data = {"repo_path": str(repo), "base": base, "head": head, "environment": "restarted"}
+        args = ["run", "pr_deployment", "--follow", "--input", orjson.dumps(data).decode()]
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "agent_orchestrator", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stack.env, text=True,
+        )  # fmt: skip
+        with httpx.Client(base_url=stack.orchestrator_url, headers={"X-API-Key": stack.api_key}, timeout=30) as api:
+            wf_id = _wait_running(api, "pr_deployment")
+            orchestrator = stack.find("orchestrator")[0]
+            stack.kill9(orchestrator)
+            stack.restart(orchestrator)
+            out, _ = cli.communicate("y\nbea\nafter a restart\n", timeout=180)
+            assert cli.returncode == 0, out
+            assert "reconnecting" in out
+            assert "approve?" in out
+            wf = api.get(f"/workflows/{wf_id}").json()
+        assert wf["status"] == "succeeded", wf
+        assert wf["result"]["steps"]["approval"]["comment"] == "after a restart"
+        releases = list((stack.settings.data_dir / "environments" / "restarted" / "releases").iterdir())
+        assert [r.name[:12] for r in releases] == [head[:12]]
+    finally:
         stop_stack(stack, server_urls, db_name)
