@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from agent_orchestrator.stack import Stack
+from shared.lib.connections import connect_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +223,48 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     assert [e["id"] for e in rest] == ids[2:]
     # a finished workflow with nothing after Last-Event-ID: 204 at once, so an EventSource stops reconnecting
     assert api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(ids[-1])}, timeout=5).status_code == 204
+
+
+async def _lengthen_history(database_url: str, wf_id: str, n: int) -> list[int]:
+    """Add ``n`` node events to the workflow's stored events (a long history, past one read of the
+    stream); the ids of all its events, in order."""
+    conn = await connect_postgres(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO events (event_type, aggregate_type, aggregate_id, payload, metadata) "
+            "SELECT 'workflow.node', 'workflow', $1, jsonb_build_object('node', 'extra-' || g), '{}' "
+            "FROM generate_series(1, $2) AS g",
+            wf_id,
+            n,
+        )
+        return [r["id"] for r in await conn.fetch("SELECT id FROM events WHERE aggregate_id = $1 ORDER BY id", wf_id)]
+    finally:
+        await conn.close()
+
+
+def test_a_history_longer_than_one_read_streams_whole(
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
+) -> None:
+    """Events past one read of the table (500) are all streamed, in order, from the start and from
+    a Last-Event-ID deep in a later read: replayed for a finished workflow, followed for one
+    waiting at its approval."""
+    done = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
+    follow(api, done, TERMINAL)
+    own = read_sse(api, done)
+    ids = asyncio.run(_lengthen_history(stack.settings.database_url, done, 1234))
+    full = read_sse(api, done)
+    assert [e["id"] for e in full] == ids
+    assert full[: len(own)] == own
+    assert [e["data"]["node"] for e in full[len(own) :]] == [f"extra-{i}" for i in range(1, 1235)]
+    assert [e["id"] for e in read_sse(api, done, last_event_id=ids[777])] == ids[778:]
+    waiting = launch(api, "pr_deployment", pr_input(sample_repo, environment="long-history"))
+    assert follow(api, waiting, {"interrupted"} | TERMINAL)["status"] == "interrupted"
+    ids = asyncio.run(_lengthen_history(stack.settings.database_url, waiting, 1234))
+    assert [e["id"] for e in read_sse(api, waiting, stop_after=len(ids))] == ids
+    assert [e["id"] for e in read_sse(api, waiting, last_event_id=ids[600], stop_after=len(ids) - 601)] == ids[601:]
+    r = api.post(f"/workflows/{waiting}/resume", json={"decision": {"decision": "reject", "by": "test"}})
+    assert r.status_code == 202, r.text
+    assert follow(api, waiting, TERMINAL)["status"] == "failed"
 
 
 def test_live_events_are_the_stored_ones_across_a_reconnect(
