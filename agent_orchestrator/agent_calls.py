@@ -105,6 +105,27 @@ class BusAgentCalls:
     ) -> AgentReply:
         key = call_key(label)
         timeout = timeout_s or self.settings.request_timeout_s
+        try:  # the first attempt outside the retry loop, whose bookkeeping costs as much as the call
+            return await self._once(agent, request_type, payload, key=key, timeout_s=timeout)
+        except OrchestratorError as e:
+            if not e.retryable:
+                raise
+            failed = e
+        return await self._retried(agent, request_type, payload, key=key, timeout_s=timeout, failed=failed)
+
+    async def _retried(
+        self,
+        agent: str,
+        request_type: str,
+        payload: dict[str, Any],
+        *,
+        key: str,
+        timeout_s: float,
+        failed: OrchestratorError,
+    ) -> AgentReply:
+        """The attempts after the first, which ended in ``failed``, as the tenacity policy says: the
+        loop's first attempt raises ``failed`` again, so its wait and count are tenacity's."""
+        first: OrchestratorError | None = failed
         bumped = 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(_ATTEMPTS),
@@ -115,12 +136,15 @@ class BusAgentCalls:
         async for attempt in retrying:
             with attempt:
                 try:
+                    if first is not None:
+                        error, first = first, None
+                        raise error
                     return await self._once(
                         agent,
                         request_type,
                         payload,
                         key=key if not bumped else _bounded(f"{key}~{bumped}"),
-                        timeout_s=timeout,
+                        timeout_s=timeout_s,
                     )
                 except (Timeout, AgentOffline):
                     raise

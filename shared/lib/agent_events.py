@@ -276,13 +276,15 @@ class AgentResponseEvent(_Envelope):
         return self.status == "success"
 
     def raise_for_status(self) -> dict[str, Any]:
-        """The payload on success; otherwise the error rebuilt as an :class:`OrchestratorError`."""
+        """The payload on success; otherwise the error rebuilt as an :class:`OrchestratorError`
+        (its code, message, field and whether it is retryable)."""
         if self.ok:
             return self.payload
         err = self.error or {}
         exc = RequestRejected if self.status == "rejected" else OrchestratorError
         raised = exc(str(err.get("message", self.status)), field=err.get("field"), details=err)
         raised.code = str(err.get("code", self.status))
+        raised.retryable = bool(err.get("retryable", False))  # as the agent said: worth another attempt
         raise raised
 
 

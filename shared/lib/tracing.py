@@ -38,15 +38,18 @@ def trace_headers() -> dict[str, str]:
     return dict(run.to_headers()) if run is not None else {}
 
 
-@contextlib.asynccontextmanager
-async def child_span(
+def child_span(
     name: str, *, run_type: str = "tool", inputs: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
-) -> AsyncIterator[Any]:
-    """A child run of the current run (an agent call seen from the caller)."""
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A child run of the current run (an agent call seen from the caller); ``None`` untraced."""
     if not tracing_enabled():
-        yield None
-        return
-    with run_helpers.trace(name, run_type=run_type, inputs=inputs or {}, metadata=metadata or {}) as run:  # type: ignore[arg-type]
+        return contextlib.nullcontext()  # no generator to run per call
+    return _traced(name, run_type=run_type, inputs=inputs or {}, metadata=metadata or {})
+
+
+@contextlib.asynccontextmanager
+async def _traced(name: str, *, run_type: str, inputs: dict[str, Any], metadata: dict[str, Any]) -> AsyncIterator[Any]:
+    with run_helpers.trace(name, run_type=run_type, inputs=inputs, metadata=metadata) as run:  # type: ignore[arg-type]
         yield run
 
 

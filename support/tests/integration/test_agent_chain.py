@@ -21,7 +21,7 @@ from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.workflows import WorkflowContext, builtin_workflow_types
 from agent_orchestrator.workflows.agent_chain import AGENT_CHAIN
 from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.errors import InvalidInput, OrchestratorError
+from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
 from shared.lib.event_bus import EventBus
 from shared.lib.multi_agent_state import MultiAgentState
 from shared.lib.resource_lock import ResourceLockManager
@@ -39,6 +39,8 @@ async def _echo(name: str, request: Any) -> dict[str, Any]:
     HANDLED.append((name, request.idempotency_key))
     if request.request_type == "FAIL":
         raise InvalidInput("this request always fails", field="payload")
+    if request.request_type == "FLAKY" and sum(k.startswith(request.payload["key"]) for _, k in HANDLED) <= 2:
+        raise ServiceUnavailable("down for a moment")  # retryable: the caller tries again
     return {"by": name, **request.payload}
 
 
@@ -124,8 +126,25 @@ async def test_failed_call_fails_the_run_naming_it(
         {"agent": "beta", "request_type": "FAIL", "payload": {}},
         {"agent": "alpha", "request_type": "ECHO", "payload": {}},
     ]
+    HANDLED.clear()
     with pytest.raises(OrchestratorError, match=r"call 1 \(beta FAIL\) failed: .*always fails"):
         await _run(saver, context_factory, calls)
+    assert [agent for agent, _ in HANDLED] == ["alpha", "beta"], "a permanent error is not retried"
+
+
+async def test_a_transient_error_is_retried_with_a_fresh_key(
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+) -> None:
+    """An agent answering with a retryable error is called again after a backoff, under the key
+    with the attempt number (the error is stored under the first); the third attempt's answer
+    is the call's."""
+    workflow_id = str(uuid.uuid4())
+    calls = [{"agent": "alpha", "request_type": "FLAKY", "payload": {"key": f"wf:{workflow_id}:"}}]
+    HANDLED.clear()
+    out = await _run(saver, context_factory, calls, workflow_id=workflow_id)
+    assert out["result"]["outputs"] == [{"by": "alpha", "key": f"wf:{workflow_id}:"}]
+    keys = [key for _, key in HANDLED]
+    assert [k.removeprefix(keys[0]) for k in keys] == ["", "~1", "~2"]
 
 
 @pytest.mark.parametrize(
