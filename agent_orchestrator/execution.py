@@ -25,8 +25,9 @@ from agent_orchestrator.agent_calls import KEYS_OUTLIVE_CHECKPOINTS
 from agent_orchestrator.checkpointer import NEW_THREAD_KEY, WRITE_BEHIND_KEY, PooledPostgresSaver
 from agent_orchestrator.workflows.base import Durability, WorkflowContext
 from shared.lib import metrics
+from shared.lib.settings import Settings
 
-__all__ = ["Outcome", "run_graph"]
+__all__ = ["Outcome", "run_graph", "write_behind_s"]
 
 #: How a ``values`` chunk carries the interrupts raised in its superstep (LangGraph's stream format).
 _INTERRUPTS_KEY = "__interrupt__"
@@ -74,6 +75,11 @@ async def _graph_input(
     return fresh if snapshot.created_at is None else None
 
 
+def write_behind_s(settings: Settings, durability: Durability) -> float:
+    """How long a step's checkpoint may be held for a statement the run writes anyway (0: none)."""
+    return settings.checkpoint_write_behind_ms / 1000 if durability == "async" else 0.0
+
+
 async def run_graph(
     graph: CompiledStateGraph[Any, Any, Any, Any],
     *,
@@ -98,7 +104,7 @@ async def run_graph(
     """
     fresh = _initial_state(context, workflow_type, data, correlation_id)
     graph_input = await _graph_input(graph, config, resume_value, fresh, new_thread=new_thread)
-    window_s = context.settings.checkpoint_write_behind_ms / 1000 if durability == "async" else 0.0
+    window_s = write_behind_s(context.settings, durability)
     flags = {NEW_THREAD_KEY: new_thread, KEYS_OUTLIVE_CHECKPOINTS: durability != "sync", WRITE_BEHIND_KEY: window_s}
     stream_config = {**config, "configurable": {**config["configurable"], **{k: v for k, v in flags.items() if v}}}
     stream = graph.astream(  # type: ignore[call-overload]

@@ -3,11 +3,15 @@
 Every finished node is reported as a ``workflow.node`` event, and the workflow's
 current step and agents are updated with it. A node's event is written when the
 next node starts (:meth:`NodeEvents.send`), in the background while the graph
-goes on. Events released while a write is in flight go together, in one statement,
-right after it: their events in order, the step of the last one, the agents of
-all. The ones still waiting when the run ends (the last node's) are taken
-(:meth:`NodeEvents.take`, once the ones sent are written: :meth:`NodeEvents.drain`)
-and go in the statement of the run's outcome, ahead of its terminal event.
+goes on. With a write-behind window (a workflow at durability ``async``) it waits
+instead, up to the window, for the statement of the run's outcome, and is written
+on its own only when the window runs out first: a run shorter than the window
+writes its node events and its outcome in one statement. Events released while a
+write is in flight go together, in one statement, right after it: their events in
+order, the step of the last one, the agents of all. The ones still waiting when
+the run ends (the last node's) are taken (:meth:`NodeEvents.take`, once the ones
+sent are written: :meth:`NodeEvents.drain`) and go in the statement of the run's
+outcome, ahead of its terminal event.
 
 Writes run one after another (:class:`~shared.lib.tasks.InOrder`). A statement
 the database refuses (the workflow finished meanwhile: cancelled) stops the run
@@ -16,6 +20,8 @@ at its next node.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +46,13 @@ def merged_agents(events: Sequence[NodeEvent]) -> list[str]:
 
 
 class NodeEvents:
-    """The node events of one run; ``write(events)`` stores a batch in one statement."""
+    """The node events of one run; ``write(events)`` stores a batch in one statement.
+    ``window_s`` (0: none) is how long a node's event may wait for the run's outcome."""
 
-    def __init__(self, write: Callable[[list[NodeEvent]], Awaitable[Any]]) -> None:
+    def __init__(self, write: Callable[[list[NodeEvent]], Awaitable[Any]], *, window_s: float = 0.0) -> None:
         self._write = write
+        self._window_s = window_s
+        self._timer: asyncio.TimerHandle | None = None
         self._waiting: list[NodeEvent] = []
         self._released: list[NodeEvent] = []
         self._queued = False  # a write of the released events is queued and has not started
@@ -53,10 +62,26 @@ class NodeEvents:
         """Report a finished node; raises the failure of an earlier write (the run stops)."""
         self._writes.check()
         self._waiting.append(event)
+        if self._window_s and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._window_s, self._window_ran_out)
 
     def send(self) -> None:
-        """Write the waiting events: now, or together right after the write in flight; raises
-        the failure of an earlier write."""
+        """The next node starts: write the waiting events (with no window), now or together right
+        after the write in flight; raises the failure of an earlier write."""
+        if not self._window_s:
+            self._release()
+
+    def _window_ran_out(self) -> None:
+        self._timer = None
+        with contextlib.suppress(Exception):  # an earlier write's failure: raised at the next add or drain
+            self._release()
+
+    def _stop_window(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _release(self) -> None:
         self._released += self._waiting
         self._waiting = []
         if self._released and not self._queued:
@@ -70,7 +95,9 @@ class NodeEvents:
             await self._write(batch)
 
     async def drain(self) -> None:
-        """Wait until the events sent are written; raises the failure of a write."""
+        """Wait until the events sent are written (the waiting ones stay, for :meth:`take`);
+        raises the failure of a write."""
+        self._stop_window()
         await self._writes.drain()
 
     def take(self) -> list[NodeEvent]:
@@ -79,6 +106,7 @@ class NodeEvents:
         return batch
 
     async def flush(self) -> None:
-        """Send the waiting events and wait until every one is written."""
-        self.send()
+        """Write the waiting events and wait until every one is written."""
+        self._stop_window()
+        self._release()
         await self.drain()

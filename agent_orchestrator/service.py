@@ -25,7 +25,7 @@ from langgraph.graph.state import CompiledStateGraph
 from agent_orchestrator.agent_calls import BusAgentCalls
 from agent_orchestrator.checkpointer import PooledPostgresSaver
 from agent_orchestrator.event_watch import WorkflowWatch
-from agent_orchestrator.execution import Outcome, run_graph
+from agent_orchestrator.execution import Outcome, run_graph, write_behind_s
 from agent_orchestrator.node_events import NodeEvent, NodeEvents, merged_agents
 from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
@@ -243,7 +243,10 @@ class Orchestrator:
             if not new_thread:
                 snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
                 await locks.reacquire(list(snapshot.values.get("locks", [])), ttl_s=_RUN_LOCK_TTL_S)
-            lr.node_events = NodeEvents(functools.partial(self._write_nodes, run.workflow_id))
+            # Half the checkpoints' window: a node's event written on its own still takes its step's
+            # checkpoint along (held for the whole window), not after it in a statement of its own.
+            window_s = write_behind_s(self.settings, self.types[run.workflow_type].durability) / 2
+            lr.node_events = NodeEvents(functools.partial(self._write_nodes, run.workflow_id), window_s=window_s)
             return await self._stream(run, record, graph, config, context, lr.node_events, new_thread=new_thread)
         finally:
             await locks.release_all()
@@ -259,9 +262,9 @@ class Orchestrator:
         *,
         new_thread: bool,
     ) -> Outcome:
-        """Run the graph. Each finished node's step and event are written in order as the next node
-        starts, while the graph goes on (:mod:`node_events`); the last node's is left to the run's
-        outcome, which writes it first."""
+        """Run the graph. Each finished node's step and event are written in order while the graph
+        goes on, as the next node starts or once a write-behind window ran out (:mod:`node_events`);
+        those still waiting are left to the run's outcome, which writes them first."""
         try:
             with workflow_context(record.trace, metadata=config["metadata"]):
                 outcome = await run_graph(

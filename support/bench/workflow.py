@@ -474,10 +474,10 @@ def _note(f: dict[str, float]) -> str:
     phases = ", ".join(f"{k.replace('_', ' ')} {f[f'workflow_phase_{k}_ms']:.1f} ms" for k in _PHASES)
     return (
         f"One three-call workflow is {f['workflow_write_transactions']:.0f} write transactions on PostgreSQL "
-        f"(each waits for a WAL flush) besides 3 bus round trips: the launch, then a node's event as the next "
-        f"node starts, the last one's with the outcome. The checkpoints go in those statements (durability "
-        f"async, held for the write-behind window; under load, a checkpoint whose window runs out first is "
-        f"written on its own). A run claimed at launch starts running in the launch "
+        f"(each waits for a WAL flush) besides 3 bus round trips: the launch, and the outcome with the nodes' "
+        f"events and the checkpoints (durability async: a node's event waits for the outcome up to half the "
+        f"write-behind window, a checkpoint up to the window; under load, those whose window runs out first "
+        f"are written on their own). A run claimed at launch starts running in the launch "
         f"statement (pending to running: 0). "
         f"Median time between its stored events (call node: the duration its event reports): {phases}."
     )

@@ -1,6 +1,7 @@
 """NodeEvents: a node's event is written when the next node starts; events released while a
 write is in flight go together right after it, in order; the last ones are taken for the run's
-outcome; a refused write stops the run at its next node."""
+outcome; a refused write stops the run at its next node. With a write-behind window, an event
+waits for the outcome and is written on its own only when the window runs out first."""
 
 from __future__ import annotations
 
@@ -73,5 +74,46 @@ async def test_flush_writes_what_waits_and_a_refused_write_stops_the_next_add() 
     events.add(_event(0))
     with pytest.raises(RuntimeError, match="cancelled"):
         await events.flush()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        events.add(_event(1))
+
+
+async def test_with_a_window_events_wait_for_the_outcome() -> None:
+    """A run shorter than the window writes no node event on its own: all are taken."""
+    writes = _Writes()
+    events = NodeEvents(writes, window_s=0.05)
+    for i in range(3):
+        events.send()  # the node starts: nothing is written before the window ran out
+        events.add(_event(i))
+    await events.drain()
+    await asyncio.sleep(0.08)  # past the window: drained, nothing is written any more
+    assert writes.batches == []
+    assert [e.node for e in events.take()] == ["n0", "n1", "n2"]
+
+
+async def test_with_a_window_events_are_written_once_it_ran_out() -> None:
+    """The window runs from the first waiting event: those waiting then go in one write, and
+    the next ones wait for a window of their own."""
+    writes = _Writes()
+    events = NodeEvents(writes, window_s=0.03)
+    events.add(_event(0))
+    await asyncio.sleep(0.01)
+    events.send()
+    events.add(_event(1))
+    await asyncio.sleep(0.04)  # the window of n0 ran out
+    assert writes.batches == [["n0", "n1"]]
+    events.add(_event(2))
+    await events.drain()
+    assert writes.batches == [["n0", "n1"]]
+    assert [e.node for e in events.take()] == ["n2"]
+
+
+async def test_a_refused_write_after_a_window_stops_the_next_add() -> None:
+    async def refuse(events: list[NodeEvent]) -> None:
+        raise RuntimeError("workflow cancelled")
+
+    events = NodeEvents(refuse, window_s=0.01)
+    events.add(_event(0))
+    await asyncio.sleep(0.03)
     with pytest.raises(RuntimeError, match="cancelled"):
         events.add(_event(1))
