@@ -58,11 +58,12 @@ class Settings(BaseSettings):
     """Wait for the WAL flush on each checkpoint commit. Off, a checkpoint still survives an
     orchestrator crash and stays in WAL order, but a PostgreSQL crash may lose the last
     ~0.6 s of them (those steps re-run on resume); it saves a flush per superstep."""
-    checkpoint_write_behind_ms: float = Field(default=20.0, ge=0, le=10_000)
+    checkpoint_write_behind_ms: float = Field(default=100.0, ge=0, le=10_000)
     """In a workflow at durability ``async``, how long a step's checkpoint may wait to go in a
     statement the run writes anyway (its node's event, the outcome) before it is written on its
-    own (0: each at once). A crash may lose the steps of that window; they run again with the
-    same call keys. Every checkpoint is stored no later than the run's outcome."""
+    own (0: each at once); a node's event waits half as long. A crash may lose the steps of that
+    window; they run again with the same call keys. Every checkpoint is stored no later than the
+    run's outcome."""
 
     # -- process ---------------------------------------------------------------------
     data_dir: Path = Path(".data")
