@@ -11,9 +11,12 @@ __all__ = [
     "ADMIT_STORED",
     "FINISH",
     "HEARTBEAT",
+    "IN_FLIGHT",
 ]
 
 ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL = 0, 1, 2, 3, 4
+#: What a response key holds while its request is in flight (ADMIT's marker, 'P' in the scripts).
+IN_FLIGHT = b"P"
 
 #: Admission of a request, in one round trip: a stored response is returned
 #: (idempotency), a duplicate still in flight is reported, an agent with no live

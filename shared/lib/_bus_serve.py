@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from shared.lib import _bus_scripts as scripts
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
 from shared.lib._bus_core import Handler, _Core
@@ -269,7 +270,7 @@ class Server:
         """A redelivered request whose response was already stored is answered from the store."""
         key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
         stored = await self.core.redis.get(key)
-        if not stored or stored == b"P":
+        if not stored or stored == scripts.IN_FLIGHT:
             return False
         await self.core.finish(request, stored, stream=entry.stream, entry_id=entry.entry_id)
         return True
@@ -366,7 +367,7 @@ class Server:
         except OrchestratorError:
             return
         key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
-        if await self.core.redis.get(key) == b"P":
+        if await self.core.redis.get(key) == scripts.IN_FLIGHT:
             await self.core.redis.delete(key)
         error = {"code": "dead_lettered", "message": "the request was redelivered too often; see `dlq list`"}
         await self.core.notify(data, self.core.outcome(request, "error", {}, error=error).raw)

@@ -272,7 +272,10 @@ class EventBus:
                 resource=request.target_agent,
             )
         if code == scripts.ADMIT_IN_FLIGHT:
-            return await self._await_stored(request, deadline)
+            stored = await self._await_stored(request, deadline)
+            if stored is None:  # the duplicate was given up (its sender died): send this one
+                return await self._send(request, raw, waiter, deadline)
+            return stored
         return await self._await_reply(request, waiter, deadline)
 
     async def _admit(
@@ -340,12 +343,20 @@ class EventBus:
             raise Timeout(f"agent {request.target_agent!r} got {request.request_type} after its deadline")
         return response
 
-    async def _await_stored(self, request: AgentRequestEvent, deadline: float) -> AgentResponseEvent:
-        """A duplicate is in flight (sent elsewhere): wait for its stored response."""
+    async def _await_stored(self, request: AgentRequestEvent, deadline: float) -> AgentResponseEvent | None:
+        """A duplicate is in flight (sent elsewhere): wait for its stored response. None when its
+        in-flight marker ran out with nothing stored: it passed its deadline unanswered (the
+        instance holding it died, say), and the key is free to send this request."""
+        key = keys.response_key(self._core.prefix, request.target_agent, request.idempotency_key)
         while time.time() < deadline:
-            stored = await self._fetch_stored(request.target_agent, request.idempotency_key)
-            if stored is not None:
-                return stored
+            try:
+                value = await self._core.redis.get(key)
+            except _TRANSIENT:
+                value = scripts.IN_FLIGHT  # unknown: keep waiting
+            if value is None:
+                return None
+            if value != scripts.IN_FLIGHT:
+                return self._decode_stored(value, request.target_agent)
             await asyncio.sleep(_POLL_S)
         metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
         raise Timeout(f"agent {request.target_agent!r} did not finish the in-flight duplicate in time")
@@ -355,7 +366,7 @@ class EventBus:
             value = await self._core.redis.get(keys.response_key(self._core.prefix, agent, idempotency_key))
         except _TRANSIENT:
             return None
-        if not value or value == b"P":
+        if not value or value == scripts.IN_FLIGHT:
             return None
         return self._decode_stored(value, agent)
 
@@ -485,11 +496,14 @@ class EventBus:
         if request.deadline < time.time():
             raise DeadlineExpired("the request's deadline has passed; send it with a later one", field="deadline")
         stream = keys.request_stream(core.prefix, agent, keys.band_of(request.priority))
-        code, value = await self._admit(request, b"", stream=stream, deadline=request.deadline, queue=False)
-        if code == scripts.ADMIT_STORED:
-            return self._decode_stored(value, agent)
-        if code == scripts.ADMIT_IN_FLIGHT:
-            return await self._await_stored(request, request.deadline)
+        while True:  # a duplicate in flight: its response, or this one runs once the duplicate was given up
+            code, value = await self._admit(request, b"", stream=stream, deadline=request.deadline, queue=False)
+            if code == scripts.ADMIT_STORED:
+                return self._decode_stored(value, agent)
+            if code != scripts.ADMIT_IN_FLIGHT:
+                break
+            if (stored := await self._await_stored(request, request.deadline)) is not None:
+                return stored
         outcome = await core.run_handler(request, handler, agent=agent)
         await core.finish(request, outcome.raw, stream=None, entry_id=None)  # runs in the batch task: shielded
         return outcome.response

@@ -127,6 +127,24 @@ async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory)
     await task
 
 
+async def test_a_duplicate_given_up_in_flight_is_sent_again_once_its_marker_ran_out(make_bus: BusFactory) -> None:
+    """A request whose duplicate was taken by an instance that died (its in-flight marker is
+    left, nothing is stored) waits for the marker to run out, then is sent and answered: not
+    held to its own deadline for a response that will never come."""
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    request = _req(payload={"n": 1})
+    marker = keys.response_key(client.settings.redis_prefix, "echo", request.idempotency_key)
+    await client.redis.set(marker, b"P", px=500)  # as ADMIT leaves it for a duplicate in flight
+    started = time.monotonic()
+    response = await client.request_agent(request, timeout_s=10)
+    assert response.payload["echo"] == {"n": 1}
+    assert 0.4 < time.monotonic() - started < 3
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def test_reply_lost_while_the_reply_connection_is_down_is_read_from_the_store(make_bus: BusFactory) -> None:
     """A reply published while the requester's reply connection was killed still arrives, at once, from the store."""
     server, client = await make_bus(), await make_bus(visibility_timeout_s=30.0)
