@@ -112,11 +112,16 @@ class _Load:
             await asyncio.sleep(1 / LAUNCH_PER_S)
 
     async def drain(self) -> None:
-        """Wait for every follower; then read, once more, any workflow not seen finished."""
+        """Wait for every follower; then read the workflows not seen finished (a follower gives up
+        after a minute) until each is, or ``DRAIN_TIMEOUT_S`` passed."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
         await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), DRAIN_TIMEOUT_S)
-        for wid, base in self.launched.items():
-            if self.status.get(wid) not in TERMINAL:
+        while unseen := [(wid, base) for wid, base in self.launched.items() if self.status.get(wid) not in TERMINAL]:
+            for wid, base in unseen:
                 self._record((await self.http.get(f"{base}/workflows/{wid}")).json())
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(1.0)
 
 
 async def _killer(services: Services, stop_at: float, kill_every_s: float, progress: Progress) -> int:
