@@ -347,12 +347,8 @@ class EventBus:
         """A duplicate is in flight (sent elsewhere): wait for its stored response. None when its
         in-flight marker ran out with nothing stored: it passed its deadline unanswered (the
         instance holding it died, say), and the key is free to send this request."""
-        key = keys.response_key(self._core.prefix, request.target_agent, request.idempotency_key)
         while time.time() < deadline:
-            try:
-                value = await self._core.redis.get(key)
-            except _TRANSIENT:
-                value = scripts.IN_FLIGHT  # unknown: keep waiting
+            value = await self._stored_raw(request.target_agent, request.idempotency_key)
             if value is None:
                 return None
             if value != scripts.IN_FLIGHT:
@@ -362,13 +358,19 @@ class EventBus:
         raise Timeout(f"agent {request.target_agent!r} did not finish the in-flight duplicate in time")
 
     async def _fetch_stored(self, agent: str, idempotency_key: str) -> AgentResponseEvent | None:
+        value = await self._stored_raw(agent, idempotency_key)
+        return None if value is None or value == scripts.IN_FLIGHT else self._decode_stored(value, agent)
+
+    async def _stored_raw(self, agent: str, idempotency_key: str) -> bytes | None:
+        """What the response key holds: a stored response, the in-flight marker, or None (nothing);
+        the marker too when Redis cannot be read (nothing is known to be lost)."""
         try:
-            value = await self._core.redis.get(keys.response_key(self._core.prefix, agent, idempotency_key))
+            value: bytes | None = await self._core.redis.get(
+                keys.response_key(self._core.prefix, agent, idempotency_key)
+            )
         except _TRANSIENT:
-            return None
-        if not value or value == scripts.IN_FLIGHT:
-            return None
-        return self._decode_stored(value, agent)
+            return scripts.IN_FLIGHT
+        return value or None
 
     def _decode_stored(self, raw: bytes, agent: str) -> AgentResponseEvent:
         data = parse_envelope(raw, max_bytes=self.settings.max_payload_bytes)
