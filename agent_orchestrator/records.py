@@ -66,6 +66,11 @@ class WorkflowRecord:
         }
 
 
+def _lease(run_rows: list[dict[str, Any]]) -> datetime:
+    """The lease expiry of the run row a launch wrote claimed (its RETURNING row, as JSON)."""
+    return datetime.fromisoformat(run_rows[0]["lease_expires_at"])
+
+
 def _record(wf: Any, run: Any = None) -> WorkflowRecord:
     metadata = dict(getattr(wf, "metadata", None) or {})
     return WorkflowRecord(
@@ -144,7 +149,7 @@ class WorkflowRecords:
             if e.field != "idempotency_key" or again is None:
                 raise
             return Launched(again, False, None, [])
-        run = self.run_store.claimed_row(workflow_id, workflow_type) if claim else None
+        run = self.run_store.claimed_row(workflow_id, workflow_type, _lease(rows[0])) if claim else None
         stored = sorted((row for event_rows in rows[1:] for row in event_rows), key=lambda row: int(row["id"]))
         return Launched(_record(wf), True, run, stored)
 

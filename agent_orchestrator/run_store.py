@@ -35,6 +35,7 @@ class RunRow:
     wait_deadline: datetime | None
     cancel_requested: bool
     stuck_since: datetime | None
+    lease_expires_at: datetime | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> RunRow:
@@ -84,12 +85,14 @@ class RunStore:
         sql = (
             "INSERT INTO workflow_runs (workflow_id, workflow_type, state, runner_id, attempts, lease_expires_at, "  # noqa: S608 - parameter numbers only
             f"last_progress_at) VALUES ({a}, {b}, 'running', {c}, 1, now() + make_interval(secs => {d}::float8), "
-            "now()) RETURNING workflow_id"
+            "now()) RETURNING workflow_id, lease_expires_at"
         )
         return sql, [workflow_id, workflow_type, self.runner_id, self.lease_ttl_s]
 
-    def claimed_row(self, workflow_id: str, workflow_type: str) -> RunRow:
-        return RunRow(workflow_id, workflow_type, "running", self.runner_id, 1, None, None, None, False, None)
+    def claimed_row(self, workflow_id: str, workflow_type: str, lease_expires_at: datetime) -> RunRow:
+        return RunRow(
+            workflow_id, workflow_type, "running", self.runner_id, 1, None, None, None, False, None, lease_expires_at
+        )
 
     async def get(self, workflow_id: str) -> RunRow | None:
         row = await self.pool.fetchrow("SELECT * FROM workflow_runs WHERE workflow_id = $1", workflow_id)

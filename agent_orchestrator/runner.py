@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -36,10 +37,12 @@ _log = logging.getLogger(__name__)
 _POLL_S = 1.0
 #: How long the advisory lock of a finished run may wait to go back with the next launch's lock.
 _UNLOCK_DELAY_S = 0.05
-#: Take a launch's advisory lock and give back those of finished runs, in one statement.
+#: Take a launch's advisory lock and give back those of finished runs, in one statement; the
+#: time it was taken (the database's clock, read once it is held), or NULL when it was not.
 _TAKE_SQL = (
     "SELECT (SELECT count(pg_advisory_unlock(k)) FROM unnest($2::int8[]) AS k) AS released, "
-    "pg_try_advisory_lock($1) AS taken"
+    "CASE WHEN taken THEN clock_timestamp() END AS taken_at "
+    "FROM (SELECT pg_try_advisory_lock($1) AS taken OFFSET 0) AS t"
 )
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
@@ -208,15 +211,18 @@ class WorkflowRunner:
         lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{lr.run.workflow_id}")
 
     # -- runs launched here -------------------------------------------------------------------------
-    def reserve(self, workflow_id: str) -> asyncio.Future[bool] | None:
+    def reserve(self, workflow_id: str) -> asyncio.Future[datetime | None] | None:
         """Make room for a workflow this replica is launching and start taking its advisory lock,
         so it runs here at once (no claim through the table). The lock is taken while the launch
         statement runs: no one else knows the new id, and the run row it writes is claimed with
-        a fresh lease. None when there is no room; else whether the lock was taken."""
+        a fresh lease. None when there is no room; else when the lock was taken (the database's
+        clock), None if it was not. Taken only after the lease ran out (this replica stalled that
+        long), another replica may have claimed and even finished the run meanwhile: the caller
+        must not run it then."""
         if self._stopping or len(self._local) + len(self._reserved) >= self.settings.max_concurrent_workflows:
             return None
         self._reserved.add(workflow_id)
-        return asyncio.ensure_future(self._advisory(workflow_id, take=True))
+        return asyncio.ensure_future(self._take(workflow_id))
 
     async def unreserve(self, workflow_id: str, *, locked: bool) -> None:
         """The launch did not give this replica a run to start: give the room (and the lock) back."""
@@ -224,7 +230,7 @@ class WorkflowRunner:
             self._reserved.discard(workflow_id)
             self._room_freed()
             if locked:
-                await self._advisory(workflow_id, take=False)
+                await self._give_back(workflow_id)
 
     def adopt(self, run: RunRow, record: Any) -> None:
         """Run a reserved workflow whose launch wrote its run row already claimed and the workflow
@@ -234,13 +240,11 @@ class WorkflowRunner:
         if not self._stopping:
             self._start(LocalRun(run=run, record=record, launched_running=True))
 
-    async def _advisory(self, workflow_id: str, *, take: bool) -> bool:
-        """Take (or give back) a workflow's advisory lock; a take gives back the locks of the
-        runs ended meanwhile in the same statement."""
+    async def _take(self, workflow_id: str) -> datetime | None:
+        """Take a workflow's advisory lock, giving back the locks of the runs ended meanwhile in
+        the same statement; when it was taken, None if it was not."""
         assert self._lock_conn is not None
         async with self._lock_conn_mutex:
-            if not take:
-                return bool(await self._lock_conn.fetchval("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id)))
             ended, self._unlocks = self._unlocks, []
             try:
                 row = await self._lock_conn.fetchrow(
@@ -249,7 +253,12 @@ class WorkflowRunner:
             except BaseException:  # given back or not: the next flush gives them back (again)
                 self._unlocks[:0] = ended
                 raise
-            return bool(row and row["taken"])
+            return row["taken_at"] if row is not None else None
+
+    async def _give_back(self, workflow_id: str) -> None:
+        assert self._lock_conn is not None
+        async with self._lock_conn_mutex:
+            await self._lock_conn.execute("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id))
 
     async def _reconnect_lock_conn(self) -> None:
         """The lock session is gone, and our advisory locks with it: stop every local run."""

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -143,7 +144,9 @@ class Orchestrator:
     async def _create(self, workflow_id: str, create: Callable[[bool], Awaitable[Launched]]) -> Launched:
         """Write the workflow and its run (``create(claim)``): claimed by this replica when its
         runner has room for it, its advisory lock taken meanwhile. The room (and the lock) go back
-        if no claimed run came of it; a claimed run whose lock was not taken is handed back."""
+        if no claimed run came of it. A claimed run runs here only if its lock was taken before
+        its lease ran out; otherwise it is handed back (a 64-bit key clash, the lock session went
+        away, or this replica stalled past the lease, so another one may have claimed it)."""
         runner = self.runner
         locking = runner.reserve(workflow_id) if runner is not None else None
         launched = None
@@ -151,11 +154,12 @@ class Orchestrator:
             launched = await create(locking is not None)
         finally:
             if runner is not None and locking is not None:
-                locked = await _taken(locking)
-                claimed = launched is not None and launched.run is not None
-                if not (claimed and locked):
-                    await runner.unreserve(workflow_id, locked=locked)
-                if claimed and not locked:  # a 64-bit key clash, or the lock session went away
+                locked_at = await _taken(locking)
+                run = launched.run if launched is not None else None
+                ours = _in_time(run, locked_at)
+                if not ours:
+                    await runner.unreserve(workflow_id, locked=locked_at is not None)
+                if run is not None and not ours:  # requeued only if no other replica claimed it
                     await self.records.run_store.requeue(workflow_id)
                     launched = launched._replace(run=None) if launched is not None else None
         assert launched is not None
@@ -451,13 +455,21 @@ class Orchestrator:
         )
 
 
-async def _taken(locking: asyncio.Future[bool]) -> bool:
-    """Whether a launch's advisory lock was taken (not when taking it failed)."""
+def _in_time(run: RunRow | None, locked_at: datetime | None) -> bool:
+    """Whether a launch's claimed run is this replica's to run: its lock was taken before its
+    lease ran out, so no other replica can have claimed it (a claim needs the lease gone and the lock)."""
+    if run is None or locked_at is None or run.lease_expires_at is None:
+        return False
+    return locked_at < run.lease_expires_at
+
+
+async def _taken(locking: asyncio.Future[datetime | None]) -> datetime | None:
+    """When a launch's advisory lock was taken; None if it was not (or taking it failed)."""
     try:
         return await locking
     except Exception:  # noqa: BLE001 - the lock session failed: the run goes to the queue instead
         _log.warning("could not take the advisory lock of a launch; its run is queued", exc_info=True)
-        return False
+        return None
 
 
 def _node_events(events: Sequence[NodeEvent]) -> list[tuple[str, dict[str, Any]]]:

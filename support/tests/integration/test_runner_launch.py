@@ -188,3 +188,58 @@ async def test_a_finished_runs_lock_goes_back_with_the_next_launchs_and_an_inter
         await runner.stop()
         await other.close()
         await pool.close()
+
+
+async def test_a_launch_whose_lock_comes_after_its_lease_ran_out_is_not_run_here(
+    settings_factory: Callable[..., Settings], make_bus: BusFactory
+) -> None:
+    """The launch statement writes the run claimed, with a lease, while the advisory lock is taken
+    on the lock session. If this replica stalls past the lease before the lock is taken, another
+    replica claims the run (the lock is free), runs and finishes it, and gives the lock back:
+    the late take then succeeds. The launch must not run the workflow a second time."""
+    settings = settings_factory(max_concurrent_workflows=2, run_lease_ttl_s=0.3)
+    bus = await make_bus()
+    assert bus.pool is not None
+
+    async def never(lr: LocalRun) -> Outcome:
+        raise AssertionError("the stalled replica ran a workflow another replica had claimed")
+
+    stalled = WorkflowRunner(bus.pool, settings, execute=never, on_finished=lambda *_: asyncio.sleep(0))
+    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), stalled.store)
+    orch = Orchestrator(settings, records, bus, locks=None, saver=None, types={}, runner=stalled)  # type: ignore[arg-type]
+    other, _, finished = _runner(bus.pool, settings, lambda lr: Outcome(status="succeeded"))
+    workflow_id = str(uuid.uuid4())
+    await stalled.start()
+    await other.start()
+    try:
+        async with stalled._lock_conn_mutex:  # the lock session is stuck: the take waits
+            launching = asyncio.ensure_future(
+                orch._create(
+                    workflow_id,
+                    lambda claim: records.create(
+                        workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=claim
+                    ),
+                )
+            )
+            while (await records.run_store.get(workflow_id)) is None:
+                await asyncio.sleep(0.01)
+            other.wake()
+            assert await asyncio.wait_for(finished.get(), 10) == workflow_id  # claimed once the lease ran out
+            for _ in range(100):  # its lock goes back once the run is finished
+                if not other._unlocks:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+        launched = await asyncio.wait_for(launching, 10)
+        assert launched.created
+        assert launched.run is None  # not this replica's to run
+        run = await records.run_store.get(workflow_id)
+        assert run is not None
+        assert (run.state, run.attempts) == ("done", 2)  # run once, by the other replica
+        assert stalled.running == []
+        locking = stalled.reserve(str(uuid.uuid4()))
+        assert locking is not None  # the room came back
+        assert await locking
+    finally:
+        await other.stop()
+        await stalled.stop()
