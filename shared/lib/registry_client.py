@@ -184,7 +184,13 @@ class RegistryClient:
                 await self.heartbeat(in_flight=load() if load else 0, retry_for_s=0)
             except (OrchestratorError, httpx.HTTPError) as e:
                 if not failing:
-                    _log.warning("heartbeat of %s failed (%s); retrying every %.1fs", self.agent_id, e, interval_s)
+                    _log.warning(
+                        "heartbeat of %s failed (%s: %s); retrying every %.1fs",
+                        self.agent_id,
+                        type(e).__name__,
+                        e,
+                        interval_s,
+                    )
                 failing = True
             else:
                 if failing:
