@@ -3,7 +3,9 @@
 A reader task blocks on XREADGROUP over the agent's priority bands (high band
 first), a maintenance task renews liveness, keeps the claims of running
 handlers alive (XCLAIM ... JUSTID), reclaims entries idle past the visibility
-timeout (XAUTOCLAIM) and dead-letters those delivered too often. Each entry
+timeout (XAUTOCLAIM), takes over at once the entries of consumers no longer
+live (an instance killed mid-work: its liveness runs out sooner than the
+visibility timeout) and dead-letters those delivered too often. Each entry
 runs in its own task under the instance's concurrency limit.
 """
 
@@ -28,6 +30,7 @@ from shared.lib._bus_core import Handler, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
 from shared.lib.connections import run_command
 from shared.lib.errors import OrchestratorError
+from shared.lib.settings import Settings
 
 __all__ = ["Server"]
 
@@ -38,6 +41,21 @@ _BLOCK_MS = 250
 #: Loop turns a fast handler needs to reach its reply write (task start, batch, flush).
 _REPLY_TURNS = 4
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def consumer_lifetime_s(settings: Settings) -> float:
+    """How long a consumer stays live after its last beat: past it, it is taken for dead."""
+    return min(settings.consumer_dead_after_s, settings.visibility_timeout_s)
+
+
+def maintain_interval_s(settings: Settings) -> float:
+    """How often a consumer beats, renews its claims and looks for entries to reclaim: a third
+    of its lifetime (at most 5 s), so two missed beats do not make a live consumer look dead."""
+    return max(min(consumer_lifetime_s(settings) / 3, 5.0), 0.05)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
@@ -84,6 +102,7 @@ class Server:
         self.queue_depth = 0
         self.pending = 0
         self.redelivered = 0
+        self._beat_at_ms = 0  # the server's clock at the last beat
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -119,9 +138,12 @@ class Server:
                     raise
 
     async def _beat(self) -> None:
-        lifetime_ms = int(self.core.settings.visibility_timeout_s * 1000)
-        await self.core.heartbeat(
-            keys=[keys.consumers_key(self.core.prefix, self.agent)], args=[self.consumer, lifetime_ms]
+        """Stay live for one lifetime; keeps the server's clock (ms) of the beat for :meth:`_take_over_dead`."""
+        lifetime_ms = int(consumer_lifetime_s(self.core.settings) * 1000)
+        self._beat_at_ms = int(
+            await self.core.heartbeat(
+                keys=[keys.consumers_key(self.core.prefix, self.agent)], args=[self.consumer, lifetime_ms]
+            )
         )
 
     # -- reading -----------------------------------------------------------------------
@@ -277,7 +299,7 @@ class Server:
 
     # -- maintenance -------------------------------------------------------------------
     async def _maintain_loop(self) -> None:
-        interval_s = max(min(self.core.settings.visibility_timeout_s / 3, 5.0), 0.05)
+        interval_s = maintain_interval_s(self.core.settings)
         while not self._stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
@@ -320,13 +342,41 @@ class Server:
             return
         min_idle_ms = int(self.core.settings.visibility_timeout_s * 1000)
         result = await self.core.redis.xautoclaim(stream, self.agent, self.consumer, min_idle_ms, "0-0", count=free)
-        claimed = [(eid, fields) for eid, fields in result[1] if eid is not None and eid not in self._held]
+        claimed = [(eid, fields) for eid, fields in result[1] if eid is not None]
+        claimed += await self._take_over_dead(stream, count=free - len(claimed))
+        claimed = [(eid, fields) for eid, fields in claimed if eid not in self._held]
         if not claimed:
             return
         counts = await self._delivery_counts(stream, [eid for eid, _ in claimed])
         for entry_id, fields in claimed:
             entry = _Entry(stream, entry_id, (fields or {}).get(b"e"), counts.get(entry_id, 2))
             await self._redeliver(entry)
+
+    async def _take_over_dead(self, stream: str, *, count: int) -> list[tuple[Any, Any]]:
+        """Claim up to ``count`` entries of ``stream`` held by consumers no longer live (killed
+        mid-work), without waiting for the visibility timeout. Only entries idle for a maintenance
+        interval are taken: when several live instances try at once, the first one's claim resets
+        their idle time and the others take nothing."""
+        if count <= 0:
+            return []
+        holders = [_text(c["name"]) for c in (await self.core.redis.xpending(stream, self.agent))["consumers"]]
+        holders = [h for h in holders if h != self.consumer]
+        if not holders:
+            return []
+        live = await self.core.redis.zrange(
+            keys.consumers_key(self.core.prefix, self.agent), self._beat_at_ms, "+inf", byscore=True
+        )
+        ids: list[Any] = []
+        for dead in set(holders) - {_text(m) for m in live}:
+            rows = await self.core.redis.xpending_range(
+                stream, self.agent, min="-", max="+", count=count - len(ids), consumername=dead
+            )
+            ids += [row["message_id"] for row in rows]
+        if not ids:
+            return []
+        min_idle_ms = int(maintain_interval_s(self.core.settings) * 1000)
+        taken: list[tuple[Any, Any]] = await self.core.redis.xclaim(stream, self.agent, self.consumer, min_idle_ms, ids)
+        return taken
 
     async def _delivery_counts(self, stream: str, ids: list[Any]) -> dict[Any, int]:
         pipe = self.core.redis.pipeline(transaction=False)

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     """Prefix of every Redis key, so deployments and tests can share one server."""
     visibility_timeout_s: float = 30.0
     """A pending request not renewed for this long is reclaimed by another instance."""
+    consumer_dead_after_s: float = 10.0
+    """An agent instance whose bus consumer showed no life for this long (or the visibility timeout,
+    if shorter) is dead: requests go to it no more, and a live instance takes over the ones it held."""
     max_deliveries: int = 5
     """Deliveries after which a request goes to the dead-letter stream."""
     response_ttl_s: int = 24 * 3600

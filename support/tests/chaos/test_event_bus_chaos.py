@@ -62,8 +62,12 @@ def workers(service_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[s
     """Start serving processes (this module as __main__); all are killed at teardown."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(consumer: str) -> subprocess.Popen[bytes]:
-        env = {**service_env, "AO_VISIBILITY_TIMEOUT_S": "1"}
+    def start(consumer: str, **settings: float) -> subprocess.Popen[bytes]:
+        env = {
+            **service_env,
+            "AO_VISIBILITY_TIMEOUT_S": "1",
+            **{f"AO_{k.upper()}": str(v) for k, v in settings.items()},
+        }
         log = (tmp_path / f"{consumer}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "support.tests.chaos.test_event_bus_chaos", consumer],
@@ -96,8 +100,14 @@ def _wait_consumers(url: str, prefix: str, count: int, *, timeout_s: float = 30)
     raise AssertionError(f"{count} consumers of {AGENT} never became live")
 
 
+#: Long enough for a takeover, shorter than the visibility timeout of the takeover case.
+REQUEST_TIMEOUT_S = 20
+
+
 def _request() -> AgentRequestEvent:
-    return AgentRequestEvent.create(source_agent="tester", target_agent=AGENT, request_type="WORK", timeout_s=30)
+    return AgentRequestEvent.create(
+        source_agent="tester", target_agent=AGENT, request_type="WORK", timeout_s=REQUEST_TIMEOUT_S
+    )
 
 
 async def _in_flight(client: Any, prefix: str, request: AgentRequestEvent) -> bool:
@@ -124,20 +134,34 @@ async def _answered_and_busy(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "bus_settings",
+    [
+        pytest.param({"visibility_timeout_s": 1.0}, id="reclaimed-past-the-visibility-timeout"),
+        # The visibility timeout outlasts the calls' deadline: only the takeover of a consumer
+        # that stopped being live answers the killed instance's requests in time.
+        pytest.param(
+            {"visibility_timeout_s": 60.0, "consumer_dead_after_s": 1.5}, id="taken-over-from-a-dead-consumer"
+        ),
+    ],
+)
 async def test_kill9_with_requests_in_flight_loses_nothing(
-    workers: Callable[[str], subprocess.Popen[bytes]], settings_factory: Callable[..., Settings], redis_url: str
+    workers: Callable[..., subprocess.Popen[bytes]],
+    settings_factory: Callable[..., Settings],
+    redis_url: str,
+    bus_settings: dict[str, float],
 ) -> None:
     """SIGKILL of an instance mid-work: the survivor answers every request, and no request whose
     result was stored ran again (only the killed instance's unfinished work ran twice)."""
-    settings = settings_factory(visibility_timeout_s=1.0)
-    victim = workers("worker-a")
-    workers("worker-b")
+    settings = settings_factory(**bus_settings)
+    victim = workers("worker-a", **bus_settings)
+    workers("worker-b", **bus_settings)
     _wait_consumers(redis_url, settings.redis_prefix, 2)
     client = await connect_redis(redis_url)
     bus = EventBus(client, settings)
     try:
         requests = [_request() for _ in range(48)]
-        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=30)) for r in requests]
+        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=REQUEST_TIMEOUT_S)) for r in requests]
         await _answered_and_busy(client, settings.redis_prefix, "worker-a", requests, calls)
         os.kill(victim.pid, signal.SIGKILL)
         responses = await asyncio.gather(*calls)

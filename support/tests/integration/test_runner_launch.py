@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from agent_orchestrator import runner as runner_module
 from agent_orchestrator.execution import Outcome
-from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.records import Launched, WorkflowRecords
 from agent_orchestrator.runner import LocalRun, WorkflowRunner, advisory_key
 from agent_orchestrator.service import Orchestrator
 from shared.lib.connections import connect_postgres, create_pg_pool
@@ -34,6 +34,36 @@ def _runner(
 
     runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished)
     return runner, WorkflowRecords(pool, WorkflowStateManager(pool), runner.store), finished
+
+
+def _replica_that_must_not_run(
+    bus: Any, settings: Settings, why: str
+) -> tuple[WorkflowRunner, WorkflowRecords, Orchestrator]:
+    """A replica (runner, records, orchestrator) whose runner fails the test if it runs anything."""
+
+    async def execute(lr: LocalRun) -> Outcome:
+        raise AssertionError(why)
+
+    runner = WorkflowRunner(bus.pool, settings, execute=execute, on_finished=lambda *_: asyncio.sleep(0))
+    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), runner.store)
+    orch = Orchestrator(settings, records, bus, locks=None, saver=None, types={}, runner=runner)  # type: ignore[arg-type]
+    return runner, records, orch
+
+
+def _launch(orch: Orchestrator, records: WorkflowRecords, workflow_id: str) -> Awaitable[Launched]:
+    """A launch of ``workflow_id`` through the orchestrator's own path (reserve, statement, lock)."""
+    return orch._create(
+        workflow_id,
+        lambda claim: records.create(
+            workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=claim
+        ),
+    )
+
+
+async def _assert_room_back(runner: WorkflowRunner) -> None:
+    locking = runner.reserve(str(uuid.uuid4()))
+    assert locking is not None  # the room came back
+    assert await locking
 
 
 async def test_a_launch_reserved_here_is_written_claimed_and_run_here(
@@ -100,31 +130,18 @@ async def test_a_launch_whose_lock_is_held_elsewhere_is_queued_not_run_here(
     bus = await make_bus()
     assert bus.pool is not None
     other = await connect_postgres(settings.database_url or "")
-
-    async def execute(lr: LocalRun) -> Outcome:
-        raise AssertionError("a run without its lock must not start")
-
-    runner = WorkflowRunner(bus.pool, settings, execute=execute, on_finished=lambda *_: asyncio.sleep(0))
-    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), runner.store)
-    orch = Orchestrator(settings, records, bus, locks=None, saver=None, types={}, runner=runner)  # type: ignore[arg-type]
+    runner, records, orch = _replica_that_must_not_run(bus, settings, "a run without its lock must not start")
     workflow_id = str(uuid.uuid4())
     assert await other.fetchval("SELECT pg_try_advisory_lock($1)", advisory_key(workflow_id))
     await runner.start()
     try:
-        launched = await orch._create(
-            workflow_id,
-            lambda claim: records.create(
-                workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=claim
-            ),
-        )
+        launched = await _launch(orch, records, workflow_id)
         assert launched.created
         assert launched.run is None
         stored = await records.run_store.get(workflow_id)
         assert stored is not None
         assert (stored.state, stored.runner_id) == ("queued", None)
-        locking = runner.reserve(str(uuid.uuid4()))
-        assert locking is not None  # the room came back
-        assert await locking
+        await _assert_room_back(runner)
     finally:
         await runner.stop()
         await other.close()
@@ -200,27 +217,16 @@ async def test_a_launch_whose_lock_comes_after_its_lease_ran_out_is_not_run_here
     settings = settings_factory(max_concurrent_workflows=2, run_lease_ttl_s=0.3)
     bus = await make_bus()
     assert bus.pool is not None
-
-    async def never(lr: LocalRun) -> Outcome:
-        raise AssertionError("the stalled replica ran a workflow another replica had claimed")
-
-    stalled = WorkflowRunner(bus.pool, settings, execute=never, on_finished=lambda *_: asyncio.sleep(0))
-    records = WorkflowRecords(bus.pool, WorkflowStateManager(bus.pool), stalled.store)
-    orch = Orchestrator(settings, records, bus, locks=None, saver=None, types={}, runner=stalled)  # type: ignore[arg-type]
+    stalled, records, orch = _replica_that_must_not_run(
+        bus, settings, "the stalled replica ran a workflow another replica had claimed"
+    )
     other, _, finished = _runner(bus.pool, settings, lambda lr: Outcome(status="succeeded"))
     workflow_id = str(uuid.uuid4())
     await stalled.start()
     await other.start()
     try:
         async with stalled._lock_conn_mutex:  # the lock session is stuck: the take waits
-            launching = asyncio.ensure_future(
-                orch._create(
-                    workflow_id,
-                    lambda claim: records.create(
-                        workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=claim
-                    ),
-                )
-            )
+            launching = asyncio.ensure_future(_launch(orch, records, workflow_id))
             while (await records.run_store.get(workflow_id)) is None:
                 await asyncio.sleep(0.01)
             other.wake()
@@ -237,9 +243,7 @@ async def test_a_launch_whose_lock_comes_after_its_lease_ran_out_is_not_run_here
         assert run is not None
         assert (run.state, run.attempts) == ("done", 2)  # run once, by the other replica
         assert stalled.running == []
-        locking = stalled.reserve(str(uuid.uuid4()))
-        assert locking is not None  # the room came back
-        assert await locking
+        await _assert_room_back(stalled)
     finally:
         await other.stop()
         await stalled.stop()
