@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from agents.work.release import current_release
-from shared.lib.redis_keys import BANDS, request_stream
+from shared.lib.redis_keys import BANDS, as_text, request_stream
 
 __all__ = ["Issue", "Probe", "probe_environment", "probe_http", "probe_pending", "probe_tcp"]
 
@@ -122,7 +122,7 @@ async def _pending_of(redis: aioredis.Redis, prefix: str, agent: str) -> tuple[i
             continue
         total += int(summary.get("pending") or 0)
         for entry in summary.get("consumers") or []:
-            name = entry["name"].decode() if isinstance(entry["name"], bytes) else str(entry["name"])
+            name = as_text(entry["name"])
             consumers[name] = consumers.get(name, 0) + int(entry["pending"])
     return total, consumers
 

@@ -21,7 +21,7 @@ from redis.exceptions import ResponseError
 
 from agents.work.health import Issue
 from shared.lib.errors import NotFound, OrchestratorError
-from shared.lib.redis_keys import BANDS, consumers_key, request_stream
+from shared.lib.redis_keys import BANDS, as_text, consumers_key, request_stream
 from shared.lib.registry_client import RegistryClient
 from shared.lib.registry_models import AgentStatus
 from shared.lib.resource_lock import ResourceLockManager
@@ -65,7 +65,7 @@ async def deregister_instance(registry_url: str, agent_id: str, *, api_key: str 
 
 async def dead_consumers(redis: aioredis.Redis, prefix: str, agent: str) -> dict[str, int]:
     """Consumers of ``agent`` holding pending requests while no longer live, with how many each holds."""
-    live_until = {_text(m): s for m, s in await redis.zrange(consumers_key(prefix, agent), 0, -1, withscores=True)}
+    live_until = {as_text(m): s for m, s in await redis.zrange(consumers_key(prefix, agent), 0, -1, withscores=True)}
     now_ms = time.time() * 1000
     held: dict[str, int] = {}
     for band in BANDS:
@@ -74,7 +74,7 @@ async def dead_consumers(redis: aioredis.Redis, prefix: str, agent: str) -> dict
         except ResponseError:  # no stream or group yet
             continue
         for entry in summary.get("consumers") or []:
-            name = _text(entry["name"])
+            name = as_text(entry["name"])
             if live_until.get(name, 0) < now_ms:
                 held[name] = held.get(name, 0) + int(entry["pending"])
     return held
@@ -119,7 +119,3 @@ async def release_lock(locks: ResourceLockManager, resource_id: str, *, reason: 
     except NotFound:
         return {"released": False, "resource_id": resource_id}
     return {"released": True, "resource_id": resource_id, "owner": info.owner, "token": info.token}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -54,10 +54,6 @@ def maintain_interval_s(settings: Settings) -> float:
     return max(min(consumer_lifetime_s(settings) / 3, 5.0), 0.05)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
     """A field of a raw stream entry ([field, value, ...]; None for an entry deleted while pending)."""
     if not fields:
@@ -178,7 +174,7 @@ class Server:
             reply = await self._xreadgroup(self.streams[:1], count=free, block_ms=None)
         if not reply:
             reply = await self._xreadgroup(self.streams, count=free, block_ms=_BLOCK_MS)
-        by_stream = {(s.decode() if isinstance(s, bytes) else s): entries for s, entries in reply or []}
+        by_stream = {keys.as_text(s): entries for s, entries in reply or []}
         self._backlog = any(len(entries) >= free for entries in by_stream.values())
         for stream in self.streams:  # high band first
             for entry_id, fields in by_stream.get(stream, []):
@@ -359,7 +355,7 @@ class Server:
         their idle time and the others take nothing."""
         if count <= 0:
             return []
-        holders = [_text(c["name"]) for c in (await self.core.redis.xpending(stream, self.agent))["consumers"]]
+        holders = [keys.as_text(c["name"]) for c in (await self.core.redis.xpending(stream, self.agent))["consumers"]]
         holders = [h for h in holders if h != self.consumer]
         if not holders:
             return []
@@ -367,7 +363,7 @@ class Server:
             keys.consumers_key(self.core.prefix, self.agent), self._beat_at_ms, "+inf", byscore=True
         )
         ids: list[Any] = []
-        for dead in set(holders) - {_text(m) for m in live}:
+        for dead in set(holders) - {keys.as_text(m) for m in live}:
             rows = await self.core.redis.xpending_range(
                 stream, self.agent, min="-", max="+", count=count - len(ids), consumername=dead
             )

@@ -131,10 +131,6 @@ def _time_out(future: asyncio.Future[Any]) -> None:
         future.set_exception(TimeoutError())
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class EventBus:
     """Agent request/response and broadcast events over Redis (and PostgreSQL for events).
 
@@ -406,7 +402,7 @@ class EventBus:
                     if reply is None:
                         await conn.send_command("PING")  # answered as [b"pong", b""]
                         continue
-                    kind = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+                    kind = keys.as_text(reply[0])
                     if kind == "message":
                         self._on_reply(reply[2])
                     elif kind == "subscribe":
@@ -531,7 +527,7 @@ class EventBus:
             agents = [agent_name]
         else:
             members = await self._core.redis.smembers(keys.agents_set(self._core.prefix))  # type: ignore[misc]
-            agents = sorted(_str(m) for m in members)
+            agents = sorted(keys.as_text(m) for m in members)
         letters: list[DeadLetter] = []
         for agent in agents:
             rows = await self._core.redis.xrevrange(keys.dead_letter_stream(self._core.prefix, agent), count=limit)
@@ -546,10 +542,10 @@ class EventBus:
         except orjson.JSONDecodeError:
             request = None
         return DeadLetter(
-            id=f"{agent}/{_str(entry_id)}",
+            id=f"{agent}/{keys.as_text(entry_id)}",
             agent=agent,
-            reason=_str(fields.get(b"reason", b"")),
-            message=_str(fields.get(b"message", b"")),
+            reason=keys.as_text(fields.get(b"reason", b"")),
+            message=keys.as_text(fields.get(b"message", b"")),
             deliveries=int(fields.get(b"deliveries", b"0") or 0),
             dead_at=float(fields.get(b"dead_at", b"0") or 0),
             request=request if isinstance(request, dict) else None,

@@ -8,6 +8,8 @@ Redis Cluster slot and multi-key operations on them stay legal.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__: list[str] = []
 
 # -- messaging (shared.lib.event_bus) -----------------------------------------------
@@ -15,6 +17,7 @@ __all__ += [
     "BANDS",
     "IN_FLIGHT_MARKER_MARGIN_MS",
     "agents_set",
+    "as_text",
     "band_of",
     "consumers_key",
     "dead_letter_stream",
@@ -23,6 +26,12 @@ __all__ += [
     "request_stream",
     "response_key",
 ]
+
+
+def as_text(value: Any) -> str:
+    """A name as Redis replies with it (bytes on a client that does not decode), as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
 
 #: Priority bands, served in this order: one stream per band, so a backlog of
 #: normal work never delays an urgent call (urgent+high share the first band).
