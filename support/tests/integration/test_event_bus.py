@@ -145,6 +145,28 @@ async def test_a_duplicate_given_up_in_flight_is_sent_again_once_its_marker_ran_
     await task
 
 
+async def test_execute_runs_a_request_whose_duplicate_was_given_up_in_flight(make_bus: BusFactory) -> None:
+    """The HTTP path (execute) as the stream path: a duplicate's in-flight marker left by an
+    instance that died is waited out, then this request runs, once, well before its deadline."""
+    bus = await make_bus()
+    calls: list[str] = []
+
+    async def handler(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        return {"ok": True}
+
+    request = _req(timeout_s=10).signed(bus.settings.signing_key.encode())
+    marker = keys.response_key(bus.settings.redis_prefix, "echo", request.idempotency_key)
+    await bus.redis.set(marker, b"P", px=500)  # as ADMIT leaves it for a duplicate in flight
+    started = time.monotonic()
+    response = await bus.execute(request, handler)
+    assert response.status == "success"
+    assert calls == [request.request_id]
+    assert 0.4 < time.monotonic() - started < 3
+    assert (await bus.execute(request, handler)).status == "success"  # stored: not run again
+    assert calls == [request.request_id]
+
+
 async def test_reply_lost_while_the_reply_connection_is_down_is_read_from_the_store(make_bus: BusFactory) -> None:
     """A reply published while the requester's reply connection was killed still arrives, at once, from the store."""
     server, client = await make_bus(), await make_bus(visibility_timeout_s=30.0)
