@@ -5,7 +5,8 @@ first), a maintenance task renews liveness, keeps the claims of running
 handlers alive (XCLAIM ... JUSTID), reclaims entries idle past the visibility
 timeout (XAUTOCLAIM), takes over at once the entries of consumers no longer
 live (an instance killed mid-work: its liveness runs out sooner than the
-visibility timeout) and dead-letters those delivered too often. Each entry
+visibility timeout) and dead-letters those delivered too often. At start it
+runs again what its own name still held from an earlier life. Each entry
 runs in its own task under the instance's concurrency limit.
 """
 
@@ -105,6 +106,7 @@ class Server:
         await self._ensure_groups()
         await self.core.redis.sadd(keys.agents_set(self.core.prefix), self.agent)  # type: ignore[misc]
         await self._beat()
+        await self._take_back_own()
         self._loops = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._maintain_loop())]
         await self._done.wait()
 
@@ -340,7 +342,18 @@ class Server:
         result = await self.core.redis.xautoclaim(stream, self.agent, self.consumer, min_idle_ms, "0-0", count=free)
         claimed = [(eid, fields) for eid, fields in result[1] if eid is not None]
         claimed += await self._take_over_dead(stream, count=free - len(claimed))
-        claimed = [(eid, fields) for eid, fields in claimed if eid not in self._held]
+        await self._redeliver_claimed(stream, [(eid, fields) for eid, fields in claimed if eid not in self._held])
+
+    async def _take_back_own(self) -> None:
+        """At start, before reading: run again the entries still pending under this consumer's
+        name from an earlier life (a restart under the same instance id after a kill), up to the
+        concurrency per band, instead of leaving them to the visibility timeout. None of them can
+        be running here yet."""
+        for stream in self.streams:
+            claimed = await self._claim_held_by(stream, [self.consumer], count=self.concurrency, min_idle_ms=0)
+            await self._redeliver_claimed(stream, claimed)
+
+    async def _redeliver_claimed(self, stream: str, claimed: list[tuple[Any, Any]]) -> None:
         if not claimed:
             return
         counts = await self._delivery_counts(stream, [eid for eid, _ in claimed])
@@ -362,17 +375,26 @@ class Server:
         live = await self.core.redis.zrange(
             keys.consumers_key(self.core.prefix, self.agent), self._beat_at_ms, "+inf", byscore=True
         )
+        dead = sorted(set(holders) - {keys.as_text(m) for m in live})
+        min_idle_ms = int(maintain_interval_s(self.core.settings) * 1000)
+        return await self._claim_held_by(stream, dead, count=count, min_idle_ms=min_idle_ms)
+
+    async def _claim_held_by(
+        self, stream: str, consumers: list[str], *, count: int, min_idle_ms: int
+    ) -> list[tuple[Any, Any]]:
+        """Claim (XCLAIM) up to ``count`` entries of ``stream`` pending under ``consumers``."""
         ids: list[Any] = []
-        for dead in set(holders) - {keys.as_text(m) for m in live}:
+        for consumer in consumers:
+            if len(ids) >= count:
+                break
             rows = await self.core.redis.xpending_range(
-                stream, self.agent, min="-", max="+", count=count - len(ids), consumername=dead
+                stream, self.agent, min="-", max="+", count=count - len(ids), consumername=consumer
             )
             ids += [row["message_id"] for row in rows]
         if not ids:
             return []
-        min_idle_ms = int(maintain_interval_s(self.core.settings) * 1000)
-        taken: list[tuple[Any, Any]] = await self.core.redis.xclaim(stream, self.agent, self.consumer, min_idle_ms, ids)
-        return taken
+        claimed = await self.core.redis.xclaim(stream, self.agent, self.consumer, min_idle_ms, ids)
+        return [(eid, fields) for eid, fields in claimed if eid is not None]
 
     async def _delivery_counts(self, stream: str, ids: list[Any]) -> dict[Any, int]:
         pipe = self.core.redis.pipeline(transaction=False)

@@ -189,6 +189,42 @@ async def test_kill9_with_requests_in_flight_loses_nothing(
     assert twice >= 1  # the kill really caught requests in flight
 
 
+@pytest.mark.slow
+async def test_an_instance_restarted_under_its_name_runs_again_what_it_held(
+    workers: Callable[..., subprocess.Popen[bytes]], settings_factory: Callable[..., Settings], redis_url: str
+) -> None:
+    """SIGKILL of the only instance mid-work, restarted at once under the same instance id (as a
+    supervisor restarts it): the new process runs again the requests its name still held before
+    their deadline. No other instance would take them (the old name still looks live) and the
+    visibility timeout outlasts the deadline: only the restart's own take-back answers them."""
+    bus_settings = {"visibility_timeout_s": 60.0, "consumer_dead_after_s": 60.0}
+    settings = settings_factory(**bus_settings)
+    victim = workers("worker-a", **bus_settings)
+    _wait_consumers(redis_url, settings.redis_prefix, 1)
+    client = await connect_redis(redis_url)
+    bus = EventBus(client, settings)
+    try:
+        requests = [_request() for _ in range(4)]
+        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=REQUEST_TIMEOUT_S)) for r in requests]
+        effects = [_effects_key(settings.redis_prefix, r.request_id) for r in requests]
+        deadline = time.monotonic() + 20
+        while not all([await client.llen(k) for k in effects]):  # type: ignore[misc]
+            assert time.monotonic() < deadline, "the requests never started running"
+            await asyncio.sleep(0.005)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+        workers("worker-a", **bus_settings)
+        responses = await asyncio.gather(*calls)
+        ran = [[e.decode() for e in await client.lrange(k, 0, -1)] for k in effects]  # type: ignore[misc]
+    finally:
+        await bus.close()
+        await client.aclose()
+    assert all(r.status == "success" for r in responses)
+    assert all(r.served_by == "worker-a" for r in responses)
+    assert sum(len(r) == 2 for r in ran) >= 1  # the kill caught work in flight, run again after the restart
+    assert all(r in (["worker-a"], ["worker-a", "worker-a"]) for r in ran)
+
+
 @pytest.fixture
 def private_redis() -> Iterator[EmbeddedRedis]:
     """A Redis of this test's own (short unix-socket path), so it can be stopped and started."""
