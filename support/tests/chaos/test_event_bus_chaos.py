@@ -110,6 +110,20 @@ def _request() -> AgentRequestEvent:
     )
 
 
+def _send(bus: EventBus, n: int) -> tuple[list[AgentRequestEvent], list[asyncio.Task[Any]]]:
+    """``n`` requests to AGENT, each awaited in a task of its own."""
+    requests = [_request() for _ in range(n)]
+    return requests, [asyncio.create_task(bus.request_agent(r, timeout_s=REQUEST_TIMEOUT_S)) for r in requests]
+
+
+async def _ran(client: Any, prefix: str, requests: list[AgentRequestEvent]) -> dict[str, list[str]]:
+    """Which consumers ran each request, in order (the side effects the handler records)."""
+    return {
+        r.request_id: [e.decode() for e in await client.lrange(_effects_key(prefix, r.request_id), 0, -1)]
+        for r in requests
+    }
+
+
 async def _in_flight(client: Any, prefix: str, request: AgentRequestEvent) -> bool:
     return bool(await client.get(keys.response_key(prefix, AGENT, request.idempotency_key)) == b"P")
 
@@ -160,17 +174,11 @@ async def test_kill9_with_requests_in_flight_loses_nothing(
     client = await connect_redis(redis_url)
     bus = EventBus(client, settings)
     try:
-        requests = [_request() for _ in range(48)]
-        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=REQUEST_TIMEOUT_S)) for r in requests]
+        requests, calls = _send(bus, 48)
         await _answered_and_busy(client, settings.redis_prefix, "worker-a", requests, calls)
         os.kill(victim.pid, signal.SIGKILL)
         responses = await asyncio.gather(*calls)
-        effects = {
-            r.request_id: [
-                e.decode() for e in await client.lrange(_effects_key(settings.redis_prefix, r.request_id), 0, -1)
-            ]  # type: ignore[misc]
-            for r in requests
-        }
+        effects = await _ran(client, settings.redis_prefix, requests)
     finally:
         await bus.close()
         await client.aclose()
@@ -204,18 +212,16 @@ async def test_an_instance_restarted_under_its_name_runs_again_what_it_held(
     client = await connect_redis(redis_url)
     bus = EventBus(client, settings)
     try:
-        requests = [_request() for _ in range(4)]
-        calls = [asyncio.create_task(bus.request_agent(r, timeout_s=REQUEST_TIMEOUT_S)) for r in requests]
-        effects = [_effects_key(settings.redis_prefix, r.request_id) for r in requests]
+        requests, calls = _send(bus, 4)
         deadline = time.monotonic() + 20
-        while not all([await client.llen(k) for k in effects]):  # type: ignore[misc]
+        while not all((await _ran(client, settings.redis_prefix, requests)).values()):
             assert time.monotonic() < deadline, "the requests never started running"
             await asyncio.sleep(0.005)
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=10)
         workers("worker-a", **bus_settings)
         responses = await asyncio.gather(*calls)
-        ran = [[e.decode() for e in await client.lrange(k, 0, -1)] for k in effects]  # type: ignore[misc]
+        ran = list((await _ran(client, settings.redis_prefix, requests)).values())
     finally:
         await bus.close()
         await client.aclose()
