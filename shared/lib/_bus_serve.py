@@ -136,7 +136,7 @@ class Server:
                     raise
 
     async def _beat(self) -> None:
-        """Stay live for one lifetime; keeps the server's clock (ms) of the beat for :meth:`_take_over_dead`."""
+        """Stay live for one lifetime; keeps the server's clock (ms) of the beat for :meth:`_live_consumers`."""
         lifetime_ms = int(consumer_lifetime_s(self.core.settings) * 1000)
         self._beat_at_ms = int(
             await self.core.heartbeat(
@@ -311,16 +311,26 @@ class Server:
     async def _maintain(self) -> None:
         await self._beat()
         await self._keep_claims()
-        for stream in self.streams:
-            await self._reclaim(stream)
         pipe = self.core.redis.pipeline(transaction=False)
         for stream in self.streams:
             pipe.xlen(stream)
             pipe.xpending(stream, self.agent)
         results = await pipe.execute()
+        # Claims move entries between consumers, not out of the group: these counts hold after them.
         self.queue_depth = sum(results[0::2])
         self.pending = sum(int(p["pending"]) for p in results[1::2])
         metrics.AGENT_REQUEST_QUEUE_DEPTH.labels(self.agent).set(self.queue_depth)
+        holders = [{keys.as_text(c["name"]) for c in p.get("consumers") or []} - {self.consumer} for p in results[1::2]]
+        live = await self._live_consumers() if any(holders) else set()
+        for stream, held_by in zip(self.streams, holders, strict=True):
+            await self._reclaim(stream, dead=sorted(held_by - live))
+
+    async def _live_consumers(self) -> set[str]:
+        """The consumers of this agent live at the last beat (the server's clock)."""
+        live = await self.core.redis.zrange(
+            keys.consumers_key(self.core.prefix, self.agent), self._beat_at_ms, "+inf", byscore=True
+        )
+        return {keys.as_text(m) for m in live}
 
     async def _keep_claims(self) -> None:
         """Reset the idle time of every entry this instance holds, so none is reclaimed."""
@@ -334,14 +344,16 @@ class Server:
             pipe.xclaim(stream, self.agent, self.consumer, 0, ids, justid=True)
         await pipe.execute()
 
-    async def _reclaim(self, stream: str) -> None:
+    async def _reclaim(self, stream: str, *, dead: list[str]) -> None:
+        """Claim the entries idle past the visibility timeout, then those held by ``dead``
+        (consumers holding entries of ``stream`` that are no longer live)."""
         free = self.concurrency - len(self._tasks)
         if free <= 0:
             return
         min_idle_ms = int(self.core.settings.visibility_timeout_s * 1000)
         result = await self.core.redis.xautoclaim(stream, self.agent, self.consumer, min_idle_ms, "0-0", count=free)
         claimed = [(eid, fields) for eid, fields in result[1] if eid is not None]
-        claimed += await self._take_over_dead(stream, count=free - len(claimed))
+        claimed += await self._take_over_dead(stream, dead, count=free - len(claimed))
         await self._redeliver_claimed(stream, [(eid, fields) for eid, fields in claimed if eid not in self._held])
 
     async def _take_back_own(self) -> None:
@@ -361,21 +373,13 @@ class Server:
             entry = _Entry(stream, entry_id, (fields or {}).get(b"e"), counts.get(entry_id, 2))
             await self._redeliver(entry)
 
-    async def _take_over_dead(self, stream: str, *, count: int) -> list[tuple[Any, Any]]:
+    async def _take_over_dead(self, stream: str, dead: list[str], *, count: int) -> list[tuple[Any, Any]]:
         """Claim up to ``count`` entries of ``stream`` held by consumers no longer live (killed
         mid-work), without waiting for the visibility timeout. Only entries idle for a maintenance
         interval are taken: when several live instances try at once, the first one's claim resets
         their idle time and the others take nothing."""
-        if count <= 0:
+        if count <= 0 or not dead:
             return []
-        holders = [keys.as_text(c["name"]) for c in (await self.core.redis.xpending(stream, self.agent))["consumers"]]
-        holders = [h for h in holders if h != self.consumer]
-        if not holders:
-            return []
-        live = await self.core.redis.zrange(
-            keys.consumers_key(self.core.prefix, self.agent), self._beat_at_ms, "+inf", byscore=True
-        )
-        dead = sorted(set(holders) - {keys.as_text(m) for m in live})
         min_idle_ms = int(maintain_interval_s(self.core.settings) * 1000)
         return await self._claim_held_by(stream, dead, count=count, min_idle_ms=min_idle_ms)
 
