@@ -146,6 +146,18 @@ ROWS: dict[str, list[Row]] = {
         Row("workflow_cpu_ms_orchestrator", goal="report (CPU per workflow at throughput, both replicas)"),
         Row("workflow_cpu_ms_agents", goal="report (both no-op agents)"),
         Row("workflow_cpu_ms_client", goal="report (the benchmark's own HTTP client)"),
+        Row(
+            "workflow_hop_pg_commit_after_idle_ms",
+            "workflow_hop_pg_commit_ms",
+            "report (a one-row commit after 5 ms idle, against back to back)",
+            baseline=True,
+        ),
+        Row(
+            "workflow_hop_redis_ping_after_idle_ms",
+            "workflow_hop_redis_ping_ms",
+            "report (a Redis PING after 5 ms idle, against back to back)",
+            baseline=True,
+        ),
     ],
     "scale": [
         Row("agents_heartbeating", goal="500", check=lambda r: r["agents_heartbeating"] == 500, lower_is_better=False),

@@ -21,6 +21,11 @@ Figures:
 - ``workflow_phase_<phase>_ms``: median time between a workflow's stored events (launch ->
   pending -> running -> succeeded -> seen by the client), and a call node's duration as its
   event reports it: where the time goes;
+- ``workflow_hop_pg_commit_ms`` / ``..._after_idle_ms`` and ``workflow_hop_redis_ping_ms`` /
+  ``..._after_idle_ms``: a one-row autocommit INSERT on the suite's database and a Redis ``PING``,
+  each timed back to back and after ``HOP_IDLE_S`` of idling. A workflow's hops come after such
+  gaps (its processes wait on each other), and an idle CPU of a VM takes a while to wake: the
+  difference is what each hop of a workflow pays on this machine that a tight loop does not;
 - ``workflow_throughput_per_s``: ``THROUGHPUT_N`` workflows launched over two replicas as fast
   as the API takes them, from the first launch to the last finish as the orchestrator
   recorded it;
@@ -77,6 +82,8 @@ THROUGHPUT_N = 600
 THROUGHPUT_IN_FLIGHT = 48
 NOOP_INSTANCES = 2
 FOLLOW_TIMEOUT_S = 60.0
+HOP_IDLE_S = 0.005
+HOP_SAMPLES = 300
 READY_TIMEOUT_S = 60.0
 TERMINAL = {"succeeded", "failed", "cancelled"}
 PEER_RUNS = 30
@@ -327,6 +334,37 @@ async def _timeline(database_url: str, http: httpx.AsyncClient, base: str, *, n:
     return {f"workflow_phase_{k}_ms": statistics.median(p[k] for p in phases) for k in _PHASES}
 
 
+async def _hops(database_url: str, redis_url: str) -> dict[str, float]:
+    """A one-row commit and a Redis PING, back to back and after ``HOP_IDLE_S`` idle (interleaved)."""
+    from shared.lib.connections import connect_postgres, connect_redis
+
+    conn = await connect_postgres(database_url)
+    redis = await connect_redis(redis_url, max_connections=2)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_hop (v int)")
+        ops = {
+            "pg_commit": lambda: conn.execute("INSERT INTO bench_hop (v) VALUES (1)"),
+            "redis_ping": redis.ping,
+        }
+        samples: dict[str, list[float]] = {f"{name}{kind}": [] for name in ops for kind in ("", "_after_idle")}
+        for _ in range(HOP_SAMPLES):
+            for name, op in ops.items():
+                await op()  # the connection is warm: the next call is back to back
+                samples[name].append(await _timed_once(op))
+                await asyncio.sleep(HOP_IDLE_S)
+                samples[f"{name}_after_idle"].append(await _timed_once(op))
+    finally:
+        await conn.close()
+        await redis.aclose()
+    return {f"workflow_hop_{name}_ms": statistics.median(s) for name, s in samples.items()}
+
+
+async def _timed_once(op: Any) -> float:
+    started = time.perf_counter()
+    await op()
+    return 1000 * (time.perf_counter() - started)
+
+
 async def _write_transactions(database_url: str, http: httpx.AsyncClient, base: str, *, n: int = 20) -> float:
     """Transaction ids the server hands out per workflow (each a commit that waits for the WAL
     flush): counted server-wide, so it is exact only when nothing else writes to the server."""
@@ -443,6 +481,8 @@ async def _ours(settings: Any, tmp: Path, progress: Progress) -> SuiteResult:
             )
             say(progress, "workflow: timing the phases of a workflow from its stored events")
             result.figures.update(await _timeline(settings.database_url, http, bases[0]))
+            say(progress, "workflow: timing a commit and a Redis round trip, back to back and after idling")
+            result.figures.update(await _hops(settings.database_url, settings.redis_url))
             bases.append(await start_replica(services, 2))
             two = (await _latency(http, bases[1], progress, "workflow (2 replicas)"))["e2e"]
             result.figures.update(await _throughput_with_cpu(http, bases, services, progress))
@@ -479,7 +519,11 @@ def _note(f: dict[str, float]) -> str:
         f"write-behind window, a checkpoint up to the window; under load, those whose window runs out first "
         f"are written on their own). A run claimed at launch starts running in the launch "
         f"statement (pending to running: 0). "
-        f"Median time between its stored events (call node: the duration its event reports): {phases}."
+        f"Median time between its stored events (call node: the duration its event reports): {phases}. "
+        f"Each hop costs more after a pause than in a tight loop: a one-row commit takes "
+        f"{f['workflow_hop_pg_commit_ms']:.2f} ms back to back and {f['workflow_hop_pg_commit_after_idle_ms']:.2f} ms "
+        f"after {1000 * HOP_IDLE_S:.0f} ms idle, a Redis PING {f['workflow_hop_redis_ping_ms']:.2f} and "
+        f"{f['workflow_hop_redis_ping_after_idle_ms']:.2f} ms (an idle CPU of this VM takes that long to wake)."
     )
 
 
