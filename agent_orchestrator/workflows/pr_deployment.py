@@ -87,6 +87,17 @@ def _pipeline_passed(payload: dict[str, Any]) -> bool:
     return payload.get("exit_code") == 0 and not payload.get("failed")
 
 
+def _pipeline_failure(payload: dict[str, Any]) -> str:
+    """Why the pipeline failed, in a line (a timeout, or the exit code and the counts), then its log's tail."""
+    if payload.get("timed_out"):
+        why = f"the test command timed out after {payload.get('duration_s')} s"
+    else:
+        counts = ", ".join(f"{payload.get(k, 0)} {k}" for k in ("passed", "failed", "errors"))
+        why = f"tests failed (exit code {payload.get('exit_code')}; {counts})"
+    tail = str(payload.get("log_tail", ""))[-2000:]
+    return f"{why}; log tail:\n{tail}"
+
+
 async def test(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     args = _args(state)
     reply = await runtime.context.calls.call(
@@ -98,8 +109,7 @@ async def test(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dic
     )
     out = {**reply.payload, "instance": reply.instance}
     if not _pipeline_passed(reply.payload):
-        tail = str(reply.payload.get("log_tail", ""))[-2000:]
-        return {**_fail("test", f"tests failed; log tail:\n{tail}", out), "agents": [reply.instance]}
+        return {**_fail("test", _pipeline_failure(reply.payload), out), "agents": [reply.instance]}
     return {"current_step": "test", "steps": {"test": out}, "agents": [reply.instance]}
 
 

@@ -148,11 +148,13 @@ async def run_pipeline(
         args, source = choose_test_command(tree, command)
         started = time.monotonic()
         try:
-            result = await run_process(args, cwd=tree, timeout_s=timeout_s, env=_child_env(), raise_on_timeout=False)
+            result = await run_process(
+                args, cwd=tree, timeout_s=timeout_s, env=_child_env(), raise_on_timeout=False, merge_stderr=True
+            )
         except FileNotFoundError as e:
             raise InvalidInput(f"command: {args[0]} was not found; give a command that exists", field="command") from e
         duration = time.monotonic() - started
-    log = (result.stdout + result.stderr).rstrip()
+    log = result.stdout.rstrip()  # stderr too, in the order written
     tail = "\n".join(log.splitlines()[-_LOG_TAIL_LINES:])
     counts = _counts(tail)
     success = result.returncode == 0 and not result.timed_out and counts["failed"] == counts["errors"] == 0

@@ -65,11 +65,14 @@ async def run_process(
     env: Mapping[str, str] | None = None,
     stdin_bytes: bytes | None = None,
     raise_on_timeout: bool = True,
+    merge_stderr: bool = False,
 ) -> ProcessResult:
     """Run ``args`` in its own process group; kill the whole group after ``timeout_s``.
 
     With ``raise_on_timeout`` a timeout raises :class:`Timeout`; without it the
     result comes back with ``timed_out`` set and whatever output was produced.
+    With ``merge_stderr`` both streams go to one pipe, so ``stdout`` holds the output in the
+    order the command wrote it (a log), and ``stderr`` is empty.
     """
     proc = await asyncio.create_subprocess_exec(
         *args,
@@ -77,7 +80,7 @@ async def run_process(
         env=dict(env) if env is not None else None,
         stdin=asyncio.subprocess.PIPE if stdin_bytes is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
         start_new_session=True,
     )
     readers = asyncio.gather(_read_bounded(proc.stdout), _read_bounded(proc.stderr), _feed(proc, stdin_bytes))

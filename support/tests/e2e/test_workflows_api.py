@@ -83,6 +83,32 @@ def test_pr_deployment_deploys_after_approval(
     assert len(history) >= 8
 
 
+def test_pr_deployment_fails_at_a_failing_test_and_says_why(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """A head whose test fails stops the workflow at ``test``, before any approval: the reason gives
+    the exit code and the counts, and the log's tail ends with pytest's summary naming the test."""
+    path, base, _ = sample_repo
+    (path / "tests" / "test_broken.py").write_text("def test_broken():\n    assert 1 + 1 == 3\n")
+    head = _commit(path, "a failing test")
+    wf = follow(api, launch(api, "pr_deployment", pr_input((path, base, head))), {"interrupted"} | TERMINAL)
+    assert (wf["status"], wf["current_step"]) == ("failed", "test"), wf
+    reason = wf["reason"]
+    assert reason.startswith("tests failed (exit code 1; 3 passed, 1 failed, 0 errors); log tail:"), reason
+    assert "test_broken" in reason
+    assert re.search(r"1 failed, 3 passed in [0-9.]+s", reason.splitlines()[-1]), reason
+
+
+def _commit(repo: Path, message: str) -> str:
+    """Commit everything in ``repo``; the new revision."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", message], cwd=repo, check=True)
+    return subprocess.run(
+        [*git, "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
     api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
 ) -> None:

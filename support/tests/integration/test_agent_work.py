@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import tarfile
@@ -169,6 +170,18 @@ async def test_pipeline_runs_the_declared_command_and_times_out(repo: Repo, agen
     assert timed["timed_out"] is True
     assert timed["success"] is False
     assert timed["duration_s"] < 5
+
+
+async def test_pipeline_log_holds_both_streams_in_the_order_written(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """What the test command writes to stderr and stdout is one log, in order: a warning printed at
+    start-up comes before the summary line, which stays last in the tail and gives the counts."""
+    script = "import sys; sys.stderr.write('a warning at start-up\\n'); sys.stderr.flush(); print('1 failed in 0.01s')"
+    rev = repo.commit(
+        {"pyproject.toml": f"[tool.agent-orchestrator]\ntest-command = {json.dumps(['python', '-c', script])}\n"}
+    )
+    result = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
+    assert result["log_tail"].splitlines() == ["a warning at start-up", "1 failed in 0.01s"]
+    assert (result["success"], result["failed"]) == (False, 1)
 
 
 async def test_validate_build_names_the_file_that_does_not_compile(repo: Repo, agent: Callable[..., Agent]) -> None:
