@@ -43,6 +43,8 @@ class Outcome:
     reason: str = ""
     errors: list[dict[str, Any]] = field(default_factory=list)
     interrupt: dict[str, Any] | None = None
+    interrupted_node: str | None = None
+    """The node waiting on ``interrupt`` (when the stream or the snapshot tells)."""
     values: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,7 +121,7 @@ async def run_graph(
     if final.values is None:  # nothing ran (a thread already at its end): read what it holds
         await _flush(graph, config)
         return await _outcome(graph, config)
-    outcome = _outcome_of(final.values, final.interrupts)
+    outcome = _outcome_of(final.values, final.interrupts, final.interrupted_node)
     if outcome.status == "interrupted":  # stored before the run is parked on it
         await _flush(graph, config)
     return outcome
@@ -145,7 +147,9 @@ async def _consume(
         else:
             elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
             metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
-            if chunk.get("error") is None and not chunk.get("interrupts"):
+            if chunk.get("interrupts"):
+                final.interrupted_node = final.interrupted_node or chunk["name"]
+            elif chunk.get("error") is None:
                 await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
     return final
 
@@ -162,6 +166,7 @@ class _Final:
 
     values: dict[str, Any] | None = None
     interrupts: tuple[Any, ...] = ()
+    interrupted_node: str | None = None
 
     def see(self, chunk: dict[str, Any]) -> None:
         values = dict(chunk)
@@ -173,12 +178,15 @@ class _Final:
 
 async def _outcome(graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[str, Any]) -> Outcome:
     snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
-    return _outcome_of(dict(snapshot.values), snapshot.interrupts)
+    waiting = next((task.name for task in snapshot.tasks if task.interrupts), None)
+    return _outcome_of(dict(snapshot.values), snapshot.interrupts, waiting)
 
 
-def _outcome_of(values: dict[str, Any], interrupts: Sequence[Any]) -> Outcome:
+def _outcome_of(values: dict[str, Any], interrupts: Sequence[Any], interrupted_node: str | None = None) -> Outcome:
     if interrupts:
-        return Outcome(status="interrupted", interrupt=dict(interrupts[0].value), values=values)
+        return Outcome(
+            status="interrupted", interrupt=dict(interrupts[0].value), interrupted_node=interrupted_node, values=values
+        )
     status = values.get("outcome") or "succeeded"
     result = values.get("result") or {"steps": values.get("steps", {})}
     return Outcome(

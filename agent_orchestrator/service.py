@@ -330,7 +330,7 @@ class Orchestrator:
             if nodes:  # the step goes with the nodes' events; the status after them
                 await self._write_nodes(run.workflow_id, nodes)
             await self._emit_change(
-                self.records.manager.status_change(run.workflow_id, "interrupted"),
+                self.records.manager.status_change(run.workflow_id, "interrupted", step=outcome.interrupted_node),
                 run.workflow_id,
                 "workflow.status",
                 {"status": "interrupted", "interrupt": outcome.interrupt},

@@ -336,9 +336,10 @@ class WorkflowStateManager:
         sql, params = _update(workflow_id, *_step_assignment(step, agents))
         return sql + " RETURNING id", params
 
-    def status_change(self, workflow_id: str, status: str) -> tuple[str, list[Any]]:
-        """:meth:`set_status` as a statement to run inside another one (see :meth:`step_change`)."""
-        sql, params = _update(workflow_id, *_status_assignment(status))
+    def status_change(self, workflow_id: str, status: str, *, step: str | None = None) -> tuple[str, list[Any]]:
+        """:meth:`set_status` as a statement to run inside another one (see :meth:`step_change`);
+        with ``step``, it also records the step the workflow is at (an interrupted one: its node)."""
+        sql, params = _update(workflow_id, *_with_step(*_status_assignment(status), step, None))
         return sql + " RETURNING id", params
 
     async def update_state(
@@ -429,11 +430,8 @@ class WorkflowStateManager:
     ) -> tuple[str, list[Any]]:
         """:meth:`complete_workflow` as a statement to run inside another one (see :meth:`step_change`);
         with ``step``, it also records the last step and its agents as :meth:`step_change` does."""
-        assignments, args = _completion_assignment(status, result, errors, metadata)
-        if step is not None:
-            step_sql, step_args = _step_assignment(step, agents, first=len(args) + 1)
-            assignments, args = f"{assignments}, {step_sql}", [*args, *step_args]
-        sql, params = _update(workflow_id, assignments, args)
+        assignments = _with_step(*_completion_assignment(status, result, errors, metadata), step, agents)
+        sql, params = _update(workflow_id, *assignments)
         return sql + " RETURNING id", params
 
     # -- checkpoints ------------------------------------------------------------------
@@ -595,6 +593,14 @@ def _step_assignment(step: str, agents: list[str] | None, *, first: int = 1) -> 
         f"agents = agents || ARRAY(SELECT a FROM unnest(${first + 1}::text[]) a WHERE NOT a = ANY(agents))",
         [step, _check_agents(agents or [])],
     )
+
+
+def _with_step(assignments: str, args: list[Any], step: str | None, agents: list[str] | None) -> tuple[str, list[Any]]:
+    """``assignments`` and, when ``step`` is given, :func:`_step_assignment`'s after them."""
+    if step is None:
+        return assignments, args
+    step_sql, step_args = _step_assignment(step, agents, first=len(args) + 1)
+    return f"{assignments}, {step_sql}", [*args, *step_args]
 
 
 def _status_assignment(status: str) -> tuple[str, list[Any]]:

@@ -66,7 +66,7 @@ def test_pr_deployment_deploys_after_approval(
     """pr_deployment reviews, tests, waits for approval, deploys the head revision and verifies it."""
     wf_id = launch(api, "pr_deployment", pr_input(sample_repo))
     wf = follow(api, wf_id, {"interrupted"} | TERMINAL)
-    assert wf["status"] == "interrupted", wf
+    assert (wf["status"], wf["current_step"]) == ("interrupted", "approval"), wf
     assert wf["pending_interrupt"]["review"]["approved"] is True
     assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
     assert wait_for_metric(api, "workflow_approvals_pending") >= 1
