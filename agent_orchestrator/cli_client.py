@@ -211,7 +211,10 @@ def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:
             f"/workflows/{workflow_id}/resume",
             {"decision": {"decision": decision, "by": by, "comment": comment}},
         )
-    _out.print(f"workflow {workflow_id}: {decision} sent; it is {wf['status']}")
+    # The answer is queued: the workflow resumes once a runner takes it (it still reads interrupted).
+    _out.print(
+        f"workflow {workflow_id}: {decision} sent; it resumes (see: agent-orchestrator status {wf['workflow_id']})"
+    )
 
 
 def approve(
