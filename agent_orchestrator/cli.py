@@ -56,8 +56,10 @@ app.command("up")(cli_stack.up)
 app.command("demo")(cli_stack.demo)
 app.command("run")(cli_client.run)
 app.command("status")(cli_client.status)
+app.command("list")(cli_client.list_workflows)
 app.command("approve")(cli_client.approve)
 app.command("reject")(cli_client.reject)
+app.command("cancel")(cli_client.cancel)
 
 
 app.add_typer(dlq_app, name="dlq")

@@ -1,4 +1,5 @@
-"""``run``, ``status``, ``approve`` and ``reject``: the orchestrator API from a terminal."""
+"""``run``, ``status``, ``list``, ``approve``, ``reject`` and ``cancel``: the orchestrator API
+from a terminal."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from rich.table import Table
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
 from shared.lib.workflow_state import TERMINAL_STATUSES
 
-__all__ = ["approve", "reject", "run", "status"]
+__all__ = ["approve", "cancel", "list_workflows", "reject", "run", "status"]
 
 _out = Console()
 _STOPPED = TERMINAL_STATUSES | {"interrupted"}
@@ -37,9 +38,11 @@ def _client() -> httpx.Client:
     )
 
 
-def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> dict[str, Any]:
+def _call(
+    client: httpx.Client, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     try:
-        r = client.request(method, path, json=body)
+        r = client.request(method, path, json=body, params=params)
     except httpx.HTTPError as e:
         raise ServiceUnavailable(f"cannot reach the orchestrator at {client.base_url}: {e}; is it running?") from e
     if r.status_code >= 400:
@@ -201,6 +204,35 @@ def status(workflow_id: str) -> None:
     """Show a workflow's status, step, pending approval and result."""
     with _client() as client:
         _out.print(_table(_call(client, "GET", f"/workflows/{workflow_id}")))
+
+
+def list_workflows(
+    status: str | None = typer.Option(None, help="Only workflows in this status (pending, running, ...)."),
+    workflow_type: str | None = typer.Option(None, "--type", help="Only workflows of this type."),
+    limit: int = typer.Option(20, min=1, max=500, help="How many, newest first."),
+    cursor: str | None = typer.Option(None, help="Where the previous page stopped (its next cursor)."),
+) -> None:
+    """List workflows, newest first: id, type, status and current step."""
+    params = {"status": status, "type": workflow_type, "limit": limit, "cursor": cursor}
+    with _client() as client:
+        page = _call(client, "GET", "/workflows", params={k: v for k, v in params.items() if v is not None})
+    table = Table(box=None, header_style="bold")
+    table.add_column("workflow_id", no_wrap=True, min_width=36)  # whole: it is what the other commands take
+    for column in ("type", "status", "current_step"):
+        table.add_column(column)
+    for wf in page["items"]:
+        table.add_row(wf["workflow_id"], wf["workflow_type"], wf["status"], wf.get("current_step") or "")
+    _out.print(table)
+    if page.get("next_cursor"):
+        _out.print(f"more: --cursor {page['next_cursor']}", soft_wrap=True)
+
+
+def cancel(workflow_id: str) -> None:
+    """Cancel a workflow that has not finished: a running one stops at its next node."""
+    with _client() as client:
+        wf = _call(client, "POST", f"/workflows/{workflow_id}/cancel")
+    now = f"it is {wf['status']}" if wf["status"] in TERMINAL_STATUSES else "it stops at its next node"
+    _out.print(f"workflow {workflow_id}: cancel sent; {now}")
 
 
 def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:

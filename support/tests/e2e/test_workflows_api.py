@@ -109,28 +109,31 @@ def _commit(repo: Path, message: str) -> str:
     ).stdout.strip()
 
 
-def test_cli_status_reject_and_approve(api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]) -> None:
-    """``status`` shows the workflow waiting at its approval; ``reject`` answers it and the workflow
-    fails as rejected by that person; ``approve`` afterwards is refused (exit 2, the 409 named)."""
+def test_cli_status_list_reject_approve_and_cancel(
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
+) -> None:
+    """``status`` shows a workflow waiting at its approval and ``list`` lists it; ``reject`` answers
+    it and it fails as rejected by that person; a late ``approve`` is refused (exit 2, the 409
+    named). ``cancel`` cancels a second one waiting there; cancelling it again is refused."""
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    def cli(*args: str) -> str:
         command = [sys.executable, "-m", "agent_orchestrator", *args]
-        return subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=60)
+        return f"exit {done.returncode}: " + " ".join((done.stdout + done.stderr).split())
 
-    wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cli-reject"))
-    assert follow(api, wf_id, {"interrupted"} | TERMINAL)["status"] == "interrupted"
-    shown = cli("status", wf_id)
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    assert re.search(r"status\s+.\s+interrupted", shown.stdout), shown.stdout
-    assert re.search(r"current_step\s+.\s+approval", shown.stdout), shown.stdout
-    rejected = cli("reject", wf_id, "--by", "bo", "--comment", "not today")
-    assert rejected.returncode == 0, rejected.stdout + rejected.stderr
-    assert f"workflow {wf_id}: reject sent; it resumes" in " ".join(rejected.stdout.split()), rejected.stdout
-    wf = follow(api, wf_id, TERMINAL)
+    first, second = (launch(api, "pr_deployment", pr_input(sample_repo, environment=f"cli-{i}")) for i in (1, 2))
+    for wf_id in (first, second):
+        assert follow(api, wf_id, {"interrupted"} | TERMINAL)["status"] == "interrupted"
+    shown = cli("status", first)
+    assert shown.startswith("exit 0"), shown
+    assert re.search(r"status . interrupted .* current_step . approval", shown), shown
+    assert f"{first} pr_deployment interrupted approval" in cli("list", "--status", "interrupted"), first
+    assert cli("reject", first, "--by", "bo").startswith(f"exit 0: workflow {first}: reject sent; it resumes")
+    wf = follow(api, first, TERMINAL)
     assert (wf["status"], wf["result"]["steps"]["approval"]["by"]) == ("failed", "bo"), wf
-    late = cli("approve", wf_id)
-    assert late.returncode == 2, late.stdout + late.stderr
-    assert "409 conflict" in late.stdout + late.stderr
+    assert cli("approve", first).startswith("exit 2: error: 409 conflict")
+    assert cli("cancel", second) == f"exit 0: workflow {second}: cancel sent; it is cancelled"
+    assert cli("cancel", second).startswith("exit 2: error: 409 conflict")
 
 
 def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
