@@ -74,10 +74,21 @@ def _table(wf: dict[str, Any]) -> Table:
 
 
 def _ask_approval(client: httpx.Client, wf: dict[str, Any]) -> None:
+    """Ask for the decision at the prompt and send it; with no one to answer (stdin closed), leave
+    the workflow waiting, say how to answer it later, and exit 1."""
     _out.print(_table(wf))
-    ok = Confirm.ask("approve?")
-    by = Prompt.ask("your name", default="cli")
-    comment = Prompt.ask("comment", default="")
+    try:
+        ok = Confirm.ask("approve?")
+        by = Prompt.ask("your name", default="cli")
+        comment = Prompt.ask("comment", default="")
+    except EOFError:
+        wf_id = wf["workflow_id"]
+        _out.print(
+            f"\nno answer (stdin is closed): workflow {wf_id} waits for its approval; answer it with "
+            f"agent-orchestrator approve {wf_id} (or reject)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
     decision = {"decision": "approve" if ok else "reject", "by": by, "comment": comment}
     _call(client, "POST", f"/workflows/{wf['workflow_id']}/resume", {"decision": decision})
 

@@ -114,16 +114,18 @@ def test_cli_status_list_reject_approve_and_cancel(
 ) -> None:
     """``status`` shows a workflow waiting at its approval and ``list`` lists it; ``reject`` answers
     it and it fails as rejected by that person; a late ``approve`` is refused (exit 2, the 409
-    named). ``cancel`` cancels a second one waiting there; cancelling it again is refused."""
+    named). ``run --follow`` with no one at the prompt (stdin closed) leaves a second one waiting,
+    says how to answer it and exits 1; ``cancel`` cancels it; cancelling it again is refused."""
 
     def cli(*args: str) -> str:
         command = [sys.executable, "-m", "agent_orchestrator", *args]
-        done = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            command, env=stack.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
         return f"exit {done.returncode}: " + " ".join((done.stdout + done.stderr).split())
 
-    first, second = (launch(api, "pr_deployment", pr_input(sample_repo, environment=f"cli-{i}")) for i in (1, 2))
-    for wf_id in (first, second):
-        assert follow(api, wf_id, {"interrupted"} | TERMINAL)["status"] == "interrupted"
+    first = launch(api, "pr_deployment", pr_input(sample_repo, environment="cli-1"))
+    assert follow(api, first, {"interrupted"} | TERMINAL)["status"] == "interrupted"
     shown = cli("status", first)
     assert shown.startswith("exit 0"), shown
     assert re.search(r"status . interrupted .* current_step . approval", shown), shown
@@ -132,6 +134,11 @@ def test_cli_status_list_reject_approve_and_cancel(
     wf = follow(api, first, TERMINAL)
     assert (wf["status"], wf["result"]["steps"]["approval"]["by"]) == ("failed", "bo"), wf
     assert cli("approve", first).startswith("exit 2: error: 409 conflict")
+    unanswered = cli("run", "pr_deployment", "--follow", "--input", orjson.dumps(pr_input(sample_repo)).decode())
+    second = re.findall(r"workflow ([0-9a-f-]{36}) waits for its approval", unanswered)[0]
+    assert unanswered.startswith("exit 1"), unanswered
+    assert f"answer it with agent-orchestrator approve {second}" in unanswered, unanswered
+    assert api.get(f"/workflows/{second}").json()["status"] == "interrupted"
     assert cli("cancel", second) == f"exit 0: workflow {second}: cancel sent; it is cancelled"
     assert cli("cancel", second).startswith("exit 2: error: 409 conflict")
 
