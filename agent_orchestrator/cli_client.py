@@ -248,16 +248,14 @@ def cancel(workflow_id: str) -> None:
 
 def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:
     with _client() as client:
-        wf = _call(
+        _call(
             client,
             "POST",
             f"/workflows/{workflow_id}/resume",
             {"decision": {"decision": decision, "by": by, "comment": comment}},
         )
     # The answer is queued: the workflow resumes once a runner takes it (it still reads interrupted).
-    _out.print(
-        f"workflow {workflow_id}: {decision} sent; it resumes (see: agent-orchestrator status {wf['workflow_id']})"
-    )
+    _out.print(f"workflow {workflow_id}: {decision} sent; it resumes (see: agent-orchestrator status {workflow_id})")
 
 
 def approve(
