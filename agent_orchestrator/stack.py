@@ -30,11 +30,13 @@ from shared.lib.errors import StartupError
 from shared.lib.http_service import check_port_free
 from shared.lib.settings import Settings
 
-__all__ = ["AGENT_NAMES", "Stack", "StackProcess", "spawn_cli"]
+__all__ = ["AGENT_NAMES", "SERVICE_NAMES", "Stack", "StackProcess", "spawn_cli"]
 
 _log = logging.getLogger(__name__)
 
 AGENT_NAMES = ("feature-dev", "code-review", "infrastructure", "cicd", "documentation")
+#: Every service with a port of its own in the settings (``AO_PORTS``).
+SERVICE_NAMES = ("agent-registry", *AGENT_NAMES, "orchestrator")
 _READY_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 20.0
 
@@ -87,6 +89,7 @@ class Stack:
     api_key: str = ""
     _servers: EmbeddedServers | None = None
     _env: dict[str, str] = field(default_factory=dict)
+    _spare_ports: set[int] = field(default_factory=set)
 
     # -- start ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,7 +103,7 @@ class Stack:
             agents = [self._service(n, ["agent", n], self.settings.port_for(n), instance=f"{n}-1") for n in AGENT_NAMES]
             for name, extra in self.extra_instances.items():
                 agents += [
-                    self._service(name, ["agent", name], _free_port(self.settings.host), instance=f"{name}-{i + 2}")
+                    self._service(name, ["agent", name], self._spare_port(), instance=f"{name}-{i + 2}")
                     for i in range(extra)
                 ]
             orchestrators = [
@@ -109,9 +112,7 @@ class Stack:
                 )
             ]
             orchestrators += [
-                self._service(
-                    "orchestrator", ["serve"], _free_port(self.settings.host), instance=f"orchestrator-{i + 2}"
-                )
+                self._service("orchestrator", ["serve"], self._spare_port(), instance=f"orchestrator-{i + 2}")
                 for i in range(self.orchestrator_replicas - 1)
             ]
             self._spawn_and_wait(agents + orchestrators)
@@ -119,9 +120,18 @@ class Stack:
             self.stop()
             raise
 
+    def _spare_port(self) -> int:
+        """A free port for an extra instance: none of the services' own ports (not all bound yet)
+        and none given before (a port just freed can be picked again)."""
+        taken = {self.settings.port_for(name) for name in SERVICE_NAMES} | self._spare_ports
+        while (port := _free_port(self.settings.host)) in taken:
+            continue
+        self._spare_ports.add(port)
+        return port
+
     def _check_ports(self) -> None:
         """Refuse to start when a service's port is taken, before anything was spawned."""
-        for service in ("agent-registry", *AGENT_NAMES, "orchestrator"):
+        for service in SERVICE_NAMES:
             check_port_free(self.settings.host, self.settings.port_for(service), service)
 
     def _start_servers(self) -> None:

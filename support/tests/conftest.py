@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import redis
 
+from agent_orchestrator.stack import SERVICE_NAMES
 from shared.lib.connections import create_database, drop_database, with_database
 from shared.lib.embedded import EmbeddedServers
 from shared.lib.migrations import apply_migrations
 from shared.lib.settings import Settings
-from support.tests.procs import ServiceProcess, free_port
+from support.tests.procs import ServiceProcess, free_ports
 
 TEST_SECRETS = {
     "AO_API_KEYS": "test-api-key",
@@ -88,8 +89,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 def ports() -> dict[str, int]:
     """A free loopback port for every service, so tests never collide with a running stack."""
-    names = ["orchestrator", "feature-dev", "code-review", "infrastructure", "cicd", "documentation", "agent-registry"]
-    return {n: free_port() for n in names}
+    return free_ports(list(SERVICE_NAMES))
 
 
 @pytest.fixture

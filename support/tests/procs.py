@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,13 +15,23 @@ import httpx
 
 from agent_orchestrator.stack import spawn_cli
 
-__all__ = ["ServiceProcess", "free_port", "wait_http"]
+__all__ = ["ServiceProcess", "free_port", "free_ports", "wait_http"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(names: list[str]) -> dict[str, int]:
+    """A free loopback port for each name, all different: each socket stays bound until every port
+    is chosen (ports picked one at a time can come back twice, and two services then collide)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in names]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, socks, strict=True)}
 
 
 def wait_http(

@@ -16,12 +16,12 @@ import httpx
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
-from agent_orchestrator.stack import Stack
+from agent_orchestrator.stack import SERVICE_NAMES, Stack
 from shared.lib.connections import create_database, drop_database, with_database
 from shared.lib.migrations import apply_migrations
 from shared.lib.settings import Settings
 from support.tests.conftest import TEST_SECRETS, delete_prefix
-from support.tests.procs import free_port
+from support.tests.procs import free_ports
 
 STACK_ENV = {
     "AO_HEARTBEAT_INTERVAL_S": "1",
@@ -39,18 +39,7 @@ def start_stack(
     name = f"test_{uuid.uuid4().hex[:12]}"
     db_url = asyncio.run(create_database(admin, name))
     asyncio.run(apply_migrations(db_url))
-    ports = {
-        n: free_port()
-        for n in (
-            "orchestrator",
-            "feature-dev",
-            "code-review",
-            "infrastructure",
-            "cicd",
-            "documentation",
-            "agent-registry",
-        )
-    }
+    ports = free_ports(list(SERVICE_NAMES))
     settings = Settings(
         database_url=db_url,
         redis_url=redis_url,
