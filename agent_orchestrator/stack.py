@@ -61,12 +61,23 @@ def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.
         )
 
 
+def _service_of(ready: httpx.Response) -> str | None:
+    """The service a ``/ready`` answer names (None: not one of ours)."""
+    try:
+        body = ready.json()
+    except ValueError:
+        return None
+    return body.get("service") if isinstance(body, dict) else None
+
+
 @dataclass
 class StackProcess:
     name: str
     args: list[str]
     url: str
     log: Path
+    service: str
+    """What its ``/ready`` says it is (the registry, an agent's name, the orchestrator)."""
     proc: subprocess.Popen[bytes] | None = None
 
     def tail(self, lines: int = 15) -> str:
@@ -172,7 +183,7 @@ class Stack:
         if instance and args[0] == "agent":
             full += ["--instance-id", label]
         return StackProcess(
-            name=label, args=full, url=f"http://{self.settings.host}:{port}", log=log_dir / f"{label}.log"
+            name=label, args=full, url=f"http://{self.settings.host}:{port}", log=log_dir / f"{label}.log", service=name
         )
 
     def _spawn_and_wait(self, group: list[StackProcess]) -> None:
@@ -192,10 +203,13 @@ class Stack:
                     f"{sp.tail(3).strip()} (log: {sp.log})"
                 )
             try:
-                if httpx.get(f"{sp.url}/ready", timeout=1.0).status_code == 200:
-                    return
+                r = httpx.get(f"{sp.url}/ready", timeout=1.0)
             except httpx.HTTPError:
-                pass
+                r = None
+            if r is not None and r.status_code == 200:
+                if (answered := _service_of(r)) == sp.service:
+                    return
+                raise StartupError(f"{sp.url} answers as {answered}, not {sp.service}: another process has its port")
             time.sleep(0.1)
         raise StartupError(f"{sp.name} was not ready within {_READY_TIMEOUT_S:.0f}s (log: {sp.log})")
 
