@@ -8,6 +8,7 @@ is killed when the timeout fires, and its output is captured up to a bound.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -45,16 +46,23 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _read_bounded(stream: asyncio.StreamReader | None) -> bytes:
+async def _read_bounded(stream: asyncio.StreamReader | None, *, tail: bool = False) -> bytes:
+    """What ``stream`` gives, up to the bound: its first bytes, or with ``tail`` its last (a log,
+    whose end says how it went)."""
     if stream is None:
         return b""
-    chunks: list[bytes] = []
+    chunks: collections.deque[bytes] = collections.deque()
     kept = 0
     while chunk := await stream.read(65536):
-        if kept < _MAX_OUTPUT_BYTES:
+        if tail:
+            chunks.append(chunk)
+            kept += len(chunk)
+            while kept - len(chunks[0]) >= _MAX_OUTPUT_BYTES:
+                kept -= len(chunks.popleft())
+        elif kept < _MAX_OUTPUT_BYTES:
             chunks.append(chunk[: _MAX_OUTPUT_BYTES - kept])
             kept += len(chunks[-1])
-    return b"".join(chunks)
+    return b"".join(chunks)[-_MAX_OUTPUT_BYTES:]
 
 
 async def run_process(
@@ -72,7 +80,7 @@ async def run_process(
     With ``raise_on_timeout`` a timeout raises :class:`Timeout`; without it the
     result comes back with ``timed_out`` set and whatever output was produced.
     With ``merge_stderr`` both streams go to one pipe, so ``stdout`` holds the output in the
-    order the command wrote it (a log), and ``stderr`` is empty.
+    order the command wrote it (a log: of a long one, the end is kept), and ``stderr`` is empty.
     """
     proc = await asyncio.create_subprocess_exec(
         *args,
@@ -83,7 +91,9 @@ async def run_process(
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
         start_new_session=True,
     )
-    readers = asyncio.gather(_read_bounded(proc.stdout), _read_bounded(proc.stderr), _feed(proc, stdin_bytes))
+    readers = asyncio.gather(
+        _read_bounded(proc.stdout, tail=merge_stderr), _read_bounded(proc.stderr), _feed(proc, stdin_bytes)
+    )
     timed_out = False
     try:
         async with asyncio.timeout(timeout_s):

@@ -184,6 +184,17 @@ async def test_pipeline_log_holds_both_streams_in_the_order_written(repo: Repo, 
     assert (result["success"], result["failed"]) == (False, 1)
 
 
+async def test_a_long_pipeline_log_keeps_its_end(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """Of a log longer than the agent keeps (4 MiB), the end is kept: the summary line and its counts."""
+    script = "import sys; [sys.stdout.write('x' * 99 + '\\n') for _ in range(60_000)]; print('1 failed in 0.01s')"
+    rev = repo.commit(
+        {"pyproject.toml": f"[tool.agent-orchestrator]\ntest-command = {json.dumps(['python', '-c', script])}\n"}
+    )
+    result = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
+    assert result["log_tail"].splitlines()[-1] == "1 failed in 0.01s"
+    assert (result["success"], result["failed"]) == (False, 1)
+
+
 async def test_validate_build_names_the_file_that_does_not_compile(repo: Repo, agent: Callable[..., Agent]) -> None:
     """VALIDATE_BUILD compiles every Python file of the revision and reports the broken one."""
     rev = repo.commit({"calc.py": CLEAN, "broken.py": "def f(:\n"})
