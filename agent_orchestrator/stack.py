@@ -30,7 +30,7 @@ from shared.lib.errors import StartupError
 from shared.lib.http_service import check_port_free
 from shared.lib.settings import Settings
 
-__all__ = ["AGENT_NAMES", "SERVICE_NAMES", "Stack", "StackProcess", "spawn_cli"]
+__all__ = ["AGENT_NAMES", "SERVICE_NAMES", "Stack", "StackProcess", "ready_service", "spawn_cli"]
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.
         )
 
 
-def _service_of(ready: httpx.Response) -> str | None:
+def ready_service(ready: httpx.Response) -> str | None:
     """The service a ``/ready`` answer names (None: not one of ours)."""
     try:
         body = ready.json()
@@ -207,7 +207,7 @@ class Stack:
             except httpx.HTTPError:
                 r = None
             if r is not None and r.status_code == 200:
-                if (answered := _service_of(r)) == sp.service:
+                if (answered := ready_service(r)) == sp.service:
                     return
                 raise StartupError(f"{sp.url} answers as {answered}, not {sp.service}: another process has its port")
             time.sleep(0.1)

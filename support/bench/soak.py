@@ -139,6 +139,7 @@ async def _killer(services: Services, stop_at: float, kill_every_s: float, progr
             f"noop-2-{kills}",
             ["-m", "support.bench.noop_agent", "--port", str(port), "--instance-id", f"noop-2-{kills}"],
             ready_url=f"http://127.0.0.1:{port}/ready",
+            service="noop",
         )
     return kills
 

@@ -98,14 +98,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path, *, timeout_s: float) -> None:
+async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path, *, service: str, timeout_s: float) -> None:
+    """Until ``url`` answers 200 as ``service`` (another service there has the port: an error)."""
+    from agent_orchestrator.stack import ready_service
+
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=2) as http:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise RuntimeError(f"{log.stem} exited with {proc.returncode}: {log.read_text()[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url)).status_code == 200:
+                if (r := await http.get(url)).status_code == 200:
+                    if (answered := ready_service(r)) != service:
+                        raise RuntimeError(f"{url} answers as {answered}, not {service}: another process has its port")
                     return
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s: {log.read_text()[-2000:]}")
@@ -119,8 +124,10 @@ class Services:
         self.log_dir = log_dir
         self.procs: list[tuple[str, asyncio.subprocess.Process]] = []
 
-    async def start(self, name: str, args: list[str], *, ready_url: str, env: dict[str, str] | None = None) -> int:
-        """Start ``python ARGS`` as ``name``, wait for ``ready_url``; returns its pid."""
+    async def start(
+        self, name: str, args: list[str], *, ready_url: str, service: str, env: dict[str, str] | None = None
+    ) -> int:
+        """Start ``python ARGS`` as ``name``, wait for ``ready_url`` to answer as ``service``; its pid."""
         log = self.log_dir / f"{name}.log"
         with log.open("ab") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -128,7 +135,7 @@ class Services:
                 stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.procs.append((name, proc))
-        await _wait_ready(ready_url, proc, log, timeout_s=READY_TIMEOUT_S)
+        await _wait_ready(ready_url, proc, log, service=service, timeout_s=READY_TIMEOUT_S)
         return proc.pid
 
     def pids(self) -> dict[str, int]:
@@ -180,6 +187,7 @@ async def start_base(services: Services, *, registry_port: int, noop_instances: 
         "registry",
         ["-m", "agent_orchestrator", "registry", "--port", str(registry_port)],
         ready_url=f"http://127.0.0.1:{registry_port}/ready",
+        service="agent-registry",
     )
     for i in range(noop_instances):
         port = free_port()
@@ -187,6 +195,7 @@ async def start_base(services: Services, *, registry_port: int, noop_instances: 
             f"noop-{i + 1}",
             ["-m", "support.bench.noop_agent", "--port", str(port), "--instance-id", f"noop-{i + 1}"],
             ready_url=f"http://127.0.0.1:{port}/ready",
+            service="noop",
         )
 
 
@@ -197,6 +206,7 @@ async def start_replica(services: Services, index: int) -> str:
         f"orchestrator-{index}",
         ["-m", "agent_orchestrator", "serve", "--port", str(port)],
         ready_url=f"http://127.0.0.1:{port}/ready",
+        service="orchestrator",
     )
     return f"http://127.0.0.1:{port}"
 
