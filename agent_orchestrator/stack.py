@@ -15,7 +15,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from shared.lib.bootstrap import preflight
-from shared.lib.embedded import EmbeddedServers
+from shared.lib.embedded import EmbeddedServers, free_port
 from shared.lib.errors import StartupError
 from shared.lib.http_service import check_port_free
 from shared.lib.settings import Settings
@@ -39,12 +38,6 @@ AGENT_NAMES = ("feature-dev", "code-review", "infrastructure", "cicd", "document
 SERVICE_NAMES = ("agent-registry", *AGENT_NAMES, "orchestrator")
 _READY_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 20.0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -135,7 +128,7 @@ class Stack:
         """A free port for an extra instance: none of the services' own ports (not all bound yet)
         and none given before (a port just freed can be picked again)."""
         taken = {self.settings.port_for(name) for name in SERVICE_NAMES} | self._spare_ports
-        while (port := _free_port(self.settings.host)) in taken:
+        while (port := free_port(self.settings.host)) in taken:
             continue
         self._spare_ports.add(port)
         return port

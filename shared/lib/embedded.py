@@ -26,7 +26,7 @@ import redis
 
 from shared.lib.errors import StartupError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "EmbeddedServers", "servers_for"]
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "EmbeddedServers", "free_port", "servers_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(text[-lines:])
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now (the kernel's pick; nothing holds it afterwards)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -90,7 +91,7 @@ class EmbeddedRedis:
         sock = (self.dir / "redis.sock").resolve()
         if len(str(sock)) <= _MAX_SOCKET_PATH:
             return ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"], f"unix://{sock}"
-        port = _free_port()
+        port = free_port()
         return ["--port", str(port), "--bind", "127.0.0.1"], f"redis://127.0.0.1:{port}/0"
 
     def start(self, *, timeout_s: float = 15.0) -> str:

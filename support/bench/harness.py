@@ -54,6 +54,7 @@ __all__ = [
     "servers",
     "standalone",
     "throughput",
+    "timed",
 ]
 
 #: ``servers``: the servers on the last CPU; ``split``: and every other process on the other CPUs;
@@ -140,11 +141,16 @@ class SuiteResult:
         self.notes.update(other.notes)
 
 
+async def timed(op: Op) -> float:
+    """Milliseconds one call of ``op`` takes."""
+    started = time.perf_counter()
+    await op()
+    return (time.perf_counter() - started) * 1000
+
+
 async def _timed(op: Op, n: int, out: list[float]) -> None:
     for _ in range(n):
-        started = time.perf_counter()
-        await op()
-        out.append((time.perf_counter() - started) * 1000)
+        out.append(await timed(op))
 
 
 async def measure(ops: dict[str, Op], *, plan: Plan, progress: Progress = None, label: str = "") -> dict[str, Timing]:

@@ -35,7 +35,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -46,7 +45,9 @@ from typing import Any
 
 import httpx
 
+from shared.lib.embedded import free_port
 from support.bench.harness import Progress, percentile, say, scratch_database, standalone
+from support.bench.workflow import wait_ready
 
 __all__ = ["run"]
 
@@ -56,12 +57,6 @@ STEADY_S = 40.0
 WARMUP_S = 5.0
 NAME = "bench-agent"
 _READY_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_s(pid: int) -> float:
@@ -75,7 +70,7 @@ async def _registry(
     database_url: str, redis_url: str, secrets_: dict[str, str], log: Path, *, stale_after_s: float
 ) -> AsyncIterator[Any]:
     """The registry as its own process; yields (url, pid) once it answers /ready."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AO_")}
     env.update(secrets_)
     env.update(
@@ -95,7 +90,7 @@ async def _registry(
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        await _wait_ready(url, proc, log)
+        await wait_ready(f"{url}/ready", proc, log, service="agent-registry", timeout_s=_READY_TIMEOUT_S)
         yield url, proc.pid
     finally:
         if proc.returncode is None:
@@ -105,19 +100,6 @@ async def _registry(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-
-
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    async with httpx.AsyncClient(timeout=1) as http:
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                raise RuntimeError(f"registry exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url + "/ready")).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"registry not ready after {_READY_TIMEOUT_S}s: {log.read_text()[-2000:]}")
 
 
 class _Fleet:

@@ -37,12 +37,12 @@ from typing import Any
 
 import httpx
 
+from shared.lib.embedded import free_port
 from support.bench.harness import Progress, SuiteResult, percentile, say
 from support.bench.workflow import (
     TERMINAL,
     Services,
     follow,
-    free_port,
     launch,
     service_env,
     start_base,

@@ -47,7 +47,6 @@ import math
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -59,20 +58,31 @@ from typing import Any
 
 import httpx
 
-from support.bench.harness import Plan, Progress, SuiteResult, measure, quantiles, say, standalone, throughput
+from shared.lib.embedded import free_port
+from support.bench.harness import (
+    Plan,
+    Progress,
+    SuiteResult,
+    measure,
+    quantiles,
+    say,
+    standalone,
+    throughput,
+    timed,
+)
 
 __all__ = [
     "CALLS",
     "Services",
     "follow",
     "follow_events",
-    "free_port",
     "launch",
     "run",
     "run_detailed",
     "service_env",
     "start_base",
     "start_replica",
+    "wait_ready",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,14 +102,11 @@ PEER_SECONDS = 5.0
 PEER_READY_TIMEOUT_S = 240.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path, *, service: str, timeout_s: float) -> None:
-    """Until ``url`` answers 200 as ``service`` (another service there has the port: an error)."""
+async def wait_ready(
+    url: str, proc: asyncio.subprocess.Process, log: Path, *, service: str | None, timeout_s: float
+) -> None:
+    """Until ``url`` answers 200 as ``service`` (another service there has the port: an error);
+    with None (a peer, not one of ours), any 200."""
     from agent_orchestrator.stack import ready_service
 
     deadline = time.monotonic() + timeout_s
@@ -109,7 +116,7 @@ async def _wait_ready(url: str, proc: asyncio.subprocess.Process, log: Path, *, 
                 raise RuntimeError(f"{log.stem} exited with {proc.returncode}: {log.read_text()[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if (r := await http.get(url)).status_code == 200:
-                    if (answered := ready_service(r)) != service:
+                    if service is not None and (answered := ready_service(r)) != service:
                         raise RuntimeError(f"{url} answers as {answered}, not {service}: another process has its port")
                     return
             await asyncio.sleep(0.1)
@@ -135,7 +142,7 @@ class Services:
                 stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.procs.append((name, proc))
-        await _wait_ready(ready_url, proc, log, service=service, timeout_s=READY_TIMEOUT_S)
+        await wait_ready(ready_url, proc, log, service=service, timeout_s=READY_TIMEOUT_S)
         return proc.pid
 
     def pids(self) -> dict[str, int]:
@@ -360,19 +367,13 @@ async def _hops(database_url: str, redis_url: str) -> dict[str, float]:
         for _ in range(HOP_SAMPLES):
             for name, op in ops.items():
                 await op()  # the connection is warm: the next call is back to back
-                samples[name].append(await _timed_once(op))
+                samples[name].append(await timed(op))
                 await asyncio.sleep(HOP_IDLE_S)
-                samples[f"{name}_after_idle"].append(await _timed_once(op))
+                samples[f"{name}_after_idle"].append(await timed(op))
     finally:
         await conn.close()
         await redis.aclose()
     return {f"workflow_hop_{name}_ms": statistics.median(s) for name, s in samples.items()}
-
-
-async def _timed_once(op: Any) -> float:
-    started = time.perf_counter()
-    await op()
-    return 1000 * (time.perf_counter() - started)
 
 
 async def _write_transactions(database_url: str, http: httpx.AsyncClient, base: str, *, n: int = 20) -> float:
@@ -586,7 +587,7 @@ async def _langgraph_dev(tmp: Path) -> AsyncIterator[str]:
             start_new_session=True,
         )  # fmt: skip
     try:
-        await _wait_ready(f"http://127.0.0.1:{port}/ok", proc, log, timeout_s=PEER_READY_TIMEOUT_S)
+        await wait_ready(f"http://127.0.0.1:{port}/ok", proc, log, service=None, timeout_s=PEER_READY_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.returncode is None:

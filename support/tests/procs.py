@@ -14,14 +14,9 @@ from pathlib import Path
 import httpx
 
 from agent_orchestrator.stack import spawn_cli
+from shared.lib.embedded import free_port
 
 __all__ = ["ServiceProcess", "free_port", "free_ports", "wait_http"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_ports(names: list[str]) -> dict[str, int]:
