@@ -79,8 +79,9 @@ async def document(state: MultiAgentState, runtime: Runtime[WorkflowContext]) ->
     name = _unit_name(unit)
     try:
         reply = await runtime.context.calls.call("documentation", "GENERATE_DOCS", payload, label=f"docs:{name}")
-    except OrchestratorError as e:
-        return {"parts": [{"unit": name, "ok": False, "error": e.message}]}
+    except OrchestratorError as e:  # the instance that failed the part, when one answered
+        failed = {"unit": name, "ok": False, "error": e.message, "instance": e.details.get("served_by")}
+        return {"parts": [failed]}
     part = {"unit": name, "ok": True, "instance": reply.instance, "markdown": reply.payload.get("markdown", "")}
     return {"parts": [part], "agents": [reply.instance]}
 
@@ -101,10 +102,10 @@ async def merge(state: MultiAgentState) -> dict[str, Any]:
     args = ParallelDocsInput.model_validate(state["input"])
     parts = sorted(state.get("parts", []), key=lambda p: p["unit"])
     ok = [p for p in parts if p["ok"]]
-    failed = [{"unit": p["unit"], "error": p["error"]} for p in parts if not p["ok"]]
+    failed = [{"unit": p["unit"], "error": p["error"], "instance": p.get("instance")} for p in parts if not p["ok"]]
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.repo_path) / "docs" / "generated"
     files = await asyncio.to_thread(_write, out_dir, ok) if ok else []
-    instances = sorted({p["instance"] for p in ok})
+    instances = sorted({p["instance"] for p in parts if p.get("instance")})  # every instance that answered
     result = {"files": files, "parts": len(parts), "failed_parts": failed, "instances": instances}
     outcome = "succeeded" if ok else "failed"
     reason = "" if ok else "every documentation part failed"

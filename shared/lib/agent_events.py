@@ -277,12 +277,14 @@ class AgentResponseEvent(_Envelope):
 
     def raise_for_status(self) -> dict[str, Any]:
         """The payload on success; otherwise the error rebuilt as an :class:`OrchestratorError`
-        (its code, message, field and whether it is retryable)."""
+        (its code, message, field and whether it is retryable; its details name the instance
+        that answered, as ``served_by``)."""
         if self.ok:
             return self.payload
         err = self.error or {}
         exc = RequestRejected if self.status == "rejected" else OrchestratorError
-        raised = exc(str(err.get("message", self.status)), field=err.get("field"), details=err)
+        details = {**err, "served_by": self.served_by} if self.served_by else err
+        raised = exc(str(err.get("message", self.status)), field=err.get("field"), details=details)
         raised.code = str(err.get("code", self.status))
         raised.retryable = bool(err.get("retryable", False))  # as the agent said: worth another attempt
         raise raised

@@ -192,6 +192,8 @@ def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tu
     result = wf["result"]
     assert result["parts"] == 4
     assert [p["unit"] for p in result["failed_parts"]] == ["nosuchmodule"]
+    # Every instance that answered a part took part, the one that failed a part too.
+    assert result["failed_parts"][0]["instance"] in {"documentation-1", "documentation-2"}
     assert result["instances"] == ["documentation-1", "documentation-2"]
     ops_doc = Path(next(f for f in result["files"] if f.endswith("calc.ops.md"))).read_text()
     assert "def add" in ops_doc or "add(" in ops_doc

@@ -18,7 +18,7 @@ from shared.lib.agent_events import (
     response_from_dict,
     signing_key_for,
 )
-from shared.lib.errors import InvalidInput, InvalidSignature, PayloadTooLarge, RequestRejected
+from shared.lib.errors import InvalidInput, InvalidSignature, OrchestratorError, PayloadTooLarge, RequestRejected
 from shared.lib.settings import Settings
 
 KEY = b"unit-test-key-0123456789"
@@ -125,6 +125,11 @@ def test_response_mirrors_request_and_raises_for_status() -> None:
     with pytest.raises(RequestRejected) as err:
         failed.raise_for_status()
     assert err.value.field == "request_type"
+    assert "served_by" not in err.value.details
+    answered = request.respond("error", error={"code": "invalid_input", "message": "no such module"}, served_by="i2")
+    with pytest.raises(OrchestratorError) as err2:
+        answered.raise_for_status()
+    assert (err2.value.code, err2.value.details["served_by"]) == ("invalid_input", "i2")
 
 
 def test_signed_response_round_trip() -> None:
