@@ -39,8 +39,16 @@ __all__ = ["create_app"]
 _log = logging.getLogger(__name__)
 
 
-def _replica_id(settings: Settings, port: int) -> str:
-    return f"orchestrator-{socket.gethostname()[:20].lower()}-{port}-{os.getpid()}".replace(".", "-")
+def _instance_id(port: int) -> str:
+    """This replica's id in the registry: host and port, stable across restarts, so a restarted
+    replica re-registers under (replaces) its earlier row instead of leaving it behind."""
+    return f"orchestrator-{socket.gethostname()[:20].lower()}-{port}".replace(".", "-")
+
+
+def _runner_id(instance_id: str) -> str:
+    """This process's id in run leases: the instance id and the pid, so a restarted replica never
+    takes the leases of its previous process for its own."""
+    return f"{instance_id}-{os.getpid()}"
 
 
 def _orchestrator(
@@ -65,7 +73,8 @@ def _orchestrator(
 
 def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
     """The orchestrator API; ``port`` names this replica in leases and logs."""
-    replica = _replica_id(settings, port or settings.port_for("orchestrator"))
+    instance = _instance_id(port or settings.port_for("orchestrator"))
+    replica = _runner_id(instance)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +85,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             runtime = AgentRuntime(
                 agent,
                 ctx,
-                instance_id=replica,
+                instance_id=instance,
                 endpoint=settings.url_for("orchestrator") if port is None else f"http://{settings.host}:{port}",
             )
             stack.push_async_callback(runtime.close)

@@ -4,7 +4,8 @@
 PostgreSQL and Redis unless URLs are configured, then each service as its own
 ``python -m agent_orchestrator ...`` process with its log under
 ``<data_dir>/logs``, waits until each answers ``/ready``, and stops everything
-it started, in reverse order, on exit.
+it started on exit: agents and orchestrators first, the registry once they have
+deregistered, the servers last.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ AGENT_NAMES = ("feature-dev", "code-review", "infrastructure", "cicd", "document
 #: Every service with a port of its own in the settings (``AO_PORTS``).
 SERVICE_NAMES = ("agent-registry", *AGENT_NAMES, "orchestrator")
 _READY_TIMEOUT_S = 60.0
-_STOP_GRACE_S = 20.0
+#: Past its drain grace (``agent_drain_grace_s``), how long an instance may take to deregister and exit.
+_STOP_MARGIN_S = 10.0
+#: How long the registry, stopped last, may take to exit.
+_REGISTRY_STOP_S = 10.0
 
 
 def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -230,21 +234,33 @@ class Stack:
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """SIGTERM every service (orchestrators first), then SIGKILL stragglers, then the servers."""
-        alive = [p for p in reversed(self.processes) if p.proc is not None and p.proc.poll() is None]
+        """Stop the agents and orchestrators, then the registry, then the servers.
+
+        The registry goes last so that every instance can still deregister while it drains
+        (stopped together, a slower agent found it gone and stayed ``active`` in its table).
+        """
+        services = [p for p in reversed(self.processes) if p.service != "agent-registry"]
+        registry = [p for p in self.processes if p.service == "agent-registry"]
+        self._terminate(services, grace_s=self.settings.agent_drain_grace_s + _STOP_MARGIN_S)
+        self._terminate(registry, grace_s=_REGISTRY_STOP_S)
+        self.processes.clear()
+        if self._servers is not None:
+            self._servers.stop()
+            self._servers = None
+
+    @staticmethod
+    def _terminate(group: list[StackProcess], *, grace_s: float) -> None:
+        """SIGTERM every live process of ``group``, wait up to ``grace_s`` for all, SIGKILL stragglers."""
+        alive = [p for p in group if p.proc is not None and p.proc.poll() is None]
         for sp in alive:
             assert sp.proc is not None
             sp.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_S
+        deadline = time.monotonic() + grace_s
         for sp in alive:
             assert sp.proc is not None
             try:
                 sp.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _log.warning("%s ignored SIGTERM for %.0fs; killing it", sp.name, _STOP_GRACE_S)
+                _log.warning("%s ignored SIGTERM for %.0fs; killing it", sp.name, grace_s)
                 sp.proc.kill()
                 sp.proc.wait(timeout=10)
-        self.processes.clear()
-        if self._servers is not None:
-            self._servers.stop()
-            self._servers = None

@@ -156,7 +156,13 @@ class AgentRuntime:
         try:
             await self.registry.deregister()
         except (OrchestratorError, httpx.HTTPError) as e:
-            _log.warning("could not deregister %s (%s); the registry will mark it offline", self.instance_id, e)
+            _log.warning(
+                "%s (%s) drained but could not deregister (%s); the registry marks it offline after its TTL",
+                self.agent.name,
+                self.instance_id,
+                e,
+            )
+            return
         _log.info("%s (%s) drained and deregistered", self.agent.name, self.instance_id)
 
     async def _wait_idle(self, *, deadline: float) -> None:
