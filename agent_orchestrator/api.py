@@ -169,7 +169,13 @@ def _workflow_views_router() -> APIRouter:
     async def workflow_types(orch: OrchestratorDep) -> dict[str, Any]:
         return {
             "items": [
-                {"name": t.name, "description": t.description, "input_schema": t.input_schema(), "mermaid": t.mermaid()}
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "input_schema": t.input_schema(),
+                    "resume_schema": t.resume_schema(),
+                    "mermaid": t.mermaid(),
+                }
                 for t in orch.types.values()
             ]
         }

@@ -167,6 +167,12 @@ class Orchestrator:
 
     async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
         record = await self.records.get(workflow_id)
+        wtype = self.types.get(record.workflow_type)
+        if wtype is not None:
+            try:
+                decision = wtype.validate_resume(decision)
+            except ValueError as e:  # pydantic.ValidationError is a ValueError
+                raise _input_error(e, "decision") from e
         if record.status != "interrupted" or not await self.records.run_store.resume(workflow_id, decision):
             raise Conflict(
                 f"workflow {workflow_id} is {record.status}, not waiting on an interrupt; "
@@ -488,11 +494,12 @@ def _terminal_event(status: str, reason: str, result: dict[str, Any], errors: li
     return data
 
 
-def _input_error(exc: ValueError) -> InvalidInput:
+def _input_error(exc: ValueError, name: str = "input") -> InvalidInput:
+    """A validation error of the body's ``name``, naming the first field at fault."""
     errors = getattr(exc, "errors", None)
     if callable(errors) and errors():
         first = errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
-        field = f"input.{loc}" if loc else "input"
+        field = f"{name}.{loc}" if loc else name
         return InvalidInput(f"{field}: {first.get('msg')}", field=field)
-    return InvalidInput(f"input: {exc}", field="input")
+    return InvalidInput(f"{name}: {exc}", field=name)

@@ -12,19 +12,33 @@ to a thread pool, a thread hop per call.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from langgraph.graph import StateGraph
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 from shared.lib.settings import Settings
 
-__all__ = ["AgentCalls", "AgentReply", "Durability", "LockHolder", "WorkflowContext", "WorkflowType"]
+__all__ = ["AgentCalls", "AgentReply", "Durability", "LockHolder", "RepoPath", "WorkflowContext", "WorkflowType"]
 
 Durability = Literal["sync", "async"]
+
+
+def _absolute(path: str) -> str:
+    if not os.path.isabs(path):
+        raise ValueError(
+            f"{path!r} is relative; give an absolute path (the agents read it on their machine, "
+            "not in the caller's directory)"
+        )
+    return path
+
+
+#: A repository's path in a workflow's input: absolute, as the agents resolve it, not the caller.
+RepoPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
 
 
 @dataclass(frozen=True)
@@ -83,12 +97,24 @@ class WorkflowType:
     input_model: type[BaseModel]
     build: Callable[[], StateGraph[Any, Any, Any, Any]]
     durability: Durability = "sync"
+    resume_model: type[BaseModel] | None = None
+    """The answer its interrupts take (``POST /workflows/{id}/resume``'s ``decision``), checked
+    before the answer is queued; ``None``: any JSON value, for the graph to judge."""
 
     def input_schema(self) -> dict[str, Any]:
         return self.input_model.model_json_schema()
 
+    def resume_schema(self) -> dict[str, Any] | None:
+        return self.resume_model.model_json_schema() if self.resume_model is not None else None
+
     def validate_input(self, data: Any) -> dict[str, Any]:
         return self.input_model.model_validate(data).model_dump(mode="json")
+
+    def validate_resume(self, answer: Any) -> Any:
+        """``answer`` as ``resume_model`` reads it (pydantic's ``ValidationError`` if it does not)."""
+        if self.resume_model is None:
+            return answer
+        return self.resume_model.model_validate(answer).model_dump(mode="json")
 
     def mermaid(self) -> str:
         return self.build().compile().get_graph().draw_mermaid()

@@ -16,7 +16,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Send
 from pydantic import BaseModel, Field, model_validator
 
-from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import RepoPath, WorkflowContext, WorkflowType
 from shared.lib.errors import OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
@@ -26,7 +26,7 @@ _DOC_TYPES = ("api", "guide", "deployment")
 
 
 class ParallelDocsInput(BaseModel):
-    repo_path: str = Field(min_length=1, description="Path of the repository to document.")
+    repo_path: RepoPath = Field(description="Absolute path of the repository to document.")
     modules: list[str] | None = Field(default=None, description="Modules to document (one part each).")
     doc_types: list[str] | None = Field(default=None, description=f"Document types, among {_DOC_TYPES}.")
     output_dir: str | None = Field(default=None, description="Where to write; default <repo>/docs/generated.")

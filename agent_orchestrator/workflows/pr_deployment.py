@@ -15,12 +15,12 @@ from typing import Any, Literal
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import RepoPath, WorkflowContext, WorkflowType
 from shared.lib.multi_agent_state import MultiAgentState
 
-__all__ = ["PR_DEPLOYMENT", "ApprovalDecision", "PrDeploymentInput"]
+__all__ = ["PR_DEPLOYMENT", "ApprovalAnswer", "ApprovalDecision", "PrDeploymentInput"]
 
 _REPO_LOCK_TTL_S = 3600.0
 _ENV_LOCK_TTL_S = 600.0
@@ -28,7 +28,7 @@ _ENV_LOCK_WAIT_S = 120.0
 
 
 class PrDeploymentInput(BaseModel):
-    repo_path: str = Field(min_length=1, description="Path of the git repository.")
+    repo_path: RepoPath = Field(description="Absolute path of the git repository.")
     base: str = Field(min_length=1, description="Base revision of the change.")
     head: str = Field(min_length=1, description="Revision to review, test and deploy.")
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Deploy environment name.")
@@ -38,15 +38,30 @@ class PrDeploymentInput(BaseModel):
     approval_timeout_s: float | None = Field(default=None, gt=0, description="Override of AO_APPROVAL_TIMEOUT_S.")
 
 
-class ApprovalDecision(BaseModel):
+class ApprovalAnswer(BaseModel):
+    """What a person answers at the approval (checked by the API before it is queued)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     decision: Literal["approve", "reject"]
     by: str = Field(default="unknown", max_length=200)
     comment: str = Field(default="", max_length=4000)
+
+
+class ApprovalDecision(ApprovalAnswer):
+    """The answer the node reads: a person's, or the runner's ``expired`` rejection."""
+
     expired: bool = False
 
 
 def _args(state: MultiAgentState) -> PrDeploymentInput:
     return PrDeploymentInput.model_validate(state["input"])
+
+
+def _revision(state: MultiAgentState) -> str:
+    """The commit the review resolved ``head`` to: tests, approval and deploy all take this one,
+    so a branch that moves while the workflow waits is not what gets deployed."""
+    return str(state.get("steps", {}).get("review", {}).get("head") or _args(state).head)
 
 
 def _fail(step: str, reason: str, output: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +118,7 @@ async def test(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dic
     reply = await runtime.context.calls.call(
         "cicd",
         "RUN_PIPELINE",
-        {"repo_path": args.repo_path, "revision": args.head},
+        {"repo_path": args.repo_path, "revision": _revision(state)},
         label="pipeline",
         timeout_s=max(runtime.context.settings.request_timeout_s, 300.0),
     )
@@ -116,8 +131,10 @@ async def test(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dic
 def _summary(state: MultiAgentState, timeout_s: float) -> dict[str, Any]:
     steps = state.get("steps", {})
     rv, tst = steps.get("review", {}), steps.get("test", {})
+    args, revision = _args(state), _revision(state)
     return {
-        "question": f"Deploy {_args(state).head} to {_args(state).environment}?",
+        "question": f"Deploy {args.head} ({revision[:12]}) to {args.environment}?",
+        "revision": revision,
         "review": {"approved": rv.get("approved"), "findings": len(rv.get("findings", []))},
         "tests": {k: tst.get(k) for k in ("passed", "failed", "duration_s") if k in tst},
         "expires_at": (datetime.now(UTC) + timedelta(seconds=timeout_s)).isoformat(),
@@ -140,12 +157,12 @@ async def approval(state: MultiAgentState, runtime: Runtime[WorkflowContext]) ->
 
 
 async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
-    args, calls = _args(state), runtime.context.calls
+    args, calls, revision = _args(state), runtime.context.calls, _revision(state)
     async with runtime.context.locks.scoped(
         f"env:{args.environment}", ttl_s=_ENV_LOCK_TTL_S, wait_s=_ENV_LOCK_WAIT_S
     ) as token:
         art = await calls.call(
-            "cicd", "DEPLOY_ARTIFACT", {"repo_path": args.repo_path, "revision": args.head}, label="artifact"
+            "cicd", "DEPLOY_ARTIFACT", {"repo_path": args.repo_path, "revision": revision}, label="artifact"
         )
         rel = await calls.call(
             "infrastructure",
@@ -158,7 +175,7 @@ async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> d
         "current_step": "deploy",
         "steps": {"deploy": out},
         "agents": [art.instance, rel.instance],
-        "actions": [{"action": "deploy", "environment": args.environment, "revision": args.head}],
+        "actions": [{"action": "deploy", "environment": args.environment, "revision": revision}],
     }
 
 
@@ -190,7 +207,12 @@ async def finish(state: MultiAgentState) -> dict[str, Any]:
         "current_step": "finish",
         "outcome": "succeeded",
         "reason": "",
-        "result": {"deployed": state["input"]["head"], "environment": state["input"]["environment"], "steps": steps},
+        "result": {
+            "deployed": _revision(state),
+            "head": state["input"]["head"],
+            "environment": state["input"]["environment"],
+            "steps": steps,
+        },
     }
 
 
@@ -229,4 +251,5 @@ PR_DEPLOYMENT = WorkflowType(
     input_model=PrDeploymentInput,
     build=build,
     durability="async",
+    resume_model=ApprovalAnswer,
 )

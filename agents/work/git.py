@@ -66,8 +66,11 @@ async def git(repo: Path, *args: str, timeout_s: float = _GIT_TIMEOUT_S) -> Proc
 
 
 async def repository(path: str | Path, *, field: str = "repo_path") -> Path:
-    """The top level of the git repository at ``path``, or an error naming ``field``."""
+    """The top level of the git repository at ``path`` (absolute: a relative one would be read in
+    this agent's directory, not the caller's), or an error naming ``field``."""
     repo = Path(path)
+    if not repo.is_absolute():
+        raise InvalidInput(f"{field}: {str(path)!r} is relative; give the repository's absolute path", field=field)
     if not await asyncio.to_thread(os.path.isdir, repo):
         raise NotFound(f"{field}: {path} is not a directory; pass the path of a git repository", field=field)
     try:

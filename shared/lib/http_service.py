@@ -138,10 +138,27 @@ def error_response(exc: OrchestratorError) -> JSONResponse:
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
+def _not_json(request: Request, loc: list[str]) -> JSONResponse | None:
+    """A 415 for a body sent as something other than JSON (``curl -d`` sends a form), which
+    FastAPI reads as a string and would refuse as "not a valid dictionary"."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if loc[:1] != ["body"] or not media_type or media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    body = {
+        "code": "unsupported_media_type",
+        "field": "content-type",
+        "message": f"the body must be JSON sent with 'Content-Type: application/json', not {media_type!r}",
+        "retryable": False,
+    }
+    return JSONResponse({"error": body}, status_code=415)
+
+
+def _validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     err: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "x"}
     loc = [str(p) for p in err.get("loc", ())]
+    if (refused := _not_json(request, loc)) is not None:
+        return refused
     if loc and loc[0] in _LOCATIONS:
         loc = loc[1:]  # "body.input.x" -> "input.x", "query.limit" -> "limit"
     if err.get("type") == "json_invalid":
@@ -184,8 +201,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

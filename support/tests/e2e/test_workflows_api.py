@@ -70,6 +70,15 @@ def test_pr_deployment_deploys_after_approval(
     assert wf["pending_interrupt"]["review"]["approved"] is True
     assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
     assert wait_for_metric(api, "workflow_approvals_pending") >= 1
+    for answer, field in (
+        (1, "decision"),
+        ("approve", "decision"),
+        ({"decision": "maybe"}, "decision.decision"),
+        ({"decision": "approve", "by": "ana", "expired": True}, "decision.expired"),
+    ):  # refused before it is queued: the workflow still waits
+        r = api.post(f"/workflows/{wf_id}/resume", json={"decision": answer})
+        assert (r.status_code, r.json()["error"]["field"]) == (422, field), r.text
+    assert api.get(f"/workflows/{wf_id}").json()["status"] == "interrupted"
     r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
     assert r.status_code == 202, r.text
     wf = follow(api, wf_id, TERMINAL)
@@ -97,6 +106,27 @@ def test_pr_deployment_fails_at_a_failing_test_and_says_why(
     assert reason.startswith("tests failed (exit code 1; 3 passed, 1 failed, 0 errors); log tail:"), reason
     assert "test_broken" in reason
     assert re.search(r"1 failed, 3 passed in [0-9.]+s", reason.splitlines()[-1]), reason
+
+
+def test_pr_deployment_deploys_the_commit_it_reviewed_not_where_the_branch_moved(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """``head`` is pinned to the commit the review resolved: a commit made on the branch while the
+    approval waits is neither tested nor deployed."""
+    path, base, reviewed = sample_repo
+    wf_id = launch(api, "pr_deployment", pr_input((path, base, "HEAD"), environment="pinned"))
+    wf = follow(api, wf_id, {"interrupted"} | TERMINAL)
+    assert wf["status"] == "interrupted", wf
+    assert wf["pending_interrupt"]["revision"] == reviewed
+    (path / "calc" / "ops.py").write_text("raise SystemExit('broken')\n")
+    assert _commit(path, "broken, after the approval was asked") != reviewed
+    r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
+    assert r.status_code == 202, r.text
+    wf = follow(api, wf_id, TERMINAL)
+    assert wf["status"] == "succeeded", wf
+    steps = wf["result"]["steps"]
+    assert (wf["result"]["deployed"], wf["result"]["head"]) == (reviewed, "HEAD")
+    assert steps["review"]["head"] == steps["test"]["revision"] == steps["deploy"]["artifact"]["revision"] == reviewed
 
 
 def _commit(repo: Path, message: str) -> str:
@@ -422,6 +452,7 @@ def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[di
         ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
+        ("POST", "/workflows", {"workflow_type": "parallel_docs", "input": {"repo_path": "."}}, 422, "input.repo_path"),
         (
             "POST",
             "/workflows",
@@ -464,13 +495,23 @@ def test_oversized_body_and_missing_key_are_refused(api: httpx.Client, stack: St
     assert bare.json()["error"]["field"] == "X-API-Key"
     wrong = httpx.get(f"{stack.orchestrator_url}/workflows", headers={"X-API-Key": "wrong"})
     assert wrong.status_code == 401
+    # A JSON body sent as a form (curl -d without a content type) is told what to send.
+    form = api.post(
+        "/workflows",
+        content=b'{"workflow_type": "parallel_docs", "input": {}}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert (form.status_code, form.json()["error"]["field"]) == (415, "content-type"), form.text
+    assert "application/json" in form.json()["error"]["message"]
 
 
 def test_workflow_types_list_schema_and_mermaid(api: httpx.Client) -> None:
-    """GET /workflow-types gives each type's input schema and its graph as Mermaid."""
+    """GET /workflow-types gives each type's input schema, its answer's schema and its graph as Mermaid."""
     items = {t["name"]: t for t in api.get("/workflow-types").json()["items"]}
     assert {"pr_deployment", "parallel_docs", "self_healing"} <= set(items)
     assert "environment" in items["pr_deployment"]["input_schema"]["properties"]
+    assert items["pr_deployment"]["resume_schema"]["properties"]["decision"]["enum"] == ["approve", "reject"]
+    assert items["parallel_docs"]["resume_schema"] is None
     assert "approval" in items["pr_deployment"]["mermaid"]
 
 

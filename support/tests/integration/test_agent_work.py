@@ -138,6 +138,19 @@ async def test_explain_code_summarizes_a_module(repo: Repo, agent: Callable[...,
     assert [m["name"] for m in result["classes"][0]["methods"]] == ["push"]
 
 
+async def test_a_relative_repo_path_is_refused_naming_it(
+    repo: Repo, agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``repo_path`` would be read in the agent's directory, not the caller's: refused
+    even where it names a repository from the agent's directory."""
+    repo.commit({"pkg/calc.py": CLEAN})
+    monkeypatch.chdir(repo.path)
+    with pytest.raises(InvalidInput) as err:
+        await agent("code-review").run("EXPLAIN_CODE", {"repo_path": ".", "path": "pkg/calc.py"})
+    assert err.value.field == "repo_path"
+    assert "absolute" in err.value.message
+
+
 TEST_OK = "from calc import add\n\n\ndef test_add():\n    assert add(1, 2) == 3\n"
 TEST_BAD = TEST_OK + "\n\ndef test_wrong():\n    assert add(1, 1) == 3\n"
 
