@@ -1,7 +1,8 @@
 """Operator commands of the bus: ``dlq list|requeue`` and ``events replay``.
 
-Each command opens its own connections (embedded servers when no URL is set),
-does its work and closes them.
+Each command opens its own connections (to the embedded servers a running stack
+keeps under the data dir when no URL is set; see ``cli_clients``), does its work
+and closes them.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def dlq_requeue(
     entry_ids: Annotated[list[str], typer.Argument(help="Ids as printed by `dlq list` (agent/stream-id).")],
 ) -> None:
     """Send dead-lettered requests again, with a fresh deadline, and remove them from the list."""
-    settings = load_settings()  # re-signing needs the real signing keys
+    settings = load_settings(require=("signing_key",))  # re-signing needs the signing keys, nothing else
 
     async def work(bus: EventBus) -> list[str]:
         return [(await bus.requeue_dead_letter(entry_id)).request_id for entry_id in entry_ids]

@@ -1,7 +1,10 @@
 """Clients for a one-shot operator command (``dlq``, ``events``, ``locks``).
 
-The command connects to the configured servers (or starts the embedded ones, as
-``migrate`` does), does its work and closes everything again.
+The command connects to the configured servers (``DATABASE_URL``, ``REDIS_URL``) or, where
+one is unset, to the embedded server a running stack (``agent-orchestrator up``) keeps under
+the data dir. It never starts a server of its own: a fresh, empty one would answer "no dead
+letters" or lack the schema, when the operator meant the stack's. With neither, it fails
+with one line saying what to set.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
 from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.embedded import servers_for
+from shared.lib.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.lib.errors import StartupError
 from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
 
@@ -29,23 +34,45 @@ class Clients:
     bus: EventBus | None
 
 
+def _nothing_to_reach(variable: str, server: str, data_dir: Path) -> StartupError:
+    return StartupError(
+        f"no {server} to connect to: set {variable}, or start the stack (`agent-orchestrator up`) "
+        f"so that its embedded {server} runs under {data_dir.resolve()} (AO_DATA_DIR)"
+    )
+
+
+def _server_urls(settings: Settings, *, postgres: bool, redis: bool) -> tuple[str | None, str | None]:
+    """The URLs of the servers to use (None where not asked for): the configured ones, else the
+    embedded ones running under the data dir; StartupError when a needed one is neither."""
+    db_url = redis_url = None
+    if postgres:
+        db_url = settings.database_url or EmbeddedPostgres(settings.data_dir).running_url()
+        if db_url is None:
+            raise _nothing_to_reach("DATABASE_URL", "PostgreSQL", settings.data_dir)
+    if redis:
+        redis_url = settings.redis_url or EmbeddedRedis(settings.data_dir).running_url()
+        if redis_url is None:
+            raise _nothing_to_reach("REDIS_URL", "Redis", settings.data_dir)
+    return db_url, redis_url
+
+
 @contextlib.asynccontextmanager
 async def one_shot_clients(settings: Settings, *, postgres: bool, redis: bool) -> AsyncIterator[Clients]:
-    with servers_for(
-        settings.data_dir,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        with_postgres=postgres,
-        with_redis=redis,
-    ) as (db_url, redis_url):
-        async with contextlib.AsyncExitStack() as stack:
-            pool = await create_pg_pool(db_url, max_size=2) if db_url is not None else None
-            if pool is not None:
-                stack.push_async_callback(pool.close)
-            bus = None
-            if redis_url is not None:
-                client = await connect_redis(redis_url, max_connections=4)
-                stack.push_async_callback(client.aclose)
-                bus = EventBus(client, settings, pool=pool)
-                stack.push_async_callback(bus.close)
+    db_url, redis_url = _server_urls(settings, postgres=postgres, redis=redis)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pg_pool(db_url, max_size=2) if db_url is not None else None
+        if pool is not None:
+            stack.push_async_callback(pool.close)
+        bus = None
+        if redis_url is not None:
+            client = await connect_redis(redis_url, max_connections=4)
+            stack.push_async_callback(client.aclose)
+            bus = EventBus(client, settings, pool=pool)
+            stack.push_async_callback(bus.close)
+        try:
             yield Clients(db_url, pool, bus)
+        except asyncpg.UndefinedTableError as e:
+            raise StartupError(
+                f"the database lacks the schema ({e}): run `agent-orchestrator migrate` against it, "
+                "or point DATABASE_URL at the stack's database"
+            ) from e

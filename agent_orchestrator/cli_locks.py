@@ -1,7 +1,7 @@
 """Operator commands for resource locks: ``locks list`` and ``locks release``.
 
-Each command connects to DATABASE_URL (or the embedded server, as ``migrate``
-does), does its work and closes. A forced release is announced on the event
+Each command connects to DATABASE_URL (or the embedded server a running stack
+keeps under the data dir; see ``cli_clients``), does its work and closes. A forced release is announced on the event
 bus as ``resource.unlocked`` like any other.
 """
 

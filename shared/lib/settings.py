@@ -9,6 +9,7 @@ call :func:`load_settings` from a lifespan or a CLI command.
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.lib.errors import StartupError
 
-__all__ = ["AGENT_ID_PATTERN", "SERVICE_PORTS", "Settings", "load_settings"]
+__all__ = ["AGENT_ID_PATTERN", "SECRETS", "SERVICE_PORTS", "Settings", "load_settings"]
 
 #: Agent ids and agent names share one pattern (DESIGN, Guarantees).
 AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -34,6 +35,11 @@ SERVICE_PORTS: dict[str, int] = {
 }
 
 _UNSAFE_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev"}
+#: Every secret a service needs outside dev mode; see :func:`load_settings` ``require``.
+SECRETS = ("registration_secret", "signing_key", "api_keys")
+#: The secrets the settings being built must have (pydantic's documented way to hand an
+#: ``__init__`` validation context: a context variable set around the call).
+_required: ContextVar[tuple[str, ...]] = ContextVar("required_secrets", default=SECRETS)
 
 
 def _url_field(name: str, default: str | None = None) -> Any:
@@ -47,9 +53,11 @@ class Settings(BaseSettings):
 
     # -- connections ---------------------------------------------------------------
     database_url: str | None = _url_field("DATABASE_URL")
-    """PostgreSQL URL; unset means: start the embedded server under data_dir."""
+    """PostgreSQL URL; unset: ``up``, ``demo`` and ``migrate`` start the embedded server under
+    data_dir, and the operator commands (``locks``, ``dlq``, ``events``) use it while it runs."""
     redis_url: str | None = _url_field("REDIS_URL")
-    """Redis URL; unset means: start the embedded redis-server under data_dir."""
+    """Redis URL; unset: ``up`` and ``demo`` start the embedded redis-server under data_dir,
+    and the operator commands use it while it runs."""
     registry_url: str = _url_field("REGISTRY_URL", "http://127.0.0.1:8009")
     """Where agents and the orchestrator reach the registry service."""
     pg_prepare_threshold: int | None = 5
@@ -183,14 +191,15 @@ class Settings(BaseSettings):
     def _refuse_unsafe_secrets(self) -> Settings:
         if self.dev_mode:
             return self
+        required = _required.get()
         for name in ("registration_secret", "signing_key"):
-            if getattr(self, name).strip().lower() in _UNSAFE_SECRETS:
+            if name in required and getattr(self, name).strip().lower() in _UNSAFE_SECRETS:
                 raise ValueError(
                     f"AO_{name.upper()} is unset or a default value; set a random secret "
                     "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`) "
                     "or run with AO_DEV_MODE=true"
                 )
-        if not self.api_keys:
+        if "api_keys" in required and not self.api_keys:
             raise ValueError("AO_API_KEYS is empty; set at least one key or run with AO_DEV_MODE=true")
         return self
 
@@ -212,9 +221,16 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build settings from the environment, turning a validation error into a StartupError."""
+def load_settings(*, require: tuple[str, ...] = SECRETS, **overrides: Any) -> Settings:
+    """Build settings from the environment, turning a validation error into a StartupError.
+
+    Outside dev mode, the secrets named in ``require`` (of :data:`SECRETS`) must be set and not
+    defaults; a command that uses only some of them (``dlq requeue`` signs, and needs only
+    ``signing_key``) names just those."""
+    token = _required.set(require)
     try:
         return Settings(**overrides)
     except ValidationError as e:
         raise StartupError(f"invalid configuration: {_first_error(e)}") from e
+    finally:
+        _required.reset(token)
