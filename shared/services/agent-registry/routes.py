@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Query, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from agent_registry.deps import (
@@ -78,8 +78,12 @@ async def register(body: Registration, registry: RegistryDep) -> Registered:
 
 
 @router.post("/{agent_id}/heartbeat")
-async def heartbeat(agent_id: AgentIdPath, body: Heartbeat, token: AgentToken, registry: RegistryDep) -> HeartbeatAck:
-    """Refresh liveness and load: one UPDATE, no status overwritten."""
+async def heartbeat(
+    agent_id: AgentIdPath, token: AgentToken, registry: RegistryDep, body: Annotated[Heartbeat | None, Body()] = None
+) -> HeartbeatAck:
+    """Refresh liveness and load: one UPDATE, no status overwritten. Every field has a default,
+    so no body at all is a heartbeat with the defaults."""
+    body = body or Heartbeat()
     beat = await registry.store.heartbeat(agent_id, token, in_flight=body.in_flight)
     REGISTRY_HEARTBEATS.inc()
     REGISTRY_HEARTBEAT_LAG.observe(beat.lag_s)

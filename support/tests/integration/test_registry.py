@@ -71,6 +71,16 @@ async def test_heartbeat_keeps_the_status_the_agent_set(registry: RunningRegistr
     assert got["last_heartbeat"] > before
 
 
+@pytest.mark.parametrize("content", [None, b"{}"], ids=["no body", "empty object"])
+async def test_heartbeat_body_is_optional(registry: RunningRegistry, content: bytes | None) -> None:
+    """A heartbeat with no body, or an empty object, is one with the defaults (in_flight 0)."""
+    agent_id, token = await registry.register("cicd")
+    headers = {"X-Agent-Token": token, **({"Content-Type": "application/json"} if content else {})}
+    r = await registry.http.post(f"{registry.url}/agents/{agent_id}/heartbeat", content=content, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"agent_id": agent_id, "status": "initializing", "in_flight": 0}
+
+
 async def test_deregister_by_token_or_operator_key(registry: RunningRegistry) -> None:
     """An instance deletes itself with its token, an operator with an API key; both are then gone."""
     own_id, own_token = await registry.register("documentation")
