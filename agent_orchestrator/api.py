@@ -18,7 +18,8 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from agent_orchestrator.event_watch import Feed
@@ -27,11 +28,10 @@ from agent_orchestrator.service import Orchestrator
 from shared.lib.agent_events import Event
 from shared.lib.errors import InvalidInput
 from shared.lib.http_service import ApiKeyDep
-from shared.lib.workflow_state import TERMINAL_STATUSES, WORKFLOW_STATUSES
+from shared.lib.workflow_state import TERMINAL_STATUSES, WORKFLOW_STATUSES, canonical_workflow_id
 
 __all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
 
-_ID = Path(pattern=r"^[0-9a-f-]{36}$", description="Workflow id (a UUID).")
 _SSE_POLL_S = 1.0
 _SSE_READ_LIMIT = 500
 #: The line separator of the event stream (sse-starlette's default, given to the events encoded here too).
@@ -56,6 +56,23 @@ async def _orchestrator(request: Request) -> Orchestrator:  # async: no thread-p
 
 
 OrchestratorDep = Annotated[Orchestrator, Depends(_orchestrator)]
+
+
+def _workflow_id(value: str) -> str:
+    try:
+        return canonical_workflow_id(value)
+    except InvalidInput as e:
+        raise PydanticCustomError(
+            "uuid_parsing", "must be a UUID, like {example}", {"example": str(uuid.UUID(int=0))}
+        ) from e
+
+
+#: A workflow id path parameter, in its canonical spelling (ids are pasted from elsewhere).
+WorkflowId = Annotated[
+    str,
+    Path(description="Workflow id: a UUID in any spelling (upper case, no hyphens, braces)."),
+    AfterValidator(_workflow_id),
+]
 
 
 def _view(record: WorkflowRecord) -> dict[str, Any]:
@@ -110,15 +127,15 @@ def workflows_router() -> APIRouter:
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 
     @router.get("/workflows/{workflow_id}")
-    async def get_workflow(orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+    async def get_workflow(orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
         return _view(await orch.records.get(workflow_id))
 
     @router.post("/workflows/{workflow_id}/resume", status_code=202)
-    async def resume(body: ResumeRequest, orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+    async def resume(body: ResumeRequest, orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
         return _view(await orch.resume(workflow_id, body.decision))
 
     @router.post("/workflows/{workflow_id}/cancel", status_code=202)
-    async def cancel(orch: OrchestratorDep, workflow_id: str = _ID) -> dict[str, Any]:
+    async def cancel(orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
         return _view(await orch.cancel(workflow_id))
 
     return router
@@ -130,14 +147,14 @@ def _workflow_views_router() -> APIRouter:
 
     @router.get("/workflows/{workflow_id}/history")
     async def history(
-        orch: OrchestratorDep, workflow_id: str = _ID, limit: int = Query(default=100, ge=1, le=1000)
+        orch: OrchestratorDep, workflow_id: WorkflowId, limit: int = Query(default=100, ge=1, le=1000)
     ) -> dict[str, Any]:
         return {"workflow_id": workflow_id, "checkpoints": await orch.history(workflow_id, limit=limit)}
 
     @router.get("/workflows/{workflow_id}/events")
     async def events(
         orch: OrchestratorDep,
-        workflow_id: str = _ID,
+        workflow_id: WorkflowId,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     ) -> Response:
         status = await orch.records.require(workflow_id)  # 404 before the stream starts

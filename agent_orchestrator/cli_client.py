@@ -17,7 +17,7 @@ from rich.prompt import Confirm, Prompt
 from rich.table import Table
 
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
-from shared.lib.workflow_state import TERMINAL_STATUSES
+from shared.lib.workflow_state import TERMINAL_STATUSES, canonical_workflow_id
 
 __all__ = ["approve", "cancel", "list_workflows", "reject", "run", "status"]
 
@@ -213,6 +213,7 @@ def run(
 
 def status(workflow_id: str) -> None:
     """Show a workflow's status, step, pending approval and result."""
+    workflow_id = canonical_workflow_id(workflow_id)
     with _client() as client:
         _out.print(_table(_call(client, "GET", f"/workflows/{workflow_id}")))
 
@@ -240,6 +241,7 @@ def list_workflows(
 
 def cancel(workflow_id: str) -> None:
     """Cancel a workflow that has not finished: a running one stops at its next node."""
+    workflow_id = canonical_workflow_id(workflow_id)
     with _client() as client:
         wf = _call(client, "POST", f"/workflows/{workflow_id}/cancel")
     now = f"it is {wf['status']}" if wf["status"] in TERMINAL_STATUSES else "it stops at its next node"
@@ -247,6 +249,7 @@ def cancel(workflow_id: str) -> None:
 
 
 def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:
+    workflow_id = canonical_workflow_id(workflow_id)
     with _client() as client:
         _call(
             client,

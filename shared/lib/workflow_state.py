@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,10 +37,27 @@ __all__ = [
     "Workflow",
     "WorkflowPage",
     "WorkflowStateManager",
+    "canonical_workflow_id",
 ]
 
 WORKFLOW_STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def canonical_workflow_id(value: str) -> str:
+    """``value`` as the canonical UUID spelling (lower case, hyphenated) workflows are stored under.
+
+    People paste ids from elsewhere: upper case, without hyphens, in braces or as ``urn:uuid:``
+    all name the same workflow. Anything else is :class:`InvalidInput` naming ``workflow_id``."""
+    try:
+        if not value.isascii():  # int(..., 16), under uuid.UUID, takes non-ASCII digits too
+            raise ValueError(value)
+        return str(uuid.UUID(value.strip()))
+    except ValueError as e:
+        raise InvalidInput(
+            f"workflow_id must be a UUID, like {uuid.UUID(int=0)}; got {value[:80]!r}", field="workflow_id"
+        ) from e
+
 
 #: The snapshot and input are metadata; a graph's bulk belongs in the LangGraph checkpointer.
 _MAX_JSON_BYTES = 1024 * 1024
