@@ -27,7 +27,15 @@ from shared.lib.agent_events import (
     signing_key_for,
 )
 from shared.lib.connections import run_command
-from shared.lib.errors import DeadlineExpired, InvalidInput, OrchestratorError, RequestRejected, Timeout
+from shared.lib.errors import (
+    DeadlineExpired,
+    InvalidInput,
+    InvalidSignature,
+    OrchestratorError,
+    RequestRejected,
+    Timeout,
+)
+from shared.lib.safe_input import check_text
 from shared.lib.settings import Settings
 
 __all__ = ["Handler", "HandlerOutcome", "_Core"]
@@ -128,11 +136,15 @@ class _Core:
         return orjson.dumps(data)
 
     def check_window(self, request: AgentRequestEvent, *, now: float) -> None:
-        """Refuse envelopes made outside the replay window (replays, or badly skewed clocks)."""
+        """Refuse envelopes made outside the replay window (replays, or badly skewed clocks).
+
+        A replayed signature is a bad signature (``InvalidSignature``, 401): the HMAC proves
+        who made the envelope, ``created_at`` under it proves when, and a stale one proves
+        neither for this call (docs/EVENT_PROTOCOL.md, Errors)."""
         if abs(now - request.created_at) > self.settings.replay_window_s:
-            raise RequestRejected(
-                f"envelope created_at is outside the {self.settings.replay_window_s:.0f}s replay window; "
-                "send a fresh request",
+            raise InvalidSignature(
+                f"envelope created_at is outside the {self.settings.replay_window_s:.0f}s replay window "
+                "(a replay, or a skewed clock); sign a fresh envelope with the current time",
                 field="created_at",
             )
 
@@ -146,6 +158,7 @@ class _Core:
             active = self._active_gauges[agent] = metrics.AGENT_REQUESTS_ACTIVE.labels(agent)
         active.inc()
         try:
+            check_text(request.payload, field="payload")  # HTTP and bus alike; ~0.7 µs (safe_input)
             payload = await handler(request)
             if not isinstance(payload, dict):
                 raise InvalidInput("handler returned a non-object payload", field="payload")

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Literal, Self
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from shared.lib.errors import (
     InvalidInput,
@@ -36,6 +36,7 @@ from shared.lib.settings import AGENT_ID_PATTERN, Settings
 
 __all__ = [
     "ENVELOPE_OVERHEAD_BYTES",
+    "MAX_DEADLINE_AHEAD_S",
     "MAX_ID_LENGTH",
     "PRIORITIES",
     "REQUEST_TYPE_PATTERN",
@@ -70,6 +71,12 @@ ResponseStatus = Literal["success", "error", "timeout", "rejected"]
 
 #: The longest id an envelope takes (request, correlation and idempotency ids).
 MAX_ID_LENGTH = 128
+#: The furthest a request's deadline may lie after its ``created_at``: one day, the default
+#: ``AO_RESPONSE_TTL_S`` (a response is kept that long for a repeat). No request of the six
+#: agents waits that long (a pipeline times out after 10 min; a human approval is an interrupt
+#: of the workflow, not a deadline). It keeps the in-flight marker's TTL, which runs to the
+#: deadline, a sane number of milliseconds for Redis.
+MAX_DEADLINE_AHEAD_S = 24 * 3600.0
 
 _ID = Field(min_length=1, max_length=MAX_ID_LENGTH)
 _AGENT = Field(pattern=AGENT_ID_PATTERN)
@@ -137,7 +144,7 @@ class _Envelope(BaseModel):
     source_agent: str = _AGENT
     target_agent: str = _AGENT
     request_type: str = Field(pattern=REQUEST_TYPE_PATTERN)
-    created_at: float = Field(default_factory=time.time)
+    created_at: float = Field(default_factory=time.time, allow_inf_nan=False)
     """Unix time the envelope was made; receivers refuse ones outside the replay window."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free-form; ``metadata["trace"]`` carries trace headers through untouched."""
@@ -164,11 +171,23 @@ class AgentRequestEvent(_Envelope):
     """A call to a named agent. Build one with :meth:`create`; the bus signs it when sending."""
 
     priority: Priority = "normal"
-    deadline: float
-    """Unix time after which the request must not run; the caller has given up by then."""
+    deadline: float = Field(allow_inf_nan=False)
+    """Unix time after which the request must not run; the caller has given up by then.
+    At most :data:`MAX_DEADLINE_AHEAD_S` after ``created_at``."""
     payload: dict[str, Any] = Field(default_factory=dict)
     reply_to: str | None = None
     """The requester instance's reply channel, set by the bus; ``None`` over HTTP."""
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_within_horizon(cls, deadline: float, info: ValidationInfo) -> float:
+        created_at = info.data.get("created_at")
+        if created_at is not None and deadline - created_at > MAX_DEADLINE_AHEAD_S:
+            raise ValueError(
+                f"deadline is {deadline - created_at:.3g} s after created_at, over the "
+                f"{MAX_DEADLINE_AHEAD_S:.0f} s limit; send a deadline (timeout_s) of at most one day"
+            )
+        return deadline
 
     @classmethod
     def create(
@@ -319,7 +338,8 @@ def error_to_payload(exc: OrchestratorError) -> dict[str, Any]:
 def _invalid(exc: ValidationError) -> InvalidInput:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()))
-    return InvalidInput(f"invalid envelope field {loc or '?'}: {err.get('msg', '')}", field=loc or None)
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    return InvalidInput(f"invalid envelope field {loc or '?'}: {msg}", field=loc or None)
 
 
 def parse_envelope(raw: bytes | str, *, max_bytes: int) -> dict[str, Any]:

@@ -483,10 +483,11 @@ class EventBus:
     async def execute(self, request: AgentRequestEvent, handler: Handler) -> AgentResponseEvent:
         """Run a request that arrived over HTTP through the same checks as the stream path.
 
-        Raises ``PayloadTooLarge``, ``InvalidSignature``, ``RequestRejected``
-        (replay window) or ``DeadlineExpired`` for a refused envelope (which is
-        also dead-lettered); returns the stored response for a repeat, else the
-        handler's response, stored under the idempotency key.
+        Raises ``PayloadTooLarge``, ``InvalidSignature`` (also for a ``created_at``
+        outside the replay window) or ``DeadlineExpired`` for a refused envelope
+        (dead-lettered with its reason, but for the expired deadline); returns the
+        stored response for a repeat, else the handler's response, stored under the
+        idempotency key.
         """
         core = self._core
         agent = request.target_agent

@@ -9,6 +9,7 @@ import pytest
 
 from shared.lib.agent_events import (
     ENVELOPE_OVERHEAD_BYTES,
+    MAX_DEADLINE_AHEAD_S,
     AgentRequestEvent,
     AgentResponseEvent,
     canonical_bytes,
@@ -63,6 +64,38 @@ def test_invalid_fields_are_named(field: str, value: str) -> None:
     with pytest.raises(InvalidInput) as err:
         _request(**{field: value})
     assert err.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("deadline", 1e308),  # once a 500: the in-flight marker's ms overflowed int()
+        ("deadline", 1e17),  # once a retryable 503: the marker's ms were out of Redis's range
+        ("deadline", "inf"),
+        ("deadline", "nan"),
+        ("created_at", "inf"),
+        ("created_at", "nan"),
+    ],
+)
+def test_received_times_must_be_finite_and_near(field: str, value: object) -> None:
+    """A received deadline or created_at that is not finite, or a deadline over a day ahead, names its field."""
+    data = _request().to_dict()
+    data[field] = value
+    with pytest.raises(InvalidInput) as err:
+        request_from_dict(data, key=None)
+    assert err.value.field == field
+    assert err.value.status_code == 422
+
+
+def test_a_deadline_up_to_a_day_ahead_is_taken_and_timeout_s_past_it_is_refused() -> None:
+    """A deadline up to MAX_DEADLINE_AHEAD_S after created_at is valid; create(timeout_s=) past it names deadline."""
+    data = _request().to_dict()
+    data["deadline"] = data["created_at"] + MAX_DEADLINE_AHEAD_S
+    assert request_from_dict(data, key=None).deadline == data["deadline"]
+    with pytest.raises(InvalidInput) as err:
+        _request(timeout_s=MAX_DEADLINE_AHEAD_S + 1)
+    assert err.value.field == "deadline"
+    assert "at most one day" in err.value.message
 
 
 def test_canonical_form_ignores_key_order_and_signature() -> None:
