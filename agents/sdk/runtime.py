@@ -68,6 +68,7 @@ class AgentRuntime:
         """Register, serve the bus, heartbeat, then report ``active``."""
         self._loop = asyncio.get_running_loop()
         metrics.preinitialize(metrics.AGENT_REQUEST_DURATION, (self.agent.name,))
+        metrics.declare_request_types(self.agent.name, self.agent.request_types)
         registration = Registration(
             name=self.agent.name,
             version=self.agent.version,

@@ -126,6 +126,10 @@ def _check_agent(name: str, *, field: str) -> None:
         raise InvalidInput(f"{field} {name!r} must match {AGENT_ID_PATTERN}", field=field)
 
 
+def _count_timeout(agent: str) -> None:
+    metrics.AGENT_REQUEST_TIMEOUTS.labels(metrics.AGENT_NAME_LABELS(agent)).inc()
+
+
 def _time_out(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
@@ -325,7 +329,7 @@ class EventBus:
         except TimeoutError:
             stored = await self._fetch_stored(request.target_agent, request.idempotency_key)
             if stored is None:
-                metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+                _count_timeout(request.target_agent)
                 raise Timeout(
                     f"agent {request.target_agent!r} did not answer {request.request_type} in time; "
                     "retry with the same request_id to get its response if it finishes",
@@ -335,7 +339,7 @@ class EventBus:
         finally:
             timer.cancel()
         if response.status == "timeout":
-            metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+            _count_timeout(request.target_agent)
             raise Timeout(f"agent {request.target_agent!r} got {request.request_type} after its deadline")
         return response
 
@@ -350,7 +354,7 @@ class EventBus:
             if value != scripts.IN_FLIGHT:
                 return self._decode_stored(value, request.target_agent)
             await asyncio.sleep(_POLL_S)
-        metrics.AGENT_REQUEST_TIMEOUTS.labels(request.target_agent).inc()
+        _count_timeout(request.target_agent)
         raise Timeout(f"agent {request.target_agent!r} did not finish the in-flight duplicate in time")
 
     async def _fetch_stored(self, agent: str, idempotency_key: str) -> AgentResponseEvent | None:

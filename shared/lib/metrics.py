@@ -3,14 +3,88 @@
 Operators' dashboards and alert rules (``deploy/``) query exactly these names.
 Label values are plain strings of bounded cardinality: agent names, request
 types, statuses, resource types, workflow types. Never a request id, workflow
-id or owner id.
+id or owner id. A label whose value comes from a caller (an agent name, a
+request type, a resource type) goes through a bound below, so random values
+add at most a fixed number of series.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["LATENCY_BUCKETS_S", "preinitialize"]
+__all__ = [
+    "AGENT_NAME_LABELS",
+    "LATENCY_BUCKETS_S",
+    "MAX_LABEL_VALUES",
+    "OVERFLOW_LABEL",
+    "RESOURCE_TYPE_LABELS",
+    "UNSUPPORTED_LABEL",
+    "LabelBound",
+    "declare_request_types",
+    "preinitialize",
+    "request_type_label",
+]
+
+#: Distinct caller-given values one label keeps per process, beyond those declared known:
+#: enough for the six agents' callers and a few of one's own; past it, ``other``.
+MAX_LABEL_VALUES = 16
+#: The value of a bounded label once its distinct values are used up.
+OVERFLOW_LABEL = "other"
+#: The ``request_type`` of a request an agent does not declare (it is rejected anyway).
+UNSUPPORTED_LABEL = "unsupported"
+
+
+class LabelBound:
+    """Maps values taken from input to label values of bounded number: the values declared
+    with :meth:`know` and the first ``limit`` other distinct ones seen pass as they are;
+    any later new one becomes ``overflow``."""
+
+    def __init__(self, *, limit: int = MAX_LABEL_VALUES, overflow: str = OVERFLOW_LABEL) -> None:
+        self._known: set[str] = set()
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._overflow = overflow
+        self._lock = threading.Lock()
+
+    def know(self, *values: str) -> None:
+        """Values that always pass (an agent's own name), not counted against the limit."""
+        with self._lock:
+            self._known.update(values)
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen or value in self._known:  # the hot path: no lock
+            return value
+        with self._lock:
+            if len(self._seen) >= self._limit:
+                return self._overflow
+            self._seen.add(value)
+        return value
+
+
+#: Agent names a caller gives: ``source_agent``, a call's ``target_agent``, registered names.
+AGENT_NAME_LABELS = LabelBound()
+#: Resource types (the prefix of a lock's resource id before ``:``).
+RESOURCE_TYPE_LABELS = LabelBound()
+_REQUEST_TYPE_LABELS = LabelBound()  # of agents that declared none (a bus used without the SDK)
+_declared_types: dict[str, frozenset[str]] = {}
+
+
+def declare_request_types(agent: str, request_types: Iterable[str]) -> None:
+    """The request types ``agent`` serves: other ones are labelled ``unsupported``."""
+    _declared_types[agent] = frozenset(request_types)
+    AGENT_NAME_LABELS.know(agent)
+
+
+def request_type_label(agent: str, request_type: str) -> str:
+    """``request_type`` if ``agent`` declared it, else ``unsupported``; for an agent that
+    declared none, the first distinct request types, then ``other``."""
+    declared = _declared_types.get(agent)
+    if declared is None:
+        return _REQUEST_TYPE_LABELS(request_type)
+    return request_type if request_type in declared else UNSUPPORTED_LABEL
 
 
 def preinitialize(metric: Counter | Gauge | Histogram, *label_sets: tuple[str, ...]) -> None:

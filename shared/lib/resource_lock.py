@@ -157,12 +157,13 @@ def resource_type(resource_id: str) -> str:
     """The metrics label of a resource: its id's prefix before the first ``:``.
 
     Ids without a prefix, or with one that is not a short lowercase word, map to
-    ``untyped`` / ``other`` so the label's cardinality stays bounded.
+    ``untyped`` / ``other``, and so do new prefixes past the first few
+    (``metrics.RESOURCE_TYPE_LABELS``), so the label's cardinality stays bounded.
     """
     prefix, sep, _ = resource_id.partition(":")
     if not sep:
         return "untyped"
-    return prefix if _TYPE_RE.match(prefix) else "other"
+    return metrics.RESOURCE_TYPE_LABELS(prefix) if _TYPE_RE.match(prefix) else metrics.OVERFLOW_LABEL
 
 
 @dataclass(frozen=True)

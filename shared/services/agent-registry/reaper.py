@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from agent_registry.events import AgentEvents
 from agent_registry.store import RegistryStore
-from shared.lib.metrics import REGISTRY_AGENTS, REGISTRY_STALE_AGENTS
+from shared.lib.metrics import AGENT_NAME_LABELS, REGISTRY_AGENTS, REGISTRY_STALE_AGENTS
 from shared.lib.registry_models import AgentStatus
 from shared.lib.tasks import cancel_and_wait
 
@@ -46,7 +46,7 @@ class Reaper:
     async def sweep(self) -> None:
         """Mark stale instances offline, remove expired ones, refresh the gauge."""
         for stale in await self._store.mark_stale(stale_after_s=self._stale_after_s):
-            REGISTRY_STALE_AGENTS.labels(name=stale.name).inc()
+            REGISTRY_STALE_AGENTS.labels(name=AGENT_NAME_LABELS(stale.name)).inc()
             _log.info(
                 "agent %s (%s) missed heartbeats for %.1fs: offline", stale.agent_id, stale.name, self._stale_after_s
             )
@@ -63,9 +63,12 @@ class Reaper:
         await self._refresh_gauge()
 
     async def _refresh_gauge(self) -> None:
-        counts = await self._store.counts()
+        totals: dict[tuple[str, str], int] = {}
+        for status, name, n in await self._store.counts():
+            labels = (status, AGENT_NAME_LABELS(name))  # names past the bound add up under "other"
+            totals[labels] = totals.get(labels, 0) + n
         REGISTRY_AGENTS.clear()
-        for status, name, n in counts:
+        for (status, name), n in totals.items():
             REGISTRY_AGENTS.labels(status=status, name=name).set(n)
 
     def start(self) -> None:

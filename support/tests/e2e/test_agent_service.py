@@ -8,9 +8,11 @@ the A2A card, authentication, and errors naming the field or the supported types
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from a2a.types import AgentCard
 from google.protobuf.json_format import ParseDict
 
 from agents.infrastructure import InfrastructureAgent
-from shared.lib.agent_events import AgentRequestEvent, AgentResponseEvent
+from shared.lib import metrics
+from shared.lib.agent_events import AgentRequestEvent, AgentResponseEvent, sign
 from shared.lib.connections import connect_redis
 from shared.lib.errors import NotFound
 from shared.lib.event_bus import EventBus
@@ -189,6 +192,39 @@ async def test_agent_http_and_bus_errors(
     assert rejected.status == "rejected"
     assert rejected.error is not None
     assert rejected.error["details"]["supported"] == ["EXPLAIN_CODE", "REVIEW_CODE"]
+
+
+async def test_agent_http_refuses_far_deadlines_and_replays_and_bounds_its_labels(
+    stack: Callable[[str], ServiceProcess], repo: tuple[Path, str], ports: dict[str, int]
+) -> None:
+    """Over HTTP: a far deadline is 422 naming it, a replay 401 bad_signature; random types and sources stay bounded."""
+    stack("code-review")
+    key = {"X-API-Key": TEST_SECRETS["AO_API_KEYS"]}
+    explain = {"repo_path": str(repo[0]), "path": "calc.py"}
+
+    def envelope(**fields: Any) -> dict[str, Any]:
+        values = {"source_agent": "tester", "target_agent": "code-review", "request_type": "EXPLAIN_CODE"}
+        request = AgentRequestEvent.create(**{**values, "payload": explain})  # type: ignore[arg-type]
+        return {**request.to_dict(), **fields}
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['code-review']}", timeout=10) as http:
+        for deadline in (1e308, 1e17):  # once a 500 (int overflow) and a retryable 503 (out of Redis's range)
+            far = await http.post("/agent-request", json=envelope(deadline=deadline), headers=key)
+            assert far.status_code == 422, far.text
+            assert far.json()["error"]["field"] == "deadline"
+        replayed = envelope(created_at=time.time() - 3600)
+        replayed["signature"] = sign(replayed, TEST_SECRETS["AO_SIGNING_KEY"].encode())
+        refused = await http.post("/agent-request", json=replayed)
+        assert refused.status_code == 401, refused.text
+        assert (refused.json()["error"]["code"], refused.json()["error"]["field"]) == ("bad_signature", "created_at")
+        for _ in range(metrics.MAX_LABEL_VALUES + 4):
+            noise = envelope(request_type=f"RANDOM_{uuid.uuid4().hex[:8]}", source_agent=f"src-{uuid.uuid4().hex[:8]}")
+            assert (await http.post("/agent-request", json=noise, headers=key)).status_code == 422
+        text = (await http.get("/metrics")).text
+    series = re.findall(r"^agent_requests_total\{([^}]*)\}", text, re.M)
+    assert not [s for s in series if "RANDOM_" in s]
+    assert len({s for s in series if 'source_agent="src-' in s}) <= metrics.MAX_LABEL_VALUES
+    assert any('source_agent="other"' in s and 'request_type="unsupported"' in s for s in series)
 
 
 async def test_stale_instance_is_found_and_deregistered(

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
+from shared.lib import metrics
 from shared.lib import redis_keys as keys
-from shared.lib.agent_events import AgentRequestEvent, Event
+from shared.lib.agent_events import AgentRequestEvent, Event, sign
 from shared.lib.errors import (
     AgentOffline,
     DeadlineExpired,
@@ -271,6 +274,103 @@ async def test_bad_signature_is_dead_lettered_and_answered(make_bus: BusFactory)
     letters = await server.dead_letters("echo")
     assert [d.reason for d in letters] == ["bad_signature"]
     assert server.stats()["dead_lettered"] == 1
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def _queue_raw(bus: EventBus, agent: str, **fields: Any) -> None:
+    """XADD a request signed with the right key, its ``fields`` set as given (no model between)."""
+    data = {**_req(agent).to_dict(), **fields}
+    data["signature"] = sign(data, bus.settings.signing_key.encode())
+    stream = keys.request_stream(bus.settings.redis_prefix, agent, keys.band_of("normal"))
+    await bus.redis.xadd(stream, {"e": orjson.dumps(data)})
+
+
+async def _dead_reasons(bus: EventBus, agent: str, count: int) -> list[str]:
+    for _ in range(250):
+        letters = await bus.dead_letters(agent)
+        if len(letters) >= count:
+            return [d.reason for d in letters]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {count} dead letters for {agent}")
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"deadline": 1e308}, "invalid_input"),  # the model refuses it: more than a day after created_at
+        ({"deadline": 1e17}, "invalid_input"),
+        ({"created_at": time.time() - 3600}, "bad_signature"),  # a replay, outside the window
+    ],
+)
+async def test_a_signed_envelope_refused_off_the_stream_is_dead_lettered_with_its_reason(
+    make_bus: BusFactory, fields: dict[str, Any], reason: str
+) -> None:
+    """A validly signed request with a far deadline or a stale created_at is dead-lettered, not run; serving goes on."""
+    server, client = await make_bus(), await make_bus()
+    calls: list[str] = []
+
+    async def recording(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        return {}
+
+    task = _serve(server, "echo", recording)
+    await _wait_live(client, "echo")
+    await _queue_raw(client, "echo", **fields)
+    assert await _dead_reasons(server, "echo", 1) == [reason]
+    assert (await client.request_agent(_req(), timeout_s=5)).status == "success"
+    assert len(calls) == 1  # only the valid one ran
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_execute_refuses_a_replayed_envelope_as_a_bad_signature(make_bus: BusFactory) -> None:
+    """Over HTTP's path a signed envelope made outside the replay window is InvalidSignature (401) naming created_at."""
+    bus = await make_bus()
+    data = _req().to_dict()
+    data["created_at"] -= bus.settings.replay_window_s + 60
+    stale = AgentRequestEvent.model_validate(data).signed(bus.settings.signing_key.encode())
+    with pytest.raises(InvalidSignature) as err:
+        await bus.execute(stale, _echo)
+    assert (err.value.code, err.value.status_code, err.value.field) == ("bad_signature", 401, "created_at")
+    assert [d.reason for d in await bus.dead_letters("echo")] == ["bad_signature"]
+
+
+def _series(name: str, **match: str) -> list[dict[str, str]]:
+    """The label sets of ``name``'s samples whose labels include ``match``."""
+    return [
+        sample.labels
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == name and match.items() <= sample.labels.items()
+    ]
+
+
+async def test_random_request_types_and_sources_add_a_bounded_number_of_series(
+    make_bus: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random request types are counted as `unsupported`, random source agents past the bound as `other`."""
+    monkeypatch.setattr(metrics, "AGENT_NAME_LABELS", metrics.LabelBound())  # the process's own bound stays
+    server, client = await make_bus(), await make_bus()
+    metrics.declare_request_types("bounded", ["ECHO"])
+
+    async def declared_only(request: AgentRequestEvent) -> dict[str, Any]:
+        if request.request_type != "ECHO":
+            raise RequestRejected(f"no {request.request_type}", field="request_type")
+        return {}
+
+    task = _serve(server, "bounded", declared_only)
+    await _wait_live(client, "bounded")
+    for i in range(metrics.MAX_LABEL_VALUES + 24):
+        request = AgentRequestEvent.create(
+            source_agent=f"src-{os.urandom(4).hex()}", target_agent="bounded", request_type=f"RANDOM_{i}"
+        )
+        assert (await client.request_agent(request, timeout_s=5)).status == "rejected"
+    series = _series("agent_requests_total", target_agent="bounded")
+    assert {s["request_type"] for s in series} == {metrics.UNSUPPORTED_LABEL}
+    sources = {s["source_agent"] for s in series}
+    assert len(sources - {metrics.OVERFLOW_LABEL}) <= metrics.MAX_LABEL_VALUES
+    assert metrics.OVERFLOW_LABEL in sources
     await server.stop_serving(grace_s=1)
     await task
 
