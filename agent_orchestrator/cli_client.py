@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.prompt import Confirm, Prompt
 from rich.table import Table
+from rich.text import Text
 
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
 from shared.lib.workflow_state import TERMINAL_STATUSES, canonical_workflow_id
@@ -62,7 +63,9 @@ def _refused(r: httpx.Response) -> NoReturn:
 
 
 def _table(wf: dict[str, Any]) -> Table:
-    table = Table(show_header=False, title=f"workflow {wf.get('workflow_id', '(launching)')}")
+    # The title is as wide as the table and would wrap there, splitting the id people copy.
+    title = Text(f"workflow {wf.get('workflow_id', '(launching)')}", no_wrap=True, overflow="ignore")
+    table = Table(show_header=False, title=title)
     for key in ("workflow_type", "status", "current_step", "reason", "stuck"):
         if wf.get(key) not in (None, ""):
             table.add_row(key, str(wf[key]))
@@ -76,7 +79,7 @@ def _table(wf: dict[str, Any]) -> Table:
 def _ask_approval(client: httpx.Client, wf: dict[str, Any]) -> None:
     """Ask for the decision at the prompt and send it; with no one to answer (stdin closed), leave
     the workflow waiting, say how to answer it later, and exit 1."""
-    _out.print(_table(wf))
+    _out.print(_table(wf), crop=False)
     try:
         ok = Confirm.ask("approve?")
         by = Prompt.ask("your name", default="cli")
@@ -124,6 +127,14 @@ def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str | None
     """Show the workflow live as its events come; the status it stopped at (terminal or
     ``interrupted``), or None when the stream ended first. ``view["last_id"]`` is the last
     event received, to follow on from; ``view["alive"]`` when the stream last answered."""
+    try:
+        return _watch_live(events, view)
+    finally:
+        if not _out.is_terminal:  # rich ends a live display with a newline on a terminal only
+            _out.line()
+
+
+def _watch_live(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str | None:
     with Live(_table(view), console=_out, refresh_per_second=8) as live:
         for ev in events:
             data = ev.get("data") or {}
@@ -203,10 +214,10 @@ def run(
     with _client() as client:
         if not follow:
             launched = _call(client, "POST", "/workflows", body)
-            _out.print(f"workflow {launched['workflow_id']} is {launched['status']}")
+            _out.print(f"workflow {launched['workflow_id']} is {launched['status']}", soft_wrap=True)
             return
         wf = _follow(client, body)
-    _out.print(_table(wf))
+    _out.print(_table(wf), crop=False)
     if wf["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -215,7 +226,7 @@ def status(workflow_id: str) -> None:
     """Show a workflow's status, step, pending approval and result."""
     workflow_id = canonical_workflow_id(workflow_id)
     with _client() as client:
-        _out.print(_table(_call(client, "GET", f"/workflows/{workflow_id}")))
+        _out.print(_table(_call(client, "GET", f"/workflows/{workflow_id}")), crop=False)
 
 
 def list_workflows(
@@ -245,7 +256,7 @@ def cancel(workflow_id: str) -> None:
     with _client() as client:
         wf = _call(client, "POST", f"/workflows/{workflow_id}/cancel")
     now = f"it is {wf['status']}" if wf["status"] in TERMINAL_STATUSES else "it stops at its next node"
-    _out.print(f"workflow {workflow_id}: cancel sent; {now}")
+    _out.print(f"workflow {workflow_id}: cancel sent; {now}", soft_wrap=True)
 
 
 def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:
@@ -258,7 +269,10 @@ def _decide(workflow_id: str, decision: str, by: str, comment: str) -> None:
             {"decision": {"decision": decision, "by": by, "comment": comment}},
         )
     # The answer is queued: the workflow resumes once a runner takes it (it still reads interrupted).
-    _out.print(f"workflow {workflow_id}: {decision} sent; it resumes (see: agent-orchestrator status {workflow_id})")
+    _out.print(
+        f"workflow {workflow_id}: {decision} sent; it resumes (see: agent-orchestrator status {workflow_id})",
+        soft_wrap=True,
+    )
 
 
 def approve(

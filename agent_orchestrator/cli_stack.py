@@ -80,9 +80,9 @@ def up(
     stack.start()
     try:
         _out.print("[bold green]stack is up[/]")
-        for p in stack.processes:
-            _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})")
-        _out.print(f"  API key: {stack.api_key}   (send it as X-API-Key)")
+        for p in stack.processes:  # soft_wrap: a URL or path split across lines cannot be copied
+            _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False)
+        _out.print(f"  API key: {stack.api_key}   (send it as X-API-Key)", soft_wrap=True, highlight=False)
         _out.print("Ctrl-C stops everything.")
         stopped.wait()
     except KeyboardInterrupt:

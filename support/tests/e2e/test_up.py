@@ -1,0 +1,109 @@
+"""``agent-orchestrator up`` as a real process: what it prints, what ``run --follow`` prints
+against it, and that stopping it leaves no instance registered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from agent_orchestrator.demo import make_sample_repo
+from agent_orchestrator.stack import SERVICE_NAMES
+from shared.lib.connections import create_database, drop_database, with_database
+from support.tests.conftest import TEST_SECRETS, delete_prefix
+from support.tests.procs import free_ports
+
+pytestmark = pytest.mark.slow
+
+#: Narrower than one line of ``up``'s listing, so anything that wraps does.
+_COLUMNS = "60"
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@pytest.fixture
+def up_env(server_urls: tuple[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of an `up` with its own database, Redis prefix, ports and data dir."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    db_url = asyncio.run(create_database(server_urls[0], name))
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AO_")}
+    env.update(TEST_SECRETS)
+    env.update(
+        DATABASE_URL=db_url,
+        REDIS_URL=server_urls[1],
+        AO_REDIS_PREFIX=prefix,
+        AO_PORTS=json.dumps(free_ports(list(SERVICE_NAMES))),
+        AO_DATA_DIR=str(tmp_path / "data"),
+        AO_HEARTBEAT_INTERVAL_S="1",
+        COLUMNS=_COLUMNS,
+    )
+    yield env
+    asyncio.run(drop_database(with_database(server_urls[0], "postgres"), name))
+    delete_prefix(server_urls[1], prefix)
+
+
+def _wait_up(proc: subprocess.Popen[str], log: Path, timeout_s: float = 90) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "Ctrl-C stops everything." in text:
+            return text
+        assert proc.poll() is None, text
+        time.sleep(0.2)
+    raise AssertionError(f"up not ready after {timeout_s}s:\n{log.read_text()}")
+
+
+async def _registered(database_url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {r["id"]: r["status"] for r in await conn.fetch("SELECT id, status FROM agent_instances")}
+    finally:
+        await conn.close()
+
+
+def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], tmp_path: Path) -> None:
+    """`up` prints each log path whole on its service's line in a narrow terminal; `run --follow`
+    prints the workflow id whole and starts its final table on a line of its own; after `up`
+    stops (SIGTERM), no instance it registered is left in the registry."""
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent_orchestrator", "up"],
+            env=up_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    try:
+        shown = _wait_up(proc, log)
+        logs_dir = Path(up_env["AO_DATA_DIR"]).resolve() / "logs"
+        for name in ("agent-registry", "feature-dev-1", "documentation-2", "orchestrator-1"):
+            assert re.search(rf"^  {name} +http://\S+  \(log: {logs_dir}/{name}\.log\)$", shown, re.M), shown
+        repo, _, _ = make_sample_repo(tmp_path / "repo")
+        follow = subprocess.run(
+            [sys.executable, "-m", "agent_orchestrator", "run", "parallel_docs", "--follow", "--input",
+             json.dumps({"repo_path": str(repo), "modules": ["calc"]})],
+            env=up_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        lines = follow.stdout.splitlines()
+        titles = [ln for ln in lines if ln.strip().startswith("workflow ")]
+        assert titles, follow.stdout
+        assert all(_ID.search(t) for t in titles), follow.stdout
+        assert all(ln.endswith(("┘", "┐", "┤", "│", "─")) or "┘" not in ln for ln in lines), follow.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert asyncio.run(_registered(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
