@@ -29,7 +29,7 @@ from agent_orchestrator.workflows import load_workflow_types
 from agents.sdk.routes import agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.event_bus import EventBus
-from shared.lib.http_service import BodySizeLimit, install_error_handlers, open_context, ops_router
+from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
@@ -113,7 +113,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="agent-orchestrator", version="0.1.0", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes)
+    guard_input(app, max_bytes=settings.max_payload_bytes)
     install_error_handlers(app)
     app.include_router(ops_router("orchestrator"))
     mount(app)

@@ -23,8 +23,8 @@ from agents.sdk.routes import agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.errors import StartupError
 from shared.lib.http_service import (
-    BodySizeLimit,
     check_port_free,
+    guard_input,
     install_error_handlers,
     open_context,
     ops_router,
@@ -54,7 +54,7 @@ def create_agent_app(agent: Agent, *, instance_id: str, endpoint: str) -> FastAP
 
     app = FastAPI(title=f"agent {agent.name}", version=agent.version, lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes + 64 * 1024)
+    guard_input(app, max_bytes=settings.max_payload_bytes + 64 * 1024)
     app.include_router(ops_router(agent.name))
     app.include_router(agent_routes())
     return app

@@ -12,12 +12,14 @@ import contextlib
 import errno
 import gc
 import hmac
+import json
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -33,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from shared.lib.connections import connect_redis, create_pg_pool
 from shared.lib.errors import OrchestratorError, PayloadTooLarge, ServiceUnavailable, StartupError, Unauthorized
 from shared.lib.metrics import SERVICE_DEPENDENCY_UP
+from shared.lib.safe_input import check_text, may_hold_unsafe_text
 from shared.lib.settings import Settings
 
 __all__ = [
@@ -41,10 +44,12 @@ __all__ = [
     "BodySizeLimit",
     "ContextDep",
     "ServiceContext",
+    "TextGuard",
     "announce_mode",
     "check_api_key",
     "check_port_free",
     "error_response",
+    "guard_input",
     "install_error_handlers",
     "open_context",
     "ops_router",
@@ -252,6 +257,70 @@ class BodySizeLimit:
             "send a smaller payload or raise AO_MAX_PAYLOAD_BYTES",
             field="body",
         )
+
+
+class TextGuard:
+    """Pure ASGI middleware refusing with 422, naming the field, a query parameter or JSON body
+    holding text PostgreSQL cannot store (NUL, unpaired surrogates: see ``shared.lib.safe_input``).
+    Install it inside :class:`BodySizeLimit` (:func:`guard_input` does), so it buffers no more
+    than the limit. A body is parsed here only when a cheap scan finds a suspicious escape."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            _check_query(scope.get("query_string") or b"")
+            if _has_body(scope):
+                receive = await _checked_body(receive)
+        except OrchestratorError as e:
+            await error_response(e)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _check_query(raw: bytes) -> None:
+    """NUL is the only unsafe character a query can carry: Starlette decodes it as UTF-8 with
+    ``errors="replace"``, so an encoded surrogate arrives as U+FFFD."""
+    if b"%00" in raw or b"\x00" in raw:
+        for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+            check_text({key: value})
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope.get("headers") or [])
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
+async def _checked_body(receive: Receive) -> Receive:
+    """Read the whole body, check it, and give a ``receive`` that replays it as it came."""
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body"):
+            break
+    body = b"".join(m.get("body", b"") for m in messages)
+    if may_hold_unsafe_text(body):
+        try:
+            data = json.loads(body)  # as Starlette parses it, so both see the same strings
+        except (ValueError, RecursionError):
+            data = None  # not JSON: the route answers that, naming the body
+        check_text(data)
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
+def guard_input(app: FastAPI, *, max_bytes: int) -> None:
+    """Every service's input limits: bodies over ``max_bytes`` get 413, unsafe text 422."""
+    app.add_middleware(TextGuard)
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added last: the outer one
 
 
 async def _ping(ctx: ServiceContext) -> dict[str, str]:

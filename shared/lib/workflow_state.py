@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -28,6 +28,7 @@ import orjson
 
 from shared.lib.connections import Along, with_ctes
 from shared.lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from shared.lib.safe_input import find_unsafe_text
 from shared.lib.settings import AGENT_ID_PATTERN
 
 __all__ = [
@@ -189,9 +190,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, workflow_id = orjson.loads(raw)
         at = datetime.fromisoformat(created)
-        if at.tzinfo is None or not isinstance(workflow_id, str):
-            raise ValueError("naive timestamp or bad id")
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as e:
+        if at.tzinfo is None or not isinstance(workflow_id, str) or find_unsafe_text(workflow_id) is not None:
+            raise ValueError("naive timestamp or bad id")  # NUL or a surrogate: PostgreSQL cannot compare it
+        at = at.astimezone(UTC)  # year 1 at +14:00 is before year 1: OverflowError, not a 500 from asyncpg
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError) as e:
         raise InvalidInput("cursor is not one this API returned; start again without a cursor", field="cursor") from e
     return at, workflow_id
 

@@ -15,8 +15,8 @@ from agent_registry.store import RegistryStore
 from agent_registry.watch import ChangeFeed
 from shared.lib.event_bus import EventBus
 from shared.lib.http_service import (
-    BodySizeLimit,
     ServiceContext,
+    guard_input,
     install_error_handlers,
     open_context,
     ops_router,
@@ -64,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title=SERVICE, lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes)
+    guard_input(app, max_bytes=settings.max_payload_bytes)
     app.include_router(ops_router(SERVICE))
     app.include_router(router)
     return app

@@ -176,6 +176,13 @@ async def test_illegal_transition_is_409_naming_both_statuses(registry: RunningR
         ("heartbeat", {"in_flight": "many"}, 422, "in_flight"),
         ("heartbeat", {"in_flight": -1}, 422, "in_flight"),
         ("status", {"status": "sleeping"}, 422, "status"),
+        ("register", {**registration("x"), "metadata": {"a": "x\u0000y"}}, 422, "metadata.a"),
+        ("register", {**registration("x"), "metadata": {"k\u0000": 1}}, 422, "metadata.k\\u0000"),
+        ("register", {**registration("x"), "version": "1\u0000"}, 422, "version"),
+        ("register", registration("x", skills=["ok", "A\u0000"]), 422, "capabilities.1.id"),
+        ("register", json.dumps({**registration("x"), "metadata": {"a": ["\ud800"]}}).encode(), 422, "metadata.a.0"),
+        ("register", b'{"name": "x", "metadata": {"s": "\xed\xa0\x80"}}', 422, "metadata.s"),
+        ("status", {"status": "active", "reason": "a\u0000b"}, 422, "reason"),
     ],
 )
 async def test_malformed_bodies_name_the_field(
@@ -196,6 +203,16 @@ async def test_malformed_bodies_name_the_field(
     assert r.json()["error"]["field"] == field
     assert len(await registry.discover()) == 1
     assert (await registry.get(agent_id)).json()["status"] == "initializing"
+
+
+@pytest.mark.parametrize("query", ["capability=%00", "tag=a%00", "name=x&capability=A%00B"])
+async def test_nul_in_a_query_is_422_naming_the_parameter(registry: RunningRegistry, query: str) -> None:
+    """A query parameter holding NUL gets 422 naming it (PostgreSQL cannot compare such text)."""
+    r = await registry.http.get(f"{registry.url}/agents?{query}", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == query.rpartition("&")[2].partition("=")[0]
+    assert "NUL" in error["message"]
 
 
 async def test_oversized_body_is_413(registry: RunningRegistry) -> None:
