@@ -158,7 +158,7 @@ class _Core:
             active = self._active_gauges[agent] = metrics.AGENT_REQUESTS_ACTIVE.labels(agent)
         active.inc()
         try:
-            pass
+            check_text(request.payload, field="payload")  # HTTP and bus alike; ~0.7 µs (safe_input)
             payload = await handler(request)
             if not isinstance(payload, dict):
                 raise InvalidInput("handler returned a non-object payload", field="payload")
