@@ -22,6 +22,10 @@ from shared.lib.errors import AgentOffline, InvalidInput
 __all__ = ["AggregateResultsInput", "DecomposeTaskInput", "OrchestratorAgent", "RouteRequestInput", "decompose"]
 
 
+#: How long ROUTE_REQUEST retries an unreachable registry when no request deadline bounds it.
+_DISCOVER_RETRY_S = 10.0
+
+
 @dataclass(frozen=True)
 class _Step:
     key: str
@@ -137,7 +141,8 @@ class OrchestratorAgent(Agent):
     )
     async def route_request(self, payload: RouteRequestInput) -> dict[str, Any]:
         registry = self.require("registry")
-        instances = await registry.discover(capability=payload.capability, name=payload.name)
+        budget_s = self.time_left_s(default_s=_DISCOVER_RETRY_S)  # no retrying past the caller's deadline
+        instances = await registry.discover(capability=payload.capability, name=payload.name, retry_for_s=budget_s)
         live = [a for a in instances if str(a.status) in ("active", "busy") and a.id not in payload.exclude]
         if not live:
             raise AgentOffline(

@@ -20,8 +20,10 @@ returns its result as a JSON-ready dict. The same path serves HTTP.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
+import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -106,6 +108,10 @@ def skill(
     return mark
 
 
+#: The deadline (Unix time) of the request the current task handles; see :meth:`Agent.time_left_s`.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("agent_request_deadline", default=None)
+
+
 def _payload_model(fn: Callable[..., Any]) -> type[BaseModel]:
     hints = typing.get_type_hints(fn)
     params = [p for p in inspect.signature(fn).parameters if p != "self"]
@@ -180,8 +186,15 @@ class Agent:
             raise TypeError(f"{spec.method} returned {type(result).__name__}; return a dict or a pydantic model")
         return result
 
+    def time_left_s(self, *, default_s: float) -> float:
+        """Seconds until the deadline of the request being handled (``default_s`` outside one):
+        a skill bounds its own retries by it, so it never works on after its caller gave up."""
+        deadline = _DEADLINE.get()
+        return default_s if deadline is None else max(0.0, deadline - time.time())
+
     async def handle(self, request: AgentRequestEvent) -> dict[str, Any]:
         """The bus handler: an error the project raises becomes an error response; nothing else escapes."""
+        token = _DEADLINE.set(request.deadline)
         try:
             async with agent_span(
                 f"{self.name}.{request.request_type}",
@@ -195,6 +208,8 @@ class Agent:
         except Exception as e:  # the handler is a boundary: a failure is an error response, never a crash
             _log.exception("%s failed on %s", self.name, request.request_type)
             raise OrchestratorError(f"{self.name} could not complete {request.request_type}: {e}") from e
+        finally:
+            _DEADLINE.reset(token)
 
     def require(self, service: str) -> Any:
         """A service of :class:`AgentServices`, or a clear error when the agent runs without it."""

@@ -4,9 +4,13 @@ An agent process holds one :class:`RegistryClient` for its life. The client
 keeps working through a registry restart or a removal: when the registry
 answers 404 (the instance is gone) or 401 (its token no longer matches, e.g. a
 fresh registry database), the client registers again under the same id and
-the status it last set, then carries on. Transport errors and 5xx answers are
-retried with jittered exponential backoff (tenacity); the heartbeat loop simply
-tries again at its next tick.
+the status it last set, then carries on. Transport errors and the answers that
+say the registry cannot serve right now (502, 503, 504, unless their body says
+``"retryable": false``) are retried with jittered exponential backoff (tenacity)
+for at most ``retry_for_s``; an attempt after the first never runs past that
+budget. A 500 is a permanent answer and is not retried (a registry bug once made
+ROUTE_REQUEST retry a 500 for 30 s, past its caller's 10 s deadline). The
+heartbeat loop simply tries again at its next tick.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, TypeVar
 
 import httpx
 from pydantic import TypeAdapter
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from shared.lib.errors import (
     Conflict,
@@ -57,6 +61,8 @@ _ERRORS: dict[int, type[OrchestratorError]] = {
     413: PayloadTooLarge,
     422: InvalidInput,
 }
+#: Answers meaning the registry cannot serve right now (restarting, overloaded): worth another try.
+_RETRYABLE_STATUSES = frozenset({502, 503, 504})
 #: Heartbeat intervals are jittered by this fraction, so instances started together drift apart.
 _JITTER = 0.1
 
@@ -67,8 +73,15 @@ def _error_from(response: httpx.Response) -> OrchestratorError:
     except ValueError:
         body = {}
     message = str(body.get("message") or f"registry answered {response.status_code}: {response.text[:200]}")
-    cls = _ERRORS.get(response.status_code, ServiceUnavailable if response.status_code >= 500 else OrchestratorError)
-    return cls(message, field=body.get("field"), resource=body.get("resource"), details=body.get("details"))
+    status = response.status_code
+    cls = _ERRORS.get(status, ServiceUnavailable if status in _RETRYABLE_STATUSES else OrchestratorError)
+    error = cls(message, field=body.get("field"), resource=body.get("resource"), details=body.get("details"))
+    error.retryable = cls.retryable and body.get("retryable") is not False
+    return error
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.TransportError) or (isinstance(exc, OrchestratorError) and exc.retryable)
 
 
 class RegistryClient:
@@ -89,6 +102,7 @@ class RegistryClient:
         self._secret = registration_secret
         self._api_key = api_key
         self._retry_for_s = retry_for_s
+        self._timeout_s = timeout_s
         self._owns_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout_s)
         self._registration: Registration | None = None
@@ -210,12 +224,15 @@ class RegistryClient:
         status: AgentStatus | Iterable[AgentStatus] | None = None,
         name: str | None = None,
         limit: int = 100,
+        retry_for_s: float | None = None,
     ) -> list[AgentInstance]:
-        """Instances matching every given filter (``status``: one or any of several), healthiest first."""
+        """Instances matching every given filter (``status``: one or any of several), healthiest first.
+        ``retry_for_s`` (default: the client's) bounds the whole call: pass the caller's time left."""
         params: dict[str, Any] = {"capability": capability, "tag": tag, "name": name, "limit": limit}
         if status is not None:
             params["status"] = [status.value] if isinstance(status, AgentStatus) else [s.value for s in status]
-        data = await self._call("GET", "/agents", params={k: v for k, v in params.items() if v is not None})
+        query = {k: v for k, v in params.items() if v is not None}
+        data = await self._call("GET", "/agents", params=query, retry_for_s=retry_for_s)
         return _INSTANCES.validate_python(data)
 
     async def get(self, agent_id: str) -> AgentInstance:
@@ -286,16 +303,27 @@ class RegistryClient:
         secret: bool = False,
         retry_for_s: float | None = None,
     ) -> Any:
-        """One request, retried on transport errors and 5xx for up to ``retry_for_s``."""
+        """One request, retried on transport errors and retryable answers for up to ``retry_for_s``;
+        the first attempt gets the client's timeout, a later one at most what is left of the budget."""
+        budget_s = self._retry_for_s if retry_for_s is None else retry_for_s
+        give_up_at = time.monotonic() + budget_s
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((httpx.TransportError, ServiceUnavailable)),
+            retry=retry_if_exception(_worth_retrying),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
-            stop=stop_after_delay(self._retry_for_s if retry_for_s is None else retry_for_s),
+            stop=stop_after_delay(budget_s),
             reraise=True,
         ):
             with attempt:
+                timeout: Any = httpx.USE_CLIENT_DEFAULT
+                if attempt.retry_state.attempt_number > 1:
+                    timeout = max(0.05, min(self._timeout_s, give_up_at - time.monotonic()))
                 response = await self._http.request(
-                    method, self._base_url + path, json=json, params=params, headers=self._headers(secret=secret)
+                    method,
+                    self._base_url + path,
+                    json=json,
+                    params=params,
+                    headers=self._headers(secret=secret),
+                    timeout=timeout,
                 )
                 if response.status_code >= 400:
                     raise _error_from(response)
