@@ -28,6 +28,7 @@ from agent_orchestrator.service import Orchestrator
 from shared.lib.agent_events import Event
 from shared.lib.errors import InvalidInput
 from shared.lib.http_service import ApiKeyDep
+from shared.lib.safe_input import BIGINT_MAX
 from shared.lib.workflow_state import TERMINAL_STATUSES, WORKFLOW_STATUSES, canonical_workflow_id
 
 __all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
@@ -203,8 +204,11 @@ def _workflow_views_router() -> APIRouter:
 def _parse_last_id(value: str | None) -> int:
     if value is None or value == "":
         return 0
-    if not value.isdigit():
-        raise InvalidInput("Last-Event-ID must be the integer id of an event already received", field="Last-Event-ID")
+    if not (value.isascii() and value.isdigit()) or int(value) > BIGINT_MAX:  # "²".isdigit(), but int() refuses it
+        raise InvalidInput(
+            f"Last-Event-ID must be the integer id (0 to {BIGINT_MAX}) of an event already received",
+            field="Last-Event-ID",
+        )
     return int(value)
 
 

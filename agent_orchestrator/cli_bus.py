@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 import orjson
@@ -22,6 +22,7 @@ from rich.table import Table
 from agent_orchestrator.cli_clients import one_shot_clients
 from shared.lib.errors import InvalidInput
 from shared.lib.event_bus import DeadLetter, EventBus
+from shared.lib.safe_input import check_bigint
 from shared.lib.settings import Settings, load_settings
 
 __all__ = ["dlq_app", "events_app"]
@@ -93,11 +94,12 @@ def dlq_requeue(
 def _parse_since(value: str | None) -> tuple[int, datetime | None]:
     if value is None:
         return 0, None
-    if value.isdigit():
-        return int(value), None
+    if value.isascii() and value.isdigit():
+        return check_bigint(int(value), field="--since"), None
     try:
-        return 0, datetime.fromisoformat(value)
-    except ValueError as e:
+        at = datetime.fromisoformat(value)
+        return 0, at.astimezone(UTC) if at.tzinfo is not None else at
+    except (ValueError, OverflowError) as e:  # OverflowError: year 1 at +14:00 is before year 1
         raise InvalidInput(
             f"--since {value!r} is neither an event id nor an ISO timestamp (2025-01-31T12:00:00+00:00)",
             field="since",

@@ -21,6 +21,7 @@ from shared.lib import redis_keys as keys
 from shared.lib.agent_events import Event
 from shared.lib.connections import Along, run_commands, with_ctes
 from shared.lib.errors import InvalidInput, ServiceUnavailable
+from shared.lib.safe_input import check_bigint, check_text
 
 __all__ = [
     "EventCallback",
@@ -207,8 +208,11 @@ async def events_since(
     """Stored events with ``id > after_id`` (and the given filters), oldest first.
 
     The query names only the filters given (one prepared statement per combination): with
-    ``$n IS NULL OR ...`` for the others, PostgreSQL planned it again at every call."""
+    ``$n IS NULL OR ...`` for the others, PostgreSQL planned it again at every call. Values
+    PostgreSQL cannot take (an id past bigint, text with NUL) are :class:`InvalidInput`."""
+    check_bigint(after_id, field="after_id")
     filters = {"event_type": event_type, "aggregate_type": aggregate_type, "aggregate_id": aggregate_id}
+    check_text(filters)
     conditions = ["id > $1"]
     args: list[Any] = [after_id]
     for column, value in filters.items():

@@ -317,6 +317,21 @@ def test_events_stream_in_order_and_resume_from_last_event_id(
     assert api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(ids[-1])}, timeout=5).status_code == 204
 
 
+def test_a_last_event_id_outside_bigint_gets_422_naming_it(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """Last-Event-ID past int64, negative, not digits or not ASCII digits gets 422 naming the header (a
+    value past int64 was a 500 from PostgreSQL); the largest int64 is an id like any other."""
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
+    follow(api, wf_id, TERMINAL)
+    for value in (str(2**63), "99999999999999999999999", "-1", "abc", b"\xb2"):
+        r = api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": value}, timeout=5)
+        assert r.status_code == 422, (value, r.text)
+        assert r.json()["error"]["field"] == "Last-Event-ID"
+    last = api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(2**63 - 1)}, timeout=5)
+    assert last.status_code == 204
+
+
 async def _lengthen_history(database_url: str, wf_id: str, n: int) -> list[int]:
     """Add ``n`` node events to the workflow's stored events (a long history, past one read of the
     stream); the ids of all its events, in order."""
@@ -471,6 +486,36 @@ def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[di
         ("POST", "/workflows?stream=maybe", {"workflow_type": "parallel_docs", "input": {}}, 422, "stream"),
         ("POST", "/workflows?stream=true&wait_s=5", {"workflow_type": "parallel_docs", "input": {}}, 422, "stream"),
         ("POST", "/workflows?stream=true", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
+        ("GET", "/workflows?type=%00", None, 422, "type"),
+        ("GET", "/workflows?status=pending&type=a%00b", None, 422, "type"),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "idempotency_key": "a\u0000b"},
+            422,
+            "idempotency_key",
+        ),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "input": {"repo_path": "/x\u0000"}},
+            422,
+            "input.repo_path",
+        ),
+        (
+            "POST",
+            "/workflows",
+            b'{"workflow_type": "parallel_docs", "input": {"modules": ["\\ud800"]}}',
+            422,
+            "input.modules.0",
+        ),
+        (
+            "POST",
+            "/workflows/00000000-0000-0000-0000-000000000000/resume",
+            {"decision": {"by": "\u0000"}},
+            422,
+            "decision.by",
+        ),
     ],
 )
 def test_bad_input_gets_4xx_naming_the_problem(
