@@ -5,19 +5,22 @@ field (never a crash or a redelivery loop), integers past bigint an error naming
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import orjson
 import pytest
+import uvicorn
 
 from agents.code_review import CodeReviewAgent
 from agents.orchestrator_agent import OrchestratorAgent
 from shared.lib import redis_keys as keys
 from shared.lib.agent_events import AgentRequestEvent, signing_key_for
+from shared.lib.embedded import free_port
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
 from shared.lib.event_bus import EventBus
 from shared.lib.registry_client import RegistryClient
@@ -89,15 +92,28 @@ async def test_route_request_with_unsafe_text_answers_at_once(
     assert (response.error["code"], response.error["field"]) == ("invalid_input", "payload.capability")
 
 
-def _registry_answering(status: int, body: dict[str, Any], calls: list[float]) -> httpx.AsyncClient:
-    """An HTTP client whose registry answers every call with ``status`` and ``body``: a
+@contextlib.asynccontextmanager
+async def _registry_answering(status: int, body: dict[str, Any], calls: list[float]) -> AsyncIterator[str]:
+    """The URL of a real HTTP server answering every call with ``status`` and ``body``: a
     misbehaving registry, which a real one cannot be made into on demand."""
 
-    def answer(_: httpx.Request) -> httpx.Response:
+    async def app(scope: dict[str, Any], _receive: Any, send: Any) -> None:
         calls.append(time.monotonic())
-        return httpx.Response(status, json={"error": body})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
+        await send({"type": "http.response.body", "body": orjson.dumps({"error": body})})
 
-    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.mark.parametrize(
@@ -114,11 +130,14 @@ async def test_registry_client_retries_only_what_may_succeed_and_within_its_budg
     """A 500 or an answer marked not retryable is raised at once; a retryable one is retried only
     within the budget the caller gives (ROUTE_REQUEST gives its deadline)."""
     calls: list[float] = []
-    async with _registry_answering(status, body, calls) as http:
-        client = RegistryClient("http://registry", registration_secret=SECRET, retry_for_s=30, http=http)
+    async with _registry_answering(status, body, calls) as url:
+        client = RegistryClient(url, registration_secret=SECRET, retry_for_s=30)
         started = time.monotonic()
-        with pytest.raises(OrchestratorError) as caught:
-            await client.discover(capability="X", retry_for_s=1.0)
+        try:
+            with pytest.raises(OrchestratorError) as caught:
+                await client.discover(capability="X", retry_for_s=1.0)
+        finally:
+            await client.aclose()
     assert time.monotonic() - started < 2.5
     assert (len(calls) > 1) is retried
     assert isinstance(caught.value, ServiceUnavailable) is (status == 503)
