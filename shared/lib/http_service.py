@@ -149,13 +149,19 @@ def _not_json(request: Request, loc: list[str]) -> JSONResponse | None:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if loc[:1] != ["body"] or not media_type or media_type == "application/json" or media_type.endswith("+json"):
         return None
-    body = {
-        "code": "unsupported_media_type",
-        "field": "content-type",
-        "message": f"the body must be JSON sent with 'Content-Type: application/json', not {media_type!r}",
-        "retryable": False,
-    }
-    return JSONResponse({"error": body}, status_code=415)
+    return _refusal(
+        415,
+        "unsupported_media_type",
+        "content-type",
+        f"the body must be JSON sent with 'Content-Type: application/json', not {media_type!r}",
+    )
+
+
+def _refusal(status: int, code: str, field: str, message: str) -> JSONResponse:
+    """A client's error, as every error body reads: not retryable, naming the field."""
+    return JSONResponse(
+        {"error": {"code": code, "field": field, "message": message, "retryable": False}}, status_code=status
+    )
 
 
 def _validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -168,21 +174,10 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
         loc = loc[1:]  # "body.input.x" -> "input.x", "query.limit" -> "limit"
     if err.get("type") == "json_invalid":
         ctx = err.get("ctx") or {}
-        body = {
-            "code": "malformed_json",
-            "field": "body",
-            "message": f"request body is not valid JSON: {ctx.get('error', err.get('msg'))}",
-            "retryable": False,
-        }
-        return JSONResponse({"error": body}, status_code=400)
+        why = ctx.get("error", err.get("msg"))
+        return _refusal(400, "malformed_json", "body", f"request body is not valid JSON: {why}")
     field_name = ".".join(loc) or "body"
-    body = {
-        "code": "invalid_input",
-        "field": field_name,
-        "message": f"{field_name}: {err.get('msg')}",
-        "retryable": False,
-    }
-    return JSONResponse({"error": body}, status_code=422)
+    return _refusal(422, "invalid_input", field_name, f"{field_name}: {err.get('msg')}")
 
 
 #: Errors that say PostgreSQL or Redis cannot serve right now (down, restarting, out of

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -66,6 +67,15 @@ def stop_stack(stack: Stack, server_urls: tuple[str, str], db_name: str) -> None
     stack.stop()
     asyncio.run(drop_database(with_database(server_urls[0], "postgres"), db_name))
     delete_prefix(server_urls[1], stack.settings.redis_prefix)
+
+
+async def registered_instances(database_url: str) -> dict[str, str]:
+    """The registry's instances (id to status) in ``database_url``."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {r["id"]: r["status"] for r in await conn.fetch("SELECT id, status FROM agent_instances")}
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(scope="module")

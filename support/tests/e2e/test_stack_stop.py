@@ -6,21 +6,12 @@ import asyncio
 import socket
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from shared.lib.connections import with_database
-from support.tests.e2e.conftest import start_stack, stop_stack
+from support.tests.e2e.conftest import registered_instances, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
-
-
-async def _instances(database_url: str) -> dict[str, str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return {r["id"]: r["status"] for r in await conn.fetch("SELECT id, status FROM agent_instances")}
-    finally:
-        await conn.close()
 
 
 def test_stop_leaves_no_instance_registered(server_urls: tuple[str, str], tmp_path: Path) -> None:
@@ -30,13 +21,13 @@ def test_stop_leaves_no_instance_registered(server_urls: tuple[str, str], tmp_pa
     stack, db_name = start_stack(server_urls, tmp_path)
     db_url = with_database(server_urls[0], db_name)
     try:
-        registered = asyncio.run(_instances(db_url))
+        registered = asyncio.run(registered_instances(db_url))
         port = stack.settings.port_for("orchestrator")
         host = socket.gethostname()[:20].lower().replace(".", "-")
         assert f"orchestrator-{host}-{port}" in registered, registered
         assert {"feature-dev-1", "documentation-2", "cicd-1"} <= set(registered), registered
     finally:
         stack.stop()
-        left = asyncio.run(_instances(db_url))
+        left = asyncio.run(registered_instances(db_url))
         stop_stack(stack, server_urls, db_name)
     assert left == {}, f"still registered after the stack stopped: {left}"

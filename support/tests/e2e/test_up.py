@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
 from agent_orchestrator.stack import SERVICE_NAMES
 from shared.lib.connections import create_database, drop_database, with_database
 from support.tests.conftest import TEST_SECRETS, delete_prefix
+from support.tests.e2e.conftest import registered_instances
 from support.tests.procs import free_ports
 
 pytestmark = pytest.mark.slow
@@ -64,14 +64,6 @@ def _wait_up(proc: subprocess.Popen[str], log: Path, timeout_s: float = 90) -> s
     raise AssertionError(f"up not ready after {timeout_s}s:\n{log.read_text()}")
 
 
-async def _registered(database_url: str) -> dict[str, str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return {r["id"]: r["status"] for r in await conn.fetch("SELECT id, status FROM agent_instances")}
-    finally:
-        await conn.close()
-
-
 def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], tmp_path: Path) -> None:
     """`up` prints each log path whole on its service's line in a narrow terminal; `run --follow`
     prints the workflow id whole and starts its final table on a line of its own; after `up`
@@ -106,4 +98,4 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    assert asyncio.run(_registered(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
+    assert asyncio.run(registered_instances(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
