@@ -65,8 +65,9 @@ def _write(repo: Path, files: dict[str, str]) -> None:
 
 
 def make_sample_repo(root: Path) -> tuple[Path, str, str]:
-    """A git repository with a base commit and a head commit adding a feature and its test."""
-    repo = root / f"sample-repo-{int(time.time())}"
+    """A git repository with a base commit and a head commit adding a feature and its test; its
+    path is absolute, as workflow inputs take it."""
+    repo = (root / f"sample-repo-{int(time.time())}").resolve()
     repo.mkdir(parents=True)
     _git(repo, "init", "-q", "-b", "main")
     _write(repo, _PACKAGE)
@@ -206,13 +207,24 @@ def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
             try:
                 res = step()
             except (httpx.HTTPError, TimeoutError, KeyError) as e:
-                res = DemoResult(name, status="error", summary=f"{type(e).__name__}: {e}")
+                res = DemoResult(name, status="error", summary=_failure(e))
             res.seconds = time.monotonic() - started
             out.print(f"  {res.status} in {res.seconds:.1f}s: {res.summary}")
             results.append(res)
     finally:
         api.http.close()
     return results
+
+
+def _failure(exc: Exception) -> str:
+    """What went wrong, in a line: an API refusal's own message, else the exception."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        try:
+            error = exc.response.json()["error"]
+            return f"{exc.response.status_code} {error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    return f"{type(exc).__name__}: {exc}"
 
 
 def summary_table(results: list[DemoResult]) -> Table:
