@@ -191,13 +191,20 @@ async def _after_verify(state: MultiAgentState) -> str:
 
 
 async def rollback(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
-    env = _args(state).environment
+    """Back to the release this deploy replaced (named: not whatever the environment's history
+    holds before it); on an environment's first release there is none, and the workflow says so."""
+    env, steps = _args(state).environment, state.get("steps", {})
+    unhealthy = f"health check found {len(steps.get('verify', {}).get('issues', []))} issue(s)"
+    previous = steps.get("deploy", {}).get("release", {}).get("previous")
+    if not previous:
+        why = f"{unhealthy}; nothing to roll back to: {_revision(state)[:12]} is the first release of {env}"
+        return _fail("rollback", why, {"rolled_back": False})
     async with runtime.context.locks.scoped(f"env:{env}", ttl_s=_ENV_LOCK_TTL_S, wait_s=_ENV_LOCK_WAIT_S):
-        reply = await runtime.context.calls.call("infrastructure", "ROLLBACK", {"environment": env}, label="rollback")
-    issues = state.get("steps", {}).get("verify", {}).get("issues", [])
+        payload = {"environment": env, "to": previous}
+        reply = await runtime.context.calls.call("infrastructure", "ROLLBACK", payload, label="rollback")
     return {
-        **_fail("rollback", f"health check found {len(issues)} issue(s); rolled back", reply.payload),
-        "actions": [{"action": "rollback", "environment": env}],
+        **_fail("rollback", f"{unhealthy}; rolled back to {previous[:12]}", {**reply.payload, "rolled_back": True}),
+        "actions": [{"action": "rollback", "environment": env, "revision": previous}],
     }
 
 

@@ -13,7 +13,10 @@ one, never neither. A release is unpacked into a temporary directory and renamed
 into place, so a half-unpacked release is never visible. Deploying a revision
 that is already current changes nothing (idempotent per environment and
 revision). A rollback walks back through the deploy order without rewriting
-it, so rolling back twice from C in ``[A, B, C]`` reaches A. The caller holds
+it, so rolling back twice from C in ``[A, B, C]`` reaches A. A deploy drops the
+releases after the current one (those rolled back from), as an editor's redo
+list goes on an edit: deploying C after rolling back from B to A gives ``[A, C]``,
+so rolling C back reaches A, never the B rolled back as bad. The caller holds
 the ``env:<environment>`` lock around these calls.
 """
 
@@ -103,13 +106,22 @@ def _unpack(artifact: Path, releases: Path, revision: str) -> None:
         raise
 
 
-def _prune(env: Path, history: list[str], *, keep: int) -> list[str]:
-    """Drop releases beyond the newest ``keep`` (never the current one); returns the kept history."""
+def _after_deploy(history: list[str], previous: str | None, revision: str) -> list[str]:
+    """The deploy order once ``revision`` replaced ``previous``: the releases after ``previous``
+    (rolled back from) leave it, and ``revision`` comes last."""
+    if previous in history:
+        history = history[: history.index(previous) + 1]
+    return [r for r in history if r != revision] + [revision]
+
+
+def _prune(env: Path, before: list[str], history: list[str], *, keep: int) -> list[str]:
+    """Drop the releases that left the history or are beyond its newest ``keep`` (never the
+    current one); returns the kept history."""
     current = current_release(env)
     kept = history[-keep:]
     if current is not None and current not in kept:
         kept.insert(0, current)
-    for revision in {*history} - {*kept}:
+    for revision in {*before, *history} - {*kept}:
         shutil.rmtree(env / "releases" / revision, ignore_errors=True)
     return kept
 
@@ -126,10 +138,9 @@ def _deploy_sync(artifact: Path, env: Path, revision: str, keep: int) -> Release
     if not (releases / revision).is_dir():
         _unpack(artifact, releases, revision)
     _switch_current(env, revision)
-    history = [r for r in history if r != revision] + [revision]
-    history = _prune(env, history, keep=keep)
-    _write_history(env, history)
-    return ReleaseResult(env.name, revision, previous, str(releases / revision), True, history)
+    kept = _prune(env, history, _after_deploy(history, previous, revision), keep=keep)
+    _write_history(env, kept)
+    return ReleaseResult(env.name, revision, previous, str(releases / revision), True, kept)
 
 
 async def deploy_release(artifact: Path, env: Path, revision: str, *, keep_releases: int = 5) -> ReleaseResult:

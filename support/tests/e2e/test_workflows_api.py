@@ -129,6 +129,35 @@ def test_pr_deployment_deploys_the_commit_it_reviewed_not_where_the_branch_moved
     assert steps["review"]["head"] == steps["test"]["revision"] == steps["deploy"]["artifact"]["revision"] == reviewed
 
 
+def _deployed_after_approval(api: httpx.Client, data: dict[str, Any]) -> dict[str, Any]:
+    """Launch pr_deployment with ``data``, approve it at its interrupt, and return it finished."""
+    wf_id = launch(api, "pr_deployment", data)
+    assert follow(api, wf_id, {"interrupted"} | TERMINAL)["status"] == "interrupted"
+    r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
+    assert r.status_code == 202, r.text
+    return follow(api, wf_id, TERMINAL)
+
+
+def test_an_unhealthy_deploy_rolls_back_to_the_release_it_replaced(
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
+) -> None:
+    """A failed health check rolls back to the release the deploy replaced; on an environment's
+    first release there is nothing to roll back to, and the reason says so (no raw error)."""
+    path, base, good = sample_repo
+    unreachable = [{"kind": "tcp", "host": "127.0.0.1", "port": 1}]
+    assert _deployed_after_approval(api, pr_input(sample_repo, environment="rb"))["status"] == "succeeded"
+    (path / "calc" / "extra.py").write_text("X = 1\n")
+    bad = _commit(path, "a release whose health check fails")
+    wf = _deployed_after_approval(api, pr_input((path, base, bad), environment="rb", health_targets=unreachable))
+    assert (wf["status"], wf["current_step"]) == ("failed", "rollback"), wf
+    assert wf["reason"] == f"health check found 1 issue(s); rolled back to {good[:12]}"
+    current = stack.settings.data_dir / "environments" / "rb" / "current"
+    assert current.resolve().name == good
+    first = _deployed_after_approval(api, pr_input((path, base, bad), environment="rb-new", health_targets=unreachable))
+    assert (first["status"], first["current_step"]) == ("failed", "rollback"), first
+    assert first["reason"].endswith(f"nothing to roll back to: {bad[:12]} is the first release of rb-new")
+
+
 def _commit(repo: Path, message: str) -> str:
     """Commit everything in ``repo``; the new revision."""
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]

@@ -272,6 +272,24 @@ async def test_deploy_switches_current_and_rollback_switches_back(
     assert (env / "current" / "app.py").read_text() == "VERSION = 1\n"
 
 
+async def test_a_deploy_after_a_rollback_rolls_back_past_the_release_rolled_back_from(
+    repo: Repo, agent: Callable[..., Agent], settings: Settings
+) -> None:
+    """A deployed, B rolled back to A, then C: rolling C back reaches A (B was rolled back as
+    bad and leaves the history, its directory with it), never B."""
+    cicd, infra = agent("cicd"), agent("infrastructure")
+    a, b, c = [await _package(cicd, repo, repo.commit({"app.py": f"VERSION = {n}\n"})) for n in "abc"]
+    for artifact in (a, b):
+        await infra.run("DEPLOY_SERVICE", {"artifact": artifact["path"], "environment": "redo"})
+    assert (await infra.run("ROLLBACK", {"environment": "redo"}))["revision"] == a["revision"]
+    deployed = await infra.run("DEPLOY_SERVICE", {"artifact": c["path"], "environment": "redo"})
+    assert deployed["previous"] == a["revision"]
+    env = settings.data_dir / "environments" / "redo"
+    assert release_history(env) == [a["revision"], c["revision"]]
+    assert sorted(os.listdir(env / "releases")) == sorted([a["revision"], c["revision"]])
+    assert (await infra.run("ROLLBACK", {"environment": "redo"}))["revision"] == a["revision"]
+
+
 async def test_deploy_keeps_the_last_n_releases(repo: Repo, agent: Callable[..., Agent], settings: Settings) -> None:
     """Past keep_releases, the oldest release directories are removed; the current one always stays."""
     cicd, infra = agent("cicd"), agent("infrastructure")
