@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from pydantic_core import PydanticCustomError
@@ -128,8 +129,20 @@ def workflows_router() -> APIRouter:
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 
     @router.get("/workflows/{workflow_id}")
-    async def get_workflow(orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
-        return _view(await orch.records.get(workflow_id))
+    async def get_workflow(
+        orch: OrchestratorDep,
+        workflow_id: WorkflowId,
+        state: bool = Query(
+            default=True,
+            description="Include the workflow's state (its latest checkpoint's values); false spares "
+            "a client that polls for the status the checkpoint read.",
+        ),
+    ) -> dict[str, Any]:
+        record = await orch.records.get(workflow_id)
+        view = _view(record)
+        if state:
+            view["state"] = jsonable_encoder(await orch.state(record))
+        return view
 
     @router.post("/workflows/{workflow_id}/resume", status_code=202)
     async def resume(body: ResumeRequest, orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:

@@ -202,6 +202,15 @@ class Orchestrator:
             self.runner.cancel_local(workflow_id, reason="cancelled")
         return await self.records.get(workflow_id)
 
+    async def state(self, record: WorkflowRecord) -> dict[str, Any]:
+        """The workflow's ``MultiAgentState`` as its latest stored checkpoint holds it (``{}``
+        before the first, or for a type this replica does not know)."""
+        if record.workflow_type not in self.types:
+            return {}
+        config = {"configurable": {"thread_id": record.workflow_id}}
+        snapshot = await self.graph(record.workflow_type).aget_state(config)  # type: ignore[arg-type]
+        return dict(snapshot.values)
+
     async def history(self, workflow_id: str, *, limit: int = 100) -> list[dict[str, Any]]:
         record = await self.records.get(workflow_id)
         config = {"configurable": {"thread_id": workflow_id}}

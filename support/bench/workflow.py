@@ -229,7 +229,7 @@ async def follow(http: httpx.AsyncClient, base: str, workflow_id: str, *, poll_s
     """Poll until the workflow is terminal; its record."""
     deadline = time.monotonic() + FOLLOW_TIMEOUT_S
     while time.monotonic() < deadline:
-        record: dict[str, Any] = (await http.get(f"{base}/workflows/{workflow_id}")).json()
+        record: dict[str, Any] = (await http.get(f"{base}/workflows/{workflow_id}?state=false")).json()
         if record.get("status") in TERMINAL:
             return record
         await asyncio.sleep(poll_s)

@@ -68,6 +68,10 @@ def test_pr_deployment_deploys_after_approval(
     wf = follow(api, wf_id, {"interrupted"} | TERMINAL)
     assert (wf["status"], wf["current_step"]) == ("interrupted", "approval"), wf
     assert wf["pending_interrupt"]["review"]["approved"] is True
+    # its state: the steps so far and the locks it holds, as the latest checkpoint has them
+    assert wf["state"]["steps"]["review"]["approved"] is True
+    assert wf["state"]["steps"]["test"]["passed"] >= 3
+    assert "state" not in api.get(f"/workflows/{wf_id}", params={"state": "false"}).json()
     assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
     assert wait_for_metric(api, "workflow_approvals_pending") >= 1
     for answer, field in (
