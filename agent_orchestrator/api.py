@@ -81,6 +81,14 @@ def _view(record: WorkflowRecord) -> dict[str, Any]:
     return record.to_api()
 
 
+async def _workflow_view(orch: Orchestrator, workflow_id: str, *, with_state: bool) -> dict[str, Any]:
+    record = await orch.records.get(workflow_id)
+    view = _view(record)
+    if with_state:
+        view["state"] = jsonable_encoder(await orch.state(record))
+    return view
+
+
 def workflows_router() -> APIRouter:
     router = APIRouter(dependencies=[ApiKeyDep])
 
@@ -138,11 +146,7 @@ def workflows_router() -> APIRouter:
             "a client that polls for the status the checkpoint read.",
         ),
     ) -> dict[str, Any]:
-        record = await orch.records.get(workflow_id)
-        view = _view(record)
-        if state:
-            view["state"] = jsonable_encoder(await orch.state(record))
-        return view
+        return await _workflow_view(orch, workflow_id, with_state=state)
 
     @router.post("/workflows/{workflow_id}/resume", status_code=202)
     async def resume(body: ResumeRequest, orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
