@@ -13,7 +13,7 @@ import orjson
 import typer
 from rich.console import Console
 from rich.live import Live
-from rich.prompt import Confirm, Prompt
+from rich.prompt import Prompt
 from rich.table import Table
 from rich.text import Text
 
@@ -81,7 +81,8 @@ def _ask_approval(client: httpx.Client, wf: dict[str, Any]) -> None:
     the workflow waiting, say how to answer it later, and exit 1."""
     _out.print(_table(wf), crop=False)
     try:
-        ok = Confirm.ask("approve?")
+        # the words the interrupt's answer_with names, or y / n
+        ok = Prompt.ask("approve?", choices=["y", "n", "approve", "reject"]) in {"y", "approve"}
         by = Prompt.ask("your name", default="cli")
         comment = Prompt.ask("comment", default="")
     except EOFError:

@@ -216,7 +216,7 @@ def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
     data = orjson.dumps(pr_input(sample_repo, environment="cli")).decode()
     done = subprocess.run(
         [*cli, "--input", data],
-        input="y\nbea\nlooks good\n",
+        input="approve\nbea\nlooks good\n",  # the word the interrupt names (y works too)
         env=stack.env,
         capture_output=True,
         text=True,
