@@ -23,7 +23,16 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from shared.lib.settings import Settings
 
-__all__ = ["AgentCalls", "AgentReply", "Durability", "LockHolder", "RepoPath", "WorkflowContext", "WorkflowType"]
+__all__ = [
+    "AbsolutePath",
+    "AgentCalls",
+    "AgentReply",
+    "Durability",
+    "LockHolder",
+    "RepoPath",
+    "WorkflowContext",
+    "WorkflowType",
+]
 
 Durability = Literal["sync", "async"]
 
@@ -31,14 +40,16 @@ Durability = Literal["sync", "async"]
 def _absolute(path: str) -> str:
     if not os.path.isabs(path):
         raise ValueError(
-            f"{path!r} is relative; give an absolute path (the agents read it on their machine, "
-            "not in the caller's directory)"
+            f"{path!r} is relative; give an absolute path (the orchestrator and its agents use it "
+            "on their machines, not in the caller's directory)"
         )
     return path
 
 
-#: A repository's path in a workflow's input: absolute, as the agents resolve it, not the caller.
-RepoPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
+#: A path in a workflow's input: absolute, as the orchestrator and the agents resolve it, not the caller.
+AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
+#: A repository's path in a workflow's input (an :data:`AbsolutePath`).
+RepoPath = AbsolutePath
 
 
 @dataclass(frozen=True)

@@ -2,41 +2,77 @@
 the documentation agent's instances, then merged and written out.
 
 A failed part fails only that part; the result lists it. The workflow fails only
-when every part failed.
+when every part failed, or when the documentation cannot be written.
+
+Each part goes to one flat file inside ``output_dir``, named from its unit: a unit is
+the caller's text (``pkg/util``, ``../pkg/util.py``), so it never becomes a path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Send
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from agent_orchestrator.workflows.base import RepoPath, WorkflowContext, WorkflowType
-from shared.lib.errors import OrchestratorError
+from agent_orchestrator.workflows.base import AbsolutePath, RepoPath, WorkflowContext, WorkflowType
+from shared.lib.errors import InvalidInput, OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PARALLEL_DOCS", "ParallelDocsInput"]
 
 _DOC_TYPES = ("api", "guide", "deployment")
+#: The index's stem, which no part may take.
+_INDEX_STEM = "index"
+#: Longest stem kept whole; longer ones are cut and end in a hash of the unit, so that the
+#: name, with ``-<n>.md``, stays far below the 255 bytes a file name may have (all ASCII).
+_MAX_STEM_CHARS = 200
+_SEPARATORS = re.compile(r"[/\\.]+")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+_Unit = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class ParallelDocsInput(BaseModel):
     repo_path: RepoPath = Field(description="Absolute path of the repository to document.")
-    modules: list[str] | None = Field(default=None, description="Modules to document (one part each).")
-    doc_types: list[str] | None = Field(default=None, description=f"Document types, among {_DOC_TYPES}.")
-    output_dir: str | None = Field(default=None, description="Where to write; default <repo>/docs/generated.")
+    modules: list[_Unit] | None = Field(
+        default=None,
+        description="Modules to document as API references (one part each), dotted or as paths; "
+        "duplicates are dropped. Leave out to document every top-level module.",
+    )
+    doc_types: list[str] | None = Field(
+        default=None, description=f"Document types (one part each), among {_DOC_TYPES}; not with modules."
+    )
+    output_dir: AbsolutePath | None = Field(
+        default=None, description="Absolute directory to write to; default <repo>/docs/generated."
+    )
 
-    @model_validator(mode="after")
-    def _known_doc_types(self) -> ParallelDocsInput:
-        unknown = sorted(set(self.doc_types or []) - set(_DOC_TYPES))
+    @field_validator("modules", "doc_types")
+    @classmethod
+    def _not_empty_each_once(cls, units: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """An empty list is refused (it would read as "not given"); duplicates go, in order."""
+        if units is not None and not units:
+            raise ValueError(f"the list is empty; leave {info.field_name} out to document every top-level module")
+        return None if units is None else list(dict.fromkeys(units))
+
+    @field_validator("doc_types")
+    @classmethod
+    def _known_doc_types_alone(cls, doc_types: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if doc_types is not None and info.data.get("modules") is not None:
+            raise ValueError(
+                "give modules or doc_types, not both: modules are documented as API references; "
+                "launch another run for the other document types"
+            )
+        unknown = sorted(set(doc_types or []) - set(_DOC_TYPES))
         if unknown:
             raise ValueError(f"unknown doc_types {unknown}; choose among {list(_DOC_TYPES)}")
-        return self
+        return doc_types
 
 
 def _discover_modules(repo: Path) -> list[str]:
@@ -52,9 +88,9 @@ def _discover_modules(repo: Path) -> list[str]:
 
 async def plan(state: MultiAgentState) -> dict[str, Any]:
     args = ParallelDocsInput.model_validate(state["input"])
-    if args.modules:
+    if args.modules is not None:
         units = [{"doc_type": "api", "module": m} for m in args.modules]
-    elif args.doc_types:
+    elif args.doc_types is not None:
         units = [{"doc_type": t} for t in args.doc_types]
     else:
         modules = await asyncio.to_thread(_discover_modules, Path(args.repo_path))
@@ -86,29 +122,77 @@ async def document(state: MultiAgentState, runtime: Runtime[WorkflowContext]) ->
     return {"parts": [part], "agents": [reply.instance]}
 
 
-def _write(out_dir: Path, parts: list[dict[str, Any]]) -> list[str]:
+def _file_stem(unit: str) -> str:
+    """``unit`` as one flat file's stem: path separators and dots become single dots, so no
+    part is empty, ``.`` or ``..``; other characters than letters, digits, ``_`` and ``-``
+    become ``_``; a trailing ``.py`` goes (``pkg/util.py`` -> ``pkg.util``)."""
+    segments = (_UNSAFE_CHARS.sub("_", s) for s in _SEPARATORS.split(unit.removesuffix(".py")))
+    stem = ".".join(s for s in segments if s) or "_"
+    if len(stem) > _MAX_STEM_CHARS:
+        stem = f"{stem[: _MAX_STEM_CHARS - 13]}-{hashlib.sha256(unit.encode()).hexdigest()[:12]}"
+    return stem
+
+
+def _file_names(units: list[str]) -> list[str]:
+    """One file name per unit, in order, no two alike even on a case-insensitive file system:
+    a stem already taken (or the index's) gets ``-2``, ``-3``... (``pkg/util`` and
+    ``pkg.util`` -> ``pkg.util.md`` and ``pkg.util-2.md``)."""
+    taken = {_INDEX_STEM}
+    names = []
+    for unit in units:
+        stem = candidate = _file_stem(unit)
+        n = 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate.casefold())
+        names.append(f"{candidate}.md")
+    return names
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root / name``, refused when it resolves outside ``root`` (a symbolic link there)."""
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InvalidInput(
+            f"output_dir: {path} leads outside {root}; remove that link or choose another output_dir",
+            field="output_dir",
+        )
+    return path
+
+
+def _write(out_dir: Path, files: list[tuple[str, str, str]]) -> list[str]:
+    """Write each ``(unit, file name, markdown)`` and an index linking them; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for part in parts:
-        path = out_dir / f"{part['unit']}.md"
-        path.write_text(part["markdown"])
+    for _, name, markdown in files:
+        path = _inside(out_dir, name)
+        path.write_text(markdown, encoding="utf-8")
         written.append(str(path))
-    index = out_dir / "index.md"
-    index.write_text("# Documentation\n\n" + "".join(f"- [{p['unit']}]({p['unit']}.md)\n" for p in parts))
+    index = _inside(out_dir, f"{_INDEX_STEM}.md")
+    links = "".join(f"- [{unit}]({name})\n" for unit, name, _ in files)
+    index.write_text("# Documentation\n\n" + links, encoding="utf-8")
     return [str(index), *written]
 
 
 async def merge(state: MultiAgentState) -> dict[str, Any]:
     args = ParallelDocsInput.model_validate(state["input"])
     parts = sorted(state.get("parts", []), key=lambda p: p["unit"])
-    ok = [p for p in parts if p["ok"]]
+    names = _file_names([p["unit"] for p in parts])  # over every part: a name does not hang on another's failure
+    ok = [(p["unit"], name, p["markdown"]) for p, name in zip(parts, names, strict=True) if p["ok"]]
     failed = [{"unit": p["unit"], "error": p["error"], "instance": p.get("instance")} for p in parts if not p["ok"]]
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.repo_path) / "docs" / "generated"
-    files = await asyncio.to_thread(_write, out_dir, ok) if ok else []
+    files: list[str] = []
+    reason = "" if ok else "every documentation part failed"
+    try:
+        files = await asyncio.to_thread(_write, out_dir, ok) if ok else []
+    except InvalidInput as e:
+        reason = e.message
+    except OSError as e:
+        reason = f"could not write the documentation: {e}; give an output_dir the orchestrator can write to"
     instances = sorted({p["instance"] for p in parts if p.get("instance")})  # every instance that answered
     result = {"files": files, "parts": len(parts), "failed_parts": failed, "instances": instances}
-    outcome = "succeeded" if ok else "failed"
-    reason = "" if ok else "every documentation part failed"
+    outcome = "failed" if reason else "succeeded"
     return {"current_step": "merge", "steps": {"merge": result}, "result": result, "outcome": outcome, "reason": reason}
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,11 @@ def test_pr_deployment_deploys_after_approval(
     assert wf["state"]["steps"]["review"]["approved"] is True
     assert wf["state"]["steps"]["test"]["passed"] >= 3
     assert "state" not in api.get(f"/workflows/{wf_id}", params={"state": "false"}).json()
-    assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
+    pending = api.get("/interrupts").json()["items"][0]
+    assert pending["workflow_id"] == wf_id
+    # it expires when its payload tells the person it does
+    shown = datetime.fromisoformat(wf["pending_interrupt"]["expires_at"])
+    assert datetime.fromisoformat(pending["expires_at"].replace("Z", "+00:00")) == shown
     assert wait_for_metric(api, "workflow_approvals_pending") >= 1
     for answer, field in (
         (1, "decision"),
@@ -260,6 +265,27 @@ def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tu
     assert result["instances"] == ["documentation-1", "documentation-2"]
     ops_doc = Path(next(f for f in result["files"] if f.endswith("calc.ops.md"))).read_text()
     assert "def add" in ops_doc or "add(" in ops_doc
+
+
+def test_parallel_docs_writes_each_module_once_flat_inside_output_dir(
+    api: httpx.Client, sample_repo: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """Path-style modules, '..' in a module and duplicates: each module is documented once, in a
+    flat file of its own inside output_dir; two naming the same file do not overwrite each other."""
+    repo = sample_repo[0]
+    out = tmp_path / "docs-out" / "in"
+    modules = ["calc/ops", f"../{repo.name}/calc/stats.py", "calc.ops", "calc", "calc"]
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(repo), "modules": modules, "output_dir": str(out)})
+    wf = follow(api, wf_id, TERMINAL)
+    assert wf["status"] == "succeeded", wf
+    assert (wf["result"]["parts"], wf["result"]["failed_parts"]) == (4, [])
+    files = [Path(f) for f in wf["result"]["files"]]
+    names = ["index.md", f"{repo.name}.calc.stats.md", "calc.md", "calc.ops.md", "calc.ops-2.md"]
+    assert [f.name for f in files] == names
+    assert all(f.parent == out and f.resolve().is_relative_to(out.resolve()) for f in files)
+    assert sorted(p.name for p in (tmp_path / "docs-out").rglob("*.md")) == sorted(names)
+    assert "add(" in (out / "calc.ops-2.md").read_text()
+    assert (out / "index.md").read_text().count("(calc.md)") == 1
 
 
 def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
@@ -501,6 +527,27 @@ def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[di
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
         ("POST", "/workflows", {"workflow_type": "parallel_docs", "input": {"repo_path": "."}}, 422, "input.repo_path"),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "input": {"repo_path": "/x", "output_dir": "docs/out"}},
+            422,
+            "input.output_dir",
+        ),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "input": {"repo_path": "/x", "modules": []}},
+            422,
+            "input.modules",
+        ),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "input": {"repo_path": "/x", "modules": ["a"], "doc_types": ["guide"]}},
+            422,
+            "input.doc_types",
+        ),
         (
             "POST",
             "/workflows",
