@@ -134,15 +134,15 @@ class RunStore:
             self.runner_id,
         )
 
-    async def park(self, workflow_id: str, *, interrupt: Any, wait_s: float) -> None:
-        """The run waits for a human: give up the lease until someone answers or it expires."""
+    async def park(self, workflow_id: str, *, interrupt: Any, deadline: datetime) -> None:
+        """The run waits for a human: give up the lease until someone answers or ``deadline``."""
         await self.pool.execute(
             "UPDATE workflow_runs SET state = 'waiting', runner_id = NULL, lease_expires_at = NULL, "
-            "resume_value = NULL, pending_interrupt = $2, wait_deadline = now() + make_interval(secs => $3), "
+            "resume_value = NULL, pending_interrupt = $2, wait_deadline = $3, "
             "updated_at = now() WHERE workflow_id = $1 AND runner_id = $4",
             workflow_id,
             interrupt,
-            wait_s,
+            deadline,
             self.runner_id,
         )
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -342,8 +342,8 @@ class WorkflowRunner:
                 await self.store.requeue(run.workflow_id)
             return
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
-            wait_s = float((outcome.interrupt or {}).get("timeout_s") or self.settings.approval_timeout_s)
-            await self.store.park(run.workflow_id, interrupt=outcome.interrupt, wait_s=wait_s)
+            deadline = _wait_deadline(outcome.interrupt or {}, self.settings.approval_timeout_s)
+            await self.store.park(run.workflow_id, interrupt=outcome.interrupt, deadline=deadline)
             await self._on_finished(lr, outcome)
             return
         await self._finish(lr, outcome)
@@ -419,3 +419,15 @@ class WorkflowRunner:
         if self._on_stuck_hook is not None:
             await self._on_stuck_hook(lr.run)
         self.cancel_local(lr.run.workflow_id, reason="stuck")
+
+
+def _wait_deadline(interrupt: dict[str, Any], default_timeout_s: float) -> datetime:
+    """When an unanswered interrupt expires: the ``expires_at`` its payload shows the person
+    (so the two agree), else ``timeout_s`` (or the default) from now."""
+    shown = interrupt.get("expires_at")
+    with contextlib.suppress(ValueError):
+        expires = datetime.fromisoformat(shown) if isinstance(shown, str) else None
+        if expires is not None and expires.tzinfo is not None:
+            return expires
+    timeout_s = float(interrupt.get("timeout_s") or default_timeout_s)
+    return datetime.now(UTC) + timedelta(seconds=timeout_s)

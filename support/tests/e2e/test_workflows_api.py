@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,11 @@ def test_pr_deployment_deploys_after_approval(
     assert wf["state"]["steps"]["review"]["approved"] is True
     assert wf["state"]["steps"]["test"]["passed"] >= 3
     assert "state" not in api.get(f"/workflows/{wf_id}", params={"state": "false"}).json()
-    assert api.get("/interrupts").json()["items"][0]["workflow_id"] == wf_id
+    pending = api.get("/interrupts").json()["items"][0]
+    assert pending["workflow_id"] == wf_id
+    # it expires when its payload tells the person it does
+    shown = datetime.fromisoformat(wf["pending_interrupt"]["expires_at"])
+    assert datetime.fromisoformat(pending["expires_at"].replace("Z", "+00:00")) == shown
     assert wait_for_metric(api, "workflow_approvals_pending") >= 1
     for answer, field in (
         (1, "decision"),
