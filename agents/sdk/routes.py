@@ -12,13 +12,22 @@ Authentication, outside development mode, is one of:
 - an ``X-API-Key`` (or Bearer) of the deployment;
 - an agent's ``X-Agent-Id`` and ``X-Agent-Token``, as issued by the registry.
 
-An unsigned envelope from a caller authenticated by key or token is signed
-here, so the bus's own verification holds on every path.
+An unsigned envelope from a caller authenticated by key or token is first
+validated into the model (defaults filled: ``reply_to``, ``metadata``,
+``created_at``...; numbers normalised: ``1764547200`` becomes ``1764547200.0``)
+and then signed here in that canonical form, which is what the bus verifies, so
+its own verification holds on every path. Signing the caller's raw dict instead
+made every envelope not already in the normalised form fail as ``bad_signature``
+(and be dead-lettered as forged). A malformed one is a 422 naming the field, and
+a ``created_at`` outside the replay window is a 422 naming it too: no signature
+of the caller's is being replayed. A signed envelope is never re-signed: the bus
+verifies the caller's signature as sent.
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 import orjson
@@ -27,7 +36,7 @@ from fastapi.responses import Response
 
 from agents.sdk.card import agent_card
 from agents.sdk.runtime import AgentRuntime
-from shared.lib.agent_events import parse_envelope, request_from_dict, sign, signing_key_for
+from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict, signing_key_for
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
 
 __all__ = ["agent_routes", "status_for_error_code"]
@@ -71,18 +80,37 @@ async def _agent_token_ok(runtime: AgentRuntime, agent_id: str | None, token: st
     return True
 
 
-async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str, Any]) -> dict[str, Any]:
-    """The envelope to execute: as sent when signed (the bus verifies it), else signed here for a known caller."""
-    if runtime.settings.dev_mode or data.get("signature"):
-        return data
+async def _caller_known(runtime: AgentRuntime, request: Request) -> bool:
+    """Whether the caller sent a deployment API key or a registry-issued agent token."""
     agent_id, token = request.headers.get("x-agent-id"), request.headers.get("x-agent-token")
-    if _api_key_ok(runtime, request) or await _agent_token_ok(runtime, agent_id, token):
-        key = signing_key_for(runtime.settings, runtime.agent.name)
-        return {**data, "signature": sign(data, key)}
-    raise Unauthorized(
-        "unauthenticated request: sign the envelope, or send X-API-Key, or X-Agent-Id with X-Agent-Token",
-        field="signature",
-    )
+    return _api_key_ok(runtime, request) or await _agent_token_ok(runtime, agent_id, token)
+
+
+def _check_fresh(runtime: AgentRuntime, envelope: AgentRequestEvent) -> None:
+    """Refuse an unsigned envelope's ``created_at`` outside the replay window as the caller's
+    input error (422), before it is signed: signed, the bus would take it for a replay."""
+    skew_s = time.time() - envelope.created_at
+    if abs(skew_s) > runtime.settings.replay_window_s:
+        raise InvalidInput(
+            f"created_at is {skew_s:.0f} s off this agent's clock, outside the "
+            f"{runtime.settings.replay_window_s:.0f} s replay window; send the current Unix time or leave it out",
+            field="created_at",
+        )
+
+
+async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str, Any]) -> AgentRequestEvent:
+    """The envelope to execute: as sent when signed (the bus verifies it), else validated
+    and signed here, in its canonical form, for a caller known by API key or agent token."""
+    if runtime.settings.dev_mode or data.get("signature"):
+        return request_from_dict(data, key=None)  # shape only; the bus verifies the signature as sent
+    if not await _caller_known(runtime, request):
+        raise Unauthorized(
+            "unauthenticated request: sign the envelope, or send X-API-Key, or X-Agent-Id with X-Agent-Token",
+            field="signature",
+        )
+    envelope = request_from_dict(data, key=None)  # defaults filled, numbers normalised; 422 naming a bad field
+    _check_fresh(runtime, envelope)
+    return envelope.signed(signing_key_for(runtime.settings, envelope.target_agent))
 
 
 def _json(body: dict[str, Any], *, status_code: int = 200) -> Response:
@@ -97,8 +125,7 @@ def agent_routes() -> APIRouter:
     async def agent_request(request: Request) -> Response:
         runtime = _runtime(request)
         data = parse_envelope(await request.body(), max_bytes=runtime.settings.max_payload_bytes)
-        data = await _authenticate(runtime, request, data)
-        envelope = request_from_dict(data, key=None)  # shape only; the bus verifies the signature
+        envelope = await _authenticate(runtime, request, data)
         if envelope.target_agent != runtime.agent.name:
             raise InvalidInput(
                 f"target_agent is {envelope.target_agent!r} but this is {runtime.agent.name!r}", field="target_agent"

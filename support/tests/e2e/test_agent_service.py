@@ -8,6 +8,8 @@ the A2A card, authentication, and errors naming the field or the supported types
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import signal
 import subprocess
@@ -37,6 +39,7 @@ from support.tests.procs import ServiceProcess
 pytestmark = pytest.mark.slow
 
 AGENT_ENV = {"AO_AGENT_STATUS_DEBOUNCE_S": "0.1", "AO_AGENT_DRAIN_GRACE_S": "15"}
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -225,6 +228,79 @@ async def test_agent_http_refuses_far_deadlines_and_replays_and_bounds_its_label
     assert not [s for s in series if "RANDOM_" in s]
     assert len({s for s in series if 'source_agent="src-' in s}) <= metrics.MAX_LABEL_VALUES
     assert any('source_agent="other"' in s and 'request_type="unsupported"' in s for s in series)
+
+
+def _hand_written(explain: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An envelope as a user writes it from docs/EVENT_PROTOCOL.md: the required fields, whole-number times."""
+    rid, now = uuid.uuid4().hex, int(time.time())
+    required = {"request_id": rid, "correlation_id": rid, "idempotency_key": rid, "source_agent": "tester"}
+    values = {**required, "target_agent": "code-review", "request_type": "EXPLAIN_CODE", "deadline": now + 30}
+    return {key: value for key, value in {**values, "payload": explain, **fields}.items() if value is not ...}
+
+
+async def _run_doc_curl_example(port: int) -> dict[str, Any]:
+    """The curl example of docs/EVENT_PROTOCOL.md, run by bash from the repository root, against ``port``."""
+    text = (ROOT / "docs" / "EVENT_PROTOCOL.md").read_text()
+    [script] = [b for b in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S) if "/agent-request" in b]
+    env = {**os.environ, "AO_API_KEY": TEST_SECRETS["AO_API_KEYS"]}
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        script.replace("127.0.0.1:8003/", f"127.0.0.1:{port}/"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+    answer: dict[str, Any] = json.loads(out)
+    return answer
+
+
+async def test_agent_http_takes_hand_written_unsigned_envelopes_and_still_verifies_signed_ones(
+    stack: Callable[[str], ServiceProcess], bus: EventBus, repo: tuple[Path, str], ports: dict[str, int]
+) -> None:
+    """Keyed unsigned hand-written envelopes are answered (malformed: 422), not dead-lettered; bad signatures: 401."""
+    stack("code-review")
+    key = {"X-API-Key": TEST_SECRETS["AO_API_KEYS"]}
+    explain = {"repo_path": str(repo[0]), "path": "calc.py"}
+    now = int(time.time())
+    answered = [
+        _hand_written(explain),  # no reply_to, metadata, created_at, priority, schema_version or signature
+        _hand_written(explain, created_at=now, deadline=now + 30, priority="high", metadata={}),  # no reply_to
+        _hand_written(explain, schema_version=1, created_at=now, deadline=now + 30, reply_to=None),  # no metadata
+        _hand_written(explain, created_at=time.time(), metadata={"trace": {}}, reply_to=None, signature=None),
+    ]
+    malformed = {
+        "deadline": _hand_written(explain, deadline="soon"),
+        "request_id": _hand_written(explain, request_id=...),
+        "replyTo": _hand_written(explain, replyTo="me"),
+        "created_at": _hand_written(explain, created_at=now - 3600),  # no signature of the caller's to replay
+    }
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['code-review']}", timeout=10) as http:
+        for envelope in answered:
+            ok = await http.post("/agent-request", json=envelope, headers=key)
+            assert ok.status_code == 200, (envelope, ok.text)
+            assert ok.json()["payload"]["functions"][0]["name"] == "add"
+        from_docs = await _run_doc_curl_example(ports["code-review"])
+        assert from_docs["status"] == "success", from_docs
+        for field, envelope in malformed.items():
+            refused = await http.post("/agent-request", json=envelope, headers=key)
+            assert refused.status_code == 422, (field, refused.text)
+            assert (refused.json()["error"]["code"], refused.json()["error"]["field"]) == ("invalid_input", field)
+        assert await bus.dead_letters("code-review") == []
+
+        signed = AgentRequestEvent.model_validate(_hand_written(explain)).signed(
+            TEST_SECRETS["AO_SIGNING_KEY"].encode()
+        )
+        assert (await http.post("/agent-request", json=signed.to_dict())).status_code == 200
+        forged = {**_hand_written(explain), "signature": "0" * 64}
+        for headers in ({}, key):  # a caller who signs is verified, API key or not: never re-signed
+            refused = await http.post("/agent-request", json=forged, headers=headers)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "bad_signature"
+    assert {d.reason for d in await bus.dead_letters("code-review")} == {"bad_signature"}
 
 
 async def test_stale_instance_is_found_and_deregistered(
