@@ -18,7 +18,9 @@ a fresh key with the attempt number.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +34,7 @@ from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
 from shared.lib.tracing import child_span
 
-__all__ = ["KEYS_OUTLIVE_CHECKPOINTS", "BusAgentCalls", "call_key"]
+__all__ = ["CANCEL_WAIT_S", "KEYS_OUTLIVE_CHECKPOINTS", "BusAgentCalls", "call_key"]
 
 #: ``configurable`` flag the runner sets for a run at durability ``async``: a key must not
 #: depend on a checkpoint that a crash may lose.
@@ -42,6 +44,9 @@ _NS_SEP = "|"
 _PUSH = "__pregel_push"
 
 _ATTEMPTS = 4
+#: How long a cancelled workflow waits for the agent to confirm a call's work was cancelled.
+CANCEL_WAIT_S = 5.0
+_log = logging.getLogger(__name__)
 SOURCE_AGENT = "orchestrator"
 
 
@@ -93,12 +98,16 @@ class BusAgentCalls:
         workflow_id: str,
         correlation_id: str,
         trace_headers: Callable[[], dict[str, str]] | None = None,
+        cancelled_by_request: Callable[[], bool] | None = None,
     ) -> None:
         self.bus = bus
         self.settings = settings
         self.workflow_id = workflow_id
         self.correlation_id = correlation_id
         self.trace_headers = trace_headers
+        self.cancelled_by_request = cancelled_by_request
+        """Whether the run is being cancelled by request (not stopped for a shutdown, a lost lock or
+        a takeover, after which another replica sends the same keys again and needs the answers)."""
 
     async def call(
         self, agent: str, request_type: str, payload: dict[str, Any], *, label: str, timeout_s: float | None = None
@@ -174,8 +183,40 @@ class BusAgentCalls:
                 idempotency_key=key,
                 metadata=metadata,
             )
-            response = await self.bus.request_agent(request, timeout_s=timeout_s)
+            try:
+                response = await self.bus.request_agent(request, timeout_s=timeout_s)
+            except asyncio.CancelledError:
+                if self.cancelled_by_request is not None and self.cancelled_by_request():
+                    await self._cancel_at_agent(request)
+                raise
             if span is not None:
                 span.add_metadata({"served_by": response.served_by, "status": response.status})
             result = response.raise_for_status()
         return AgentReply(payload=result, agent=agent, instance=response.served_by or agent)
+
+    async def _cancel_at_agent(self, request: AgentRequestEvent) -> None:
+        """The workflow is cancelled: stop the call's work at the agent (its handler and child
+        processes), waiting up to ``CANCEL_WAIT_S`` for the agent's ``cancelled`` answer, so the
+        run's resource locks are released once that work has ended, not while it goes on.
+
+        The cancel runs in a task of its own: the node is cancelled more than once (LangGraph
+        cancels its tasks as the run's task is cancelled, the lease loop cancels a run flagged
+        cancelled again), and a repeat must not stop the notice before it is sent. Repeats are
+        let through once the cancel is done (bounded by ``CANCEL_WAIT_S``), or at once when the
+        run is no longer cancelled by request (a shutdown hands it back)."""
+        cancel = asyncio.ensure_future(self.bus.cancel_request(request, wait_s=CANCEL_WAIT_S))
+        current = asyncio.current_task()
+        while not cancel.done():
+            try:
+                await asyncio.shield(cancel)
+            except asyncio.CancelledError:
+                if self.cancelled_by_request is None or not self.cancelled_by_request():
+                    raise
+                if current is not None:
+                    current.uncancel()
+        if cancel.cancelled() or cancel.exception() is not None or cancel.result() is None:
+            _log.warning(
+                "cancelled call %s to %s: the agent did not confirm it stopped",
+                request.idempotency_key,
+                request.target_agent,
+            )

@@ -252,6 +252,7 @@ class Orchestrator:
                 workflow_id=run.workflow_id,
                 correlation_id=record.correlation_id,
                 trace_headers=trace_headers,
+                cancelled_by_request=lambda: lr.cancel_reason == "cancelled",
             ),
         )
         graph = self.graph(run.workflow_type)

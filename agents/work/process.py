@@ -2,7 +2,8 @@
 
 Every command the agents run (git, ruff, a repository's test command) goes
 through :func:`run_process`, so each one has a timeout, its whole process group
-is killed when the timeout fires, and its output is captured up to a bound.
+is killed when the timeout fires or the caller is cancelled (a cancelled request:
+the test command must not outlive it), and its output is captured up to a bound.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ async def run_process(
         timed_out = True
         _kill_group(proc)
         out, err = await _drain_after_kill(proc, readers)
-    except BaseException:
+    except BaseException:  # cancelled (the request was, or the agent stops): the group must not outlive it
         _kill_group(proc)
+        readers.cancel()
         raise
     result = ProcessResult(tuple(args), proc.returncode or 0, _decode(out), _decode(err), timed_out)
     if timed_out and raise_on_timeout:

@@ -25,6 +25,7 @@ from shared.lib.agent_events import (
     error_to_payload,
     sign,
     signing_key_for,
+    verify,
 )
 from shared.lib.connections import run_command
 from shared.lib.errors import (
@@ -201,6 +202,32 @@ class _Core:
         children[0].inc()
         children[1].observe(duration_s)
         return HandlerOutcome(data=data, raw=raw)
+
+    def cancel_notice(self, request: AgentRequestEvent) -> bytes:
+        """The signed notice that cancels ``request`` at the instance running it."""
+        data = {
+            "request_id": request.request_id,
+            "idempotency_key": request.idempotency_key,
+            "deadline": request.deadline,
+            "created_at": time.time(),
+        }
+        return self.signed_json(data, request.target_agent)
+
+    def read_cancel_notice(self, raw: bytes, agent: str) -> tuple[str, float] | None:
+        """The idempotency key a notice to ``agent`` cancels and until when to remember it
+        (Unix time); None for a malformed, wrongly signed or stale one (logged)."""
+        try:
+            data = orjson.loads(raw)
+            key, deadline, created_at = data["idempotency_key"], float(data["deadline"]), float(data["created_at"])
+            verify_key = self.verify_key(agent)
+            if verify_key is not None:
+                verify(data, verify_key)
+            if not isinstance(key, str) or abs(time.time() - created_at) > self.settings.replay_window_s:
+                raise InvalidInput("a cancel notice needs an idempotency_key and a fresh created_at")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OrchestratorError) as e:
+            _log.warning("ignored a cancel notice to %s: %s", agent, e)
+            return None
+        return key, deadline + keys.IN_FLIGHT_MARKER_MARGIN_MS / 1000
 
     async def finish(self, request: AgentRequestEvent, raw: bytes, *, stream: str | None, entry_id: Any) -> None:
         """Store the response under its idempotency key, push it to the requester and ack

@@ -9,6 +9,7 @@ __all__ = [
     "ADMIT_IN_FLIGHT",
     "ADMIT_OFFLINE",
     "ADMIT_STORED",
+    "CANCEL",
     "FINISH",
     "HEARTBEAT",
     "IN_FLIGHT",
@@ -42,6 +43,18 @@ if ARGV[5] == 'x' then
   return {0, id}
 end
 return {0, ''}
+"""
+
+#: A cancel notice, sent only while its request is in flight: with a response stored the
+#: request is over (the stored response is returned, nothing is published); with the
+#: in-flight marker the notice is published on the agent's cancel channel (returns
+#: {1, number of listening instances}); with neither (never admitted, or given up) {2, ''}.
+#: KEYS: response key. ARGV: cancel channel, notice JSON.
+CANCEL = """
+local stored = redis.call('GET', KEYS[1])
+if stored and stored ~= 'P' then return {0, stored} end
+if not stored then return {2, ''} end
+return {1, redis.call('PUBLISH', ARGV[1], ARGV[2])}
 """
 
 #: A consumer's liveness: live until now + ARGV[2] ms on the server's clock (so

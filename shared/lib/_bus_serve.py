@@ -7,7 +7,8 @@ timeout (XAUTOCLAIM), takes over at once the entries of consumers no longer
 live (an instance killed mid-work: its liveness runs out sooner than the
 visibility timeout) and dead-letters those delivered too often. At start it
 runs again what its own name still held from an earlier life. Each entry
-runs in its own task under the instance's concurrency limit.
+runs in its own task under the instance's concurrency limit. A cancel notice
+(``cancel``) cancels the task running its request, which is answered ``cancelled``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from shared.lib import _bus_scripts as scripts
 from shared.lib import metrics
 from shared.lib import redis_keys as keys
-from shared.lib._bus_core import Handler, _Core
+from shared.lib._bus_core import Handler, HandlerOutcome, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
 from shared.lib.connections import run_command
 from shared.lib.errors import OrchestratorError
@@ -91,6 +92,8 @@ class Server:
         # at once (5 paired runs, 0.94x-1.32x, on a 2-core VM).
         self._read_batch = max(1, concurrency // 2)
         self._held: dict[Any, str] = {}  # entry id -> stream, for keepalive
+        self._running: dict[str, asyncio.Task[Any]] = {}  # idempotency key -> its handler's task
+        self._cancelled: dict[str, float] = {}  # idempotency key -> Unix time to forget its cancel notice
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -236,10 +239,51 @@ class Server:
             return
         if entry.deliveries > 1 and await self._replay_stored(entry, request):
             return
-        outcome = await core.run_handler(request, self.handler, agent=self.agent)
+        if request.idempotency_key in self._cancelled:  # cancelled while queued: not run
+            outcome = self._cancelled_outcome(request, duration_s=0.0)
+        else:
+            outcome = await self._run(request)
         # No asyncio.shield (a task per request): the write runs in the finisher's own batch
         # task (``_bus_batch``), which cancelling this handler task does not cancel.
         await self._finish(request, outcome.raw, entry)
+
+    async def _run(self, request: AgentRequestEvent) -> HandlerOutcome:
+        """The handler's outcome; ``cancelled`` when a cancel notice cancelled it (its child
+        processes are the handler's to end on CancelledError). A cancel of another kind (a stop)
+        goes on up: the entry stays pending for a live instance."""
+        key, task = request.idempotency_key, asyncio.current_task()
+        assert task is not None
+        self._running[key] = task
+        started = time.perf_counter()
+        try:
+            return await self.core.run_handler(request, self.handler, agent=self.agent)
+        except asyncio.CancelledError:
+            if key not in self._cancelled:
+                raise
+            task.uncancel()
+            return self._cancelled_outcome(request, duration_s=time.perf_counter() - started)
+        finally:
+            if self._running.get(key) is task:
+                del self._running[key]
+
+    def _cancelled_outcome(self, request: AgentRequestEvent, *, duration_s: float) -> HandlerOutcome:
+        self.core.count("cancelled")
+        error = {"code": "cancelled", "message": "the request was cancelled by its sender; send a new one to run it"}
+        return self.core.outcome(request, "error", {}, error=error, duration_s=duration_s)
+
+    def cancel(self, idempotency_key: str, *, forget_at: float) -> bool:
+        """A cancel notice: cancel the handler running ``idempotency_key`` here, if any, and
+        remember the key until ``forget_at`` (Unix time) so that, read later, it is answered
+        ``cancelled`` without running. Whether a handler was running it here."""
+        now = time.time()
+        for key in [k for k, until in self._cancelled.items() if until < now]:
+            del self._cancelled[key]
+        self._cancelled[idempotency_key] = forget_at
+        task = self._running.get(idempotency_key)
+        if task is None:
+            return False
+        task.cancel()
+        return True
 
     def _check_target(self, request: AgentRequestEvent) -> None:
         if request.target_agent != self.agent:

@@ -19,6 +19,9 @@ A request held by a dead instance is reclaimed with XAUTOCLAIM after
 ``Settings.visibility_timeout_s``; running handlers renew their claim; a
 request delivered more than ``Settings.max_deliveries`` times goes to the
 agent's dead-letter stream with its reason, as does any refused envelope.
+``cancel_request`` publishes a cancel notice on the agent's cancel channel, heard
+by its instances on their reply connections: the one running the request cancels
+its handler and stores the answer ``cancelled``.
 
 Trust: envelopes are signed (HMAC-SHA256, see ``agent_events``) and verified on
 receipt. Replays are stopped by ``request_id``/idempotency key at admission
@@ -93,6 +96,8 @@ _POLL_S = 0.02
 _TRANSIENT = (RedisError, OSError)
 #: An idle reply connection is PINGed after this long, so a dead one is noticed and replaced.
 _REPLY_IDLE_PING_S = 30.0
+#: How long a cancel that got no answer in time spends reading the stored response.
+_CANCEL_LAST_LOOK_S = 1.0
 _Admission = tuple[list[str], list[bytes | str | int]]
 
 
@@ -164,6 +169,10 @@ class EventBus:
         self._publishes: Batcher[Sequence[Event], Any] = Batcher(self._flush_publishes, ordered=True)
         self._reply_task: asyncio.Task[None] | None = None
         self._replies_ready = asyncio.Event()
+        self._reply_conn: Any = None  # the reply connection while it is up (cancel channels are added on it)
+        self._cancel_channels: dict[bytes, str] = {}  # cancel channel -> agent, of the agents served here
+        self._subscribed: set[bytes] = set()  # the channels subscribed on the current reply connection
+        self._cancel_script = redis.register_script(scripts.CANCEL)
         self._servers: list[Server] = []
         self._subscriptions: set[Subscription] = set()
         self._own: list[tuple[str, EventCallback]] = []  # in-process listeners of this bus's events
@@ -393,23 +402,29 @@ class EventBus:
         cost more than the rest of taking the reply. The connection is named
         ``ao-replies-<instance id>`` in CLIENT LIST. An idle one is PINGed so a dead one is
         found; a lost one is resubscribed and the waiters' stored responses are swept up."""
-        channel = keys.reply_channel(self._core.prefix, self.instance_id)
+        channel = keys.reply_channel(self._core.prefix, self.instance_id).encode()
         delay_s, first = 0.05, True
         while True:
             pool = self._core.redis.connection_pool
             conn = pool.connection_class(**{**pool.connection_kwargs, "client_name": f"ao-replies-{self.instance_id}"})
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-                await conn.send_command("SUBSCRIBE", channel)
+                self._subscribed = {channel, *self._cancel_channels}
+                await conn.send_command("SUBSCRIBE", *self._subscribed)
+                self._reply_conn = conn
                 while True:
                     reply = await conn.read_response(timeout=_REPLY_IDLE_PING_S)
                     if reply is None:
                         await conn.send_command("PING")  # answered as [b"pong", b""]
                         continue
                     kind = keys.as_text(reply[0])
+                    name = reply[1] if isinstance(reply[1], bytes) else keys.as_text(reply[1]).encode()
                     if kind == "message":
-                        self._on_reply(reply[2])
-                    elif kind == "subscribe":
+                        if name == channel:
+                            self._on_reply(reply[2])
+                        else:
+                            self._on_cancel_notice(name, reply[2])
+                    elif kind == "subscribe" and name == channel:
                         delay_s = 0.05
                         if not first:
                             self._start_sweep()
@@ -420,6 +435,7 @@ class EventBus:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
             finally:
+                self._reply_conn = None
                 with contextlib.suppress(*_TRANSIENT):
                     await conn.disconnect()
 
@@ -472,12 +488,73 @@ class EventBus:
         server = Server(self._core, agent_name, handler, concurrency=concurrency, consumer=consumer)
         self._servers.append(server)
         try:
+            await self._listen_for_cancels(agent_name)
             await server.run()
         except asyncio.CancelledError:
             await asyncio.shield(server.stop(grace_s=0))
             raise
         finally:
             self._servers.remove(server)
+
+    async def _listen_for_cancels(self, agent: str) -> None:
+        """Subscribe to ``agent``'s cancel channel on this instance's reply connection (no
+        connection of its own): added on the live connection, and on every reconnect."""
+        channel = keys.cancel_channel(self._core.prefix, agent).encode()
+        self._cancel_channels[channel] = agent
+        await self._ensure_replies()
+        conn = self._reply_conn
+        if conn is not None and channel not in self._subscribed:
+            self._subscribed.add(channel)
+            await conn.send_command("SUBSCRIBE", channel)  # the reply loop reads its confirmation
+
+    def _on_cancel_notice(self, channel: bytes, raw: bytes) -> None:
+        agent = self._cancel_channels.get(channel)
+        if agent is None:
+            return
+        notice = self._core.read_cancel_notice(raw, agent)
+        if notice is None:
+            return
+        for server in self._servers:
+            if server.agent == agent and server.cancel(notice[0], forget_at=notice[1]):
+                _log.info("cancelled the request %s to %s on notice", notice[0], agent)
+
+    async def cancel_request(self, request: AgentRequestEvent, *, wait_s: float) -> AgentResponseEvent | None:
+        """Cancel ``request`` (sent with :meth:`request_agent`) at the agent: the instance running
+        it cancels its handler and stores an ``error`` response with code ``cancelled``, so its
+        idempotency key never runs again; an instance that reads it later, still queued, answers
+        it so without running it. Waits up to ``wait_s`` for that response and returns it, or the
+        stored response of a request that finished first; None when none came in time (nobody
+        was running it, or the notice was lost: pub/sub drops what nobody hears) or Redis could
+        not be reached. Only for work that must not go on: a call that another replica sends
+        again with the same key would get ``cancelled``."""
+        agent, rid = request.target_agent, request.request_id
+        loop = asyncio.get_running_loop()
+        waiter = self._waiters.get(rid)
+        mine = waiter is None or waiter.future.done()  # the call's own waiter once it returned or was cancelled
+        if mine:
+            waiter = self._waiters[rid] = _Waiter(loop.create_future(), agent, request.idempotency_key)
+        assert waiter is not None
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._ensure_replies()
+                response_key = keys.response_key(self._core.prefix, agent, request.idempotency_key)
+                notice = self._core.cancel_notice(request)
+                channel = keys.cancel_channel(self._core.prefix, agent)
+                code, value = await self._core.run_script(self._cancel_script, [response_key], [channel, notice])
+                if int(code) == 0:
+                    return self._decode_stored(value, agent)
+                if int(code) == 2:
+                    return None
+                return await waiter.future
+        except (TimeoutError, OrchestratorError, *_TRANSIENT) as e:
+            _log.info("cancel of %s to %s: no answer (%s); reading the stored response", rid, agent, e)
+            with contextlib.suppress(TimeoutError, OrchestratorError):
+                async with asyncio.timeout(_CANCEL_LAST_LOOK_S):
+                    return await self._fetch_stored(agent, request.idempotency_key)
+            return None
+        finally:
+            if mine and self._waiters.get(rid) is waiter:
+                del self._waiters[rid]
 
     async def stop_serving(self, *, grace_s: float = 10.0) -> None:
         """Stop taking work; running handlers get ``grace_s`` to finish, the rest stay

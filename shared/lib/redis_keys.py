@@ -19,6 +19,7 @@ __all__ += [
     "agents_set",
     "as_text",
     "band_of",
+    "cancel_channel",
     "consumers_key",
     "dead_letter_stream",
     "events_channel",
@@ -92,6 +93,18 @@ def reply_channel(prefix: str, instance_id: str) -> str:
     read back after a reconnect or before giving up on a timeout.
     """
     return f"{prefix}:reply:{instance_id}"
+
+
+def cancel_channel(prefix: str, agent: str) -> str:
+    """Pub/sub channel of cancel notices for requests to ``agent``: every instance serving it
+    listens (on its reply connection), and the one running the request cancels its handler.
+
+    An instance remembers each notice until the request's deadline plus
+    IN_FLIGHT_MARKER_MARGIN_MS (in memory, no key), so a request still queued when its notice
+    came is answered ``cancelled`` without running when that instance reads it. Pub/sub drops
+    what nobody hears: a notice sent while an instance was disconnected is lost to it.
+    """
+    return f"{prefix}:{{{agent}}}:cancel"
 
 
 def events_channel(prefix: str, event_type: str) -> str:

@@ -338,6 +338,44 @@ def test_cancel_running_workflow_stops_it(api: httpx.Client, sample_repo: tuple[
     assert api.get(f"/workflows/{wf_id}").json()["status"] == "cancelled"
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_cancel_during_test_kills_the_test_process_at_the_agent(
+    api: httpx.Client, sample_repo: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    """Cancelling a workflow while its ``test`` node runs cancels the call at the cicd agent: the
+    repository's test process is killed within seconds (it does not run on past the workflow and
+    its repo lock), and the workflow ends cancelled."""
+    path, base, _ = sample_repo
+    pid_file = tmp_path / "slow-test.pid"
+    (path / "tests" / "test_slow.py").write_text(
+        "import os, pathlib, time\n\n\ndef test_slow():\n"
+        f"    pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n    time.sleep(60)\n"
+    )
+    head = _commit(path, "a slow test")
+    wf_id = launch(api, "pr_deployment", pr_input((path, base, head), environment="cancel-test"))
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, api.get(f"/workflows/{wf_id}").json()
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)  # the test node's pytest, in the cicd agent's worktree
+    r = api.post(f"/workflows/{wf_id}/cancel")
+    assert r.status_code == 202, r.text
+    gone_by = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not _alive(pid), "the test process of the cancelled workflow is still running"
+    wf = follow(api, wf_id, TERMINAL | {"interrupted"}, timeout_s=15)
+    assert wf["status"] == "cancelled", wf
+
+
 def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
     """Launching twice with one idempotency key returns the same workflow id; waiting on the
     repeat answers that workflow's outcome."""

@@ -130,6 +130,90 @@ async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory)
     await task
 
 
+async def _settled(bus: EventBus, agent: str) -> tuple[int, int, int]:
+    """An agent's stream entries, pending entries and dead letters."""
+    prefix, redis = bus.settings.redis_prefix, bus.redis
+    streams = [keys.request_stream(prefix, agent, band) for band in keys.BANDS]
+    entries = sum([await redis.xlen(s) for s in streams])
+    pending = sum([(await redis.xpending(s, agent))["pending"] for s in streams])
+    return entries, pending, await redis.xlen(keys.dead_letter_stream(prefix, agent))
+
+
+async def test_a_cancel_notice_cancels_the_running_handler_and_stores_cancelled(make_bus: BusFactory) -> None:
+    """A cancel notice cancels the handler's task on the instance running it; the request is
+    answered ``cancelled``, acknowledged (not redelivered, not dead-lettered), and a repeat of
+    its idempotency key gets that stored answer without running again."""
+    server, client = await make_bus(), await make_bus()
+    started, stopped, runs = asyncio.Event(), asyncio.Event(), []
+
+    async def sleeper(request: AgentRequestEvent) -> dict[str, Any]:
+        runs.append(request.request_id)
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+        return {}
+
+    task = _serve(server, "sleeper", sleeper)
+    await _wait_live(client, "sleeper")
+    request = _req("sleeper", timeout_s=20)
+    call = asyncio.create_task(client.request_agent(request, timeout_s=20))
+    await asyncio.wait_for(started.wait(), 5)
+    call.cancel()  # the caller stops waiting, as a cancelled workflow's node does
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    began = time.monotonic()
+    response = await client.cancel_request(request, wait_s=5)
+    assert response is not None
+    assert (response.status, (response.error or {}).get("code")) == ("error", "cancelled")
+    assert stopped.is_set()
+    assert time.monotonic() - began < 1
+    assert await _settled(server, "sleeper") == (0, 0, 0)
+    await asyncio.sleep(1.5)  # past the visibility timeout: nothing left to reclaim
+    again = await client.request_agent(_req("sleeper", idempotency_key=request.idempotency_key), timeout_s=5)
+    assert (again.error or {}).get("code") == "cancelled"
+    assert runs == [request.request_id]
+    assert await _settled(server, "sleeper") == (0, 0, 0)
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_a_request_cancelled_while_queued_is_answered_cancelled_without_running(make_bus: BusFactory) -> None:
+    """A cancel notice for a request still queued is remembered by the instances serving its
+    agent: read later, it is answered ``cancelled`` without running; a cancel of a request that
+    has finished returns its stored answer and changes nothing."""
+    server, client = await make_bus(), await make_bus()
+    release, runs = asyncio.Event(), []
+
+    async def one_at_a_time(request: AgentRequestEvent) -> dict[str, Any]:
+        runs.append(request.payload["n"])
+        await release.wait()
+        return {"n": request.payload["n"]}
+
+    task = _serve(server, "single", one_at_a_time, concurrency=1)
+    await _wait_live(client, "single")
+    first, queued = _req("single", {"n": 1}), _req("single", {"n": 2})
+    calls = [asyncio.create_task(client.request_agent(r, timeout_s=10)) for r in (first, queued)]
+    while not runs:
+        await asyncio.sleep(0.01)
+    calls[1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await calls[1]
+    assert await client.cancel_request(queued, wait_s=0.3) is None  # nobody runs it yet
+    release.set()
+    assert (await calls[0]).payload == {"n": 1}
+    again = await client.request_agent(_req("single", idempotency_key=queued.idempotency_key), timeout_s=5)
+    assert (again.error or {}).get("code") == "cancelled"
+    finished = await client.cancel_request(first, wait_s=1)
+    assert finished is not None
+    assert finished.payload == {"n": 1}
+    assert runs == [1]
+    assert await _settled(server, "single") == (0, 0, 0)
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def test_a_duplicate_given_up_in_flight_is_sent_again_once_its_marker_ran_out(make_bus: BusFactory) -> None:
     """A request whose duplicate was taken by an instance that died (its in-flight marker is
     left, nothing is stored) waits for the marker to run out, then is sent and answered: not
