@@ -29,7 +29,6 @@ __all__ = [
     "AgentReply",
     "Durability",
     "LockHolder",
-    "RepoPath",
     "WorkflowContext",
     "WorkflowType",
 ]
@@ -48,8 +47,6 @@ def _absolute(path: str) -> str:
 
 #: A path in a workflow's input: absolute, as the orchestrator and the agents resolve it, not the caller.
 AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
-#: A repository's path in a workflow's input (an :data:`AbsolutePath`).
-RepoPath = AbsolutePath
 
 
 @dataclass(frozen=True)

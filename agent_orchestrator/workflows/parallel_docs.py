@@ -21,7 +21,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Send
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from agent_orchestrator.workflows.base import AbsolutePath, RepoPath, WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowType
 from shared.lib.errors import InvalidInput, OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
@@ -40,7 +40,7 @@ _Unit = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
 class ParallelDocsInput(BaseModel):
-    repo_path: RepoPath = Field(description="Absolute path of the repository to document.")
+    repo_path: AbsolutePath = Field(description="Absolute path of the repository to document.")
     modules: list[_Unit] | None = Field(
         default=None,
         description="Modules to document as API references (one part each), dotted or as paths; "

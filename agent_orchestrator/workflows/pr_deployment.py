@@ -17,7 +17,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent_orchestrator.workflows.base import RepoPath, WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowType
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PR_DEPLOYMENT", "ApprovalAnswer", "ApprovalDecision", "PrDeploymentInput"]
@@ -28,7 +28,7 @@ _ENV_LOCK_WAIT_S = 120.0
 
 
 class PrDeploymentInput(BaseModel):
-    repo_path: RepoPath = Field(description="Absolute path of the git repository.")
+    repo_path: AbsolutePath = Field(description="Absolute path of the git repository.")
     base: str = Field(min_length=1, description="Base revision of the change.")
     head: str = Field(min_length=1, description="Revision to review, test and deploy.")
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Deploy environment name.")

@@ -27,7 +27,6 @@ verifies the caller's signature as sent.
 from __future__ import annotations
 
 import hmac
-import time
 from typing import Any
 
 import orjson
@@ -36,7 +35,13 @@ from fastapi.responses import Response
 
 from agents.sdk.card import agent_card
 from agents.sdk.runtime import AgentRuntime
-from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict, signing_key_for
+from shared.lib.agent_events import (
+    AgentRequestEvent,
+    parse_envelope,
+    request_from_dict,
+    signing_key_for,
+    window_skew_s,
+)
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
 
 __all__ = ["agent_routes", "status_for_error_code"]
@@ -89,8 +94,8 @@ async def _caller_known(runtime: AgentRuntime, request: Request) -> bool:
 def _check_fresh(runtime: AgentRuntime, envelope: AgentRequestEvent) -> None:
     """Refuse an unsigned envelope's ``created_at`` outside the replay window as the caller's
     input error (422), before it is signed: signed, the bus would take it for a replay."""
-    skew_s = time.time() - envelope.created_at
-    if abs(skew_s) > runtime.settings.replay_window_s:
+    skew_s = window_skew_s(envelope.created_at, runtime.settings.replay_window_s)
+    if skew_s is not None:
         raise InvalidInput(
             f"created_at is {skew_s:.0f} s off this agent's clock, outside the "
             f"{runtime.settings.replay_window_s:.0f} s replay window; send the current Unix time or leave it out",

@@ -26,6 +26,7 @@ from shared.lib.agent_events import (
     sign,
     signing_key_for,
     verify,
+    window_skew_s,
 )
 from shared.lib.connections import run_command
 from shared.lib.errors import (
@@ -142,7 +143,7 @@ class _Core:
         A replayed signature is a bad signature (``InvalidSignature``, 401): the HMAC proves
         who made the envelope, ``created_at`` under it proves when, and a stale one proves
         neither for this call (docs/EVENT_PROTOCOL.md, Errors)."""
-        if abs(now - request.created_at) > self.settings.replay_window_s:
+        if window_skew_s(request.created_at, self.settings.replay_window_s, now=now) is not None:
             raise InvalidSignature(
                 f"envelope created_at is outside the {self.settings.replay_window_s:.0f}s replay window "
                 "(a replay, or a skewed clock); sign a fresh envelope with the current time",
@@ -222,7 +223,7 @@ class _Core:
             verify_key = self.verify_key(agent)
             if verify_key is not None:
                 verify(data, verify_key)
-            if not isinstance(key, str) or abs(time.time() - created_at) > self.settings.replay_window_s:
+            if not isinstance(key, str) or window_skew_s(created_at, self.settings.replay_window_s) is not None:
                 raise InvalidInput("a cancel notice needs an idempotency_key and a fresh created_at")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OrchestratorError) as e:
             _log.warning("ignored a cancel notice to %s: %s", agent, e)

@@ -55,6 +55,7 @@ __all__ = [
     "sign",
     "signing_key_for",
     "verify",
+    "window_skew_s",
 ]
 
 #: Version of the envelope layout; a receiver refuses versions it does not know.
@@ -115,6 +116,13 @@ def verify(data: dict[str, Any], key: bytes) -> None:
 def signing_key_for(settings: Settings, agent_name: str) -> bytes:
     """The HMAC key of calls to ``agent_name``: its own key if configured, else the shared one."""
     return settings.agent_signing_keys.get(agent_name, settings.signing_key).encode()
+
+
+def window_skew_s(created_at: float, window_s: float, *, now: float | None = None) -> float | None:
+    """How far ``created_at`` is off ``now`` when that is more than the replay window
+    ``window_s`` (a replay, or a skewed clock); None when it is within it."""
+    skew_s = (time.time() if now is None else now) - created_at
+    return skew_s if abs(skew_s) > window_s else None
 
 
 def check_payload_size(payload: dict[str, Any], *, max_bytes: int) -> bytes:
