@@ -10,12 +10,16 @@ __all__ = [
     "ADMIT_OFFLINE",
     "ADMIT_STORED",
     "CANCEL",
+    "CANCEL_NOT_IN_FLIGHT",
+    "CANCEL_PUBLISHED",
+    "CANCEL_STORED",
     "FINISH",
     "HEARTBEAT",
     "IN_FLIGHT",
 ]
 
 ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL = 0, 1, 2, 3, 4
+CANCEL_STORED, CANCEL_PUBLISHED, CANCEL_NOT_IN_FLIGHT = 0, 1, 2
 #: What a response key holds while its request is in flight (ADMIT's marker, 'P' in the scripts).
 IN_FLIGHT = b"P"
 

@@ -541,9 +541,9 @@ class EventBus:
                 notice = self._core.cancel_notice(request)
                 channel = keys.cancel_channel(self._core.prefix, agent)
                 code, value = await self._core.run_script(self._cancel_script, [response_key], [channel, notice])
-                if int(code) == 0:
+                if int(code) == scripts.CANCEL_STORED:
                     return self._decode_stored(value, agent)
-                if int(code) == 2:
+                if int(code) == scripts.CANCEL_NOT_IN_FLIGHT:
                     return None
                 return await waiter.future
         except (TimeoutError, OrchestratorError, *_TRANSIENT) as e:
