@@ -11,6 +11,7 @@ import logging
 from importlib.metadata import entry_points
 
 from agent_orchestrator.workflows.base import (
+    AbsolutePath,
     AgentCalls,
     AgentReply,
     Durability,
@@ -21,6 +22,7 @@ from agent_orchestrator.workflows.base import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AbsolutePath",
     "AgentCalls",
     "AgentReply",
     "Durability",
