@@ -24,9 +24,10 @@ from typing import Any
 import asyncpg
 
 from agent_orchestrator.execution import Outcome
+from agent_orchestrator.lock_session import LockSession
 from agent_orchestrator.run_store import CANCEL_CHANNEL, RUNS_CHANNEL, RunRow, RunStore
 from shared.lib import metrics
-from shared.lib.connections import connect_postgres
+from shared.lib.connections import connection_lost
 from shared.lib.settings import Settings
 
 __all__ = ["LocalRun", "RunExecutor", "RunFinished", "WorkflowRunner", "advisory_key"]
@@ -46,6 +47,9 @@ _TAKE_SQL = (
 )
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
+#: Up to which attempt a run that failed because a server connection was lost is handed back
+#: (resumed from its last checkpoint) instead of failed.
+_MAX_HANDBACKS = 5
 
 EXPIRED_APPROVAL = {
     "decision": "reject",
@@ -110,8 +114,7 @@ class WorkflowRunner:
         self._load_records = load_records
         self._local: dict[str, LocalRun] = {}
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
-        self._lock_conn: asyncpg.Connection | None = None
-        self._lock_conn_mutex = asyncio.Lock()
+        self._session: LockSession | None = None  # holds the advisory locks of the runs here
         self._unlocks: list[str] = []  # ended runs whose advisory locks the next flush or take gives back
         self._unlocking: asyncio.Task[None] | None = None  # the flush of finished runs' locks, if due
         self._flushes: set[asyncio.Task[None]] = set()
@@ -125,9 +128,13 @@ class WorkflowRunner:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         assert self.settings.database_url is not None
-        self._lock_conn = await connect_postgres(self.settings.database_url)
-        await self._lock_conn.add_listener(RUNS_CHANNEL, self._on_notify)
-        await self._lock_conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+        self._session = LockSession(
+            self.settings.database_url,
+            listeners={RUNS_CHANNEL: self._on_notify, CANCEL_CHANNEL: self._on_cancel_notify},
+            on_lost=self._lock_session_lost,
+            on_back=self.wake,
+        )
+        await self._session.open()
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="runner-claim"),
             asyncio.create_task(self._lease_loop(), name="runner-lease"),
@@ -150,9 +157,8 @@ class WorkflowRunner:
             await asyncio.wait([lr.task for lr in running if lr.task], timeout=grace_s)
         for task in list(self._flushes):  # the session's end gives every lock back
             task.cancel()
-        if self._lock_conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._lock_conn.close(), timeout=2)
+        if self._session is not None:
+            await self._session.close()
 
     def wake(self) -> None:
         self._wake.set()
@@ -182,14 +188,16 @@ class WorkflowRunner:
             self._wake.clear()  # before looking: a wake-up while it looks brings another look
             try:
                 await self._claim_available()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+            except Exception as e:  # noqa: BLE001 - a failed pass is retried: the loop outlives any error
                 _log.warning("claiming runs failed (%s); retrying", e)
-                await self._reconnect_lock_conn()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=_POLL_S)
 
     async def _claim_available(self) -> None:
         free = self.settings.max_concurrent_workflows - len(self._local) - len(self._reserved)
+        assert self._session is not None
+        if not self._session.up:  # no locks to claim with: the session's return wakes the loop
+            return
         if free <= 0:
             self._backlog = True
             return
@@ -199,9 +207,8 @@ class WorkflowRunner:
         ids = [w for w in candidates if w not in busy]
         if not ids:
             return
-        assert self._lock_conn is not None
-        async with self._lock_conn_mutex:
-            runs = await self.store.claim(self._lock_conn, ids, [advisory_key(w) for w in ids])
+        async with self._session.mutex:
+            runs = await self.store.claim(self._session.conn(), ids, [advisory_key(w) for w in ids])
         records = await self._load_records(runs) if self._load_records is not None and runs else {}
         for run in runs:
             self._start(LocalRun(run=run, record=records.get(run.workflow_id)))
@@ -243,36 +250,30 @@ class WorkflowRunner:
     async def _take(self, workflow_id: str) -> datetime | None:
         """Take a workflow's advisory lock, giving back the locks of the runs ended meanwhile in
         the same statement; when it was taken, None if it was not."""
-        assert self._lock_conn is not None
-        async with self._lock_conn_mutex:
+        assert self._session is not None
+        async with self._session.mutex:
+            conn = self._session.conn()
             ended, self._unlocks = self._unlocks, []
             try:
-                row = await self._lock_conn.fetchrow(
-                    _TAKE_SQL, advisory_key(workflow_id), [advisory_key(w) for w in ended]
-                )
+                row = await conn.fetchrow(_TAKE_SQL, advisory_key(workflow_id), [advisory_key(w) for w in ended])
             except BaseException:  # given back or not: the next flush gives them back (again)
                 self._unlocks[:0] = ended
                 raise
             return row["taken_at"] if row is not None else None
 
     async def _give_back(self, workflow_id: str) -> None:
-        assert self._lock_conn is not None
-        async with self._lock_conn_mutex:
-            await self._lock_conn.execute("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id))
+        assert self._session is not None
+        async with self._session.mutex:
+            if self._session.up:  # else the session's end gave it back
+                await self._session.conn().execute("SELECT pg_advisory_unlock($1)", advisory_key(workflow_id))
 
-    async def _reconnect_lock_conn(self) -> None:
-        """The lock session is gone, and our advisory locks with it: stop every local run."""
+    def _lock_session_lost(self) -> None:
+        """The lock session is gone, and our advisory locks with it: stop every local run. Each
+        is left to its lease; once that runs out, a replica (this one, when its session is back)
+        claims it and resumes it from its last checkpoint."""
         for workflow_id in list(self._local):
             self.cancel_local(workflow_id, reason="lost-lock")
         self._unlocks.clear()  # the session held them
-        with contextlib.suppress(Exception):
-            assert self._lock_conn is not None
-            self._lock_conn.terminate()
-        await asyncio.sleep(_POLL_S)
-        assert self.settings.database_url is not None
-        self._lock_conn = await connect_postgres(self.settings.database_url)
-        await self._lock_conn.add_listener(RUNS_CHANNEL, self._on_notify)
-        await self._lock_conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
 
     # -- running ---------------------------------------------------------------------------------
     async def _run(self, lr: LocalRun) -> None:
@@ -283,12 +284,19 @@ class WorkflowRunner:
         except asyncio.CancelledError:
             outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
-            _log.exception("workflow %s failed", run.workflow_id)
+            _log.exception("workflow %s: its graph raised", run.workflow_id)
             outcome = e
         finally:
             metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).dec()
         try:
             await asyncio.shield(self._settle(lr, outcome))
+        except Exception as e:  # noqa: BLE001 - nothing recorded: the lease runs out and the run resumes
+            _log.warning(
+                "could not record how workflow %s ended (%s); it resumes from its last checkpoint once its "
+                "lease runs out",
+                run.workflow_id,
+                e,
+            )
         finally:
             self._local.pop(run.workflow_id, None)
             self._release(run.workflow_id, finished=lr.run_finished)
@@ -319,12 +327,13 @@ class WorkflowRunner:
     async def _flush_unlocks(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         while self._unlocks:
-            async with self._lock_conn_mutex:
+            assert self._session is not None
+            async with self._session.mutex:
                 ids, self._unlocks = self._unlocks, []
-                if self._lock_conn is None:
+                if not self._session.up:  # the session's end gave them back
                     return
                 with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-                    await self._lock_conn.execute(
+                    await self._session.conn().execute(
                         "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k", [advisory_key(w) for w in ids]
                     )
 
@@ -340,6 +349,14 @@ class WorkflowRunner:
                 return
             if lr.cancel_reason != "lost-lock":
                 await self.store.requeue(run.workflow_id)
+            return
+        if isinstance(outcome, Exception) and connection_lost(outcome) and run.attempts <= _MAX_HANDBACKS:
+            _log.warning(
+                "workflow %s lost a connection to a server (%s); handed back to resume from its last checkpoint",
+                run.workflow_id,
+                outcome,
+            )
+            await self.store.requeue(run.workflow_id)
             return
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             deadline = _wait_deadline(outcome.interrupt or {}, self.settings.approval_timeout_s)

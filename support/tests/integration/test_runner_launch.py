@@ -225,7 +225,7 @@ async def test_a_launch_whose_lock_comes_after_its_lease_ran_out_is_not_run_here
     await stalled.start()
     await other.start()
     try:
-        async with stalled._lock_conn_mutex:  # the lock session is stuck: the take waits
+        async with stalled._session.mutex:  # type: ignore[union-attr]  # the lock session is stuck: the take waits
             launching = asyncio.ensure_future(_launch(orch, records, workflow_id))
             while (await records.run_store.get(workflow_id)) is None:
                 await asyncio.sleep(0.01)

@@ -34,7 +34,9 @@ def _app(exc: Exception) -> FastAPI:
     ],
 )
 async def test_an_unavailable_backend_is_a_retryable_503(exc: Exception) -> None:
-    transport = httpx.ASGITransport(app=_app(exc), raise_app_exceptions=False)
+    """Answered, and not raised on to the server: uvicorn logs every exception that reaches it as
+    a crash with its traceback, one per request of an outage (the transport raises it here)."""
+    transport = httpx.ASGITransport(app=_app(exc), raise_app_exceptions=True)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         r = await client.get("/boom")
     assert r.status_code == 503
