@@ -2,7 +2,8 @@
 
 ``POST /agent-request`` takes an ``AgentRequestEvent`` and runs it through
 ``EventBus.execute``, the same checks and handler as a request off the bus, and
-answers with the ``AgentResponseEvent``. The HTTP status follows the response:
+answers with the ``AgentResponseEvent``. The envelope is JSON sent as such: a body with
+another content type, or none, is a 415 naming ``content-type``. The HTTP status follows the response:
 200 on success, the error's own 4xx/5xx otherwise (``rejected`` is 422), with
 the envelope as the body so ``error.field`` names the problem.
 
@@ -43,6 +44,7 @@ from shared.lib.agent_events import (
     window_skew_s,
 )
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
+from shared.lib.http_service import non_json_body
 
 __all__ = ["agent_routes", "status_for_error_code"]
 
@@ -129,6 +131,8 @@ def agent_routes() -> APIRouter:
     @router.post("/agent-request")
     async def agent_request(request: Request) -> Response:
         runtime = _runtime(request)
+        if (refused := non_json_body(request.headers)) is not None:
+            raise refused
         data = parse_envelope(await request.body(), max_bytes=runtime.settings.max_payload_bytes)
         envelope = await _authenticate(runtime, request, data)
         if envelope.target_agent != runtime.agent.name:

@@ -27,6 +27,7 @@ __all__ = [
     "StartupError",
     "Timeout",
     "Unauthorized",
+    "UnsupportedMediaType",
 ]
 
 
@@ -73,6 +74,14 @@ class InvalidInput(OrchestratorError):
 class PayloadTooLarge(InvalidInput):
     status_code = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The body is not sent as JSON (no content type, a form, text): send it with
+    ``Content-Type: application/json``."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class DeadlineExpired(InvalidInput):

@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -32,7 +32,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.lib.connections import CONNECTION_FAILURES, connect_redis, create_pg_pool
-from shared.lib.errors import OrchestratorError, PayloadTooLarge, ServiceUnavailable, StartupError, Unauthorized
+from shared.lib.errors import (
+    OrchestratorError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    StartupError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.safe_input import check_text, may_hold_unsafe_text
 from shared.lib.settings import Settings
@@ -50,6 +57,7 @@ __all__ = [
     "error_response",
     "guard_input",
     "install_error_handlers",
+    "non_json_body",
     "open_context",
     "ops_router",
     "serve",
@@ -142,17 +150,19 @@ def error_response(exc: OrchestratorError) -> JSONResponse:
 _LOCATIONS = {"body", "query", "path", "header", "cookie"}
 
 
-def _not_json(request: Request, loc: list[str]) -> JSONResponse | None:
-    """A 415 for a body sent as something other than JSON (``curl -d`` sends a form), which
-    FastAPI reads as a string and would refuse as "not a valid dictionary"."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if loc[:1] != ["body"] or not media_type or media_type == "application/json" or media_type.endswith("+json"):
+def non_json_body(headers: Mapping[str, str]) -> UnsupportedMediaType | None:
+    """The 415 (naming ``content-type``) for a body not sent as JSON, or None: one with no
+    content type (``curl -H 'Content-Type:'``) or another (``curl -d`` sends a form). FastAPI
+    reads such a body as bytes and would refuse it as "not a valid dictionary"; a route that
+    reads its body itself calls this first. An empty body is left to the route."""
+    if headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
         return None
-    return _refusal(
-        415,
-        "unsupported_media_type",
-        "content-type",
-        f"the body must be JSON sent with 'Content-Type: application/json', not {media_type!r}",
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    sent = f"not {media_type!r}" if media_type else "and this request has no Content-Type"
+    return UnsupportedMediaType(
+        f"the body must be JSON sent with 'Content-Type: application/json', {sent}", field="content-type"
     )
 
 
@@ -167,8 +177,8 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
     errors = exc.errors()
     err: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid request", "type": "x"}
     loc = [str(p) for p in err.get("loc", ())]
-    if (refused := _not_json(request, loc)) is not None:
-        return refused
+    if loc[:1] == ["body"] and (refused := non_json_body(request.headers)) is not None:
+        return error_response(refused)
     if loc and loc[0] in _LOCATIONS:
         loc = loc[1:]  # "body.input.x" -> "input.x", "query.limit" -> "limit"
     if err.get("type") == "json_invalid":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from a2a.types import AgentCard
 from google.protobuf.json_format import ParseDict
@@ -38,6 +39,7 @@ from support.tests.procs import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
+JSON = {"Content-Type": "application/json"}
 AGENT_ENV = {"AO_AGENT_STATUS_DEBOUNCE_S": "0.1", "AO_AGENT_DRAIN_GRACE_S": "15"}
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -146,7 +148,8 @@ async def test_agent_lifecycle(
 async def test_agent_http_and_bus_errors(
     stack: Callable[[str], ServiceProcess], bus: EventBus, repo: tuple[Path, str], ports: dict[str, int]
 ) -> None:
-    """The card parses with a2a-sdk; a bad payload names the field, an unknown type is rejected (HTTP and bus)."""
+    """The card parses with a2a-sdk; a bad payload names the field, an unknown type is rejected (HTTP and bus);
+    an envelope not sent as JSON gets 415 naming content-type."""
     stack("code-review")
     base = f"http://127.0.0.1:{ports['code-review']}"
     key = {"X-API-Key": TEST_SECRETS["AO_API_KEYS"]}
@@ -184,8 +187,16 @@ async def test_agent_http_and_bus_errors(
         forged = {**envelope("EXPLAIN_CODE", explain), "signature": "0" * 64}
         assert (await http.post("/agent-request", json=forged)).status_code == 401
 
-        malformed = await http.post("/agent-request", content=b"{not json", headers=key)
+        malformed = await http.post("/agent-request", content=b"{not json", headers={**key, **JSON})
         assert malformed.status_code in (400, 422)
+
+        # the envelope is JSON sent as such: no content type, or another, is a 415 saying so
+        as_sent = orjson.dumps(envelope("EXPLAIN_CODE", explain))
+        for content_type in ({}, {"Content-Type": "text/plain"}):
+            refused = await http.post("/agent-request", content=as_sent, headers={**key, **content_type})
+            assert refused.status_code == 415, refused.text
+            assert refused.json()["error"]["field"] == "content-type"
+            assert "Content-Type: application/json" in refused.json()["error"]["message"]
 
     over_bus = await _call(bus, "code-review", "REVIEW_CODE", {"repo_path": str(repo[0]), "base": repo[1], "head": 7})
     assert over_bus.status == "error"

@@ -668,6 +668,25 @@ def test_oversized_body_and_missing_key_are_refused(api: httpx.Client, stack: St
     assert "application/json" in form.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+@pytest.mark.parametrize("path", ["/workflows", "/workflows/{id}/resume"])
+def test_a_body_not_sent_as_json_is_415_naming_the_content_type(
+    api: httpx.Client, path: str, content_type: str | None
+) -> None:
+    """A JSON body sent with no content type (curl -H 'Content-Type:') or as text gets 415 naming
+    content-type and saying what to send, not "body: Input should be a valid dictionary"."""
+    body = {"workflow_type": "parallel_docs", "input": {}} if path == "/workflows" else {"decision": "approve"}
+    r = api.post(
+        path.format(id="00000000-0000-0000-0000-000000000001"),
+        content=orjson.dumps(body),  # raw content: httpx adds no content type of its own
+        headers={"Content-Type": content_type} if content_type else {},
+    )
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("unsupported_media_type", "content-type")
+    assert "Content-Type: application/json" in error["message"]
+
+
 def test_workflow_types_list_schema_and_mermaid(api: httpx.Client) -> None:
     """GET /workflow-types gives each type's input schema, its answer's schema and its graph as Mermaid."""
     items = {t["name"]: t for t in api.get("/workflow-types").json()["items"]}

@@ -205,6 +205,31 @@ async def test_malformed_bodies_name_the_field(
     assert (await registry.get(agent_id)).json()["status"] == "initializing"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("path", ["register", "heartbeat", "status"])
+async def test_a_body_not_sent_as_json_is_415_naming_the_content_type(
+    registry: RunningRegistry, path: str, content_type: str | None
+) -> None:
+    """A JSON body sent with no content type, or another one, gets 415 naming content-type and
+    saying what to send (not "body: Input should be a valid dictionary"); nothing is written."""
+    agent_id, token = await registry.register("cicd")
+    url, body, method = {
+        "register": (f"{registry.url}/agents/register", registration("x"), "POST"),
+        "heartbeat": (f"{registry.url}/agents/{agent_id}/heartbeat", {"in_flight": 2}, "POST"),
+        "status": (f"{registry.url}/agents/{agent_id}/status", {"status": "active"}, "PUT"),
+    }[path]
+    headers = {"X-Registration-Secret": SECRET, "X-Agent-Token": token}
+    # httpx sends no Content-Type for raw content unless one is given
+    headers |= {"Content-Type": content_type} if content_type else {}
+    r = await registry.http.request(method, url, content=json.dumps(body).encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("unsupported_media_type", "content-type")
+    assert "Content-Type: application/json" in error["message"]
+    assert len(await registry.discover()) == 1
+    assert (await registry.get(agent_id)).json()["in_flight"] == 0
+
+
 @pytest.mark.parametrize("query", ["capability=%00", "tag=a%00", "name=x&capability=A%00B"])
 async def test_nul_in_a_query_is_422_naming_the_parameter(registry: RunningRegistry, query: str) -> None:
     """A query parameter holding NUL gets 422 naming it (PostgreSQL cannot compare such text)."""
