@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import AliasChoices
 from pydantic_core import PydanticUndefined
 
 from shared.lib.errors import InvalidInput
-from shared.lib.settings import Settings
+from shared.lib.settings import Settings, env_var
 
 __all__ = ["BEGIN_MARKER", "END_MARKER", "SettingDoc", "config_reference", "env_names", "render", "setting_docs"]
 
@@ -40,17 +39,9 @@ class SettingDoc:
     doc: str
 
 
-def _env_name(name: str) -> str:
-    alias = Settings.model_fields[name].validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    prefix = str(Settings.model_config.get("env_prefix", ""))
-    return f"{prefix}{name}".upper()
-
-
 def env_names() -> dict[str, str]:
     """Environment variable -> settings field, for every field of :class:`Settings`."""
-    return {_env_name(name): name for name in Settings.model_fields}
+    return {env_var(name): name for name in Settings.model_fields}
 
 
 def _docstrings() -> dict[str, str]:
@@ -85,7 +76,7 @@ def setting_docs() -> list[SettingDoc]:
     """One entry per settings field, in the order of the class."""
     docs = _docstrings()
     return [
-        SettingDoc(name, _env_name(name), _type_name(f.annotation), _default(name), docs.get(name, ""))
+        SettingDoc(name, env_var(name), _type_name(f.annotation), _default(name), docs.get(name, ""))
         for name, f in Settings.model_fields.items()
     ]
 

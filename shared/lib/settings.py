@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from shared.lib.errors import StartupError
 
-__all__ = ["AGENT_ID_PATTERN", "SECRETS", "SERVICE_PORTS", "Settings", "load_settings"]
+__all__ = ["AGENT_ID_PATTERN", "LOG_LEVELS", "SECRETS", "SERVICE_PORTS", "Settings", "env_var", "load_settings"]
 
 #: Agent ids and agent names share one pattern (DESIGN, Guarantees).
 AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -33,6 +33,9 @@ SERVICE_PORTS: dict[str, int] = {
     "documentation": 8006,
     "agent-registry": 8009,
 }
+
+#: The levels AO_LOG_LEVEL takes (in any case): the ones ``logging`` and uvicorn both know.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _UNSAFE_SECRETS = {"", "changeme", "change-me", "secret", "password", "dev"}
 #: Every secret a service needs outside dev mode; see :func:`load_settings` ``require``.
@@ -83,7 +86,7 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     """Open APIs with no keys or signatures. Announced loudly at start-up."""
     log_level: str = "INFO"
-    """Log level of every service: DEBUG, INFO, WARNING or ERROR."""
+    """Log level of every service: DEBUG, INFO, WARNING or ERROR (any case)."""
 
     # -- security --------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -177,6 +180,16 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: Any) -> Any:
+        """Checked here, so a bad level is one line at load, not a traceback from ``logging``."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+        return value.strip().upper()
+
     @field_validator("ports", mode="after")
     @classmethod
     def _merge_ports(cls, value: dict[str, int]) -> dict[str, int]:
@@ -214,11 +227,29 @@ class Settings(BaseSettings):
         return f"http://{self.host}:{self.port_for(service)}"
 
 
+def env_var(field: str) -> str:
+    """The environment variable of a settings field: ``AO_<FIELD>``, or the conventional name
+    of a connection URL (``DATABASE_URL``)."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in Settings.model_fields:
+        loc[0] = env_var(loc[0])  # what the operator set: AO_LOG_LEVEL, not log_level
     msg = re.sub(r"^Value error, ", "", str(err.get("msg", "")))
-    return f"{loc}: {msg}" if loc else msg
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
+def _unparsable(exc: SettingsError) -> str:
+    """pydantic-settings' error for a value it could not decode (``AO_PORTS=x``: not JSON)."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    name = env_var(field[1]) if field and field[1] in Settings.model_fields else "a setting"
+    return f"{name} must be JSON: {exc.__cause__ or exc}"
 
 
 def load_settings(*, require: tuple[str, ...] = SECRETS, **overrides: Any) -> Settings:
@@ -232,5 +263,7 @@ def load_settings(*, require: tuple[str, ...] = SECRETS, **overrides: Any) -> Se
         return Settings(**overrides)
     except ValidationError as e:
         raise StartupError(f"invalid configuration: {_first_error(e)}") from e
+    except SettingsError as e:
+        raise StartupError(f"invalid configuration: {_unparsable(e)}") from e
     finally:
         _required.reset(token)

@@ -70,6 +70,32 @@ def test_unsafe_default_secrets_are_refused_outside_dev_mode(monkeypatch: pytest
     assert load_settings(dev_mode=True).dev_mode
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("AO_LOG_LEVEL", "LOUD", "AO_LOG_LEVEL: 'LOUD' is not a log level; use one of DEBUG, INFO, WARNING, ERROR"),
+        ("AO_PORTS", "x", "AO_PORTS must be JSON"),
+        ("AO_LOCK_TTL_S", "soon", "AO_LOCK_TTL_S: Input should be a valid number"),
+    ],
+)
+def test_an_invalid_setting_is_one_line_naming_its_variable(
+    variable: str, value: str, expected: str, service_env: dict[str, str], ports: dict[str, int]
+) -> None:
+    """A value a setting cannot take (a log level logging does not know, JSON that is not) stops
+    start-up with one line naming the variable and what it takes, exit 2, no traceback."""
+    done = _start(["registry", "--port", str(ports["agent-registry"])], {**service_env, variable: value})
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: invalid configuration: {expected}"), done.stderr
+
+
+def test_the_log_level_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AO_LOG_LEVEL=warning is WARNING, as logging and uvicorn both take it."""
+    monkeypatch.setenv("AO_LOG_LEVEL", " warning")
+    assert load_settings(dev_mode=True).log_level == "WARNING"
+
+
 def _start(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent_orchestrator", *args],
