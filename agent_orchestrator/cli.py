@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agent_orchestrator import cli_bench, cli_client, cli_stack
 from agent_orchestrator.cli_agents import agent
@@ -74,7 +75,8 @@ def main() -> None:
     try:
         app()
     except OrchestratorError as e:
-        _err.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        # escaped: a message quoting a pattern ([a-z0-9]) or JSON ([null]) is not rich markup
+        _err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -25,6 +25,7 @@ import orjson
 import typer
 import uvloop
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.lib.errors import InvalidInput, StartupError
@@ -118,8 +119,8 @@ async def _run_guarded(
         result = await _run_suite(suite, settings, admin_url, redis_url, say, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported as the suite's error; the run goes on
         result = SuiteResult(notes={f"{suite}_error": f"{type(e).__name__}: {e}"})
-        _out.print(f"[bold red]suite {suite} failed:[/] {type(e).__name__}: {e}")
-        _out.print(traceback.format_exc(limit=8), style="dim", highlight=False)
+        _out.print(f"[bold red]suite {suite} failed:[/] {escape(f'{type(e).__name__}: {e}')}")
+        _out.print(traceback.format_exc(limit=8), style="dim", highlight=False, markup=False)
     result.figures[f"bench_{suite}_duration_s"] = time.monotonic() - started
     return result
 
@@ -217,9 +218,10 @@ def bench(
     json_path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     _summary(results)
     if results["failed_suites"]:
-        _out.print(f"[bold red]failed suites:[/] {', '.join(results['failed_suites'])}; the rest is in {json_path}")
+        failed = escape(f"{', '.join(results['failed_suites'])}; the rest is in {json_path}")
+        _out.print(f"[bold red]failed suites:[/] {failed}")
         raise typer.Exit(1)
-    _out.print(f"[green]wrote[/] {json_path}")
+    _out.print(f"[green]wrote[/] {escape(str(json_path))}")
 
 
 def _summary(results: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ __all__ = ["dlq_app", "events_app"]
 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered agent requests: list and requeue.")
 events_app = typer.Typer(no_args_is_help=True, help="The events log: replay stored events to live subscribers.")
-_out = Console()
+_out = Console(markup=False)  # dead letters' reasons and messages are shown as they are
 T = TypeVar("T")
 _REPLAY_PAGE = 500
 

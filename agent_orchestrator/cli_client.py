@@ -22,7 +22,9 @@ from shared.lib.workflow_state import TERMINAL_STATUSES, canonical_workflow_id
 
 __all__ = ["approve", "cancel", "list_workflows", "reject", "run", "status"]
 
-_out = Console()
+#: No markup: what is printed is the API's text (reasons, JSON, error messages), whose square
+#: brackets rich would take for style tags and drop.
+_out = Console(markup=False)
 _STOPPED = TERMINAL_STATUSES | {"interrupted"}
 #: How long ``run --follow`` keeps reconnecting to a lost event stream before it gives up.
 _RECONNECT_S = 120.0
@@ -179,7 +181,7 @@ def _leg(client: httpx.Client, body: dict[str, Any], view: dict[str, Any]) -> st
         if time.monotonic() - view["alive"] > _RECONNECT_S:
             see = f"; `agent-orchestrator status {view['workflow_id']}` shows it" if "workflow_id" in view else ""
             raise ServiceUnavailable(f"{e.message}; gave up after {_RECONNECT_S:.0f}s{see}") from e
-        _out.print(f"[yellow]{e.message}; reconnecting[/]")
+        _out.print(f"{e.message}; reconnecting", style="yellow")
         time.sleep(_RECONNECT_PAUSE_S)
         return None
     return stopped

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from agent_orchestrator.cli_clients import one_shot_clients
 from shared.lib.resource_lock import LockInfo, ResourceLockManager
@@ -24,7 +25,7 @@ from shared.lib.settings import Settings, load_settings
 __all__ = ["locks_app"]
 
 locks_app = typer.Typer(no_args_is_help=True, help="Resource locks: list the leases, force one free.")
-_out = Console()
+_out = Console(markup=False)  # resource ids, owners and reasons are shown as they are
 _STATE_STYLE = {"held": "green", "expired": "yellow", "abandoned": "red"}
 
 
@@ -57,7 +58,7 @@ def _table(locks: list[LockInfo]) -> Table:
             lock.resource_id,
             lock.owner,
             str(lock.token),
-            f"[{style}]{lock.state}[/]",
+            Text(lock.state, style=style),
             _ago(lock.acquired_at, now),
             _ago(lock.expires_at, now),
             str(lock.backend_pid or "-"),
@@ -94,7 +95,11 @@ def release(
             return await locks.force_release(resource, reason)
 
     ended = asyncio.run(main())
-    _out.print(
-        f"released [bold]{ended.resource_id}[/] held by [bold]{ended.owner}[/] (token {ended.token}): {reason}",
-        highlight=False,
+    released = Text.assemble(
+        "released ",
+        (ended.resource_id, "bold"),
+        " held by ",
+        (ended.owner, "bold"),
+        f" (token {ended.token}): {reason}",
     )
+    _out.print(released, highlight=False)

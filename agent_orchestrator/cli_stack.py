@@ -81,8 +81,10 @@ def up(
     try:
         _out.print("[bold green]stack is up[/]")
         for p in stack.processes:  # soft_wrap: a URL or path split across lines cannot be copied
-            _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False)
-        _out.print(f"  API key: {stack.api_key}   (send it as X-API-Key)", soft_wrap=True, highlight=False)
+            _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False, markup=False)
+        _out.print(
+            f"  API key: {stack.api_key}   (send it as X-API-Key)", soft_wrap=True, highlight=False, markup=False
+        )
         _out.print("Ctrl-C stops everything.")
         stopped.wait()
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from agent_orchestrator.stack import Stack
 from shared.lib.workflow_state import TERMINAL_STATUSES
@@ -125,7 +126,8 @@ def _pr_deployment(api: _Api, repo: Path, base: str, head: str, out: Console) ->
     wf = api.follow(res.workflow_id, until=_TERMINAL | {"interrupted"})
     if wf["status"] == "interrupted":
         ask = wf.get("pending_interrupt") or {}
-        out.print(f"  approval requested: {ask.get('question')} review={ask.get('review')} tests={ask.get('tests')}")
+        asked = f"{ask.get('question')} review={ask.get('review')} tests={ask.get('tests')}"
+        out.print(f"  approval requested: {asked}", markup=False)
         api.resume(res.workflow_id, {"decision": "approve", "by": "demo-operator", "comment": "looks good"})
         out.print("  approved through POST /workflows/{id}/resume")
         wf = api.follow(res.workflow_id, until=_TERMINAL)
@@ -163,7 +165,7 @@ def _self_healing(api: _Api, stack: Stack, out: Console) -> DemoResult:
     res = DemoResult("self_healing")
     victim = stack.find("documentation")[-1]
     stack.kill9(victim)
-    out.print(f"  injected fault: SIGKILL to {victim.name} (pid gone, still registered)")
+    out.print(f"  injected fault: SIGKILL to {victim.name} (pid gone, still registered)", markup=False)
     _wait_noticed(api, victim.name)
     res.workflow_id = api.launch("self_healing", {"registry": True, "agents": ["documentation"], "max_iterations": 3})
     wf = api.follow(res.workflow_id, until=_TERMINAL)
@@ -193,7 +195,7 @@ def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
     """Run the three workflows against a started stack and return what each did."""
     api = _Api(stack.orchestrator_url, stack.api_key, registry_url=stack.settings.url_for("agent-registry"))
     repo, base, head = make_sample_repo(work_dir)
-    out.print(f"sample repository: {repo} ({base[:8]} -> {head[:8]})")
+    out.print(f"sample repository: {repo} ({base[:8]} -> {head[:8]})", markup=False)
     results = []
     steps: list[tuple[str, Callable[[], DemoResult]]] = [
         ("pr_deployment", lambda: _pr_deployment(api, repo, base, head, out)),
@@ -209,7 +211,7 @@ def run_demo(stack: Stack, *, work_dir: Path, out: Console) -> list[DemoResult]:
             except (httpx.HTTPError, TimeoutError, KeyError) as e:
                 res = DemoResult(name, status="error", summary=_failure(e))
             res.seconds = time.monotonic() - started
-            out.print(f"  {res.status} in {res.seconds:.1f}s: {res.summary}")
+            out.print(f"  {res.status} in {res.seconds:.1f}s: {res.summary}", markup=False)  # an error's text, as it is
             results.append(res)
     finally:
         api.http.close()
@@ -233,5 +235,5 @@ def summary_table(results: list[DemoResult]) -> Table:
         table.add_column(col)
     for r in results:
         style = "green" if r.ok else "red"
-        table.add_row(r.name, r.workflow_id[:8], f"[{style}]{r.status}[/]", f"{r.seconds:.1f}", r.summary)
+        table.add_row(r.name, r.workflow_id[:8], Text(r.status, style=style), f"{r.seconds:.1f}", Text(r.summary))
     return table

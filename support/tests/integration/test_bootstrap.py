@@ -90,6 +90,14 @@ def test_an_invalid_setting_is_one_line_naming_its_variable(
     assert lines[0].startswith(f"error: invalid configuration: {expected}"), done.stderr
 
 
+def test_an_error_quoting_square_brackets_prints_them(service_env: dict[str, str]) -> None:
+    """A CLI error is printed as it is: the id pattern an --instance-id must match keeps its
+    character classes (rich took them for markup and printed ``^{0,63}$``)."""
+    done = _start(["agent", "cicd", "--instance-id", "Bad Id", "--port", "1"], service_env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: --instance-id 'Bad Id' must match ^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
 def test_the_log_level_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
     """AO_LOG_LEVEL=warning is WARNING, as logging and uvicorn both take it."""
     monkeypatch.setenv("AO_LOG_LEVEL", " warning")
