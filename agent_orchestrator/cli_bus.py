@@ -17,7 +17,8 @@ from typing import Annotated, TypeVar
 import orjson
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.padding import Padding
+from rich.text import Text
 
 from agent_orchestrator.cli_clients import one_shot_clients
 from shared.lib.errors import InvalidInput
@@ -49,13 +50,19 @@ def _run(settings: Settings, work: Callable[[EventBus], Awaitable[T]], *, with_p
     return asyncio.run(main())
 
 
-def _table(letters: list[DeadLetter]) -> Table:
-    table = Table("id", "reason", "deliveries", "dead at", "request type", "message")
+def _print_letters(letters: list[DeadLetter]) -> None:
+    """Each dead letter as its id on a line of its own, whole however narrow the terminal (it is
+    what ``dlq requeue`` takes; a table cut it to ``code-revi…`` at 80 columns), then what
+    happened to it and its message, indented."""
+    _out.print(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}, newest first:")
     for d in letters:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.dead_at))
-        request_type = str((d.request or {}).get("request_type", "?"))
-        table.add_row(d.id, d.reason, str(d.deliveries), when, request_type, d.message)
-    return table
+        request_type = (d.request or {}).get("request_type", "?")
+        _out.print()
+        _out.print(d.id, style="bold", soft_wrap=True)
+        times = "once" if d.deliveries == 1 else f"{d.deliveries} times"
+        details = f"{d.reason} at {when}: {request_type}, delivered {times}"
+        _out.print(Padding(Text(f"{details}\n{d.message}"), (0, 0, 0, 2), expand=False))
 
 
 @dlq_app.command("list")
@@ -74,7 +81,7 @@ def dlq_list(
     if not letters:
         typer.echo("no dead letters")
         return
-    _out.print(_table(letters))
+    _print_letters(letters)
 
 
 @dlq_app.command("requeue")

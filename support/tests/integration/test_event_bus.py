@@ -608,6 +608,42 @@ async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service
     await task
 
 
+async def test_cli_lists_each_dead_letter_id_whole_at_80_columns(
+    make_bus: BusFactory, service_env: dict[str, str]
+) -> None:
+    """`dlq list` in an 80-column terminal prints each id whole on a line of its own (a table cut
+    them to `documenta…`), nothing wider than the terminal, and `dlq requeue` takes an id as printed."""
+    server = await make_bus(visibility_timeout_s=0.2, max_deliveries=1)
+    client = await make_bus()
+    attempts: list[str] = []
+
+    async def crashes_once(request: AgentRequestEvent) -> dict[str, Any]:
+        attempts.append(request.request_id)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt crashes")
+        return {}
+
+    task = _serve(server, "documentation", crashes_once)
+    await _wait_live(client, "documentation")
+    response = await client.request_agent(_req("documentation"), timeout_s=10)
+    assert response.error is not None
+    assert response.error["code"] == "dead_lettered"
+    with pytest.raises(InvalidSignature):
+        await client.execute(_req("documentation"), _echo)  # unsigned: refused and dead-lettered
+    code, out = await run_cli({**service_env, "COLUMNS": "80"}, "dlq", "list")
+    assert code == 0, out
+    lines = out.splitlines()
+    by_reason = {d.reason: d.id for d in await client.dead_letters()}
+    assert sorted(by_reason) == ["bad_signature", "max_deliveries"]
+    assert all(i in lines for i in by_reason.values()), out
+    assert max(len(line) for line in lines) <= 80, out
+    printed = lines[lines.index(by_reason["max_deliveries"])]
+    code, out = await run_cli(service_env, "dlq", "requeue", printed)
+    assert (code, out.strip().splitlines()[-1].startswith(f"requeued {printed} as request ")) == (0, True), out
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def test_cli_replays_events(make_bus: BusFactory, service_env: dict[str, str]) -> None:
     """`events replay --type T --aggregate A:ID` publishes the matching stored events again."""
     bus = await make_bus()
