@@ -17,6 +17,7 @@ from agent_orchestrator.workflows.base import (
     Durability,
     LockHolder,
     WorkflowContext,
+    WorkflowInput,
     WorkflowType,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "Durability",
     "LockHolder",
     "WorkflowContext",
+    "WorkflowInput",
     "WorkflowType",
     "builtin_workflow_types",
     "load_workflow_types",

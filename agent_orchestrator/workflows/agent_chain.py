@@ -15,9 +15,9 @@ from typing import Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Command
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import WorkflowContext, WorkflowInput, WorkflowType
 from shared.lib.errors import OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 from shared.lib.settings import AGENT_ID_PATTERN
@@ -27,13 +27,13 @@ __all__ = ["AGENT_CHAIN", "AgentChainInput", "ChainCall"]
 MAX_CALLS = 50
 
 
-class ChainCall(BaseModel):
+class ChainCall(WorkflowInput):
     agent: str = Field(pattern=AGENT_ID_PATTERN, description="Name of the agent to call.")
     request_type: str = Field(min_length=1, max_length=64, description="One of the agent's request types.")
     payload: dict[str, Any] = Field(default_factory=dict, description="The request's payload.")
 
 
-class AgentChainInput(BaseModel):
+class AgentChainInput(WorkflowInput):
     calls: list[ChainCall] = Field(min_length=1, max_length=MAX_CALLS, description="The calls, made in order.")
 
 

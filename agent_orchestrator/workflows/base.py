@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
 from langgraph.graph import StateGraph
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shared.lib.settings import Settings
 
@@ -30,6 +30,7 @@ __all__ = [
     "Durability",
     "LockHolder",
     "WorkflowContext",
+    "WorkflowInput",
     "WorkflowType",
 ]
 
@@ -47,6 +48,13 @@ def _absolute(path: str) -> str:
 
 #: A path in a workflow's input: absolute, as the orchestrator and the agents resolve it, not the caller.
 AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
+
+
+class WorkflowInput(BaseModel):
+    """The base of a workflow's input model: a field it does not know is a 422 naming it, not
+    silently dropped (a misspelt ``max_iteration`` would otherwise run with the default)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Send
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
 from shared.lib.errors import InvalidInput, OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
@@ -39,7 +39,7 @@ _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _Unit = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
-class ParallelDocsInput(BaseModel):
+class ParallelDocsInput(WorkflowInput):
     repo_path: AbsolutePath = Field(description="Absolute path of the repository to document.")
     modules: list[_Unit] | None = Field(
         default=None,

@@ -17,7 +17,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PR_DEPLOYMENT", "ApprovalAnswer", "ApprovalDecision", "PrDeploymentInput"]
@@ -27,7 +27,7 @@ _ENV_LOCK_TTL_S = 600.0
 _ENV_LOCK_WAIT_S = 120.0
 
 
-class PrDeploymentInput(BaseModel):
+class PrDeploymentInput(WorkflowInput):
     repo_path: AbsolutePath = Field(description="Absolute path of the git repository.")
     base: str = Field(min_length=1, description="Base revision of the change.")
     head: str = Field(min_length=1, description="Revision to review, test and deploy.")

@@ -12,16 +12,16 @@ from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from agent_orchestrator.workflows.base import WorkflowContext, WorkflowType
+from agent_orchestrator.workflows.base import WorkflowContext, WorkflowInput, WorkflowType
 from shared.lib.errors import OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["SELF_HEALING", "SelfHealingInput"]
 
 
-class SelfHealingInput(BaseModel):
+class SelfHealingInput(WorkflowInput):
     targets: list[dict[str, Any]] = Field(
         default_factory=list, description="HTTP/TCP probes: {kind: http, url} or {kind: tcp, host, port}."
     )

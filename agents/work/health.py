@@ -106,10 +106,11 @@ async def probe_pending(
     for agent in agents:
         started = time.monotonic()
         pending, consumers = await _pending_of(redis, prefix, agent)
-        probes.append(Probe("redis_pending", agent, pending <= max_pending, _ms(started), {"pending": pending}))
-        if pending > max_pending:
+        detail = {"pending": pending, "consumers": consumers}
+        probes.append(Probe("redis_pending", agent, pending <= max_pending, _ms(started), detail))
+        if pending > max_pending:  # no fix of its own: a dead consumer's share is a dead_consumer issue
             message = f"{pending} requests pending for {agent} (threshold {max_pending})"
-            issues.append(Issue("pending_backlog", agent, "warning", message, {"consumers": consumers}))
+            issues.append(Issue("pending_backlog", agent, "warning", message))
     return probes, issues
 
 

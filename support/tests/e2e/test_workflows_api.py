@@ -593,6 +593,20 @@ def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[di
             422,
             "input.max_iterations",
         ),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "self_healing", "input": {"max_iteration": 2}},  # misspelt: not silently dropped
+            422,
+            "input.max_iteration",
+        ),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "agent_chain", "input": {"calls": [{"agent": "cicd", "request_type": "X", "x": 1}]}},
+            422,
+            "input.calls.0.x",
+        ),
         ("GET", "/workflows/not-a-uuid", None, 422, "workflow_id"),
         ("GET", "/workflows/00000000-0000-0000-0000-000000000000", None, 404, None),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve"}, 404, None),

@@ -39,6 +39,9 @@ async def test_requests_held_by_a_dead_consumer_are_found_and_made_reclaimable(i
     report = await infra.run("HEALTH_CHECK", {"agents": ["ghost"], "max_pending": 0})
     kinds = {i["kind"]: i for i in report["issues"]}
     assert set(kinds) == {"pending_backlog", "dead_consumer"}
+    assert kinds["pending_backlog"]["remediation"] is None  # a backlog has no fix of its own (REMEDIATE refuses)
+    [probe] = [p for p in report["probes"] if p["kind"] == "redis_pending"]
+    assert probe["detail"] == {"pending": 1, "consumers": {"ghost-dead-1": 1}}
     fix = kinds["dead_consumer"]["remediation"]
     assert fix == {"action": "reclaim_pending", "agent": "ghost", "consumer": "ghost-dead-1"}
 
