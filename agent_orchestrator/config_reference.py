@@ -67,9 +67,9 @@ def _default(name: str) -> str:
     if name in _SECRETS:
         return "(secret; none)"
     value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
-    if value is PydanticUndefined or value is None:
+    if value is PydanticUndefined or value is None or value == "":
         return "(unset)"
-    return f"`{value}`" if str(value) != "" else '`""`'
+    return f"`{value}`"
 
 
 def setting_docs() -> list[SettingDoc]:

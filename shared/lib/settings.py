@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     redis_url: str | None = _url_field("REDIS_URL")
     """Redis URL; unset: ``up`` and ``demo`` start the embedded redis-server under data_dir,
     and the operator commands use it while it runs."""
-    registry_url: str = _url_field("REGISTRY_URL", "http://127.0.0.1:8009")
-    """Where agents and the orchestrator reach the registry service."""
+    registry_url: str = _url_field("REGISTRY_URL", "")  # "": derived in _derive_registry_url
+    """Where agents and the orchestrator reach the registry service; unset: AO_HOST and the
+    registry's port in AO_PORTS (``http://127.0.0.1:8009``)."""
     pg_prepare_threshold: int | None = 5
     """psycopg prepare threshold for the checkpointer; set empty/None behind pgbouncer."""
     checkpoint_synchronous_commit: bool = True
@@ -82,7 +83,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     """Interface every service binds to."""
     ports: dict[str, int] = Field(default_factory=lambda: dict(SERVICE_PORTS))
-    """Port per service name, as JSON (``AO_PORTS='{"orchestrator": 9001}'``); merged over the defaults."""
+    """Port per service name, as JSON (``AO_PORTS='{"orchestrator": 9001}'``); merged over the defaults.
+    An unset REGISTRY_URL follows the ``agent-registry`` port."""
     dev_mode: bool = False
     """Open APIs with no keys or signatures. Announced loudly at start-up."""
     log_level: str = "INFO"
@@ -199,6 +201,13 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _derive_registry_url(self) -> Settings:
+        """The registry where AO_HOST and AO_PORTS put it, when REGISTRY_URL is not given."""
+        if not self.registry_url.strip():
+            self.registry_url = self.url_for("agent-registry")
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_secrets(self) -> Settings:

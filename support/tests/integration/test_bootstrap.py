@@ -104,6 +104,32 @@ def test_the_log_level_is_taken_in_any_case(monkeypatch: pytest.MonkeyPatch) -> 
     assert load_settings(dev_mode=True).log_level == "WARNING"
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "http://127.0.0.1:8009"),
+        ({"AO_PORTS": '{"agent-registry": 28009}'}, "http://127.0.0.1:28009"),
+        ({"AO_PORTS": '{"agent-registry": 28009}', "AO_HOST": "10.0.0.7"}, "http://10.0.0.7:28009"),
+        ({"AO_PORTS": '{"agent-registry": 28009}', "REGISTRY_URL": ""}, "http://127.0.0.1:28009"),
+        ({"AO_PORTS": '{"agent-registry": 28009}', "REGISTRY_URL": "http://registry:8009"}, "http://registry:8009"),
+    ],
+    ids=["defaults", "ports", "host-and-ports", "blank", "given"],
+)
+def test_an_unset_registry_url_follows_host_and_ports(
+    env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With REGISTRY_URL unset (or blank), services reach the registry where AO_HOST and AO_PORTS
+    put it, as url_for does; a REGISTRY_URL that is given wins."""
+    for var in ("REGISTRY_URL", "AO_REGISTRY_URL", "AO_PORTS", "AO_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    settings = load_settings(dev_mode=True)
+    assert settings.registry_url == expected
+    if "REGISTRY_URL" not in env or not env["REGISTRY_URL"]:
+        assert settings.registry_url == settings.url_for("agent-registry")
+
+
 def _start(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent_orchestrator", *args],
