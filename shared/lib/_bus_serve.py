@@ -2,7 +2,8 @@
 
 A reader task blocks on XREADGROUP over the agent's priority bands (high band
 first), a maintenance task renews liveness, keeps the claims of running
-handlers alive (XCLAIM ... JUSTID), reclaims entries idle past the visibility
+handlers alive (XCLAIM ... JUSTID) and their in-flight markers set (a Redis
+restarted without its data lost them), reclaims entries idle past the visibility
 timeout (XAUTOCLAIM), takes over at once the entries of consumers no longer
 live (an instance killed mid-work: its liveness runs out sooner than the
 visibility timeout) and dead-letters those delivered too often. At start it
@@ -43,6 +44,10 @@ _BLOCK_MS = 250
 #: Loop turns a fast handler needs to reach its reply write (task start, batch, flush).
 _REPLY_TURNS = 4
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+#: After a failed maintenance tick, the first retry comes this soon (doubling up to the interval),
+#: so liveness and markers are back within about this long of Redis coming back.
+_MAINTAIN_RETRY_S = 0.05
+_MAINTAIN_RETRY_MAX_S = 0.5
 
 
 def consumer_lifetime_s(settings: Settings) -> float:
@@ -54,6 +59,12 @@ def maintain_interval_s(settings: Settings) -> float:
     """How often a consumer beats, renews its claims and looks for entries to reclaim: a third
     of its lifetime (at most 5 s), so two missed beats do not make a live consumer look dead."""
     return max(min(consumer_lifetime_s(settings) / 3, 5.0), 0.05)
+
+
+def markers_renewed_within_s(settings: Settings) -> float:
+    """How soon after Redis comes back every instance has set again the in-flight markers of the
+    requests it runs: at its next maintenance tick, or its next retry of a failed one."""
+    return maintain_interval_s(settings) + _MAINTAIN_RETRY_MAX_S
 
 
 def _field(fields: list[bytes] | None, name: bytes) -> bytes | None:
@@ -93,6 +104,7 @@ class Server:
         self._read_batch = max(1, concurrency // 2)
         self._held: dict[Any, str] = {}  # entry id -> stream, for keepalive
         self._running: dict[str, asyncio.Task[Any]] = {}  # idempotency key -> its handler's task
+        self._deadlines: dict[str, float] = {}  # idempotency key -> its deadline, of the requests in _running
         self._cancelled: dict[str, float] = {}  # idempotency key -> Unix time to forget its cancel notice
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -106,8 +118,7 @@ class Server:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
-        await self._ensure_groups()
-        await self.core.redis.sadd(keys.agents_set(self.core.prefix), self.agent)  # type: ignore[misc]
+        await self._join()
         await self._beat()
         await self._take_back_own()
         self._loops = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._maintain_loop())]
@@ -129,6 +140,12 @@ class Server:
     @property
     def active(self) -> int:
         return len(self._tasks)
+
+    async def _join(self) -> None:
+        """Create the agent's consumer groups (and streams) if missing, and list the agent among
+        those that served (for ``dlq list``): at start, and when Redis lost its data."""
+        await self._ensure_groups()
+        await self.core.redis.sadd(keys.agents_set(self.core.prefix), self.agent)  # type: ignore[misc]
 
     async def _ensure_groups(self) -> None:
         for stream in self.streams:
@@ -160,7 +177,7 @@ class Server:
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
-                await self._ensure_groups()  # the server lost its data (restart without persistence)
+                await self._join()  # the server lost its data (restart without persistence)
             except _TRANSIENT as e:
                 _log.warning("reading requests for %s failed (%s); retrying in %.2fs", self.agent, e, delay_s)
                 await asyncio.sleep(delay_s)
@@ -253,7 +270,7 @@ class Server:
         goes on up: the entry stays pending for a live instance."""
         key, task = request.idempotency_key, asyncio.current_task()
         assert task is not None
-        self._running[key] = task
+        self._running[key], self._deadlines[key] = task, request.deadline
         started = time.perf_counter()
         try:
             return await self.core.run_handler(request, self.handler, agent=self.agent)
@@ -264,7 +281,7 @@ class Server:
             return self._cancelled_outcome(request, duration_s=time.perf_counter() - started)
         finally:
             if self._running.get(key) is task:
-                del self._running[key]
+                del self._running[key], self._deadlines[key]
 
     def _cancelled_outcome(self, request: AgentRequestEvent, *, duration_s: float) -> HandlerOutcome:
         self.core.count("cancelled")
@@ -341,16 +358,20 @@ class Server:
 
     # -- maintenance -------------------------------------------------------------------
     async def _maintain_loop(self) -> None:
+        """A tick every interval; after a failed one (Redis down), retries soon, backing off."""
         interval_s = maintain_interval_s(self.core.settings)
+        wait_s = interval_s
         while not self._stopping.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval_s)
+                await asyncio.wait_for(self._stopping.wait(), wait_s)
             if self._stopping.is_set():
                 return
             try:
                 await self._maintain()
+                wait_s = interval_s
             except (RedisError, OSError) as e:
-                _log.warning("maintenance of %s failed (%s); retrying next tick", self.agent, e)
+                wait_s = _MAINTAIN_RETRY_S if wait_s == interval_s else min(wait_s * 2, _MAINTAIN_RETRY_MAX_S)
+                _log.warning("maintenance of %s failed (%s); retrying in %.2fs", self.agent, e, wait_s)
 
     async def _maintain(self) -> None:
         await self._beat()
@@ -377,13 +398,21 @@ class Server:
         return {keys.as_text(m) for m in live}
 
     async def _keep_claims(self) -> None:
-        """Reset the idle time of every entry this instance holds, so none is reclaimed."""
+        """Reset the idle time of every entry this instance holds, so none is reclaimed, and set
+        again the in-flight marker of each request it runs where none is (SET NX): a Redis back
+        without its data lost them, and a requester sends a request again whose key is empty
+        (``EventBus._sweep``); marked, it waits for this run's answer instead."""
         by_stream: dict[str, list[Any]] = {}
         for entry_id, stream in list(self._held.items()):
             by_stream.setdefault(stream, []).append(entry_id)
-        if not by_stream:
+        if not by_stream and not self._deadlines:
             return
         pipe = self.core.redis.pipeline(transaction=False)
+        now = time.time()
+        for key, deadline in self._deadlines.items():
+            if deadline > now:
+                ttl_ms = int((deadline - now) * 1000) + keys.IN_FLIGHT_MARKER_MARGIN_MS
+                pipe.set(keys.response_key(self.core.prefix, self.agent, key), scripts.IN_FLIGHT, px=ttl_ms, nx=True)
         for stream, ids in by_stream.items():
             pipe.xclaim(stream, self.agent, self.consumer, 0, ids, justid=True)
         await pipe.execute()

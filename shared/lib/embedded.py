@@ -57,6 +57,9 @@ class EmbeddedRedis:
 
     data_dir: Path
     started: bool = False
+    port: int | None = None
+    """A TCP port on 127.0.0.1 to listen on, the same at every start (None: a unix socket under
+    ``data_dir``, or a free port of the kernel's pick when that socket's path is too long)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -89,9 +92,9 @@ class EmbeddedRedis:
 
     def _listen_args(self) -> tuple[list[str], str]:
         sock = (self.dir / "redis.sock").resolve()
-        if len(str(sock)) <= _MAX_SOCKET_PATH:
+        if self.port is None and len(str(sock)) <= _MAX_SOCKET_PATH:
             return ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"], f"unix://{sock}"
-        port = free_port()
+        port = free_port() if self.port is None else self.port
         return ["--port", str(port), "--bind", "127.0.0.1"], f"redis://127.0.0.1:{port}/0"
 
     def running_url(self) -> str | None:
@@ -159,6 +162,16 @@ class EmbeddedRedis:
             _log.warning("embedded Redis ignored SIGTERM for %.0fs; killing it", timeout_s)
             self._proc.kill()
             self._proc.wait()
+        self._url_file.unlink(missing_ok=True)
+        self.started = False
+
+    def kill(self) -> None:
+        """SIGKILL the server this object started, as a crash would (no save, no goodbye to
+        clients); a start on the same ``data_dir`` loads what its append-only file holds."""
+        if not self.started or self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait(timeout=10)
         self._url_file.unlink(missing_ok=True)
         self.started = False
 

@@ -14,7 +14,9 @@ Request path (one Redis round trip each way):
 3. One reader task per requester instance resolves the waiting future.
 
 Pub/sub can drop a reply (no listener, a reconnect); the stored response is the
-durable copy, read back after a reconnect and before giving up on a timeout.
+durable copy, read back after a reconnect and before giving up on a timeout. A
+request whose key holds nothing after a reconnect, not even its in-flight marker,
+was lost with Redis's data (a restart without persistence) and is sent again.
 A request held by a dead instance is reclaimed with XAUTOCLAIM after
 ``Settings.visibility_timeout_s``; running handlers renew their claim; a
 request delivered more than ``Settings.max_deliveries`` times goes to the
@@ -60,7 +62,7 @@ from shared.lib import redis_keys as keys
 from shared.lib._bus_batch import Batcher
 from shared.lib._bus_core import Handler, _Core
 from shared.lib._bus_events import EventCallback, Statement, Subscription
-from shared.lib._bus_serve import Server
+from shared.lib._bus_serve import Server, markers_renewed_within_s
 from shared.lib.agent_events import (
     AgentRequestEvent,
     AgentResponseEvent,
@@ -106,6 +108,12 @@ class _Waiter:
     future: asyncio.Future[AgentResponseEvent]
     target: str
     idempotency_key: str
+    queued: bool = False
+    """Admitted and queued by this process, so its key holds at least the in-flight marker."""
+
+
+class _RequestLost(Exception):
+    """A queued request's key holds nothing: Redis lost it with its data; it is sent again."""
 
 
 @dataclass(frozen=True)
@@ -285,7 +293,19 @@ class EventBus:
             if stored is None:  # the duplicate was given up (its sender died): send this one
                 return await self._send(request, raw, waiter, deadline)
             return stored
-        return await self._await_reply(request, waiter, deadline)
+        return await self._await_queued(request, raw, waiter, deadline)
+
+    async def _await_queued(
+        self, request: AgentRequestEvent, raw: bytes, waiter: _Waiter, deadline: float
+    ) -> AgentResponseEvent:
+        """The reply to a request just queued; the request is sent again if Redis lost it."""
+        waiter.queued = True
+        try:
+            return await self._await_reply(request, waiter, deadline)
+        except _RequestLost:
+            _log.warning("request %s to %s was lost by Redis; sending it again", request.request_id, waiter.target)
+            waiter.queued, waiter.future = False, asyncio.get_running_loop().create_future()
+            return await self._send(request, raw, waiter, deadline)
 
     async def _admit(
         self, request: AgentRequestEvent, raw: bytes, *, stream: str, deadline: float, queue: bool
@@ -462,13 +482,33 @@ class EventBus:
         task.add_done_callback(self._sweeps.discard)
 
     async def _sweep(self) -> None:
-        """After a reconnect: responses published while we were away are read from the store."""
-        for waiter in list(self._waiters.values()):
+        """After a reconnect: responses published while we were away are read from the store.
+
+        A queued request whose key holds nothing, not even its in-flight marker, was lost with
+        Redis's data. An instance may still be running it (read before the loss): each sets the
+        markers of what it runs again within ``markers_renewed_within_s``, so only the requests
+        whose keys are still empty after that long are sent again (no second run of one that runs)."""
+        empty = await self._sweep_once(list(self._waiters.values()))
+        if not empty:
+            return
+        await asyncio.sleep(markers_renewed_within_s(self.settings))
+        for waiter in await self._sweep_once(empty):
+            waiter.future.set_exception(_RequestLost())
+
+    async def _sweep_once(self, waiters: list[_Waiter]) -> list[_Waiter]:
+        """Resolve the ``waiters`` whose response is stored; return the queued ones whose key is empty."""
+        empty = []
+        for waiter in waiters:
             if waiter.future.done():
                 continue
-            stored = await self._fetch_stored(waiter.target, waiter.idempotency_key)
-            if stored is not None and not waiter.future.done():
-                waiter.future.set_result(stored)
+            value = await self._stored_raw(waiter.target, waiter.idempotency_key)
+            if waiter.future.done():
+                continue
+            if value is None and waiter.queued:
+                empty.append(waiter)
+            elif value is not None and value != scripts.IN_FLIGHT:
+                waiter.future.set_result(self._decode_stored(value, waiter.target))
+        return empty
 
     # -- serving -----------------------------------------------------------------------
     async def serve(self, agent_name: str, handler: Handler, *, concurrency: int, consumer: str) -> None:

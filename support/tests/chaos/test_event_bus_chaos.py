@@ -1,5 +1,5 @@
 """The bus under failure: an instance killed with SIGKILL while holding requests, and
-Redis restarted while load is running.
+Redis restarted while load is running (also without its data).
 
 Run as a module (``python -m support.tests.chaos.test_event_bus_chaos CONSUMER``), this
 file is also the serving process the kill test starts: it serves agent ``chaos`` with a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +300,51 @@ async def test_redis_restart_under_load(
     assert set(outcomes) <= {"success", "ServiceUnavailable", "Timeout", "AgentOffline"}
     assert sum(outcomes.values()) % 8 == 0  # every call of every round came back
     assert outcomes["success"] - before == 16  # fully recovered
+
+
+async def _wipe_and_start(server: EmbeddedRedis) -> str:
+    """Start ``server`` again on the same address with none of its data (its append-only file gone)."""
+    for path in server.dir.glob("appendonly*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return await asyncio.to_thread(server.start)
+
+
+@pytest.mark.slow
+async def test_redis_back_empty_loses_no_request_and_runs_none_twice(
+    private_redis: EmbeddedRedis, settings_factory: Callable[..., Settings]
+) -> None:
+    """Redis killed and started again without its data while one request runs and two wait
+    queued: the queued ones, lost with the data, are sent again and answered; the running one
+    is marked in flight again by its instance, so it is answered once and not run a second time."""
+    url = await asyncio.to_thread(private_redis.start)
+    settings = settings_factory(redis_url=url, visibility_timeout_s=1.0)
+    server_client, client = await connect_redis(url), await connect_redis(url)
+    server, bus = EventBus(server_client, settings), EventBus(client, settings)
+    ran: list[str] = []
+
+    async def handler(request: AgentRequestEvent) -> dict[str, Any]:
+        ran.append(request.request_id)
+        await asyncio.sleep(2.0)
+        return {"ok": True}
+
+    serving = asyncio.create_task(server.serve(AGENT, handler, concurrency=1, consumer="s1"))
+    try:
+        await asyncio.to_thread(_wait_consumers, url, settings.redis_prefix, 1)
+        requests, calls = _send(bus, 3)
+        while not ran:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(private_redis.kill)
+        assert await _wipe_and_start(private_redis) == url
+        responses = await asyncio.wait_for(asyncio.gather(*calls), REQUEST_TIMEOUT_S)
+    finally:
+        await server.stop_serving(grace_s=1)
+        await serving
+        await bus.close()
+        await server.close()
+        await client.aclose()
+        await server_client.aclose()
+    assert [r.status for r in responses] == ["success"] * 3
+    assert sorted(ran) == sorted(r.request_id for r in requests)  # each ran once
 
 
 if __name__ == "__main__":
