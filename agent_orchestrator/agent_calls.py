@@ -10,10 +10,13 @@ again (a workflow at durability ``async``). A subgraph's node has only its task
 ids, which do depend on its parent's checkpoint: it keeps them in its key and
 may call agents only at durability ``sync``.
 
-Transient failures retry with a tenacity policy. A timeout or an offline agent
-keeps the key (the first attempt may still complete and its answer be stored);
-a retryable *error response* is stored under its key, so the next attempt gets
-a fresh key with the attempt number.
+Transient failures retry with a tenacity policy. An error the bus raises itself
+(a timeout, an offline agent, Redis out of reach) keeps the key: the first attempt
+may still run and its answer be stored (a send whose reply was lost with the
+connection may have been queued). A retryable *error response* is stored under its
+key, so the next attempt gets a fresh key with the attempt number. A call gives up
+after four attempts, but while Redis cannot be reached it tries on for up to its own
+timeout, so a workflow rides out a Redis restart as it waits out a slow agent.
 """
 
 from __future__ import annotations
@@ -25,11 +28,18 @@ from collections.abc import Callable
 from typing import Any
 
 from langgraph.config import get_config
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
 
 from agent_orchestrator.workflows.base import AgentReply
 from shared.lib.agent_events import MAX_ID_LENGTH, AgentRequestEvent
-from shared.lib.errors import AgentOffline, InvalidInput, OrchestratorError, Timeout
+from shared.lib.errors import AgentOffline, InvalidInput, OrchestratorError, ServiceUnavailable, Timeout
 from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
 from shared.lib.tracing import child_span
@@ -44,6 +54,9 @@ _NS_SEP = "|"
 _PUSH = "__pregel_push"
 
 _ATTEMPTS = 4
+#: Errors the bus raises itself, not an agent's answer: nothing is stored under the key as the
+#: answer, so the next attempt keeps it (and gets the first attempt's answer if that one ran).
+_BUS_ERRORS = (Timeout, AgentOffline, ServiceUnavailable)
 #: How long a cancelled workflow waits for the agent to confirm a call's work was cancelled.
 CANCEL_WAIT_S = 5.0
 _log = logging.getLogger(__name__)
@@ -85,6 +98,24 @@ def _task(meta: dict[str, Any]) -> str:
 
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, OrchestratorError) and exc.retryable
+
+
+class _Stop(stop_base):
+    """After ``_ATTEMPTS`` failed attempts that reached Redis; attempts that found it out of reach
+    (``ServiceUnavailable``) go on for up to ``timeout_s``, and do not count among those: a restart
+    of Redis takes longer than four quick attempts, and right after it the agents may look offline
+    until they beat again. One per call (it counts)."""
+
+    def __init__(self, *, timeout_s: float) -> None:
+        self._outage = stop_after_delay(timeout_s)
+        self._failures = 0
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is not None and isinstance(outcome.exception(), ServiceUnavailable):
+            return self._outage(retry_state)
+        self._failures += 1
+        return self._failures >= _ATTEMPTS
 
 
 class BusAgentCalls:
@@ -137,7 +168,7 @@ class BusAgentCalls:
         first: OrchestratorError | None = failed
         bumped = 0
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(_ATTEMPTS),
+            stop=_Stop(timeout_s=timeout_s),
             reraise=True,
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             retry=retry_if_exception(_retryable),
@@ -155,7 +186,7 @@ class BusAgentCalls:
                         key=key if not bumped else _bounded(f"{key}~{bumped}"),
                         timeout_s=timeout_s,
                     )
-                except (Timeout, AgentOffline):
+                except _BUS_ERRORS:
                     raise
                 except OrchestratorError as e:
                     if e.retryable:
