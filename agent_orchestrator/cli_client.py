@@ -253,12 +253,21 @@ def list_workflows(
         _out.print(f"more: --cursor {page['next_cursor']}", soft_wrap=True)
 
 
+#: What cancelling a running workflow does (``Orchestrator.cancel``, ``BusAgentCalls``).
+_CANCEL_RUNNING = (
+    "its running node stops now: the agent calls it waits on are cancelled at the agents, "
+    "whose work (a test run, say) is killed within seconds"
+)
+
+
 def cancel(workflow_id: str) -> None:
-    """Cancel a workflow that has not finished: a running one stops at its next node."""
+    """Cancel a workflow that has not finished. A pending or waiting one is cancelled at once; a
+    running one stops its current node at once: the agent calls it waits on are cancelled at the
+    agents, whose work (a test run, say) is killed within seconds, then its locks are released."""
     workflow_id = canonical_workflow_id(workflow_id)
     with _client() as client:
         wf = _call(client, "POST", f"/workflows/{workflow_id}/cancel")
-    now = f"it is {wf['status']}" if wf["status"] in TERMINAL_STATUSES else "it stops at its next node"
+    now = f"it is {wf['status']}" if wf["status"] in TERMINAL_STATUSES else _CANCEL_RUNNING
     _out.print(f"workflow {workflow_id}: cancel sent; {now}", soft_wrap=True)
 
 

@@ -347,11 +347,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_cancel_during_test_kills_the_test_process_at_the_agent(
-    api: httpx.Client, sample_repo: tuple[Path, str, str], tmp_path: Path
+    api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str], tmp_path: Path
 ) -> None:
-    """Cancelling a workflow while its ``test`` node runs cancels the call at the cicd agent: the
-    repository's test process is killed within seconds (it does not run on past the workflow and
-    its repo lock), and the workflow ends cancelled."""
+    """Cancelling a workflow while its ``test`` node runs (``agent-orchestrator cancel``) cancels the
+    call at the cicd agent: the repository's test process is killed within seconds (it does not run
+    on past the workflow and its repo lock), and the workflow ends cancelled. The command's help
+    and its reply say so (they said it stops at its next node)."""
     path, base, _ = sample_repo
     pid_file = tmp_path / "slow-test.pid"
     (path / "tests" / "test_slow.py").write_text(
@@ -366,14 +367,20 @@ def test_cancel_during_test_kills_the_test_process_at_the_agent(
         time.sleep(0.1)
     pid = int(pid_file.read_text())
     assert _alive(pid)  # the test node's pytest, in the cicd agent's worktree
-    r = api.post(f"/workflows/{wf_id}/cancel")
-    assert r.status_code == 202, r.text
+    command = [sys.executable, "-m", "agent_orchestrator", "cancel"]
+    done = subprocess.run([*command, wf_id], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = " ".join(done.stdout.split())
+    assert said.startswith(f"workflow {wf_id}: cancel sent; its running node stops now"), said
     gone_by = time.monotonic() + 5
     while _alive(pid) and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert not _alive(pid), "the test process of the cancelled workflow is still running"
     wf = follow(api, wf_id, TERMINAL | {"interrupted"}, timeout_s=15)
     assert wf["status"] == "cancelled", wf
+    helped = subprocess.run([*command, "--help"], env=stack.env, capture_output=True, text=True, timeout=60)
+    assert "next node" not in helped.stdout
+    assert "a running one stops its current node at once" in " ".join(helped.stdout.replace("│", " ").split())
 
 
 def test_idempotency_key_returns_same_workflow(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
