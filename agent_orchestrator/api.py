@@ -133,6 +133,8 @@ def workflows_router() -> APIRouter:
     ) -> dict[str, Any]:
         if status is not None and status not in WORKFLOW_STATUSES:
             raise InvalidInput(f"status must be one of {list(WORKFLOW_STATUSES)}", field="status")
+        if type is not None and type not in orch.types:  # refused as a launch of it is, not an empty page
+            raise InvalidInput(f"unknown type {type!r}; known types: {sorted(orch.types)}", field="type")
         items, next_cursor = await orch.records.page(status=status, workflow_type=type, limit=limit, cursor=cursor)
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 

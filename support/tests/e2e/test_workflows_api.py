@@ -708,6 +708,24 @@ def test_a_body_not_sent_as_json_is_415_naming_the_content_type(
     assert "Content-Type: application/json" in error["message"]
 
 
+def test_listing_an_unknown_type_is_refused_naming_the_known_ones(api: httpx.Client, stack: Stack) -> None:
+    """GET /workflows?type=<unknown> is a 422 naming `type` and listing the known types, as
+    launching one is (it was an empty page); `agent-orchestrator list --type` exits 2 saying so."""
+    r = api.get("/workflows", params={"type": "nope"})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "type"
+    assert "'nope'" in error["message"]
+    assert all(f"'{known}'" in error["message"] for known in ("parallel_docs", "pr_deployment", "self_healing"))
+    assert api.get("/workflows", params={"type": "parallel_docs"}).status_code == 200
+    command = [sys.executable, "-m", "agent_orchestrator", "list", "--type", "nope"]
+    done = subprocess.run(command, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert said.startswith("error: 422 invalid_input: unknown type 'nope'; known types: ["), said
+    assert "'pr_deployment'" in said
+
+
 def test_workflow_types_list_schema_and_mermaid(api: httpx.Client) -> None:
     """GET /workflow-types gives each type's input schema, its answer's schema and its graph as Mermaid."""
     items = {t["name"]: t for t in api.get("/workflow-types").json()["items"]}
