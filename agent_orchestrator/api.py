@@ -89,6 +89,15 @@ async def _workflow_view(orch: Orchestrator, workflow_id: str, *, with_state: bo
     return view
 
 
+def _check_filters(orch: Orchestrator, *, status: str | None, workflow_type: str | None) -> None:
+    """A listing's filters name a known status and type: an unknown type is refused as a launch
+    of it is, not answered with an empty page."""
+    if status is not None and status not in WORKFLOW_STATUSES:
+        raise InvalidInput(f"status must be one of {list(WORKFLOW_STATUSES)}", field="status")
+    if workflow_type is not None and workflow_type not in orch.types:
+        raise InvalidInput(f"unknown type {workflow_type!r}; known types: {sorted(orch.types)}", field="type")
+
+
 def workflows_router() -> APIRouter:
     router = APIRouter(dependencies=[ApiKeyDep])
 
@@ -131,10 +140,7 @@ def workflows_router() -> APIRouter:
         limit: int = Query(default=50, ge=1, le=500),
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        if status is not None and status not in WORKFLOW_STATUSES:
-            raise InvalidInput(f"status must be one of {list(WORKFLOW_STATUSES)}", field="status")
-        if type is not None and type not in orch.types:  # refused as a launch of it is, not an empty page
-            raise InvalidInput(f"unknown type {type!r}; known types: {sorted(orch.types)}", field="type")
+        _check_filters(orch, status=status, workflow_type=type)
         items, next_cursor = await orch.records.page(status=status, workflow_type=type, limit=limit, cursor=cursor)
         return {"items": [_view(r) for r in items], "next_cursor": next_cursor}
 
