@@ -150,6 +150,8 @@ def _watch_live(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str |
             elif ev["event"] == "workflow.status":
                 view["status"] = data["status"]
                 view["reason"] = data.get("reason")
+                # at an interrupt, the node that waits (approval), as `status` shows it, not the last one done
+                view["current_step"] = data.get("current_step", view.get("current_step"))
             live.update(_table(view))
             if ev["event"] == "workflow.status" and data["status"] in _STOPPED:
                 return str(data["status"])

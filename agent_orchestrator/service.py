@@ -124,7 +124,7 @@ class Orchestrator:
         )
         if not launched.created:
             return launched.record, False
-        metrics.WORKFLOWS_STARTED.labels(workflow_type).inc()
+        metrics.labels(metrics.WORKFLOWS_STARTED, workflow_type).inc()
         # Published before the run's events (publishes go out in order), while the run starts.
         announced = asyncio.ensure_future(self.bus.announce(*launched.events))
         if self.runner is not None and launched.run is not None:
@@ -345,11 +345,13 @@ class Orchestrator:
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             if nodes:  # the step goes with the nodes' events; the status after them
                 await self._write_nodes(run.workflow_id, nodes)
+            # the step it waits at, as the record has it: a follower's view then matches GET /workflows/{id}
+            step = {"current_step": outcome.interrupted_node} if outcome.interrupted_node else {}
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted", step=outcome.interrupted_node),
                 run.workflow_id,
                 "workflow.status",
-                {"status": "interrupted", "interrupt": outcome.interrupt},
+                {"status": "interrupted", "interrupt": outcome.interrupt, **step},
             )
             return
         # the run row and the checkpoints the saver still holds, in the same statement
@@ -439,9 +441,10 @@ class Orchestrator:
             },
             error=reason if status != "succeeded" else None,
         )
-        metrics.WORKFLOWS_FINISHED.labels(workflow_type, status).inc()
+        metrics.labels(metrics.WORKFLOWS_FINISHED, workflow_type, status).inc()
         if record.created_at is not None:
-            metrics.WORKFLOW_DURATION.labels(workflow_type).observe(time.time() - record.created_at.timestamp())
+            duration_s = time.time() - record.created_at.timestamp()
+            metrics.labels(metrics.WORKFLOW_DURATION, workflow_type).observe(duration_s)
 
     async def _emit(self, workflow_id: str, event_type: str, data: dict[str, Any]) -> None:
         await self.bus.emit(event_type, data, aggregate_type="workflow", aggregate_id=workflow_id)

@@ -69,6 +69,9 @@ def test_pr_deployment_deploys_after_approval(
     wf = follow(api, wf_id, {"interrupted"} | TERMINAL)
     assert (wf["status"], wf["current_step"]) == ("interrupted", "approval"), wf
     assert wf["pending_interrupt"]["review"]["approved"] is True
+    # the event that says so names the same step, so a follower shows what the record does
+    stopped = read_sse(api, wf_id, until=lambda e: e["data"].get("status") == "interrupted")[-1]
+    assert (stopped["data"]["status"], stopped["data"]["current_step"]) == ("interrupted", "approval"), stopped
     # its state: the steps so far and the locks it holds, as the latest checkpoint has them
     assert wf["state"]["steps"]["review"]["approved"] is True
     assert wf["state"]["steps"]["test"]["passed"] >= 3
@@ -215,8 +218,9 @@ def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
     api: httpx.Client, stack: Stack, sample_repo: tuple[Path, str, str]
 ) -> None:
     """``agent-orchestrator run pr_deployment --follow`` follows the workflow's events, asks for
-    the approval at the interrupt, sends the answer typed at the prompt and follows on to the
-    deploy; it exits 0 once the workflow succeeded."""
+    the approval at the interrupt (its live view showing the step that waits, as ``status`` does),
+    sends the answer typed at the prompt and follows on to the deploy; it exits 0 once the
+    workflow succeeded."""
     cli = [sys.executable, "-m", "agent_orchestrator", "run", "pr_deployment", "--follow"]
     data = orjson.dumps(pr_input(sample_repo, environment="cli")).decode()
     done = subprocess.run(
@@ -229,6 +233,9 @@ def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "approve?" in done.stdout
+    # the live view at the interrupt shows the step it waits at, as `status` does (it showed `test`)
+    asked = done.stdout.split("approve?")[0]
+    assert re.findall(r"current_step\s*│\s*(\S+)", asked) == ["approval", "approval"], asked
     wf_id = re.findall(r"workflow ([0-9a-f-]{36})", done.stdout)[-1]
     wf = api.get(f"/workflows/{wf_id}").json()
     assert wf["status"] == "succeeded"
@@ -538,16 +545,27 @@ def test_streams_a_client_drops_leave_nothing_open(api: httpx.Client, sample_rep
 
 
 def read_sse(
-    api: httpx.Client, wf_id: str, last_event_id: int | None = None, *, stop_after: int | None = None
+    api: httpx.Client,
+    wf_id: str,
+    last_event_id: int | None = None,
+    *,
+    stop_after: int | None = None,
+    until: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     with api.stream("GET", f"/workflows/{wf_id}/events", headers=headers, timeout=30) as r:
         assert r.status_code == 200
-        return parse_sse(r.iter_lines(), stop_after=stop_after)
+        return parse_sse(r.iter_lines(), stop_after=stop_after, until=until)
 
 
-def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """Server-sent events as ``{"event", "data"[, "id"]}``, to the end of the stream or ``stop_after``."""
+def parse_sse(
+    lines: Iterator[str],
+    *,
+    stop_after: int | None = None,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Server-sent events as ``{"event", "data"[, "id"]}``, to the end of the stream, ``stop_after``
+    events or the first event ``until`` holds for."""
     events, current = [], {}
     for line in lines:
         if line.startswith("id:"):
@@ -559,7 +577,7 @@ def parse_sse(lines: Iterator[str], *, stop_after: int | None = None) -> list[di
         elif line == "" and "event" in current:
             events.append(current)
             current = {}
-            if len(events) == stop_after:
+            if len(events) == stop_after or (until is not None and until(events[-1])):
                 break
     return events
 
