@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 
 from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.lib.errors import StartupError
 from shared.lib.event_bus import EventBus
+from shared.lib.running_stack import server_urls
 from shared.lib.settings import Settings
 
 __all__ = ["Clients", "one_shot_clients"]
@@ -34,31 +33,9 @@ class Clients:
     bus: EventBus | None
 
 
-def _nothing_to_reach(variable: str, server: str, data_dir: Path) -> StartupError:
-    return StartupError(
-        f"no {server} to connect to: set {variable}, or start the stack (`agent-orchestrator up`) "
-        f"so that its embedded {server} runs under {data_dir.resolve()} (AO_DATA_DIR)"
-    )
-
-
-def _server_urls(settings: Settings, *, postgres: bool, redis: bool) -> tuple[str | None, str | None]:
-    """The URLs of the servers to use (None where not asked for): the configured ones, else the
-    embedded ones running under the data dir; StartupError when a needed one is neither."""
-    db_url = redis_url = None
-    if postgres:
-        db_url = settings.database_url or EmbeddedPostgres(settings.data_dir).running_url()
-        if db_url is None:
-            raise _nothing_to_reach("DATABASE_URL", "PostgreSQL", settings.data_dir)
-    if redis:
-        redis_url = settings.redis_url or EmbeddedRedis(settings.data_dir).running_url()
-        if redis_url is None:
-            raise _nothing_to_reach("REDIS_URL", "Redis", settings.data_dir)
-    return db_url, redis_url
-
-
 @contextlib.asynccontextmanager
 async def one_shot_clients(settings: Settings, *, postgres: bool, redis: bool) -> AsyncIterator[Clients]:
-    db_url, redis_url = _server_urls(settings, postgres=postgres, redis=redis)
+    db_url, redis_url = server_urls(settings, postgres=postgres, redis=redis)
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pg_pool(db_url, max_size=2) if db_url is not None else None
         if pool is not None:

@@ -85,6 +85,13 @@ def up(
         _out.print(
             f"  API key: {stack.api_key}   (send it as X-API-Key)", soft_wrap=True, highlight=False, markup=False
         )
+        _out.print(
+            f"  secrets: {stack.secrets_file}   (mode 0600: the registration secret, signing key and API keys "
+            "it runs with; agent-orchestrator commands run with this data dir use them)",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
         _out.print("Ctrl-C stops everything.")
         stopped.wait()
     except KeyboardInterrupt:

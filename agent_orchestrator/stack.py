@@ -5,7 +5,9 @@ PostgreSQL and Redis unless URLs are configured, then each service as its own
 ``python -m agent_orchestrator ...`` process with its log under
 ``<data_dir>/logs``, waits until each answers ``/ready``, and stops everything
 it started on exit: agents and orchestrators first, the registry once they have
-deregistered, the servers last.
+deregistered, the servers last. While it runs, the secrets its services share (given, or
+generated where unset) are in ``<data_dir>/stack.env``, 0600, for the commands run beside it
+(``shared.lib.running_stack``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from shared.lib.bootstrap import preflight
 from shared.lib.embedded import EmbeddedServers, free_port
 from shared.lib.errors import StartupError
 from shared.lib.http_service import check_port_free
-from shared.lib.settings import Settings
+from shared.lib.running_stack import remove_stack_env, write_stack_env
+from shared.lib.settings import SECRETS, Settings, env_var
 
 __all__ = ["AGENT_NAMES", "SERVICE_NAMES", "Stack", "StackProcess", "ready_service", "spawn_cli"]
 
@@ -67,6 +70,11 @@ def ready_service(ready: httpx.Response) -> str | None:
     return body.get("service") if isinstance(body, dict) else None
 
 
+def _stack_secrets(env: dict[str, str]) -> dict[str, str]:
+    """The secrets of the stack's environment (generated or given), as ``stack.env`` keeps them."""
+    return {name: env[name] for name in (env_var(field) for field in SECRETS) if name in env}
+
+
 @dataclass
 class StackProcess:
     name: str
@@ -95,6 +103,8 @@ class Stack:
     env_overrides: dict[str, str] = field(default_factory=dict)
     processes: list[StackProcess] = field(default_factory=list)
     api_key: str = ""
+    secrets_file: Path | None = None
+    """Where the stack keeps the secrets it runs with, while it runs (``<data_dir>/stack.env``)."""
     _servers: EmbeddedServers | None = None
     _env: dict[str, str] = field(default_factory=dict)
     _spare_ports: set[int] = field(default_factory=set)
@@ -148,9 +158,11 @@ class Stack:
             database_url=self.settings.database_url, redis_url=self.settings.redis_url
         )
         self.settings = self.settings.model_copy(update={"database_url": db_url, "redis_url": redis_url})
+        secrets_env = self._secrets()
+        self.secrets_file = write_stack_env(self.settings.data_dir, _stack_secrets(secrets_env), pid=os.getpid())
         self._env = {
             **os.environ,
-            **self._secrets(),
+            **secrets_env,
             **self.env_overrides,
             "DATABASE_URL": db_url,
             "REDIS_URL": redis_url,
@@ -244,6 +256,9 @@ class Stack:
         self._terminate(services, grace_s=self.settings.agent_drain_grace_s + _STOP_MARGIN_S)
         self._terminate(registry, grace_s=_REGISTRY_STOP_S)
         self.processes.clear()
+        if self.secrets_file is not None:
+            remove_stack_env(self.settings.data_dir)
+            self.secrets_file = None
         if self._servers is not None:
             self._servers.stop()
             self._servers = None

@@ -11,6 +11,7 @@ from shared.lib.connections import connect_postgres, connect_redis
 from shared.lib.errors import StartupError
 from shared.lib.http_service import announce_mode
 from shared.lib.migrations import apply_migrations
+from shared.lib.running_stack import server_urls
 from shared.lib.settings import Settings, load_settings
 
 __all__ = ["bootstrap", "configure_logging", "preflight"]
@@ -38,9 +39,14 @@ async def preflight(settings: Settings, *, migrate: bool = True) -> None:
 
 
 def bootstrap(service: str, *, migrate: bool = True, **overrides: Any) -> Settings:
-    """Settings for ``service``, checked against the real servers before anything listens."""
+    """Settings for ``service``, checked against the real servers before anything listens. Where
+    DATABASE_URL or REDIS_URL is unset, the service joins the embedded server a running stack
+    keeps under the data dir, as its secrets come from the stack's ``stack.env``
+    (``shared.lib.running_stack``): a service started by hand beside ``up`` joins that stack."""
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
+    db_url, redis_url = server_urls(settings, postgres=True, redis=True)
+    settings = settings.model_copy(update={"database_url": db_url, "redis_url": redis_url})
     asyncio.run(preflight(settings, migrate=migrate))
     announce_mode(service, settings)
     return settings

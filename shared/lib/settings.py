@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from shared.lib.errors import StartupError
+from shared.lib.running_stack import read_stack_env
 
 __all__ = ["AGENT_ID_PATTERN", "LOG_LEVELS", "SECRETS", "SERVICE_PORTS", "Settings", "env_var", "load_settings"]
 
@@ -45,6 +53,21 @@ SECRETS = ("registration_secret", "signing_key", "api_keys")
 _required: ContextVar[tuple[str, ...]] = ContextVar("required_secrets", default=SECRETS)
 
 
+class _RunningStackSecrets(PydanticBaseSettingsSource):
+    """The secrets of the stack running under the data dir (its ``stack.env``, written by
+    ``agent-orchestrator up``), for those the environment and the caller leave unset: a command
+    run beside the stack (``dlq requeue``, ``agent NAME``) signs and registers as its services do."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        # the data dir as the sources above this one (arguments, environment) set it
+        data_dir = Path(self.current_state.get("data_dir") or Settings.model_fields["data_dir"].default)
+        written = read_stack_env(data_dir)
+        return {name: written[env_var(name)] for name in SECRETS if env_var(name) in written}
+
+
 def _url_field(name: str, default: str | None = None) -> Any:
     return Field(default=default, validation_alias=AliasChoices(name, f"AO_{name}"))
 
@@ -57,10 +80,11 @@ class Settings(BaseSettings):
     # -- connections ---------------------------------------------------------------
     database_url: str | None = _url_field("DATABASE_URL")
     """PostgreSQL URL; unset: ``up``, ``demo`` and ``migrate`` start the embedded server under
-    data_dir, and the operator commands (``locks``, ``dlq``, ``events``) use it while it runs."""
+    data_dir, and the operator commands (``locks``, ``dlq``, ``events``) and services started by
+    hand use it while it runs."""
     redis_url: str | None = _url_field("REDIS_URL")
     """Redis URL; unset: ``up`` and ``demo`` start the embedded redis-server under data_dir,
-    and the operator commands use it while it runs."""
+    and the operator commands and services started by hand use it while it runs."""
     registry_url: str = _url_field("REGISTRY_URL", "")  # "": derived in _derive_registry_url
     """Where agents and the orchestrator reach the registry service; unset: AO_HOST and the
     registry's port in AO_PORTS (``http://127.0.0.1:8009``)."""
@@ -96,7 +120,8 @@ class Settings(BaseSettings):
     api_key: str = ""
     """The key CLI commands present to the orchestrator API; default: the first of AO_API_KEYS."""
     registration_secret: str = ""
-    """Secret an agent presents to register; the registry then issues it a token."""
+    """Secret an agent presents to register; the registry then issues it a token. Unset beside a
+    running stack: the stack's (``<data_dir>/stack.env``), as for AO_SIGNING_KEY and AO_API_KEYS."""
     signing_key: str = ""
     """Shared HMAC-SHA256 key for envelopes on the bus."""
     max_payload_bytes: int = 1024 * 1024
@@ -174,6 +199,18 @@ class Settings(BaseSettings):
     """Longest sleep of a waiting acquirer between tries when no release notification comes."""
     lock_sweep_interval_s: float = 1.0
     """How often a process expires its own overdue leases and, after that grace, anyone's."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then a running stack's secrets (lowest)."""
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, _RunningStackSecrets(settings_cls)
 
     @field_validator("api_keys", mode="before")
     @classmethod

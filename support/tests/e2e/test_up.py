@@ -1,5 +1,6 @@
 """``agent-orchestrator up`` as a real process: what it prints, what ``run --follow`` prints
-against it, and that stopping it leaves no instance registered."""
+against it, the secrets it generates and keeps for the commands run beside it, and that
+stopping it leaves no instance registered and no secrets file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,9 +22,10 @@ import pytest
 from agent_orchestrator.demo import make_sample_repo
 from agent_orchestrator.stack import SERVICE_NAMES
 from shared.lib.connections import create_database, drop_database, with_database
-from support.tests.conftest import TEST_SECRETS, delete_prefix
+from shared.lib.running_stack import read_stack_env
+from support.tests.conftest import delete_prefix
 from support.tests.e2e.conftest import registered_instances
-from support.tests.procs import free_ports
+from support.tests.procs import ServiceProcess, free_port, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +36,12 @@ _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 @pytest.fixture
 def up_env(server_urls: tuple[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The environment of an `up` with its own database, Redis prefix, ports and data dir."""
+    """The environment of an `up` with its own database, Redis prefix, ports and data dir, and no
+    secrets: `up` generates them, as on a fresh checkout."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     db_url = asyncio.run(create_database(server_urls[0], name))
     prefix = f"t{uuid.uuid4().hex[:10]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AO_")}
-    env.update(TEST_SECRETS)
     env.update(
         DATABASE_URL=db_url,
         REDIS_URL=server_urls[1],
@@ -65,9 +68,11 @@ def _wait_up(proc: subprocess.Popen[str], log: Path, timeout_s: float = 90) -> s
 
 
 def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], tmp_path: Path) -> None:
-    """`up` prints each log path whole on its service's line in a narrow terminal; `run --follow`
-    prints the workflow id whole and starts its final table on a line of its own; after `up`
-    stops (SIGTERM), no instance it registered is left in the registry."""
+    """`up` prints each log path whole on its service's line in a narrow terminal, and where it
+    keeps the secrets it generated (stack.env, 0600); `run --follow`, with no secret in its
+    environment, takes the API key from there, prints the workflow id whole and starts its final
+    table on a line of its own; an agent started by hand registers with the stack's secret; after
+    `up` stops (SIGTERM), no instance it registered is left in the registry, nor the secrets file."""
     log = tmp_path / "up.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -83,6 +88,13 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         logs_dir = Path(up_env["AO_DATA_DIR"]).resolve() / "logs"
         for name in ("agent-registry", "feature-dev-1", "documentation-2", "orchestrator-1"):
             assert re.search(rf"^  {name} +http://\S+  \(log: {logs_dir}/{name}\.log\)$", shown, re.M), shown
+        secrets = Path(up_env["AO_DATA_DIR"]).resolve() / "stack.env"
+        assert re.search(rf"^  secrets: {re.escape(str(secrets))}   \(mode 0600", shown, re.M), shown
+        assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+        written = read_stack_env(secrets.parent)
+        assert set(written) == {"AO_API_KEYS", "AO_REGISTRATION_SECRET", "AO_SIGNING_KEY"}
+        assert f"API key: {written['AO_API_KEYS']} " in shown
+        _agent_by_hand_registers(up_env, tmp_path)
         repo, _, _ = make_sample_repo(tmp_path / "repo")
         follow = subprocess.run(
             [sys.executable, "-m", "agent_orchestrator", "run", "parallel_docs", "--follow", "--input",
@@ -99,3 +111,24 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert asyncio.run(registered_instances(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
+    assert not secrets.exists()
+
+
+def _agent_by_hand_registers(up_env: dict[str, str], tmp_path: Path) -> None:
+    """An agent started by hand beside the stack, with no secret in its environment, registers
+    with the stack's registration secret (and so becomes active in its registry)."""
+    port = free_port()
+    agent = ServiceProcess(
+        ["agent", "documentation", "--port", str(port), "--instance-id", "documentation-by-hand"],
+        up_env,
+        tmp_path / "by-hand.log",
+        f"http://127.0.0.1:{port}",
+    )
+    agent.start()
+    try:
+        deadline = time.monotonic() + 30
+        while asyncio.run(registered_instances(up_env["DATABASE_URL"])).get("documentation-by-hand") != "active":
+            assert time.monotonic() < deadline, agent.output()[-3000:]
+            time.sleep(0.2)
+    finally:
+        assert agent.stop() in (0, -signal.SIGTERM), agent.output()[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from shared.lib.connections import connect_postgres
 from shared.lib.embedded import EmbeddedRedis
 from shared.lib.errors import StartupError
 from shared.lib.migrations import MIGRATIONS, apply_migrations
+from shared.lib.running_stack import remove_stack_env, write_stack_env
 from shared.lib.settings import load_settings
 from support.tests.procs import free_port
 
@@ -128,6 +130,32 @@ def test_an_unset_registry_url_follows_host_and_ports(
     assert settings.registry_url == expected
     if "REGISTRY_URL" not in env or not env["REGISTRY_URL"]:
         assert settings.registry_url == settings.url_for("agent-registry")
+
+
+def test_a_running_stacks_secrets_fill_only_what_the_environment_leaves_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a stack's stack.env under the data dir (0600), settings take its secrets where neither
+    the environment nor the caller gives one; what they give wins. Without the file, nothing."""
+    for var in ("AO_DEV_MODE", "AO_API_KEYS", "AO_REGISTRATION_SECRET", "AO_SIGNING_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AO_DATA_DIR", str(tmp_path))
+    stack = {"AO_API_KEYS": "k1,k2", "AO_REGISTRATION_SECRET": "it's the stack's", "AO_SIGNING_KEY": "stack-key"}
+    path = write_stack_env(tmp_path, stack, pid=os.getpid())
+    assert path == (tmp_path / "stack.env").resolve()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    settings = load_settings()
+    assert (settings.api_keys, settings.registration_secret, settings.signing_key) == (
+        ["k1", "k2"],
+        "it's the stack's",
+        "stack-key",
+    )
+    monkeypatch.setenv("AO_SIGNING_KEY", "from-the-environment")
+    assert load_settings().signing_key == "from-the-environment"
+    assert load_settings(signing_key="from-the-caller").signing_key == "from-the-caller"
+    remove_stack_env(tmp_path)
+    with pytest.raises(StartupError, match="AO_REGISTRATION_SECRET"):
+        load_settings()
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
