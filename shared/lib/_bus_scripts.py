@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ADMIT",
     "ADMIT_ACCEPTED",
+    "ADMIT_AS",
     "ADMIT_FULL",
     "ADMIT_IN_FLIGHT",
     "ADMIT_OFFLINE",
@@ -18,18 +19,23 @@ __all__ = [
     "IN_FLIGHT",
 ]
 
-ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL = 0, 1, 2, 3, 4
+ADMIT_ACCEPTED, ADMIT_STORED, ADMIT_IN_FLIGHT, ADMIT_OFFLINE, ADMIT_FULL, ADMIT_AS = 0, 1, 2, 3, 4, 5
 CANCEL_STORED, CANCEL_PUBLISHED, CANCEL_NOT_IN_FLIGHT = 0, 1, 2
 #: What a response key holds while its request is in flight (ADMIT's marker, 'P' in the scripts).
 IN_FLIGHT = b"P"
 
-#: Admission of a request, in one round trip: a stored response is returned
-#: (idempotency), a duplicate still in flight is reported, an agent with no live
-#: consumer or a full queue is refused, otherwise an in-flight marker is set and
-#: (with ARGV[5] == "x") the envelope is queued.
-#: KEYS: response key, request stream, consumers zset.
-#: ARGV: envelope JSON, marker TTL ms, stream max length, check liveness ("1"/"0"), "x" to queue.
+#: Admission of a request, in one round trip: a request id sent before under another
+#: idempotency key is that request ({5, its key}: the caller admits it under that key, so it
+#: gets that request's response and never runs twice); a stored response is returned
+#: (idempotency), a duplicate still in flight is reported, an agent with no live consumer or
+#: a full queue is refused, otherwise an in-flight marker is set, the request id recorded
+#: with its key, and (with ARGV[5] == "x") the envelope is queued.
+#: KEYS: response key, request stream, consumers zset, request id key.
+#: ARGV: envelope JSON, marker TTL ms, stream max length, check liveness ("1"/"0"), "x" to
+#: queue, request id key TTL ms, idempotency key.
 ADMIT = """
+local first = redis.call('GET', KEYS[4])
+if first and first ~= ARGV[7] then return {5, first} end
 local stored = redis.call('GET', KEYS[1])
 if stored then
   if stored == 'P' then return {2, ''} end
@@ -42,6 +48,7 @@ if ARGV[4] == '1' then
 end
 if ARGV[5] == 'x' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then return {4, ''} end
 redis.call('SET', KEYS[1], 'P', 'PX', ARGV[2])
+redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[6])
 if ARGV[5] == 'x' then
   local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
   return {0, id}

@@ -275,6 +275,10 @@ class EventBus:
     ) -> AgentResponseEvent:
         stream = keys.request_stream(self._core.prefix, request.target_agent, keys.band_of(request.priority))
         code, value = await self._admit(request, raw, stream=stream, deadline=deadline, queue=True)
+        if code == scripts.ADMIT_AS:  # its request id was sent before under another key: it is that request
+            request, raw = self._as_first(request, raw, value)
+            waiter.idempotency_key = request.idempotency_key
+            return await self._send(request, raw, waiter, deadline)
         if code == scripts.ADMIT_STORED:
             return self._decode_stored(value, request.target_agent)
         if code == scripts.ADMIT_OFFLINE:
@@ -295,6 +299,15 @@ class EventBus:
             return stored
         return await self._await_queued(request, raw, waiter, deadline)
 
+    def _as_first(self, request: AgentRequestEvent, raw: bytes, first: Any) -> tuple[AgentRequestEvent, bytes]:
+        """``request`` under the idempotency key its request id was first admitted with (ADMIT_AS),
+        and its envelope signed again with it."""
+        key = keys.as_text(first)
+        data = {**orjson.loads(raw), "idempotency_key": key} if raw else {}
+        return request.model_copy(update={"idempotency_key": key}), (
+            self._core.signed_json(data, request.target_agent) if raw else raw
+        )
+
     async def _await_queued(
         self, request: AgentRequestEvent, raw: bytes, waiter: _Waiter, deadline: float
     ) -> AgentResponseEvent:
@@ -313,11 +326,20 @@ class EventBus:
         agent = request.target_agent
         marker_ms = int(max(deadline - time.time(), 0) * 1000) + keys.IN_FLIGHT_MARKER_MARGIN_MS
         mode = ("1", "x") if queue else ("0", "n")  # check liveness and queue, or only mark
-        args: list[bytes | str | int] = [raw, marker_ms, self.settings.stream_maxlen, *mode]
+        ttl_ms = self.settings.response_ttl_s * 1000
+        args: list[bytes | str | int] = [
+            raw,
+            marker_ms,
+            self.settings.stream_maxlen,
+            *mode,
+            ttl_ms,
+            request.idempotency_key,
+        ]
         script_keys = [
             keys.response_key(self._core.prefix, agent, request.idempotency_key),
             stream,
             keys.consumers_key(self._core.prefix, agent),
+            keys.request_id_key(self._core.prefix, agent, request.request_id),
         ]
         try:
             result = await self._admissions.submit((script_keys, args))
@@ -618,6 +640,9 @@ class EventBus:
         stream = keys.request_stream(core.prefix, agent, keys.band_of(request.priority))
         while True:  # a duplicate in flight: its response, or this one runs once the duplicate was given up
             code, value = await self._admit(request, b"", stream=stream, deadline=request.deadline, queue=False)
+            if code == scripts.ADMIT_AS:  # its request id was sent before under another key: it is that request
+                request, _ = self._as_first(request, b"", value)
+                continue
             if code == scripts.ADMIT_STORED:
                 return self._decode_stored(value, agent)
             if code != scripts.ADMIT_IN_FLIGHT:

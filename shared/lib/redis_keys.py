@@ -24,6 +24,7 @@ __all__ += [
     "dead_letter_stream",
     "events_channel",
     "reply_channel",
+    "request_id_key",
     "request_stream",
     "response_key",
 ]
@@ -71,6 +72,12 @@ def response_key(prefix: str, agent: str, idempotency_key: str) -> str:
     """The stored response of a request (TTL ``Settings.response_ttl_s``), or ``P`` while
     it is in flight (TTL: the request's deadline plus IN_FLIGHT_MARKER_MARGIN_MS)."""
     return f"{prefix}:{{{agent}}}:response:{idempotency_key}"
+
+
+def request_id_key(prefix: str, agent: str, request_id: str) -> str:
+    """The idempotency key a request id was first admitted under (TTL ``Settings.response_ttl_s``):
+    the same request id sent again under another key gets that request's response."""
+    return f"{prefix}:{{{agent}}}:request:{request_id}"
 
 
 def dead_letter_stream(prefix: str, agent: str) -> str:

@@ -138,7 +138,8 @@ class Settings(BaseSettings):
     max_deliveries: int = 5
     """Deliveries after which a request goes to the dead-letter stream."""
     response_ttl_s: int = 24 * 3600
-    """How long a response is kept under its request_id for idempotent replays."""
+    """How long a response is kept for idempotent replays (under its idempotency key; its request id
+    keeps pointing at that key as long)."""
     request_timeout_s: float = 30.0
     """Default timeout of an agent call made by the orchestrator."""
     stream_maxlen: int = 100_000

@@ -130,6 +130,33 @@ async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory)
     await task
 
 
+async def test_a_request_id_sent_again_under_another_key_gets_the_first_response(make_bus: BusFactory) -> None:
+    """A request id is one request, whatever idempotency key a repeat carries: over the stream and
+    over HTTP (``execute``) the repeat gets the first one's response, and the handler runs once."""
+    server, client = await make_bus(), await make_bus()
+    calls: list[str] = []
+
+    async def counting(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.idempotency_key)
+        return {"n": len(calls)}
+
+    task = _serve(server, "echo", counting)
+    await _wait_live(client, "echo")
+    first = _req(idempotency_key="first-key")
+    answer = await client.request_agent(first, timeout_s=5)
+    again = first.model_copy(update={"idempotency_key": "another-key"})
+    assert (await client.request_agent(again, timeout_s=5)).payload == answer.payload == {"n": 1}
+    third = again.model_copy(update={"idempotency_key": "a-third-key", "signature": None})
+    over_http = await server.execute(third.signed(server.settings.signing_key.encode()), counting)
+    assert over_http.payload == {"n": 1}
+    assert calls == ["first-key"]
+    fresh = _req(idempotency_key="first-key")  # a new request id under a used key: the key's response
+    assert (await client.request_agent(fresh, timeout_s=5)).payload == {"n": 1}
+    assert calls == ["first-key"]
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def _settled(bus: EventBus, agent: str) -> tuple[int, int, int]:
     """An agent's stream entries, pending entries and dead letters."""
     prefix, redis = bus.settings.redis_prefix, bus.redis
