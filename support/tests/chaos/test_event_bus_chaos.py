@@ -9,6 +9,7 @@ handler that records a side effect per execution before it sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,24 @@ async def test_an_instance_restarted_under_its_name_runs_again_what_it_held(
     assert all(r in (["worker-a"], ["worker-a", "worker-a"]) for r in ran)
 
 
+@contextlib.asynccontextmanager
+async def _served(url: str, settings: Settings, handler: Any, *, concurrency: int) -> AsyncIterator[EventBus]:
+    """A bus serving ``AGENT`` with ``handler`` on ``url``; yields a requester's bus on its own
+    connection. Both are stopped and closed on the way out."""
+    server_client, client = await connect_redis(url), await connect_redis(url)
+    server, bus = EventBus(server_client, settings), EventBus(client, settings)
+    serving = asyncio.create_task(server.serve(AGENT, handler, concurrency=concurrency, consumer="s1"))
+    try:
+        yield bus
+    finally:
+        await server.stop_serving(grace_s=1)
+        await serving
+        await bus.close()
+        await server.close()
+        await client.aclose()
+        await server_client.aclose()
+
+
 @pytest.fixture
 def private_redis() -> Iterator[EmbeddedRedis]:
     """A Redis of this test's own (short unix-socket path), so it can be stopped and started."""
@@ -249,14 +268,11 @@ async def test_redis_restart_under_load(
     error (ServiceUnavailable / Timeout), none hangs, and service resumes afterwards."""
     url = await asyncio.to_thread(private_redis.start)
     settings = settings_factory(redis_url=url, visibility_timeout_s=1.0)
-    server_client, client = await connect_redis(url), await connect_redis(url)
-    server, bus = EventBus(server_client, settings), EventBus(client, settings)
 
     async def handler(request: AgentRequestEvent) -> dict[str, Any]:
         await asyncio.sleep(0.01)
         return {"ok": True}
 
-    serving = asyncio.create_task(server.serve(AGENT, handler, concurrency=16, consumer="s1"))
     outcomes: Counter[str] = Counter()
     restarted = asyncio.Event()
 
@@ -276,7 +292,7 @@ async def test_redis_restart_under_load(
         while time.monotonic() < end:
             await asyncio.gather(*(call() for _ in range(8)))
 
-    try:
+    async with _served(url, settings, handler, concurrency=16) as bus:
         await asyncio.sleep(0.2)
         running = asyncio.create_task(load())
         await asyncio.sleep(0.5)
@@ -288,13 +304,6 @@ async def test_redis_restart_under_load(
         await asyncio.wait_for(running, 60)
         before = outcomes["success"]
         await asyncio.wait_for(asyncio.gather(*(call() for _ in range(16))), 30)
-    finally:
-        await server.stop_serving(grace_s=1)
-        await serving
-        await bus.close()
-        await server.close()
-        await client.aclose()
-        await server_client.aclose()
     assert in_flight_at_stop > 0  # load was running when Redis went down
     # AgentOffline: the outage outlasted the consumer's liveness (1 s here) until its next beat
     assert set(outcomes) <= {"success", "ServiceUnavailable", "Timeout", "AgentOffline"}
@@ -318,8 +327,6 @@ async def test_redis_back_empty_loses_no_request_and_runs_none_twice(
     is marked in flight again by its instance, so it is answered once and not run a second time."""
     url = await asyncio.to_thread(private_redis.start)
     settings = settings_factory(redis_url=url, visibility_timeout_s=1.0)
-    server_client, client = await connect_redis(url), await connect_redis(url)
-    server, bus = EventBus(server_client, settings), EventBus(client, settings)
     ran: list[str] = []
 
     async def handler(request: AgentRequestEvent) -> dict[str, Any]:
@@ -327,8 +334,7 @@ async def test_redis_back_empty_loses_no_request_and_runs_none_twice(
         await asyncio.sleep(2.0)
         return {"ok": True}
 
-    serving = asyncio.create_task(server.serve(AGENT, handler, concurrency=1, consumer="s1"))
-    try:
+    async with _served(url, settings, handler, concurrency=1) as bus:
         await asyncio.to_thread(_wait_consumers, url, settings.redis_prefix, 1)
         requests, calls = _send(bus, 3)
         while not ran:
@@ -336,13 +342,6 @@ async def test_redis_back_empty_loses_no_request_and_runs_none_twice(
         await asyncio.to_thread(private_redis.kill)
         assert await _wipe_and_start(private_redis) == url
         responses = await asyncio.wait_for(asyncio.gather(*calls), REQUEST_TIMEOUT_S)
-    finally:
-        await server.stop_serving(grace_s=1)
-        await serving
-        await bus.close()
-        await server.close()
-        await client.aclose()
-        await server_client.aclose()
     assert [r.status for r in responses] == ["success"] * 3
     assert sorted(ran) == sorted(r.request_id for r in requests)  # each ran once
 

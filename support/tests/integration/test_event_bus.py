@@ -110,29 +110,9 @@ async def test_two_instances_share_the_load(make_bus: BusFactory) -> None:
     await asyncio.gather(*tasks)
 
 
-async def test_repeated_request_id_returns_stored_response(make_bus: BusFactory) -> None:
-    """A repeat of a request (same request_id) gets the stored response; the handler runs once."""
-    server, client = await make_bus(), await make_bus()
-    calls: list[str] = []
-
-    async def counting(request: AgentRequestEvent) -> dict[str, Any]:
-        calls.append(request.request_id)
-        return {"n": len(calls)}
-
-    task = _serve(server, "echo", counting)
-    await _wait_live(client, "echo")
-    request = _req()
-    first = await client.request_agent(request, timeout_s=5)
-    again = await client.request_agent(request, timeout_s=5)
-    assert first.payload == again.payload == {"n": 1}
-    assert calls == [request.request_id]
-    await server.stop_serving(grace_s=1)
-    await task
-
-
-async def test_a_request_id_sent_again_under_another_key_gets_the_first_response(make_bus: BusFactory) -> None:
-    """A request id is one request, whatever idempotency key a repeat carries: over the stream and
-    over HTTP (``execute``) the repeat gets the first one's response, and the handler runs once."""
+async def test_a_repeated_request_id_gets_the_first_response(make_bus: BusFactory) -> None:
+    """A request id is one request: a repeat gets the stored response, whatever idempotency key it
+    carries, over the stream and over HTTP (``execute``); the handler runs once."""
     server, client = await make_bus(), await make_bus()
     calls: list[str] = []
 
@@ -144,8 +124,9 @@ async def test_a_request_id_sent_again_under_another_key_gets_the_first_response
     await _wait_live(client, "echo")
     first = _req(idempotency_key="first-key")
     answer = await client.request_agent(first, timeout_s=5)
+    assert (await client.request_agent(first, timeout_s=5)).payload == answer.payload == {"n": 1}
     again = first.model_copy(update={"idempotency_key": "another-key"})
-    assert (await client.request_agent(again, timeout_s=5)).payload == answer.payload == {"n": 1}
+    assert (await client.request_agent(again, timeout_s=5)).payload == {"n": 1}
     third = again.model_copy(update={"idempotency_key": "a-third-key", "signature": None})
     over_http = await server.execute(third.signed(server.settings.signing_key.encode()), counting)
     assert over_http.payload == {"n": 1}
@@ -594,26 +575,36 @@ async def test_events_are_persisted_delivered_live_and_replayed(make_bus: BusFac
         got.get_nowait()
 
 
-async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service_env: dict[str, str]) -> None:
-    """`dlq list --json` shows a dead letter with its reason; `dlq requeue` runs it again, with
-    the signing key as its only secret; a refused envelope cannot be requeued (one-line error, exit 2)."""
+async def _two_dead_letters(
+    make_bus: BusFactory, agent: str
+) -> tuple[EventBus, EventBus, list[str], asyncio.Task[Any]]:
+    """An agent served by a handler whose first attempt crashes, with two dead letters: a request
+    delivered too often (``max_deliveries``) and an unsigned one (``bad_signature``). Returns the
+    server, a client, the handler's attempts and the serving task."""
     server = await make_bus(visibility_timeout_s=0.2, max_deliveries=1)
     client = await make_bus()
     attempts: list[str] = []
 
-    async def flaky(request: AgentRequestEvent) -> dict[str, Any]:
+    async def crashes_once(request: AgentRequestEvent) -> dict[str, Any]:
         attempts.append(request.request_id)
         if len(attempts) == 1:
             raise RuntimeError("first attempt crashes")
         return {}
 
-    task = _serve(server, "echo", flaky)
-    await _wait_live(client, "echo")
-    response = await client.request_agent(_req(), timeout_s=10)
+    task = _serve(server, agent, crashes_once)
+    await _wait_live(client, agent)
+    response = await client.request_agent(_req(agent), timeout_s=10)
     assert response.error is not None
     assert response.error["code"] == "dead_lettered"
     with pytest.raises(InvalidSignature):
-        await client.execute(_req(), _echo)  # unsigned: refused and dead-lettered
+        await client.execute(_req(agent), _echo)  # unsigned: refused and dead-lettered
+    return server, client, attempts, task
+
+
+async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service_env: dict[str, str]) -> None:
+    """`dlq list --json` shows a dead letter with its reason; `dlq requeue` runs it again, with
+    the signing key as its only secret; a refused envelope cannot be requeued (one-line error, exit 2)."""
+    server, _, attempts, task = await _two_dead_letters(make_bus, "echo")
     code, out = await run_cli(service_env, "dlq", "list", "--agent", "echo", "--json")
     assert code == 0, out
     listed = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -640,23 +631,7 @@ async def test_cli_lists_each_dead_letter_id_whole_at_80_columns(
 ) -> None:
     """`dlq list` in an 80-column terminal prints each id whole on a line of its own (a table cut
     them to `documenta…`), nothing wider than the terminal, and `dlq requeue` takes an id as printed."""
-    server = await make_bus(visibility_timeout_s=0.2, max_deliveries=1)
-    client = await make_bus()
-    attempts: list[str] = []
-
-    async def crashes_once(request: AgentRequestEvent) -> dict[str, Any]:
-        attempts.append(request.request_id)
-        if len(attempts) == 1:
-            raise RuntimeError("first attempt crashes")
-        return {}
-
-    task = _serve(server, "documentation", crashes_once)
-    await _wait_live(client, "documentation")
-    response = await client.request_agent(_req("documentation"), timeout_s=10)
-    assert response.error is not None
-    assert response.error["code"] == "dead_lettered"
-    with pytest.raises(InvalidSignature):
-        await client.execute(_req("documentation"), _echo)  # unsigned: refused and dead-lettered
+    server, client, _, task = await _two_dead_letters(make_bus, "documentation")
     code, out = await run_cli({**service_env, "COLUMNS": "80"}, "dlq", "list")
     assert code == 0, out
     lines = out.splitlines()
