@@ -146,7 +146,7 @@ async def _consume(
                 on_task_start()
         else:
             elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
-            metrics.WORKFLOW_NODE_DURATION.labels(workflow_type, chunk["name"]).observe(elapsed)
+            metrics.labels(metrics.WORKFLOW_NODE_DURATION, workflow_type, chunk["name"]).observe(elapsed)
             if chunk.get("interrupts"):
                 final.interrupted_node = final.interrupted_node or chunk["name"]
             elif chunk.get("error") is None:

@@ -278,7 +278,7 @@ class WorkflowRunner:
     # -- running ---------------------------------------------------------------------------------
     async def _run(self, lr: LocalRun) -> None:
         run = lr.run
-        metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).inc()
+        metrics.labels(metrics.WORKFLOWS_ACTIVE, run.workflow_type).inc()
         try:
             outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
@@ -287,7 +287,7 @@ class WorkflowRunner:
             _log.exception("workflow %s: its graph raised", run.workflow_id)
             outcome = e
         finally:
-            metrics.WORKFLOWS_ACTIVE.labels(run.workflow_type).dec()
+            metrics.labels(metrics.WORKFLOWS_ACTIVE, run.workflow_type).dec()
         try:
             await asyncio.shield(self._settle(lr, outcome))
         except Exception as e:  # noqa: BLE001 - nothing recorded: the lease runs out and the run resumes

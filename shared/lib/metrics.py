@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -24,6 +25,7 @@ __all__ = [
     "UNSUPPORTED_LABEL",
     "LabelBound",
     "declare_request_types",
+    "labels",
     "preinitialize",
     "request_type_label",
 ]
@@ -96,6 +98,21 @@ def preinitialize(metric: Counter | Gauge | Histogram, *label_sets: tuple[str, .
     """
     for labels in label_sets:
         metric.labels(*labels)
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def labels(metric: _Metric, *values: str) -> _Metric:
+    """``metric.labels(*values)``, looked up once per label set: ``labels()`` takes a lock and
+    builds a tuple at every call (1.7 us for one label, 2.9 for two; this 0.13, timeit), and a
+    workflow records about 14 on its replica. As many entries as the metric has series."""
+    key = (metric, values)
+    child: _Metric | None = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
 
 
 #: Sub-millisecond to minutes: bus round trips are ~0.5 ms, workflow steps take seconds.
