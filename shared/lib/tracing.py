@@ -11,6 +11,7 @@ function here is a cheap no-op.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -27,8 +28,12 @@ __all__ = [
 ]
 
 
+@functools.cache
 def tracing_enabled() -> bool:
-    """True when LangSmith tracing is switched on by the environment."""
+    """True when LangSmith tracing is switched on by the environment (not by a langsmith
+    ``tracing_context`` around the call). Read once per process: langsmith reads the variables
+    once too (``utils.get_env_var`` is cached), and asking it took ~9 us a call (it reads its
+    context variables each time), several calls a workflow."""
     return bool(utils.tracing_is_enabled())
 
 
