@@ -161,7 +161,7 @@ async def announce(
     if not events:
         return []
     for event in events:
-        metrics.EVENT_BUS_EVENTS_EMITTED.labels(event.event_type).inc()
+        metrics.labels(metrics.EVENT_BUS_EVENTS_EMITTED, event.event_type).inc()
         if stored is not None:
             stored(event)
     try:
