@@ -303,10 +303,9 @@ class EventBus:
         """``request`` under the idempotency key its request id was first admitted with (ADMIT_AS),
         and its envelope signed again with it."""
         key = keys.as_text(first)
-        data = {**orjson.loads(raw), "idempotency_key": key} if raw else {}
-        return request.model_copy(update={"idempotency_key": key}), (
-            self._core.signed_json(data, request.target_agent) if raw else raw
-        )
+        if raw:  # the stream path's envelope; the HTTP path sends none
+            raw = self._core.signed_json({**orjson.loads(raw), "idempotency_key": key}, request.target_agent)
+        return request.model_copy(update={"idempotency_key": key}), raw
 
     async def _await_queued(
         self, request: AgentRequestEvent, raw: bytes, waiter: _Waiter, deadline: float
