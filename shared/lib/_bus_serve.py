@@ -103,8 +103,8 @@ class Server:
         # at once (5 paired runs, 0.94x-1.32x, on a 2-core VM).
         self._read_batch = max(1, concurrency // 2)
         self._held: dict[Any, str] = {}  # entry id -> stream, for keepalive
-        self._running: dict[str, asyncio.Task[Any]] = {}  # idempotency key -> its handler's task
-        self._deadlines: dict[str, float] = {}  # idempotency key -> its deadline, of the requests in _running
+        # idempotency key -> (its handler's task, its request's deadline)
+        self._running: dict[str, tuple[asyncio.Task[Any], float]] = {}
         self._cancelled: dict[str, float] = {}  # idempotency key -> Unix time to forget its cancel notice
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -270,7 +270,7 @@ class Server:
         goes on up: the entry stays pending for a live instance."""
         key, task = request.idempotency_key, asyncio.current_task()
         assert task is not None
-        self._running[key], self._deadlines[key] = task, request.deadline
+        self._running[key] = (task, request.deadline)
         started = time.perf_counter()
         try:
             return await self.core.run_handler(request, self.handler, agent=self.agent)
@@ -280,8 +280,8 @@ class Server:
             task.uncancel()
             return self._cancelled_outcome(request, duration_s=time.perf_counter() - started)
         finally:
-            if self._running.get(key) is task:
-                del self._running[key], self._deadlines[key]
+            if self._running.get(key, (None,))[0] is task:
+                del self._running[key]
 
     def _cancelled_outcome(self, request: AgentRequestEvent, *, duration_s: float) -> HandlerOutcome:
         self.core.count("cancelled")
@@ -296,10 +296,10 @@ class Server:
         for key in [k for k, until in self._cancelled.items() if until < now]:
             del self._cancelled[key]
         self._cancelled[idempotency_key] = forget_at
-        task = self._running.get(idempotency_key)
-        if task is None:
+        running = self._running.get(idempotency_key)
+        if running is None:
             return False
-        task.cancel()
+        running[0].cancel()
         return True
 
     def _check_target(self, request: AgentRequestEvent) -> None:
@@ -405,11 +405,11 @@ class Server:
         by_stream: dict[str, list[Any]] = {}
         for entry_id, stream in list(self._held.items()):
             by_stream.setdefault(stream, []).append(entry_id)
-        if not by_stream and not self._deadlines:
+        if not by_stream and not self._running:
             return
         pipe = self.core.redis.pipeline(transaction=False)
         now = time.time()
-        for key, deadline in self._deadlines.items():
+        for key, (_, deadline) in self._running.items():
             if deadline > now:
                 ttl_ms = int((deadline - now) * 1000) + keys.IN_FLIGHT_MARKER_MARGIN_MS
                 pipe.set(keys.response_key(self.core.prefix, self.agent, key), scripts.IN_FLIGHT, px=ttl_ms, nx=True)
