@@ -145,8 +145,8 @@ def _watch_live(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str |
             view["last_id"] = ev.get("id", view.get("last_id"))
             if ev["event"] == "workflow.launched":
                 view["workflow_id"] = data["workflow_id"]
-            elif ev["event"] == "workflow.node":
-                view["current_step"] = data.get("node")
+            elif ev["event"] == "workflow.node":  # the node running by then, when it says one
+                view["current_step"] = data.get("current_step", data.get("node"))
             elif ev["event"] == "workflow.status":
                 view["status"] = data["status"]
                 view["reason"] = data.get("reason")

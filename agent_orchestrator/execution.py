@@ -94,13 +94,13 @@ async def run_graph(
     on_node: NodeCallback,
     new_thread: bool = False,
     durability: Durability = "sync",
-    on_task_start: Callable[[], None] | None = None,
+    on_task_start: Callable[[str], None] | None = None,
 ) -> Outcome:
     """Stream the graph to its end or its next interrupt, reporting each finished node.
 
     ``new_thread`` says no checkpoint can exist yet (the run's first attempt), so neither
     this function nor the saver reads one before the first write. ``on_task_start`` is called
-    as each task starts. Checkpoints the saver still holds when the run stops are stored here
+    with its node's name as each task starts. Checkpoints the saver still holds when the run stops are stored here
     before an interrupt or a failure; a finished run's are left for the caller to store with its
     outcome (``PooledPostgresSaver.take_held``), or else for the saver's write-behind window.
     """
@@ -132,7 +132,7 @@ async def _consume(
     workflow_type: str,
     *,
     on_node: NodeCallback,
-    on_task_start: Callable[[], None] | None,
+    on_task_start: Callable[[str], None] | None,
 ) -> _Final:
     """Consume the stream: time and report each finished node; what the ``values`` chunks said last."""
     started: dict[str, float] = {}
@@ -143,7 +143,7 @@ async def _consume(
         elif "input" in chunk:
             started[chunk["id"]] = time.perf_counter()
             if on_task_start is not None:
-                on_task_start()
+                on_task_start(chunk["name"])
         else:
             elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
             metrics.labels(metrics.WORKFLOW_NODE_DURATION, workflow_type, chunk["name"]).observe(elapsed)

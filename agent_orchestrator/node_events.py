@@ -1,7 +1,9 @@
 """A run's node events: written as the next node starts, the last with the run's outcome.
 
 Every finished node is reported as a ``workflow.node`` event, and the workflow's
-current step and agents are updated with it. A node's event is written when the
+current step and agents are updated with it. The step written is the node running at the
+time of the write (the last one started and not yet finished), else the last node reported:
+a workflow shows the node it is in, not the one before it. A node's event is written when the
 next node starts (:meth:`NodeEvents.send`), in the background while the graph
 goes on. With a write-behind window (a workflow at durability ``async``) it waits
 instead, up to the window, for the statement of the run's outcome, and is written
@@ -46,13 +48,15 @@ def merged_agents(events: Sequence[NodeEvent]) -> list[str]:
 
 
 class NodeEvents:
-    """The node events of one run; ``write(events)`` stores a batch in one statement.
-    ``window_s`` (0: none) is how long a node's event may wait for the run's outcome."""
+    """The node events of one run; ``write(events, step)`` stores a batch in one statement, with
+    the step the workflow is at. ``window_s`` (0: none) is how long a node's event may wait for
+    the run's outcome."""
 
-    def __init__(self, write: Callable[[list[NodeEvent]], Awaitable[Any]], *, window_s: float = 0.0) -> None:
+    def __init__(self, write: Callable[[list[NodeEvent], str], Awaitable[Any]], *, window_s: float = 0.0) -> None:
         self._write = write
         self._window_s = window_s
         self._timer: asyncio.TimerHandle | None = None
+        self._running: str | None = None  # the node started last, while it has not finished
         self._waiting: list[NodeEvent] = []
         self._released: list[NodeEvent] = []
         self._queued = False  # a write of the released events is queued and has not started
@@ -61,15 +65,23 @@ class NodeEvents:
     def add(self, event: NodeEvent) -> None:
         """Report a finished node; raises the failure of an earlier write (the run stops)."""
         self._writes.check()
+        if event.node == self._running:
+            self._running = None
         self._waiting.append(event)
         if self._window_s and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._window_s, self._window_ran_out)
 
-    def send(self) -> None:
-        """The next node starts: write the waiting events (with no window), now or together right
-        after the write in flight; raises the failure of an earlier write."""
+    def send(self, node: str | None = None) -> None:
+        """The next node (``node``) starts: write the waiting events (with no window), now or
+        together right after the write in flight; raises the failure of an earlier write."""
+        self._running = node or self._running
         if not self._window_s:
             self._release()
+
+    def step(self, events: Sequence[NodeEvent] = ()) -> str | None:
+        """The step the workflow is at: the node running (at a failure: the one that failed),
+        else the last of ``events``."""
+        return self._running or (events[-1].node if events else None)
 
     def _window_ran_out(self) -> None:
         self._timer = None
@@ -92,7 +104,7 @@ class NodeEvents:
         self._queued = False  # events released from now on go in the next write
         batch, self._released = self._released, []
         if batch:
-            await self._write(batch)
+            await self._write(batch, self._running or batch[-1].node)
 
     async def drain(self) -> None:
         """Wait until the events sent are written (the waiting ones stay, for :meth:`take`);

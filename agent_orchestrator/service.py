@@ -331,20 +331,24 @@ class Orchestrator:
 
         return on_node
 
-    async def _write_nodes(self, workflow_id: str, events: list[NodeEvent]) -> None:
-        """Node events in one statement, in order, with the last one's step and all their agents,
-        and the checkpoints the saver holds by then (the steps' that ended)."""
-        change = self.records.manager.step_change(workflow_id, events[-1].node, agents=merged_agents(events))
+    async def _write_nodes(self, workflow_id: str, events: list[NodeEvent], step: str) -> None:
+        """Node events in one statement, in order, with the step the workflow is at (the last
+        one carries it as ``current_step`` when it is another node, one that runs now) and all
+        their agents, and the checkpoints the saver holds by then (the steps' that ended)."""
+        change = self.records.manager.step_change(workflow_id, step, agents=merged_agents(events))
         before = _node_events(events[:-1])
+        last = events[-1]
+        data = last.data if step == last.node else {**last.data, "current_step": step}
         held = await self._held_checkpoints(workflow_id)
-        await self._emit_change(change, workflow_id, "workflow.node", events[-1].data, before=before, also=held)
+        await self._emit_change(change, workflow_id, "workflow.node", data, before=before, also=held)
 
     async def on_finished(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         run, record = lr.run, lr.record
         nodes: list[NodeEvent] = lr.node_events.take() if lr.node_events is not None else []
+        step = lr.node_events.step(nodes) if lr.node_events is not None else None
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             if nodes:  # the step goes with the nodes' events; the status after them
-                await self._write_nodes(run.workflow_id, nodes)
+                await self._write_nodes(run.workflow_id, nodes, nodes[-1].node)
             # the step it waits at, as the record has it: a follower's view then matches GET /workflows/{id}
             step = {"current_step": outcome.interrupted_node} if outcome.interrupted_node else {}
             await self._emit_change(
@@ -367,6 +371,7 @@ class Orchestrator:
                 record=record,
                 also=finish_run,
                 nodes=nodes,
+                step=step,
             )
         else:
             status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
@@ -380,6 +385,7 @@ class Orchestrator:
                 record=record,
                 also=finish_run,
                 nodes=nodes,
+                step=step,
             )
         lr.run_finished = True
 
@@ -405,9 +411,11 @@ class Orchestrator:
         record: WorkflowRecord | None = None,
         also: Sequence[Along] = (),
         nodes: Sequence[NodeEvent] = (),
+        step: str | None = None,
     ) -> None:
         """Finish the workflow row and record its terminal event, in one statement (with ``also``,
-        written either way: the run's finish). ``nodes`` not written yet go first, in it too."""
+        written either way: the run's finish). ``nodes`` not written yet go first, in it too;
+        ``step`` (else the last of them) is the step the workflow ends at."""
         record = record or await self.records.get(workflow_id)
         change = self.records.manager.completion_change(
             workflow_id,
@@ -415,7 +423,7 @@ class Orchestrator:
             result=result or {},
             errors=errors or [],
             metadata={"reason": reason},
-            step=nodes[-1].node if nodes else None,
+            step=step or (nodes[-1].node if nodes else None),
             agents=merged_agents(nodes),
         )
         data = _terminal_event(status, reason, result or {}, errors or [])

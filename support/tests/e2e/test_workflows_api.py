@@ -108,12 +108,21 @@ def test_pr_deployment_fails_at_a_failing_test_and_says_why(
     api: httpx.Client, sample_repo: tuple[Path, str, str]
 ) -> None:
     """A head whose test fails stops the workflow at ``test``, before any approval: the reason gives
-    the exit code and the counts, and the log's tail ends with pytest's summary naming the test."""
+    the exit code and the counts, and the log's tail ends with pytest's summary naming the test.
+    While the (slow) tests run, the workflow's current step is ``test``, not the review before it."""
     path, base, _ = sample_repo
-    (path / "tests" / "test_broken.py").write_text("def test_broken():\n    assert 1 + 1 == 3\n")
+    slow_broken = "import time\n\ndef test_broken():\n    time.sleep(2)\n    assert 1 + 1 == 3\n"
+    (path / "tests" / "test_broken.py").write_text(slow_broken)
     head = _commit(path, "a failing test")
-    wf = follow(api, launch(api, "pr_deployment", pr_input((path, base, head))), {"interrupted"} | TERMINAL)
+    wf_id = launch(api, "pr_deployment", pr_input((path, base, head)))
+    seen = set()
+    while (wf := api.get(f"/workflows/{wf_id}", params={"state": "false"}).json())["status"] not in TERMINAL:
+        seen.add((wf["status"], wf["current_step"]))
+        time.sleep(0.1)
+    assert ("running", "test") in seen, seen
     assert (wf["status"], wf["current_step"]) == ("failed", "test"), wf
+    review = [e for e in read_sse(api, wf_id) if e["data"].get("node") == "review"]
+    assert review[0]["data"]["current_step"] == "test", review  # a follower sees the same
     reason = wf["reason"]
     assert reason.startswith("tests failed (exit code 1; 3 passed, 1 failed, 0 errors); log tail:"), reason
     assert "test_broken" in reason

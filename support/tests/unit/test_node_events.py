@@ -1,7 +1,8 @@
 """NodeEvents: a node's event is written when the next node starts; events released while a
 write is in flight go together right after it, in order; the last ones are taken for the run's
 outcome; a refused write stops the run at its next node. With a write-behind window, an event
-waits for the outcome and is written on its own only when the window runs out first."""
+waits for the outcome and is written on its own only when the window runs out first. A write
+carries the step the workflow is at: the node running by then, else the last one reported."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ class _Writes:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.batches: list[list[str]] = []
+        self.steps: list[str] = []
 
-    async def __call__(self, events: list[NodeEvent]) -> None:
+    async def __call__(self, events: list[NodeEvent], step: str) -> None:
         await asyncio.sleep(self.delay)
         self.batches.append([e.node for e in events])
+        self.steps.append(step)
 
 
 async def test_an_event_is_written_when_the_next_node_starts() -> None:
@@ -67,7 +70,7 @@ async def test_the_last_ones_are_taken_not_written() -> None:
 
 
 async def test_flush_writes_what_waits_and_a_refused_write_stops_the_next_add() -> None:
-    async def refuse(events: list[NodeEvent]) -> None:
+    async def refuse(events: list[NodeEvent], step: str) -> None:
         raise RuntimeError("workflow cancelled")
 
     events = NodeEvents(refuse)
@@ -109,7 +112,7 @@ async def test_with_a_window_events_are_written_once_it_ran_out() -> None:
 
 
 async def test_a_refused_write_after_a_window_stops_the_next_add() -> None:
-    async def refuse(events: list[NodeEvent]) -> None:
+    async def refuse(events: list[NodeEvent], step: str) -> None:
         raise RuntimeError("workflow cancelled")
 
     events = NodeEvents(refuse, window_s=0.01)
@@ -117,3 +120,26 @@ async def test_a_refused_write_after_a_window_stops_the_next_add() -> None:
     await asyncio.sleep(0.03)
     with pytest.raises(RuntimeError, match="cancelled"):
         events.add(_event(1))
+
+
+async def test_a_write_carries_the_node_running_by_then() -> None:
+    """The step is the node started last while it runs (n1, then n2 once it started after n1's
+    event waited), else the last node reported; at a failure, the node that failed."""
+    writes = _Writes(delay=0.03)
+    events = NodeEvents(writes)
+    events.send("n0")
+    events.add(_event(0))
+    events.send("n1")  # n0's event is written while n1 runs
+    await asyncio.sleep(0.01)
+    events.add(_event(1))
+    events.send("n2")  # n1's event waits for the write in flight; n2 runs by the time it goes
+    await events.drain()
+    assert writes.batches == [["n0"], ["n1"]]
+    assert writes.steps == ["n1", "n2"]
+    assert events.step() == "n2"  # n2 failed (no event): the workflow ends at it
+    events.add(_event(2))
+    assert events.step(events.take()) == "n2"
+    events.add(_event(3))  # a node that ran with no start reported (a resumed interrupt)
+    assert events.step(events.take()) == "n3"
+    await events.flush()
+    assert writes.steps == ["n1", "n2"]
