@@ -92,8 +92,10 @@ def up(
             highlight=False,
             markup=False,
         )
-        _out.print("Ctrl-C stops everything.")
-        stopped.wait()
+        _out.print("Ctrl-C stops everything; a service that exits by itself is started again.")
+        while not stopped.wait(1.0):
+            for line in stack.supervise():
+                _out.print(line, soft_wrap=True, highlight=False, markup=False)
     except KeyboardInterrupt:
         pass
     finally:

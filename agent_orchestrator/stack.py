@@ -45,6 +45,10 @@ _READY_TIMEOUT_S = 60.0
 _STOP_MARGIN_S = 10.0
 #: How long the registry, stopped last, may take to exit.
 _REGISTRY_STOP_S = 10.0
+#: A supervised service that exits by itself starts again after 1 s, then 2, 4 ... up to this.
+_RESTART_MAX_DELAY_S = 30.0
+#: A restart that stays up this long starts the back-off again from 1 s.
+_RESTART_RESET_S = 60.0
 
 
 def spawn_cli(args: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -84,6 +88,16 @@ class StackProcess:
     service: str
     """What its ``/ready`` says it is (the registry, an agent's name, the orchestrator)."""
     proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    """When it was started last (monotonic)."""
+    restarts: int = 0
+    """Restarts in a row, each within :data:`_RESTART_RESET_S` of the one before: the back-off's exponent."""
+    restart_at: float | None = None
+    """When it starts again, once :meth:`Stack.supervise` saw it exit (monotonic)."""
+
+    def spawn(self, env: dict[str, str]) -> None:
+        self.proc = spawn_cli(self.args, env=env, log=self.log)
+        self.started_at = time.monotonic()
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -197,7 +211,7 @@ class Stack:
 
     def _spawn_and_wait(self, group: list[StackProcess]) -> None:
         for sp in group:
-            sp.proc = spawn_cli(sp.args, env=self._env, log=sp.log)
+            sp.spawn(self._env)
             self.processes.append(sp)
         for sp in group:
             self._wait_ready(sp)
@@ -233,8 +247,29 @@ class Stack:
 
     def restart(self, sp: StackProcess) -> None:
         """Start ``sp`` again with its own arguments (after :meth:`kill9`, say); wait until it is ready."""
-        sp.proc = spawn_cli(sp.args, env=self._env, log=sp.log)
+        sp.spawn(self._env)
         self._wait_ready(sp)
+
+    def supervise(self) -> list[str]:
+        """Start again each service that exited by itself (``up`` calls this every second), after
+        a back-off: 1 s, doubling up to :data:`_RESTART_MAX_DELAY_S`, from 1 s again once a
+        restart stayed up :data:`_RESTART_RESET_S`. Returns what it did, a line each."""
+        now = time.monotonic()
+        said = []
+        for sp in self.processes:
+            if sp.proc is None or (code := sp.proc.poll()) is None:
+                continue
+            if sp.restart_at is None:
+                sp.restarts = 0 if now - sp.started_at >= _RESTART_RESET_S else sp.restarts
+                delay = min(_RESTART_MAX_DELAY_S, 2.0**sp.restarts)
+                sp.restart_at = now + delay
+                said.append(f"{sp.name} exited with code {code}; starting it again in {delay:.0f}s (log: {sp.log})")
+            elif now >= sp.restart_at:
+                sp.spawn(self._env)
+                sp.restarts += 1
+                sp.restart_at = None
+                said.append(f"{sp.name} started again (restart {sp.restarts} in a row; log: {sp.log})")
+        return said
 
     @property
     def orchestrator_url(self) -> str:

@@ -1,6 +1,7 @@
 """``agent-orchestrator up`` as a real process: what it prints, what ``run --follow`` prints
-against it, the secrets it generates and keeps for the commands run beside it, and that
-stopping it leaves no instance registered and no secrets file."""
+against it, the secrets it generates and keeps for the commands run beside it, that it starts
+again an agent killed under it, and that stopping it leaves no instance registered and no
+secrets file."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
+import asyncpg
+import httpx
 import pytest
 
 from agent_orchestrator.demo import make_sample_repo
@@ -60,7 +64,7 @@ def _wait_up(proc: subprocess.Popen[str], log: Path, timeout_s: float = 90) -> s
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = log.read_text()
-        if "Ctrl-C stops everything." in text:
+        if "Ctrl-C stops everything" in text:
             return text
         assert proc.poll() is None, text
         time.sleep(0.2)
@@ -95,6 +99,7 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         assert set(written) == {"AO_API_KEYS", "AO_REGISTRATION_SECRET", "AO_SIGNING_KEY"}
         assert f"API key: {written['AO_API_KEYS']} " in shown
         _agent_by_hand_registers(up_env, tmp_path)
+        _a_killed_agent_starts_again(up_env, log)
         repo, _, _ = make_sample_repo(tmp_path / "repo")
         follow = subprocess.run(
             [sys.executable, "-m", "agent_orchestrator", "run", "parallel_docs", "--follow", "--input",
@@ -112,6 +117,60 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         proc.wait(timeout=60)
     assert asyncio.run(registered_instances(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
     assert not secrets.exists()
+
+
+def _pid_serving(port: int) -> int:
+    """The pid of the stack's process started with ``--port PORT``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if b"agent_orchestrator" in args and f"--port\0{port}\0".encode() in b"\0".join(args) + b"\0":
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no process serves port {port}")
+
+
+def _a_killed_agent_starts_again(up_env: dict[str, str], log: Path) -> None:
+    """kill -9 of code-review-1: `up` says so, starts it again after 1 s with the same instance id,
+    and the new process answers /ready and is `active` in the registry again."""
+    port = json.loads(up_env["AO_PORTS"])["code-review"]
+    victim = _pid_serving(port)
+    registered = asyncio.run(_registration(up_env["DATABASE_URL"], "code-review-1"))[1]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "code-review-1 started again" not in (text := log.read_text()):
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.2)
+    assert re.search(r"^code-review-1 exited with code -9; starting it again in 1s \(log: \S+\)$", text, re.M), text
+    assert _pid_serving(port) != victim
+    while not _ready(f"http://127.0.0.1:{port}/ready"):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    while True:  # registered again, by the new process, and active
+        status, at = asyncio.run(_registration(up_env["DATABASE_URL"], "code-review-1"))
+        if status == "active" and at > registered:
+            break
+        assert time.monotonic() < deadline, (status, at, log.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+async def _registration(database_url: str, instance: str) -> tuple[str, datetime]:
+    """An instance's status and when it (last) registered."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT status, registered_at FROM agent_instances WHERE id = $1", instance)
+    finally:
+        await conn.close()
+    assert row is not None, instance
+    return row["status"], row["registered_at"]
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _agent_by_hand_registers(up_env: dict[str, str], tmp_path: Path) -> None:
