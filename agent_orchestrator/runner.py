@@ -45,6 +45,9 @@ _TAKE_SQL = (
     "CASE WHEN taken THEN clock_timestamp() END AS taken_at "
     "FROM (SELECT pg_try_advisory_lock($1) AS taken OFFSET 0) AS t"
 )
+#: How long a cancel of a run not here is kept, in case this replica is claiming the run now
+#: (a claim that started before the cancel; later ones read the run's cancel_requested).
+_CANCEL_AHEAD_S = 30.0
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
 #: Up to which attempt a run that failed because a server connection was lost is handed back
@@ -80,6 +83,8 @@ class LocalRun:
     record: Any = None
     """The workflow's record, once read (or handed over by :meth:`WorkflowRunner.adopt`)."""
     cancel_reason: str | None = None
+    started: bool = False
+    """Its task has started: a cancel now cancels the task, before then it stops the run as it starts."""
     launched_running: bool = False
     """The launch wrote the workflow ``running`` and its event already (:meth:`WorkflowRunner.adopt`)."""
     node_events: Any = None
@@ -114,6 +119,9 @@ class WorkflowRunner:
         self._load_records = load_records
         self._local: dict[str, LocalRun] = {}
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
+        # Cancels of runs not (yet) here, by id, with when they came: a run claimed right after its
+        # cancel was requested (its notice came while the claim was in flight) is stopped at start.
+        self._cancels_ahead: dict[str, float] = {}
         self._session: LockSession | None = None  # holds the advisory locks of the runs here
         self._unlocks: list[str] = []  # ended runs whose advisory locks the next flush or take gives back
         self._unlocking: asyncio.Task[None] | None = None  # the flush of finished runs' locks, if due
@@ -175,12 +183,25 @@ class WorkflowRunner:
         self.cancel_local(workflow_id, reason="cancelled")
 
     def cancel_local(self, workflow_id: str, *, reason: str) -> bool:
+        """Stop a run of this replica, for ``reason``; False when it does not run here. A cancel by
+        request of a run not here is kept for a while, in case this replica is claiming it now.
+        A run whose task has not started yet stops as it starts (a task cancelled before its
+        first step would never record how it ended)."""
         lr = self._local.get(workflow_id)
-        if lr is None or lr.task is None:
+        if lr is None:
+            if reason == "cancelled":
+                self._keep_cancel(workflow_id)
             return False
         lr.cancel_reason = reason
-        lr.task.cancel()
+        if lr.started and lr.task is not None:
+            lr.task.cancel()
         return True
+
+    def _keep_cancel(self, workflow_id: str) -> None:
+        now = time.monotonic()
+        for old in [w for w, at in self._cancels_ahead.items() if now - at > _CANCEL_AHEAD_S]:
+            del self._cancels_ahead[old]
+        self._cancels_ahead[workflow_id] = now
 
     # -- claiming --------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -214,6 +235,8 @@ class WorkflowRunner:
             self._start(LocalRun(run=run, record=records.get(run.workflow_id)))
 
     def _start(self, lr: LocalRun) -> None:
+        if self._cancels_ahead.pop(lr.run.workflow_id, None) is not None or lr.run.cancel_requested:
+            lr.cancel_reason = "cancelled"  # requested while it was being claimed: it stops as it starts
         self._local[lr.run.workflow_id] = lr
         lr.task = asyncio.create_task(self._run(lr), name=f"workflow-{lr.run.workflow_id}")
 
@@ -278,8 +301,11 @@ class WorkflowRunner:
     # -- running ---------------------------------------------------------------------------------
     async def _run(self, lr: LocalRun) -> None:
         run = lr.run
+        lr.started = True
         metrics.labels(metrics.WORKFLOWS_ACTIVE, run.workflow_type).inc()
         try:
+            if lr.cancel_reason is not None:  # stopped before it started
+                raise asyncio.CancelledError
             outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
             outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")

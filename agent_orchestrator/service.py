@@ -186,14 +186,13 @@ class Orchestrator:
         return await self.records.get(workflow_id)
 
     async def cancel(self, workflow_id: str) -> WorkflowRecord:
-        record = await self.records.get(workflow_id)
-        if record.status in {"succeeded", "failed", "cancelled"}:
-            raise Conflict(
-                f"workflow {workflow_id} already finished as {record.status}; nothing to cancel",
-                resource=workflow_id,
-                details={"status": record.status},
-            )
+        """Cancel a workflow: a queued or waiting one at once, a running one on the replica running
+        it (this one, else by NOTIFY; a replica claiming it meanwhile reads the run's flag). A
+        workflow that finished, before or while the cancel was asked, is a Conflict."""
+        record = _unfinished(await self.records.get(workflow_id))
         state = await self.records.run_store.request_cancel(workflow_id)
+        if state is None:  # its run finished between the two reads
+            _unfinished(await self.records.get(workflow_id))
         if state in {"queued", "waiting"} and await self.records.run_store.cancel_idle(workflow_id):
             await self._finalize(
                 workflow_id, record.workflow_type, "cancelled", reason="cancelled by request", record=record
@@ -497,6 +496,17 @@ async def _taken(locking: asyncio.Future[datetime | None]) -> datetime | None:
     except Exception:  # noqa: BLE001 - the lock session failed: the run goes to the queue instead
         _log.warning("could not take the advisory lock of a launch; its run is queued", exc_info=True)
         return None
+
+
+def _unfinished(record: WorkflowRecord) -> WorkflowRecord:
+    """``record``, or a Conflict naming the status it finished as."""
+    if record.status in {"succeeded", "failed", "cancelled"}:
+        raise Conflict(
+            f"workflow {record.workflow_id} already finished as {record.status}; nothing to cancel",
+            resource=record.workflow_id,
+            details={"status": record.status},
+        )
+    return record
 
 
 def _node_events(events: Sequence[NodeEvent]) -> list[tuple[str, dict[str, Any]]]:
