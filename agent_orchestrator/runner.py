@@ -28,6 +28,7 @@ from agent_orchestrator.lock_session import LockSession
 from agent_orchestrator.run_store import CANCEL_CHANNEL, RUNS_CHANNEL, RunRow, RunStore
 from shared.lib import metrics
 from shared.lib.connections import connection_lost
+from shared.lib.errors import OrchestratorError
 from shared.lib.settings import Settings
 
 __all__ = ["LocalRun", "RunExecutor", "RunFinished", "WorkflowRunner", "advisory_key"]
@@ -310,7 +311,7 @@ class WorkflowRunner:
         except asyncio.CancelledError:
             outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
-            _log.exception("workflow %s: its graph raised", run.workflow_id)
+            _log_failure(run.workflow_id, e)
             outcome = e
         finally:
             metrics.labels(metrics.WORKFLOWS_ACTIVE, run.workflow_type).dec()
@@ -462,6 +463,15 @@ class WorkflowRunner:
         if self._on_stuck_hook is not None:
             await self._on_stuck_hook(lr.run)
         self.cancel_local(lr.run.workflow_id, reason="stuck")
+
+
+def _log_failure(workflow_id: str, exc: Exception) -> None:
+    """A graph's failure: one line for one of ours (an agent's error answer, a timeout: its
+    reason is the workflow's), the traceback for anything else (a defect to find)."""
+    if isinstance(exc, OrchestratorError):
+        _log.warning("workflow %s failed: %s: %s", workflow_id, type(exc).__name__, exc)
+    else:
+        _log.exception("workflow %s: its graph raised", workflow_id)
 
 
 def _wait_deadline(interrupt: dict[str, Any], default_timeout_s: float) -> datetime:

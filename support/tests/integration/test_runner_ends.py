@@ -1,0 +1,100 @@
+"""How runs end (real PostgreSQL, a real runner).
+
+A cancel that comes while a replica claims the run is not lost: the run stops as it starts,
+before any of its graph runs, and ends cancelled. The race it covers: a workflow is resumed
+and cancelled at once. The cancel finds the run already claimed (so it cannot finish it as
+idle), and its NOTIFY reaches the claiming replica before the run is there to cancel; or the
+claim read the run's ``cancel_requested`` already.
+
+A run that fails logs one line when the failure is one of ours (an agent's error answer: the
+workflow's reason says it all), and its traceback when it is anything else (a defect)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from agent_orchestrator.execution import Outcome
+from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.runner import LocalRun, WorkflowRunner
+from shared.lib.connections import create_pg_pool
+from shared.lib.errors import RequestRejected
+from shared.lib.settings import Settings
+from shared.lib.workflow_state import WorkflowStateManager
+
+
+@pytest.mark.parametrize("how", ["notice before the claim", "flag read by the claim"])
+async def test_a_cancel_that_comes_while_the_run_is_claimed_stops_it_as_it_starts(
+    how: str, database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    pool = await create_pg_pool(database_url)
+    executed: list[str] = []
+    finished: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        executed.append(lr.run.workflow_id)
+        return Outcome(status="succeeded")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await finished.put((lr.run.workflow_id, outcome))
+
+    runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    cancelled, other = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        for workflow_id in (cancelled, other):
+            await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+        if how == "notice before the claim":
+            assert runner.cancel_local(cancelled, reason="cancelled") is False  # not here (yet)
+        else:
+            await pool.execute("UPDATE workflow_runs SET cancel_requested = true WHERE workflow_id = $1", cancelled)
+        await runner.start()
+        ended = dict([await asyncio.wait_for(finished.get(), 15) for _ in range(2)])
+        assert isinstance(ended[cancelled], asyncio.CancelledError), ended
+        assert isinstance(ended[other], Outcome), ended  # only the cancelled one is stopped
+        assert executed == [other]
+        assert await pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", cancelled) == "done"
+    finally:
+        await runner.stop()
+        await pool.close()
+
+
+async def test_a_failure_of_ours_is_one_line_and_a_defect_has_its_traceback(
+    database_url: str, settings_factory: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await create_pg_pool(database_url)
+    finished: asyncio.Queue[str] = asyncio.Queue()
+    ours, defect = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def execute(lr: LocalRun) -> Outcome:
+        if lr.run.workflow_id == ours:
+            raise RequestRejected("code-review rejected NOPE: unsupported request type")
+        raise KeyError("steps")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await finished.put(lr.run.workflow_id)
+
+    runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    try:
+        for workflow_id in (ours, defect):
+            await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+        with caplog.at_level(logging.WARNING, logger="agent_orchestrator.runner"):
+            await runner.start()
+            assert {await asyncio.wait_for(finished.get(), 15) for _ in range(2)} == {ours, defect}
+        by_id = {w: [r for r in caplog.records if w in r.getMessage()] for w in (ours, defect)}
+        assert [(r.levelname, r.exc_info) for r in by_id[ours]] == [("WARNING", None)], by_id
+        assert "unsupported request type" in by_id[ours][0].getMessage()
+        assert [r.levelname for r in by_id[defect]] == ["ERROR"]
+        assert by_id[defect][0].exc_info is not None  # the traceback, to find the defect
+    finally:
+        await runner.stop()
+        await pool.close()
