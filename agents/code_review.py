@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agents.sdk.agent import Agent, skill
 from agents.work.git import repository
+from agents.work.paths import inside
 from agents.work.python_ast import summarize_source
 from agents.work.review import review_change
-from agents.work.scaffold import inside
 from shared.lib.errors import NotFound
 
 __all__ = ["CodeReviewAgent", "ExplainCodeInput", "ReviewCodeInput", "ReviewCodeOutput"]

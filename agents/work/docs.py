@@ -3,6 +3,14 @@ user guide from the README and the command-line help, a deployment guide from
 ``deploy/``, and a generated section kept up to date inside the README.
 
 Everything is deterministic: the same tree gives the same Markdown.
+
+Every file read or written is inside the repository (:func:`agents.work.paths.inside`):
+a symbolic link that leaves it (a README linked to ``/etc/passwd``, a module linked
+to another project's file) refuses the request with a 422 naming the link, as
+EXPLAIN_CODE and REFACTOR_CODE do; it is never read, published or written through.
+Refused rather than skipped: a module list or README that silently lacks a file
+looks complete, and a link leaving a repository is a mistake (or a probe) its
+owner should see. Links that stay inside are followed.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import tomllib
 from pathlib import Path
 
 from agents.work.atomic import write_atomically
+from agents.work.paths import inside
 from agents.work.process import run_process
 from agents.work.python_ast import ClassInfo, FunctionInfo, ModuleSummary, summarize_module
 from shared.lib.errors import NotFound
@@ -31,6 +40,8 @@ __all__ = [
 README_MARKERS = ("<!-- agent-orchestrator:api:start -->", "<!-- agent-orchestrator:api:end -->")
 _SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", "build", "dist", ".tox", ".data"}
 _CLI_HELP_TIMEOUT_S = 20.0
+#: What a refusal of a link leaving the repository tells the caller to do.
+_LINK_ADVICE = "it is a symbolic link to a file outside; remove the link or point it inside the repository"
 
 
 def _first_line(doc: str | None) -> str:
@@ -46,6 +57,7 @@ def find_modules(root: Path, modules: list[str] | None = None) -> list[Path]:
         rel = path.relative_to(root).parts
         if _SKIP_DIRS.intersection(rel) or rel[0] in {"tests", "test"} or path.name.startswith("test_"):
             continue
+        inside(root, path.relative_to(root), field="repo_path", advice=_LINK_ADVICE)
         files.append(path)
     return files
 
@@ -55,7 +67,9 @@ def _resolve_module(root: Path, module: str) -> Path:
     dotted = Path(*module.split("."))
     candidates += [root / f"{dotted}.py", root / dotted / "__init__.py", root / "src" / f"{dotted}.py"]
     for candidate in candidates:
-        if candidate.is_file() and candidate.resolve().is_relative_to(root.resolve()):
+        if candidate.is_file():
+            shown = candidate.relative_to(root) if candidate.is_relative_to(root) else candidate  # "/x.py" as given
+            inside(root, shown, field="modules", advice="name a module of the repository")
             return candidate
     raise NotFound(f"modules: {module!r} is not a module of {root.name}; name it dotted or as a path", field="modules")
 
@@ -105,9 +119,9 @@ async def api_reference(root: Path, *, modules: list[str] | None = None) -> tupl
 
 
 def _scripts(root: Path) -> dict[str, str]:
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file():
+    if not (root / "pyproject.toml").is_file():
         return {}
+    pyproject = inside(root, "pyproject.toml", field="repo_path", advice=_LINK_ADVICE)
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError:
@@ -128,7 +142,8 @@ async def _cli_help(root: Path, target: str) -> str:
 
 async def user_guide(root: Path) -> str:
     """A user guide: the README, then the ``--help`` of each command the project declares."""
-    readme = next((root / n for n in ("README.md", "README.rst", "README.txt", "README") if (root / n).is_file()), None)
+    name = next((n for n in ("README.md", "README.rst", "README.txt", "README") if (root / n).is_file()), None)
+    readme = inside(root, name, field="repo_path", advice=_LINK_ADVICE) if name is not None else None
     lines = [f"# User guide: {root.name}", ""]
     if readme is not None:
         lines += [readme.read_text(encoding="utf-8", errors="replace").strip(), ""]
@@ -167,8 +182,11 @@ def _deployment_guide_sync(root: Path) -> str:
     deploy = root / "deploy"
     if not deploy.is_dir():
         raise NotFound(f"repo_path: {root.name} has no deploy/ directory to document", field="doc_type")
+    inside(root, "deploy", field="repo_path", advice=_LINK_ADVICE)
     lines = [f"# Deployment guide: {root.name}", "", "Files under `deploy/`:", ""]
     files = sorted(p for p in deploy.rglob("*") if p.is_file())
+    for path in files:
+        inside(root, path.relative_to(root), field="repo_path", advice=_LINK_ADVICE)
     lines += [f"- `{p.relative_to(root)}`" for p in files] + [""]
     for path in files:
         if path.name.startswith("Dockerfile") or path.suffix == ".dockerfile":
@@ -194,6 +212,8 @@ def _section(summaries: list[ModuleSummary]) -> str:
 
 def _update_readme_sync(root: Path, write: bool) -> tuple[str, bool]:
     readme = root / "README.md"
+    if readme.is_symlink() or readme.exists():  # written through a link that stays inside, not over it
+        readme = inside(root, "README.md", field="repo_path", advice=_LINK_ADVICE)
     old = readme.read_text(encoding="utf-8") if readme.is_file() else f"# {root.name}\n"
     section = _section(_summaries(root, None))
     start, end = (re.escape(m) for m in README_MARKERS)

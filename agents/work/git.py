@@ -28,6 +28,7 @@ __all__ = [
     "changed_files",
     "file_sizes",
     "git",
+    "link_targets",
     "repository",
     "resolve_revision",
     "worktree",
@@ -126,6 +127,20 @@ async def file_sizes(repo: Path, revision: str, paths: list[str]) -> dict[str, i
         if len(parts) == 4 and parts[1] == "blob" and parts[3].isdigit():
             sizes[path] = int(parts[3])
     return sizes
+
+
+async def link_targets(repo: Path, revision: str, paths: list[str]) -> dict[str, str]:
+    """The target of each of ``paths`` that is a symbolic link at ``revision`` (git mode 120000)."""
+    if not paths:
+        return {}
+    result = await git(repo, "ls-tree", "-z", revision, "--", *paths)
+    targets: dict[str, str] = {}
+    for entry in result.stdout.split("\0"):
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if len(parts) == 3 and parts[0] == "120000":
+            targets[path] = (await git(repo, "cat-file", "blob", parts[2])).stdout
+    return targets
 
 
 @contextlib.asynccontextmanager

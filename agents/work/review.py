@@ -9,13 +9,22 @@ than a style preference (see :func:`_ruff_severity`).
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.work.git import AddedLine, added_lines, changed_files, file_sizes, resolve_revision, worktree
+from agents.work.git import (
+    AddedLine,
+    added_lines,
+    changed_files,
+    file_sizes,
+    link_targets,
+    resolve_revision,
+    worktree,
+)
 from agents.work.process import run_process
 
 __all__ = ["Finding", "ReviewResult", "review_change", "scan_added_lines"]
@@ -133,19 +142,42 @@ def _oversized(sizes: dict[str, int], *, max_file_bytes: int) -> list[Finding]:
     ]
 
 
+def _leaves_repository(path: str, target: str) -> bool:
+    """Whether a link at ``path`` (relative to the top) to ``target`` points out of the repository."""
+    if posixpath.isabs(target):
+        return True
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return resolved == ".." or resolved.startswith("../")
+
+
+def _outside_links(links: dict[str, str]) -> list[Finding]:
+    return [
+        Finding(path, 1, "symlink-outside-repo", "error",
+                f"symbolic link to {target}, outside the repository; commit the file itself or point inside")
+        for path, target in sorted(links.items())
+        if _leaves_repository(path, target)
+    ]  # fmt: skip
+
+
 async def review_change(
     repo: Path, base: str, head: str, *, max_file_bytes: int = 1024 * 1024, timeout_s: float = 120.0
 ) -> ReviewResult:
-    """Review what ``head`` changes over ``base`` in ``repo``; ruff runs in a worktree of ``head``."""
+    """Review what ``head`` changes over ``base`` in ``repo``; ruff runs in a worktree of ``head``.
+
+    Symbolic links are not linted: their blob is a path, not Python, and ruff, given the
+    checked-out link, would read the file it points at (``/etc/passwd``, say) from outside
+    the repository. A link that leaves the repository is an error-level finding instead."""
     base_sha = await resolve_revision(repo, base, field="base")
     head_sha = await resolve_revision(repo, head, field="head")
     files = await changed_files(repo, base_sha, head_sha)
+    links = await link_targets(repo, head_sha, files)
     python = [f for f in files if f.endswith((".py", ".pyi"))]
     result = ReviewResult(base_sha, head_sha, files, python)
     result.findings.extend(scan_added_lines(await added_lines(repo, base_sha, head_sha)))
     result.findings.extend(_oversized(await file_sizes(repo, head_sha, files), max_file_bytes=max_file_bytes))
-    if python:
+    result.findings.extend(_outside_links(links))
+    if lint := [f for f in python if f not in links]:
         async with worktree(repo, head_sha) as tree:
-            result.findings.extend(await _ruff(tree, python, timeout_s=timeout_s))
+            result.findings.extend(await _ruff(tree, lint, timeout_s=timeout_s))
     result.findings.sort(key=lambda f: (f.file, f.line, f.rule))
     return result

@@ -18,10 +18,11 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from agents.work.paths import inside
 from agents.work.process import run_process
 from shared.lib.errors import Conflict, InvalidInput
 
-__all__ = ["GeneratedFiles", "RefactorResult", "inside", "refactor_files", "render_scaffold", "write_scaffold"]
+__all__ = ["GeneratedFiles", "RefactorResult", "refactor_files", "render_scaffold", "write_scaffold"]
 
 _MODULE_TEMPLATE = Template('''"""${description}"""
 
@@ -85,14 +86,6 @@ class RefactorResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def inside(root: Path, path: str, *, field: str) -> Path:
-    """``path`` resolved inside ``root``; escaping the repository is refused, naming ``field``."""
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise InvalidInput(f"{field}: {path} is outside the repository", field=field)
-    return resolved
 
 
 def _check_names(module: str, functions: list[str]) -> None:

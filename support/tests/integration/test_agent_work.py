@@ -399,6 +399,78 @@ async def test_update_readme_is_idempotent(repo: Repo, agent: Callable[..., Agen
     assert "`shapes.geometry`: Shapes. (area, Square)" in text
 
 
+def _link(repo: Repo, name: str, target: Path) -> None:
+    """Make ``name`` in ``repo`` a symbolic link to ``target`` and commit it."""
+    link = repo.path / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    repo.commit({}, f"link {name}")
+
+
+async def test_docs_refuse_links_leaving_the_repository(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A README or module that is a symbolic link out of the repository is refused with a 422 naming
+    the link, never read into the answer, published as a module or written into README.md (the guide
+    answered with /etc/passwd, the reference published calc.link, an unparsable target failed on its
+    syntax)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("root:x:0:0:SECRET\n")
+    (outside / "theirs.py").write_text('"""SECRET module."""\n\n\ndef stolen() -> None:\n    pass\n')
+    (outside / "broken.py").write_text("def (:\n")
+    repo.commit({"calc/__init__.py": "", "calc/ops.py": CLEAN, "README.md": "# calc\n"})
+    docs, path = agent("documentation"), str(repo.path)
+    cases: list[tuple[str, Path, str, dict[str, Any]]] = [
+        ("calc/link.py", outside / "theirs.py", "GENERATE_DOCS", {"doc_type": "api"}),
+        ("calc/link.py", outside / "broken.py", "GENERATE_DOCS", {"doc_type": "api"}),
+        ("calc/link.py", outside / "theirs.py", "GENERATE_DOCS", {"modules": ["calc.link"]}),
+        ("calc/link.py", outside / "theirs.py", "UPDATE_README", {}),
+        ("README.md", outside / "secret.txt", "GENERATE_DOCS", {"doc_type": "guide"}),
+        ("README.md", outside / "secret.txt", "UPDATE_README", {"write": False}),
+        ("deploy/compose.yml", outside / "secret.txt", "GENERATE_DOCS", {"doc_type": "deployment"}),
+    ]
+    for name, target, request_type, extra in cases:
+        (repo.path / name).unlink(missing_ok=True)
+        _link(repo, name, target)
+        with pytest.raises(InvalidInput) as refused:
+            await docs.run(request_type, {"repo_path": path, **extra})
+        assert refused.value.field == ("modules" if "modules" in extra else "repo_path")
+        assert f"{name} is outside the repository" in refused.value.message
+        (repo.path / name).unlink()
+        repo.commit({"README.md": "# calc\n"} if name == "README.md" else {}, f"unlink {name}")
+    assert (repo.path / "README.md").read_text() == "# calc\n"
+    assert (await docs.run("GENERATE_DOCS", {"repo_path": path}))["modules"] == ["calc", "calc.ops"]
+
+
+async def test_update_readme_writes_through_a_link_that_stays_inside(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """A README.md linked to a file inside the repository is read and updated through the link,
+    which stays a link."""
+    repo.commit({"docs/index.md": "# calc\n", "calc.py": CLEAN})
+    _link(repo, "README.md", Path("docs/index.md"))
+    result = await agent("documentation").run("UPDATE_README", {"repo_path": str(repo.path)})
+    assert result["written"] is True
+    assert (repo.path / "README.md").is_symlink()
+    assert "`calc`: Arithmetic. (add)" in (repo.path / "docs" / "index.md").read_text()
+
+
+async def test_review_does_not_lint_a_link_out_of_the_repository(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A change adding a .py link to a file outside is one error finding naming the link; ruff does
+    not read the target (a link to /etc/passwd gave 237 ruff errors)."""
+    outside = tmp_path / "passwd.py"
+    outside.write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)
+    base = repo.commit({"calc.py": CLEAN})
+    _link(repo, "leak.py", outside)
+    _link(repo, "alias.py", Path("calc.py"))
+    head = repo.git("rev-parse", "HEAD")
+    result = await agent("code-review").run("REVIEW_CODE", {"repo_path": str(repo.path), "base": base, "head": head})
+    assert [(f["file"], f["rule"]) for f in result["findings"]] == [("leak.py", "symlink-outside-repo")]
+    assert result["approved"] is False
+    assert str(outside) in result["findings"][0]["message"]
+
+
 async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[..., Agent]) -> None:
     """GENERATE_CODE scaffolds a module and a test that pass the pipeline; it refuses to overwrite them."""
     repo.commit({"README.md": "# app\n"})
