@@ -46,7 +46,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,6 +54,8 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from shared.lib import _bus_events, metrics
@@ -441,30 +443,24 @@ class EventBus:
         """Read this instance's reply channel on a connection of its own, replies as the server
         sends them: redis-py's PubSub wraps each message in a parse, a lock and a dict, which
         cost more than the rest of taking the reply. The connection is named
-        ``ao-replies-<instance id>`` in CLIENT LIST. An idle one is PINGed so a dead one is
-        found; a lost one is resubscribed and the waiters' stored responses are swept up."""
+        ``ao-replies-<instance id>`` in CLIENT LIST. An idle one is PINGed, and one whose PING
+        gets no answer within another idle spell is given up as dead (a link dropped silently);
+        a lost one is resubscribed and the waiters' stored responses are swept up."""
         channel = keys.reply_channel(self._core.prefix, self.instance_id).encode()
         delay_s, first = 0.05, True
         while True:
-            pool = self._core.redis.connection_pool
-            conn = pool.connection_class(**{**pool.connection_kwargs, "client_name": f"ao-replies-{self.instance_id}"})
+            conn = self._new_reply_connection()
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 self._subscribed = {channel, *self._cancel_channels}
                 await conn.send_command("SUBSCRIBE", *self._subscribed)
                 self._reply_conn = conn
-                while True:
-                    reply = await conn.read_response(timeout=_REPLY_IDLE_PING_S)
-                    if reply is None:
-                        await conn.send_command("PING")  # answered as [b"pong", b""]
-                        continue
-                    kind = keys.as_text(reply[0])
-                    name = reply[1] if isinstance(reply[1], bytes) else keys.as_text(reply[1]).encode()
+                async for kind, name, data in self._read_replies(conn):
                     if kind == "message":
                         if name == channel:
-                            self._on_reply(reply[2])
+                            self._on_reply(data)
                         else:
-                            self._on_cancel_notice(name, reply[2])
+                            self._on_cancel_notice(name, data)
                     elif kind == "subscribe" and name == channel:
                         delay_s = 0.05
                         if not first:
@@ -479,6 +475,34 @@ class EventBus:
                 self._reply_conn = None
                 with contextlib.suppress(*_TRANSIENT):
                     await conn.disconnect()
+
+    def _new_reply_connection(self) -> AbstractConnection:
+        """A connection like the pool's, but without redis-py's health check: that one PINGs and
+        wants ``PONG``, which a subscribed connection answers as ``[b"pong", b""]``, so every
+        idle ``health_check_interval`` (30 s, :func:`connect_redis`) it would raise "Bad
+        response from PING health check" and drop a live connection. :meth:`_read_replies`
+        checks it instead."""
+        pool = self._core.redis.connection_pool
+        name = f"ao-replies-{self.instance_id}"
+        return pool.connection_class(**{**pool.connection_kwargs, "client_name": name, "health_check_interval": 0})
+
+    @staticmethod
+    async def _read_replies(conn: AbstractConnection) -> AsyncIterator[tuple[str, bytes, Any]]:
+        """The (kind, channel, data) of each push on the subscribed ``conn``. After
+        ``_REPLY_IDLE_PING_S`` of quiet it sends PING; when nothing at all (not even the pong)
+        comes in the next spell either, the connection is dead: ConnectionError."""
+        pinged = False
+        while True:
+            reply = await conn.read_response(timeout=_REPLY_IDLE_PING_S)
+            if reply is None:
+                if pinged:
+                    raise RedisConnectionError(f"no answer to PING within {_REPLY_IDLE_PING_S:g}s")
+                await conn.send_command("PING")  # answered as [b"pong", b""]
+                pinged = True
+                continue
+            pinged = False
+            name = reply[1] if isinstance(reply[1], bytes) else keys.as_text(reply[1]).encode()
+            yield keys.as_text(reply[0]), name, reply[2] if len(reply) > 2 else None
 
     def _on_reply(self, raw: bytes) -> None:
         try:

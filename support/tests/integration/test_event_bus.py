@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -307,6 +309,103 @@ async def test_an_idle_reply_connection_is_pinged_and_keeps_answering(
     assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
     await server.stop_serving(grace_s=1)
     await task
+
+
+async def test_a_reply_connection_idle_past_the_health_check_interval_is_not_dropped(
+    make_bus: BusFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Idle spells longer than the pool's health-check interval keep the reply connection: no loss, no resubscribe."""
+    from shared.lib import event_bus
+
+    monkeypatch.setattr(event_bus, "_REPLY_IDLE_PING_S", 0.2)  # 30 s in production, like the interval
+    server, client = await make_bus(), await make_bus()
+    client.redis.connection_pool.connection_kwargs["health_check_interval"] = 0.1  # 30 s from connect_redis
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).payload["echo"] == {"n": 1}
+    name = f"ao-replies-{client.instance_id}"
+    before = next(c["id"] for c in await client.redis.client_list() if c["name"] == name)
+    await asyncio.sleep(1.2)  # several intervals, each ending with an idle PING
+    after = next(c["id"] for c in await client.redis.client_list() if c["name"] == name)
+    assert after == before
+    assert not [r for r in caplog.records if r.name == "shared.lib.event_bus" and r.levelno >= logging.WARNING]
+    assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+class _SilencingProxy:
+    """A TCP proxy to Redis whose links can be silenced: their bytes are dropped both ways while
+    both sockets stay open, as when a NAT or firewall forgets a connection."""
+
+    def __init__(self, redis_url: str) -> None:
+        parts = urlsplit(redis_url)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self._path = parts.path
+        self._silenced: set[int] = set()  # the proxy's own ports towards Redis, as CLIENT LIST shows them
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        """Listen on a free port; return a Redis URL through it."""
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._path}"
+
+    def silence(self, redis_addr: str) -> None:
+        """Drop the bytes of the link that Redis sees as ``redis_addr`` (``host:port``)."""
+        self._silenced.add(int(redis_addr.rsplit(":", 1)[1]))
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        port = up_writer.get_extra_info("sockname")[1]
+        for task in (self._pump(reader, up_writer, port), self._pump(up_reader, writer, port)):
+            self._pumps.add(asyncio.create_task(task))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        try:
+            while data := await reader.read(65536):
+                if port not in self._silenced:
+                    writer.write(data)
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_reply_connection_whose_link_goes_silent_is_replaced(
+    make_bus: BusFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, redis_url: str
+) -> None:
+    """A reply connection whose idle PING gets no answer (a link dropped silently) is given up and resubscribed."""
+    from shared.lib import event_bus
+
+    monkeypatch.setattr(event_bus, "_REPLY_IDLE_PING_S", 0.1)
+    proxy = _SilencingProxy(redis_url)
+    server, client = await make_bus(), await make_bus(redis_url=await proxy.start())
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).payload["echo"] == {"n": 1}
+    name = f"ao-replies-{client.instance_id}"
+    before = next(c for c in await server.redis.client_list() if c["name"] == name)
+    proxy.silence(before["addr"])
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        ids = {c["id"] for c in await server.redis.client_list() if c["name"] == name} - {before["id"]}
+        if ids:
+            break
+    assert ids, "the silent reply connection was never replaced"
+    assert any("no answer to PING" in r.getMessage() for r in caplog.records)
+    assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
+    await server.stop_serving(grace_s=1)
+    await task
+    await proxy.close()
 
 
 async def test_offline_agent_fails_at_once(make_bus: BusFactory) -> None:
