@@ -29,6 +29,11 @@ _STOPPED = TERMINAL_STATUSES | {"interrupted"}
 #: How long ``run --follow`` keeps reconnecting to a lost event stream before it gives up.
 _RECONNECT_S = 120.0
 _RECONNECT_PAUSE_S = 0.5
+#: What a refused key means for the CLI, whose key is a setting, not a header the user writes.
+_KEY_HINT = (
+    "the CLI sends AO_API_KEY, else the first of AO_API_KEYS, else the key of the stack `make up` "
+    "runs from this directory"
+)
 
 
 def _client() -> httpx.Client:
@@ -36,9 +41,7 @@ def _client() -> httpx.Client:
 
     settings = load_settings(dev_mode=True)  # a client needs no server secrets
     key = settings.api_key or (settings.api_keys[0] if settings.api_keys else "")
-    return httpx.Client(
-        base_url=settings.url_for("orchestrator"), headers={"X-API-Key": key} if key else {}, timeout=30.0
-    )
+    return httpx.Client(base_url=settings.orchestrator_url, headers={"X-API-Key": key} if key else {}, timeout=30.0)
 
 
 def _call(
@@ -61,13 +64,16 @@ def _refused(r: httpx.Response) -> NoReturn:
         err = {}
     unavailable = r.status_code in (502, 503, 504)  # a restarting or overloaded orchestrator: try again
     error = ServiceUnavailable if unavailable else OrchestratorError
-    raise error(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}")
+    hint = f" ({_KEY_HINT})" if r.status_code == 401 else ""
+    raise error(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text)}{hint}")
 
 
 def _table(wf: dict[str, Any]) -> Table:
     # The title is as wide as the table and would wrap there, splitting the id people copy.
     title = Text(f"workflow {wf.get('workflow_id', '(launching)')}", no_wrap=True, overflow="ignore")
     table = Table(show_header=False, title=title)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # whole: digests and paths are copied from here
     for key in ("workflow_type", "status", "current_step", "reason", "stuck"):
         if wf.get(key) not in (None, ""):
             table.add_row(key, str(wf[key]))
@@ -127,35 +133,59 @@ def _stream(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Iter
 
 
 def _watch(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str | None:
-    """Show the workflow live as its events come; the status it stopped at (terminal or
-    ``interrupted``), or None when the stream ended first. ``view["last_id"]`` is the last
-    event received, to follow on from; ``view["alive"]`` when the stream last answered."""
-    try:
-        return _watch_live(events, view)
-    finally:
-        if not _out.is_terminal:  # rich ends a live display with a newline on a terminal only
-            _out.line()
-
-
-def _watch_live(events: Iterator[dict[str, Any]], view: dict[str, Any]) -> str | None:
-    with Live(_table(view), console=_out, refresh_per_second=8) as live:
+    """Show the workflow as its events come: a live table on a terminal (gone once it stops:
+    the table printed next shows the same), a line per event elsewhere (a log, a pipe). The
+    status it stopped at (terminal or ``interrupted``), or None when the stream ended first.
+    ``view["last_id"]`` is the last event received, to follow on from; ``view["alive"]`` when
+    the stream last answered."""
+    if not _out.is_terminal:
         for ev in events:
-            data = ev.get("data") or {}
-            view["alive"] = time.monotonic()
-            view["last_id"] = ev.get("id", view.get("last_id"))
-            if ev["event"] == "workflow.launched":
-                view["workflow_id"] = data["workflow_id"]
-            elif ev["event"] == "workflow.node":  # the node running by then, when it says one
-                view["current_step"] = data.get("current_step", data.get("node"))
-            elif ev["event"] == "workflow.status":
-                view["status"] = data["status"]
-                view["reason"] = data.get("reason")
-                # at an interrupt, the node that waits (approval), as `status` shows it, not the last one done
-                view["current_step"] = data.get("current_step", view.get("current_step"))
+            stopped = _see(ev, view)
+            _out.print(_line(ev, view), soft_wrap=True)
+            if stopped is not None:
+                return stopped
+        return None
+    with Live(_table(view), console=_out, refresh_per_second=8, transient=True) as live:
+        for ev in events:
+            stopped = _see(ev, view)
             live.update(_table(view))
-            if ev["event"] == "workflow.status" and data["status"] in _STOPPED:
-                return str(data["status"])
+            if stopped is not None:
+                return stopped
     return None
+
+
+def _see(ev: dict[str, Any], view: dict[str, Any]) -> str | None:
+    """Take an event into the view; the status the workflow stopped at, if it did."""
+    data = ev.get("data") or {}
+    view["alive"] = time.monotonic()
+    view["last_id"] = ev.get("id", view.get("last_id"))
+    if ev["event"] == "workflow.launched":
+        view["workflow_id"] = data["workflow_id"]
+    elif ev["event"] == "workflow.node":  # the node running by then, when it says one
+        view["current_step"] = data.get("current_step", data.get("node"))
+    elif ev["event"] == "workflow.status":
+        view["status"] = data["status"]
+        view["reason"] = data.get("reason")
+        # at an interrupt, the node that waits (approval), as `status` shows it, not the last one done
+        view["current_step"] = data.get("current_step", view.get("current_step"))
+        if data["status"] in _STOPPED:
+            return str(data["status"])
+    return None
+
+
+def _line(ev: dict[str, Any], view: dict[str, Any]) -> str:
+    """An event as a line of a log."""
+    data = ev.get("data") or {}
+    if ev["event"] == "workflow.launched":
+        return f"workflow {data['workflow_id']} launched: {data.get('status', '')}"
+    if ev["event"] == "workflow.node":
+        running = f"; {data['current_step']} runs" if data.get("current_step") else ""
+        return f"  {data.get('node')} done in {data.get('duration_s', 0):.2f}s{running}"
+    if ev["event"] == "workflow.status":
+        at = f" at {data['current_step']}" if data.get("current_step") else ""
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        return f"  {data['status']}{at}{reason}"
+    return f"  {ev['event'].removeprefix('workflow.')}"
 
 
 def _connect(client: httpx.Client, body: dict[str, Any], view: dict[str, Any]) -> Iterator[dict[str, Any]]:

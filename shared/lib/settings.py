@@ -85,9 +85,13 @@ class Settings(BaseSettings):
     redis_url: str | None = _url_field("REDIS_URL")
     """Redis URL; unset: ``up`` and ``demo`` start the embedded redis-server under data_dir,
     and the operator commands and services started by hand use it while it runs."""
-    registry_url: str = _url_field("REGISTRY_URL", "")  # "": derived in _derive_registry_url
+    registry_url: str = _url_field("REGISTRY_URL", "")  # "": derived in _derive_service_urls
     """Where agents and the orchestrator reach the registry service; unset: AO_HOST and the
     registry's port in AO_PORTS (``http://127.0.0.1:8009``)."""
+    orchestrator_url: str = _url_field("ORCHESTRATOR_URL", "")  # "": derived in _derive_service_urls
+    """Where the CLI's workflow commands (``run``, ``status``, ``list``, ``approve``, ``reject``,
+    ``cancel``) reach the orchestrator API; unset: AO_HOST and the orchestrator's port in
+    AO_PORTS (``http://127.0.0.1:8001``)."""
     pg_prepare_threshold: int | None = 5
     """psycopg prepare threshold for the checkpointer; set empty/None behind pgbouncer."""
     checkpoint_synchronous_commit: bool = True
@@ -241,10 +245,14 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
-    def _derive_registry_url(self) -> Settings:
-        """The registry where AO_HOST and AO_PORTS put it, when REGISTRY_URL is not given."""
+    def _derive_service_urls(self) -> Settings:
+        """The registry and the orchestrator where AO_HOST and AO_PORTS put them, when
+        REGISTRY_URL / ORCHESTRATOR_URL are not given."""
         if not self.registry_url.strip():
             self.registry_url = self.url_for("agent-registry")
+        if not self.orchestrator_url.strip():
+            self.orchestrator_url = self.url_for("orchestrator")
+        self.orchestrator_url = self.orchestrator_url.rstrip("/")
         return self
 
     @model_validator(mode="after")

@@ -195,20 +195,26 @@ def test_cli_status_list_reject_approve_and_cancel(
     """``status`` shows a workflow waiting at its approval and ``list`` lists it; ``reject`` answers
     it and it fails as rejected by that person; a late ``approve`` is refused (exit 2, the 409
     named). ``run --follow`` with no one at the prompt (stdin closed) leaves a second one waiting,
-    says how to answer it and exits 1; ``cancel`` cancels it; cancelling it again is refused."""
+    says how to answer it and exits 1; ``cancel`` cancels it; cancelling it again is refused.
+    ORCHESTRATOR_URL points the CLI at an orchestrator elsewhere; a refused key says where the
+    CLI takes its key from."""
 
-    def cli(*args: str) -> str:
+    def cli(*args: str, **env: str) -> str:
         command = [sys.executable, "-m", "agent_orchestrator", *args]
         done = subprocess.run(
-            command, env=stack.env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+            command, env={**stack.env, **env}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
         )
         return f"exit {done.returncode}: " + " ".join((done.stdout + done.stderr).split())
 
     first = launch(api, "pr_deployment", pr_input(sample_repo, environment="cli-1"))
     assert follow(api, first, {"interrupted"} | TERMINAL)["status"] == "interrupted"
-    shown = cli("status", first)
+    # AO_PORTS names no orchestrator here: ORCHESTRATOR_URL (a trailing slash is fine) does
+    shown = cli("status", first, AO_PORTS='{"orchestrator": 1}', ORCHESTRATOR_URL=f"{stack.orchestrator_url}/")
     assert shown.startswith("exit 0"), shown
     assert re.search(r"status . interrupted .* current_step . approval", shown), shown
+    refused = cli("status", first, AO_API_KEY="not-the-key")
+    assert refused.startswith("exit 2: error: 401"), refused
+    assert "the CLI sends AO_API_KEY, else the first of AO_API_KEYS" in refused, refused
     assert f"{first} pr_deployment interrupted approval" in cli("list", "--status", "interrupted"), first
     assert cli("reject", first, "--by", "bo").startswith(f"exit 0: workflow {first}: reject sent; it resumes")
     wf = follow(api, first, TERMINAL)
@@ -242,9 +248,12 @@ def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "approve?" in done.stdout
-    # the live view at the interrupt shows the step it waits at, as `status` does (it showed `test`)
+    # piped, it logs a line per event: each node as it ends (and the one that runs by then), the
+    # step the interrupt waits at; then the table at the prompt shows that step, as `status` does
     asked = done.stdout.split("approve?")[0]
-    assert re.findall(r"current_step\s*│\s*(\S+)", asked) == ["approval", "approval"], asked
+    assert re.search(r"^  review done in [0-9.]+s; test runs$", asked, re.M), asked
+    assert re.search(r"^  interrupted at approval$", asked, re.M), asked
+    assert re.findall(r"current_step\s*│\s*(\S+)", asked) == ["approval"], asked
     wf_id = re.findall(r"workflow ([0-9a-f-]{36})", done.stdout)[-1]
     wf = api.get(f"/workflows/{wf_id}").json()
     assert wf["status"] == "succeeded"
