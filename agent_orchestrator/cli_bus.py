@@ -98,6 +98,19 @@ def dlq_requeue(
         typer.echo(f"requeued {entry_id} as request {request_id}")
 
 
+def _parse_aggregate(value: str | None) -> tuple[str | None, str | None]:
+    """``TYPE`` or ``TYPE:ID`` as (type, id); an empty part is refused, not read as "any"."""
+    if value is None:
+        return None, None
+    aggregate_type, colon, aggregate_id = value.partition(":")
+    if not aggregate_type.strip() or (colon and not aggregate_id.strip()):
+        raise InvalidInput(
+            f"--aggregate {value!r} is not TYPE or TYPE:ID (workflow, workflow:<id>): a part is empty",
+            field="aggregate",
+        )
+    return aggregate_type, aggregate_id or None
+
+
 def _parse_since(value: str | None) -> tuple[int, datetime | None]:
     if value is None:
         return 0, None
@@ -123,7 +136,9 @@ def events_replay(
 ) -> None:
     """Publish stored events again, oldest first, to live subscribers (they dedupe by id)."""
     after_id, since_at = _parse_since(since)
-    aggregate_type, _, aggregate_id = (aggregate or "").partition(":")
+    aggregate_type, aggregate_id = _parse_aggregate(aggregate)
+    if event_type is not None and not event_type.strip():
+        raise InvalidInput("--type is empty: give an event type (workflow.status) or leave it out", field="type")
     settings = load_settings(dev_mode=True)  # publishing stored events needs no secrets
 
     async def work(bus: EventBus) -> int:
@@ -132,8 +147,8 @@ def events_replay(
             page = await bus.events_since(
                 cursor,
                 event_type=event_type,
-                aggregate_type=aggregate_type or None,
-                aggregate_id=aggregate_id or None,
+                aggregate_type=aggregate_type,
+                aggregate_id=aggregate_id,
                 since=since_at,
                 limit=_REPLAY_PAGE,
             )

@@ -147,7 +147,8 @@ async def test_event_ids_past_bigint_are_refused_naming_the_input(
     make_bus: BusFactory, service_env: dict[str, str]
 ) -> None:
     """events_since past int64 or with NUL in a filter is InvalidInput (it was asyncpg's DataError);
-    `events replay --since` past int64 exits 2 with one line."""
+    `events replay --since` past int64, or with an empty --aggregate or --type part, exits 2
+    with one line."""
     bus = await make_bus()
     assert await bus.events_since(2**63 - 1) == []
     with pytest.raises(InvalidInput) as caught:
@@ -156,9 +157,15 @@ async def test_event_ids_past_bigint_are_refused_naming_the_input(
     with pytest.raises(InvalidInput) as caught:
         await bus.events_since(0, aggregate_id="a\x00")
     assert caught.value.field == "aggregate_id"
-    for since in ("99999999999999999999999", "0001-01-01T00:00:00+14:00"):
-        code, out = await run_cli(service_env, "events", "replay", "--since", since)
-        assert code == 2, out
-        assert "--since" in out
+    refused = [
+        *((("--since", since), "--since") for since in ("99999999999999999999999", "0001-01-01T00:00:00+14:00")),
+        # an empty filter is refused, not read as "every event"
+        *((("--aggregate", aggregate), "--aggregate") for aggregate in (":", "", "workflow:", ":abc")),
+        (("--type", ""), "--type"),
+    ]
+    for args, named in refused:
+        code, out = await run_cli(service_env, "events", "replay", *args)
+        assert code == 2, (args, out)
+        assert named in out, (args, out)
         assert "Traceback" not in out
         assert len(out.strip().splitlines()) == 1, out
