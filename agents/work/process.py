@@ -106,7 +106,7 @@ async def run_process(
         out, err = await _drain_after_kill(proc, readers)
     except BaseException:  # cancelled (the request was, or the agent stops): the group must not outlive it
         _kill_group(proc)
-        readers.cancel()
+        _abandon(readers)
         raise
     result = ProcessResult(tuple(args), proc.returncode or 0, _decode(out), _decode(err), timed_out)
     if timed_out and raise_on_timeout:
@@ -123,9 +123,22 @@ async def _drain_after_kill(
             out, err, _ = await readers
             await proc.wait()
     except TimeoutError:
-        readers.cancel()
+        _abandon(readers)
         return b"", b""
     return out, err
+
+
+def _abandon(readers: asyncio.Future[tuple[bytes, bytes, None]]) -> None:
+    """Cancel ``readers`` and take their outcome when it comes: a cancelled gather ends with
+    CancelledError set as its exception, which asyncio logs at ERROR as "never retrieved" when
+    nobody reads it (and nobody awaits it here: the shield around it was cancelled instead)."""
+    readers.cancel()
+    readers.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[tuple[bytes, bytes, None]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:

@@ -7,6 +7,7 @@ the path both the bus and ``POST /agent-request`` take.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -183,6 +184,30 @@ async def test_pipeline_runs_the_declared_command_and_times_out(repo: Repo, agen
     assert timed["timed_out"] is True
     assert timed["success"] is False
     assert timed["duration_s"] < 5
+
+
+async def test_a_cancelled_pipeline_leaves_no_unretrieved_exception(repo: Repo, agent: Callable[..., Agent]) -> None:
+    """Cancelling a running test command (a cancelled request) kills it without asyncio reporting an
+    exception never retrieved (the cancelled readers of its output)."""
+    rev = repo.commit({"calc.py": CLEAN})
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        run = asyncio.create_task(
+            agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev, "command": "sleep 30"})
+        )
+        await asyncio.sleep(1.0)  # the command runs
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        for _ in range(5):  # the readers see their cancellation, then are collected
+            await asyncio.sleep(0.01)
+            gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert [c["message"] for c in reported] == []
 
 
 async def test_pipeline_log_holds_both_streams_in_the_order_written(repo: Repo, agent: Callable[..., Agent]) -> None:
