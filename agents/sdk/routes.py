@@ -13,6 +13,15 @@ Authentication, outside development mode, is one of:
 - an ``X-API-Key`` (or Bearer) of the deployment;
 - an agent's ``X-Agent-Id`` and ``X-Agent-Token``, as issued by the registry.
 
+A token proves which agent calls, so it binds ``source_agent``: an unsigned
+envelope sent with the token of an instance of ``caller`` must say
+``"source_agent": "caller"``, else it is a 403 naming ``source_agent`` (a token
+of any agent passed itself off as the orchestrator, and was served and counted
+as such). Refused rather than rewritten: a caller that names another agent is
+mistaken or lying, and either way should hear it. An API key is the
+deployment's own credential and may name any source, as may a signer of the
+envelope (the HMAC key is the deployment's too).
+
 An unsigned envelope from a caller authenticated by key or token is first
 validated into the model (defaults filled: ``reply_to``, ``metadata``,
 ``created_at``...; numbers normalised: ``1764547200`` becomes ``1764547200.0``)
@@ -43,7 +52,7 @@ from shared.lib.agent_events import (
     signing_key_for,
     window_skew_s,
 )
-from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
+from shared.lib.errors import Forbidden, InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
 from shared.lib.http_service import non_json_body
 
 __all__ = ["agent_routes", "status_for_error_code"]
@@ -75,22 +84,30 @@ def _api_key_ok(runtime: AgentRuntime, request: Request) -> bool:
     return any(hmac.compare_digest(presented.encode(), k.encode()) for k in runtime.settings.api_keys)
 
 
-async def _agent_token_ok(runtime: AgentRuntime, agent_id: str | None, token: str | None) -> bool:
+async def _token_agent(runtime: AgentRuntime, request: Request) -> str | None:
+    """The agent name of the instance whose registry-issued token came with ``request`` (None
+    when none came); a wrong token, or one of an instance no longer registered, is a 401."""
+    agent_id, token = request.headers.get("x-agent-id"), request.headers.get("x-agent-token")
     if not agent_id or not token:
-        return False
+        return None
     from agent_registry.store import RegistryStore  # the registry's own token check, on the shared database
 
+    store = RegistryStore(runtime.ctx.pool)
     try:
-        await RegistryStore(runtime.ctx.pool).check_token(agent_id, token)
+        await store.check_token(agent_id, token)
+        return (await store.get(agent_id)).name
     except OrchestratorError as e:
         raise Unauthorized(f"agent token refused: {e.message}", field="X-Agent-Token") from e
-    return True
 
 
-async def _caller_known(runtime: AgentRuntime, request: Request) -> bool:
-    """Whether the caller sent a deployment API key or a registry-issued agent token."""
-    agent_id, token = request.headers.get("x-agent-id"), request.headers.get("x-agent-token")
-    return _api_key_ok(runtime, request) or await _agent_token_ok(runtime, agent_id, token)
+def _check_source(envelope: AgentRequestEvent, caller: str, agent_id: str) -> None:
+    """A token's agent may only speak for itself: ``source_agent`` must be its name."""
+    if envelope.source_agent != caller:
+        raise Forbidden(
+            f"source_agent is {envelope.source_agent!r}, but the X-Agent-Token of {agent_id} is an instance of "
+            f"{caller!r}; send source_agent {caller!r}",
+            field="source_agent",
+        )
 
 
 def _check_fresh(runtime: AgentRuntime, envelope: AgentRequestEvent) -> None:
@@ -110,12 +127,15 @@ async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str,
     and signed here, in its canonical form, for a caller known by API key or agent token."""
     if runtime.settings.dev_mode or data.get("signature"):
         return request_from_dict(data, key=None)  # shape only; the bus verifies the signature as sent
-    if not await _caller_known(runtime, request):
+    caller = None  # an API key may name any source
+    if not _api_key_ok(runtime, request) and (caller := await _token_agent(runtime, request)) is None:
         raise Unauthorized(
             "unauthenticated request: sign the envelope, or send X-API-Key, or X-Agent-Id with X-Agent-Token",
             field="signature",
         )
     envelope = request_from_dict(data, key=None)  # defaults filled, numbers normalised; 422 naming a bad field
+    if caller is not None:
+        _check_source(envelope, caller, request.headers.get("x-agent-id", ""))
     _check_fresh(runtime, envelope)
     return envelope.signed(signing_key_for(runtime.settings, envelope.target_agent))
 

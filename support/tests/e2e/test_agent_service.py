@@ -314,6 +314,34 @@ async def test_agent_http_takes_hand_written_unsigned_envelopes_and_still_verifi
     assert {d.reason for d in await bus.dead_letters("code-review")} == {"bad_signature"}
 
 
+async def test_an_agent_token_speaks_only_for_its_own_agent(
+    stack: Callable[[str], ServiceProcess], registry: RegistryClient, repo: tuple[Path, str], ports: dict[str, int]
+) -> None:
+    """With the token of an instance of `caller`, an envelope saying source_agent "orchestrator" is a 403
+    naming source_agent and is not run or counted (it was a 200 counted as from the orchestrator);
+    saying "caller" it runs."""
+    stack("code-review")
+    registered = await registry.register(
+        Registration(name="caller", version="1", endpoint="http://127.0.0.1:1", agent_id="caller-1")
+    )
+    token = {"X-Agent-Id": "caller-1", "X-Agent-Token": registered.token}
+    explain = {"repo_path": str(repo[0]), "path": "calc.py"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['code-review']}", timeout=10) as http:
+        posing = await http.post("/agent-request", json=_hand_written(explain, source_agent="orchestrator"),
+                                 headers=token)  # fmt: skip
+        assert posing.status_code == 403, posing.text
+        assert (posing.json()["error"]["code"], posing.json()["error"]["field"]) == ("forbidden", "source_agent")
+        assert "'caller'" in posing.json()["error"]["message"]
+        itself = await http.post("/agent-request", json=_hand_written(explain, source_agent="caller"), headers=token)
+        assert itself.status_code == 200, itself.text
+        wrong = {**token, "X-Agent-Token": "x" * 40}
+        refused = await http.post("/agent-request", json=_hand_written(explain, source_agent="caller"), headers=wrong)
+        assert (refused.status_code, refused.json()["error"]["field"]) == (401, "X-Agent-Token")
+        text = (await http.get("/metrics")).text
+    series = re.findall(r"^agent_requests_total\{([^}]*)\}", text, re.M)
+    assert not [s for s in series if 'source_agent="orchestrator"' in s]
+
+
 async def test_stale_instance_is_found_and_deregistered(
     spawn: Callable[..., ServiceProcess],
     ports: dict[str, int],
