@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
+import orjson
 from langgraph.graph import StateGraph
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -48,6 +49,13 @@ def _absolute(path: str) -> str:
 
 #: A path in a workflow's input: absolute, as the orchestrator and the agents resolve it, not the caller.
 AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
+
+
+def _strict(model: type[BaseModel], data: Any) -> dict[str, Any]:
+    """``data``, parsed from JSON, validated as the JSON it came as, in pydantic's strict mode: a
+    wrong type is refused (``"2"`` or ``2.0`` for an integer, ``1`` for a boolean), while what
+    JSON can only spell as a string (a timestamp, a UUID, a path) is still read from one."""
+    return model.model_validate_json(orjson.dumps(data), strict=True).model_dump(mode="json")
 
 
 class WorkflowInput(BaseModel):
@@ -124,13 +132,14 @@ class WorkflowType:
         return self.resume_model.model_json_schema() if self.resume_model is not None else None
 
     def validate_input(self, data: Any) -> dict[str, Any]:
-        return self.input_model.model_validate(data).model_dump(mode="json")
+        """``data`` (parsed JSON) as ``input_model`` reads it, strictly (:func:`_strict`)."""
+        return _strict(self.input_model, data)
 
     def validate_resume(self, answer: Any) -> Any:
         """``answer`` as ``resume_model`` reads it (pydantic's ``ValidationError`` if it does not)."""
         if self.resume_model is None:
             return answer
-        return self.resume_model.model_validate(answer).model_dump(mode="json")
+        return _strict(self.resume_model, answer)
 
     def mermaid(self) -> str:
         return self.build().compile().get_graph().draw_mermaid()

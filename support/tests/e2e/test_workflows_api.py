@@ -636,6 +636,10 @@ def parse_sse(
             422,
             "input.max_iterations",
         ),
+        *(  # a wrong type is refused, not coerced: "2" or 2.0 for an integer, 1 for a boolean
+            ("POST", "/workflows", {"workflow_type": "self_healing", "input": {k: v}}, 422, f"input.{k}")
+            for k, v in (("max_iterations", "2"), ("max_iterations", 2.0), ("registry", 1))
+        ),
         (
             "POST",
             "/workflows",
