@@ -5,7 +5,8 @@ A failed part fails only that part; the result lists it. The workflow fails only
 when every part failed, or when the documentation cannot be written.
 
 Each part goes to one flat file inside ``output_dir``, named from its unit: a unit is
-the caller's text (``pkg/util``, ``../pkg/util.py``), so it never becomes a path.
+the caller's text (a module dotted, ``pkg.util``, however it was spelled, or as given when
+it is not inside the repository, ``../pkg/util.py``), so it never becomes a path.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ParallelDocsInput(WorkflowInput):
     modules: list[_Unit] | None = Field(
         default=None,
         description="Modules to document as API references (one part each), dotted or as paths; "
+        "spellings of one module (calc.ops, calc/ops, calc/ops.py) are one, named dotted, and "
         "duplicates are dropped. Leave out to document every top-level module.",
     )
     doc_types: list[str] | None = Field(
@@ -61,6 +63,12 @@ class ParallelDocsInput(WorkflowInput):
             raise ValueError(f"the list is empty; leave {info.field_name} out to document every top-level module")
         return None if units is None else list(dict.fromkeys(units))
 
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _dotted_modules(cls, modules: Any) -> Any:
+        """Each module spelled dotted, so its spellings are one unit (then one part)."""
+        return [_dotted(m) if isinstance(m, str) else m for m in modules] if isinstance(modules, list) else modules
+
     @field_validator("doc_types")
     @classmethod
     def _known_doc_types_alone(cls, doc_types: list[str] | None, info: ValidationInfo) -> list[str] | None:
@@ -73,6 +81,24 @@ class ParallelDocsInput(WorkflowInput):
         if unknown:
             raise ValueError(f"unknown doc_types {unknown}; choose among {list(_DOC_TYPES)}")
         return doc_types
+
+
+def _dotted(module: str) -> str:
+    """``module``'s dotted name when it is spelled as a path or a file inside the repository
+    (``calc/ops``, ``./calc/ops.py``, ``calc/ops/__init__.py`` -> ``calc.ops``), which the
+    documentation agent resolves to the same file; as given otherwise (``../x.py``, ``/x.py``,
+    ``a.b.py``: a file whose stem has a dot), left for the agent to resolve or refuse."""
+    path = module
+    while path.startswith("./"):
+        path = path[2:]
+    path = path.rstrip("/")
+    path = path.removesuffix(".py") if path.endswith(".py") else path.replace(".", "/")
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "__init__":
+        parts.pop()
+    if not all(p and "." not in p for p in parts):
+        return module
+    return ".".join(parts)
 
 
 def _discover_modules(repo: Path) -> list[str]:
@@ -135,8 +161,8 @@ def _file_stem(unit: str) -> str:
 
 def _file_names(units: list[str]) -> list[str]:
     """One file name per unit, in order, no two alike even on a case-insensitive file system:
-    a stem already taken (or the index's) gets ``-2``, ``-3``... (``pkg/util`` and
-    ``pkg.util`` -> ``pkg.util.md`` and ``pkg.util-2.md``)."""
+    a stem already taken (or the index's) gets ``-2``, ``-3``... (``../r/pkg/util.py`` and
+    ``r.pkg.util`` -> ``r.pkg.util.md`` and ``r.pkg.util-2.md``)."""
     taken = {_INDEX_STEM}
     names = []
     for unit in units:

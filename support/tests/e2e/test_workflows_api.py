@@ -295,21 +295,21 @@ def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tu
 def test_parallel_docs_writes_each_module_once_flat_inside_output_dir(
     api: httpx.Client, sample_repo: tuple[Path, str, str], tmp_path: Path
 ) -> None:
-    """Path-style modules, '..' in a module and duplicates: each module is documented once, in a
-    flat file of its own inside output_dir; two naming the same file do not overwrite each other."""
+    """A module spelled dotted, as a path and as a file, '..' in a module, and duplicates: each
+    module is documented once, in a flat file of its own inside output_dir."""
     repo = sample_repo[0]
     out = tmp_path / "docs-out" / "in"
-    modules = ["calc/ops", f"../{repo.name}/calc/stats.py", "calc.ops", "calc", "calc"]
+    modules = ["calc/ops", f"../{repo.name}/calc/stats.py", "calc.ops", "calc/ops.py", "calc", "calc"]
     wf_id = launch(api, "parallel_docs", {"repo_path": str(repo), "modules": modules, "output_dir": str(out)})
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "succeeded", wf
-    assert (wf["result"]["parts"], wf["result"]["failed_parts"]) == (4, [])
+    assert (wf["result"]["parts"], wf["result"]["failed_parts"]) == (3, [])
     files = [Path(f) for f in wf["result"]["files"]]
-    names = ["index.md", f"{repo.name}.calc.stats.md", "calc.md", "calc.ops.md", "calc.ops-2.md"]
+    names = ["index.md", f"{repo.name}.calc.stats.md", "calc.md", "calc.ops.md"]
     assert [f.name for f in files] == names
     assert all(f.parent == out and f.resolve().is_relative_to(out.resolve()) for f in files)
     assert sorted(p.name for p in (tmp_path / "docs-out").rglob("*.md")) == sorted(names)
-    assert "add(" in (out / "calc.ops-2.md").read_text()
+    assert "add(" in (out / "calc.ops.md").read_text()
     assert (out / "index.md").read_text().count("(calc.md)") == 1
 
 

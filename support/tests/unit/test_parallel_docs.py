@@ -102,6 +102,15 @@ def test_duplicate_units_are_dropped_in_order() -> None:
     assert PARALLEL_DOCS.validate_input({"repo_path": "/r", "doc_types": ["guide", "guide"]})["doc_types"] == ["guide"]
 
 
+def test_spellings_of_one_module_are_one_unit_named_dotted() -> None:
+    """A module dotted, as a path or as a file (``./``, ``__init__.py``) is one unit, named dotted;
+    a spelling that does not name a module inside the repository is kept as given."""
+    spellings = ["calc.ops", "calc/ops", "calc/ops.py", "./calc/ops.py", "calc/", "calc/__init__.py", "ops.py"]
+    outside = ["../r/calc/stats.py", "/etc/x.py", "a.b.py", "calc..ops"]
+    given = PARALLEL_DOCS.validate_input({"repo_path": "/r", "modules": spellings + outside})
+    assert given["modules"] == ["calc.ops", "calc", "ops", *outside]
+
+
 @pytest.mark.parametrize(
     ("data", "loc", "says"),
     [
