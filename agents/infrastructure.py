@@ -3,8 +3,9 @@ directories, HEALTH_CHECK of a deployment, and REMEDIATE for the issues a
 health check reports.
 
 Environments live under ``data_dir/environments/<name>`` unless an absolute
-path is given. The orchestrator's workflow holds the ``env:<environment>`` lock
-around a deploy; a repeated deploy of the current revision changes nothing.
+path is given. Deploys and rollbacks of one environment run one at a time under
+its lock file (``agents.work.release``), waiting for it no longer than the
+request's deadline; a repeated deploy of the current revision changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agents.sdk.agent import Agent, skill
 from agents.work.health import Issue, Probe, probe_environment, probe_http, probe_pending, probe_tcp
 from agents.work.pipeline import file_sha256
-from agents.work.release import deploy_release, environment_dir, rollback
+from agents.work.release import ENV_LOCK_WAIT_S, deploy_release, environment_dir, rollback
 from agents.work.remediation import (
     dead_consumers,
     deregister_instance,
@@ -140,6 +141,10 @@ class InfrastructureAgent(Agent):
     def _env(self, environment: str) -> Path:
         return environment_dir(environment, root=self.settings.data_dir / "environments")
 
+    def _lock_wait_s(self) -> float:
+        """How long to wait for the environment's lock: no longer than the caller waits."""
+        return self.time_left_s(default_s=ENV_LOCK_WAIT_S)
+
     @skill(
         "DEPLOY_SERVICE",
         description="Unpack an artifact into <env>/releases/<rev> and switch <env>/current atomically; keeps the "
@@ -153,7 +158,8 @@ class InfrastructureAgent(Agent):
         if payload.sha256 is not None:
             await _check_sha256(artifact, payload.sha256)
         keep = payload.keep_releases or self.settings.keep_releases
-        return (await deploy_release(artifact, env, revision, keep_releases=keep)).as_dict()
+        result = await deploy_release(artifact, env, revision, keep_releases=keep, wait_s=self._lock_wait_s())
+        return result.as_dict()
 
     @skill(
         "ROLLBACK",
@@ -161,7 +167,7 @@ class InfrastructureAgent(Agent):
         tags=("deploy", "rollback", "environment"),
     )
     async def rollback(self, payload: RollbackInput) -> dict[str, Any]:
-        return (await rollback(self._env(payload.environment), to=payload.to)).as_dict()
+        return (await rollback(self._env(payload.environment), to=payload.to, wait_s=self._lock_wait_s())).as_dict()
 
     @skill(
         "HEALTH_CHECK",
@@ -223,7 +229,7 @@ class InfrastructureAgent(Agent):
         return {"action": payload.action, **result}
 
     async def _remediate_rollback(self, payload: RemediateInput) -> dict[str, Any]:
-        result = await rollback(self._env(payload.environment or ""), to=payload.to)
+        result = await rollback(self._env(payload.environment or ""), to=payload.to, wait_s=self._lock_wait_s())
         return {"applied": result.changed, "result": result.as_dict()}
 
     async def _remediate_deregister_instance(self, payload: RemediateInput) -> dict[str, Any]:

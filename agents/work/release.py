@@ -16,18 +16,31 @@ revision). A rollback walks back through the deploy order without rewriting
 it, so rolling back twice from C in ``[A, B, C]`` reaches A. A deploy drops the
 releases after the current one (those rolled back from), as an editor's redo
 list goes on an edit: deploying C after rolling back from B to A gives ``[A, C]``,
-so rolling C back reaches A, never the B rolled back as bad. The caller holds
-the ``env:<environment>`` lock around these calls.
+so rolling C back reaches A, never the B rolled back as bad.
+
+A deploy or rollback holds ``<env>/.deploy.lock`` (an ``flock``, see
+:mod:`agents.work.file_lock`) from reading the environment's state to writing it
+back, so concurrent calls on one machine, in one agent or several, run one after
+the other: every answer describes the environment as that call left it, and
+``current``, ``releases/`` and ``history.json`` agree. It is not the
+``env:<environment>`` lease of PostgreSQL: the pr_deployment workflow holds that one
+while it calls DEPLOY_SERVICE, and the agent taking it too would contend with its own
+caller. A call waits for the lock at most until its deadline, then is refused as
+``lock_contended`` naming the holder; a deploy already under way when its deadline
+passes finishes (its caller is answered ``timeout``), since stopping it halfway would
+leave the next holder a half-pruned environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,12 +49,25 @@ from typing import Any
 import orjson
 
 from agents.work.atomic import temp_beside, write_atomically
+from agents.work.file_lock import run_locked
 from shared.lib.errors import Conflict, InvalidInput, NotFound
 
-__all__ = ["ReleaseResult", "current_release", "deploy_release", "environment_dir", "release_history", "rollback"]
+__all__ = [
+    "ENV_LOCK_WAIT_S",
+    "ReleaseResult",
+    "current_release",
+    "deploy_release",
+    "environment_dir",
+    "release_history",
+    "rollback",
+]
 
 _REV = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ENV = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: The lock file of an environment (hidden: not a release, not served).
+_LOCK_FILE = ".deploy.lock"
+#: How long a deploy or rollback waits for another one of its environment when no deadline bounds it.
+ENV_LOCK_WAIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -114,15 +140,18 @@ def _after_deploy(history: list[str], previous: str | None, revision: str) -> li
     return [r for r in history if r != revision] + [revision]
 
 
-def _prune(env: Path, before: list[str], history: list[str], *, keep: int) -> list[str]:
-    """Drop the releases that left the history or are beyond its newest ``keep`` (never the
-    current one); returns the kept history."""
+def _prune(env: Path, history: list[str], *, keep: int) -> list[str]:
+    """Drop every release directory that is not among the newest ``keep`` of the history (nor
+    the current one); returns the kept history. Under the lock nothing else is being unpacked,
+    so a directory the history does not name (left by a deploy that died before writing it, or
+    its staging copy) goes too."""
     current = current_release(env)
     kept = history[-keep:]
     if current is not None and current not in kept:
         kept.insert(0, current)
-    for revision in {*before, *history} - {*kept}:
-        shutil.rmtree(env / "releases" / revision, ignore_errors=True)
+    for entry in (env / "releases").iterdir():
+        if entry.name not in kept:
+            shutil.rmtree(entry, ignore_errors=True)
     return kept
 
 
@@ -138,19 +167,28 @@ def _deploy_sync(artifact: Path, env: Path, revision: str, keep: int) -> Release
     if not (releases / revision).is_dir():
         _unpack(artifact, releases, revision)
     _switch_current(env, revision)
-    kept = _prune(env, history, _after_deploy(history, previous, revision), keep=keep)
+    kept = _prune(env, _after_deploy(history, previous, revision), keep=keep)
     _write_history(env, kept)
     return ReleaseResult(env.name, revision, previous, str(releases / revision), True, kept)
 
 
-async def deploy_release(artifact: Path, env: Path, revision: str, *, keep_releases: int = 5) -> ReleaseResult:
-    """Unpack ``artifact`` as ``releases/<revision>`` of ``env`` and make it current."""
+async def _locked(env: Path, work: Callable[[], ReleaseResult], *, wait_s: float, holder: str) -> ReleaseResult:
+    return await run_locked(env / _LOCK_FILE, work, wait_s=wait_s, holder=holder, resource=f"environment {env}")
+
+
+async def deploy_release(
+    artifact: Path, env: Path, revision: str, *, keep_releases: int = 5, wait_s: float = ENV_LOCK_WAIT_S
+) -> ReleaseResult:
+    """Unpack ``artifact`` as ``releases/<revision>`` of ``env`` and make it current, under the
+    environment's lock (waiting for it at most ``wait_s``)."""
     if not _REV.match(revision):
         raise InvalidInput(f"revision: {revision!r} is not a valid release name", field="revision")
     if keep_releases < 1:
         raise InvalidInput("keep_releases must be at least 1", field="keep_releases")
+    await asyncio.to_thread(env.mkdir, parents=True, exist_ok=True)
+    work = functools.partial(_deploy_sync, artifact, env, revision, keep_releases)
     try:
-        return await asyncio.to_thread(_deploy_sync, artifact, env, revision, keep_releases)
+        return await _locked(env, work, wait_s=wait_s, holder=f"a deploy of {revision}")
     except tarfile.TarError as e:
         raise InvalidInput(f"artifact: {artifact} is not a readable tar archive ({e})", field="artifact") from e
 
@@ -168,8 +206,10 @@ def _rollback_sync(env: Path, to: str | None) -> ReleaseResult:
     return ReleaseResult(env.name, to, current, str(env / "releases" / to), to != current, history)
 
 
-async def rollback(env: Path, *, to: str | None = None) -> ReleaseResult:
-    """Make the release before the current one (or ``to``) current again."""
-    if not (env / "current").is_symlink():
+async def rollback(env: Path, *, to: str | None = None, wait_s: float = ENV_LOCK_WAIT_S) -> ReleaseResult:
+    """Make the release before the current one (or ``to``) current again, under the
+    environment's lock (waiting for it at most ``wait_s``)."""
+    if not await asyncio.to_thread(os.path.islink, env / "current"):
         raise NotFound(f"environment: {env} has never been deployed", field="environment")
-    return await asyncio.to_thread(_rollback_sync, env, to)
+    work = functools.partial(_rollback_sync, env, to)
+    return await _locked(env, work, wait_s=wait_s, holder=f"a rollback to {to or 'the previous release'}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -326,6 +327,89 @@ async def test_deploy_keeps_the_last_n_releases(repo: Repo, agent: Callable[...,
     env = settings.data_dir / "environments" / "prod"
     assert sorted(os.listdir(env / "releases")) == sorted(revs[1:])
     assert release_history(env) == revs[1:]
+
+
+_DEPLOYER = """
+import asyncio, json, sys
+from pathlib import Path
+from agents.work.release import deploy_release, rollback
+from shared.lib.errors import Conflict
+
+async def main(env, artifacts):
+    for path, revision in artifacts:
+        result = await deploy_release(Path(path), Path(env), revision, keep_releases=2)
+        print(json.dumps(result.as_dict()), flush=True)
+        try:
+            result = await rollback(Path(env))
+        except Conflict:  # nothing before the release just deployed
+            continue
+        print(json.dumps(result.as_dict()), flush=True)
+
+print("ready", flush=True)
+sys.stdin.readline()
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+def _in_one_order(ops: list[dict[str, Any]], current: str | None) -> list[dict[str, Any]] | None:
+    """An order of the changes ``ops`` in which each starts where the one before left off, from
+    nothing deployed to ``current``; None when there is none (two changes interleaved)."""
+
+    def walk(at: str | None, left: tuple[int, ...]) -> list[int] | None:
+        if not left:
+            return [] if at == current else None
+        for i in left:
+            if ops[i]["previous"] == at:
+                rest = walk(ops[i]["revision"], tuple(j for j in left if j != i))
+                if rest is not None:
+                    return [i, *rest]
+        return None
+
+    order = walk(None, tuple(range(len(ops))))
+    return None if order is None else [ops[i] for i in order]
+
+
+async def test_concurrent_deploys_and_rollbacks_of_one_environment_never_interleave(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """20 DEPLOY_SERVICE and 4 ROLLBACK at once in the agent, with two other processes deploying and
+    rolling back the same directory: the answers chain into one order ending at the final current,
+    releases/ holds exactly the kept history (no orphan, at most keep_releases), history.json agrees
+    (answers contradicted each other and the final state, and an orphaned release stayed)."""
+    cicd, infra = agent("cicd"), agent("infrastructure")
+    artifacts = [await _package(cicd, repo, repo.commit({"app.py": f"VERSION = {n}\n"})) for n in range(28)]
+    env = tmp_path / "shared-env"
+    others = [[(a["path"], a["revision"]) for a in artifacts[20 + 4 * k : 24 + 4 * k]] for k in range(2)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _DEPLOYER, str(env), json.dumps(mine),
+            cwd=Path(__file__).resolve().parents[3], stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        for mine in others
+    ]  # fmt: skip
+    for proc in procs:  # imports done: all start at once
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"ready\n"
+    calls = [
+        infra.run("DEPLOY_SERVICE", {"artifact": a["path"], "environment": str(env), "keep_releases": 2})
+        for a in artifacts[:20]
+    ]
+    calls[5:5] = [infra.run("ROLLBACK", {"environment": str(env)}) for _ in range(4)]
+    outputs_pending = [asyncio.wait_for(proc.communicate(b"go\n"), 120) for proc in procs]
+    answers, *outputs = await asyncio.gather(asyncio.gather(*calls, return_exceptions=True), *outputs_pending)
+    assert [proc.returncode for proc in procs] == [0, 0]
+    for answer in answers:  # a rollback may come before any deploy, or with nothing before current
+        assert isinstance(answer, dict | Conflict | NotFound), answer
+    ops = [a for a in answers if isinstance(a, dict)] + [
+        json.loads(line) for out, _ in outputs for line in out.splitlines()
+    ]
+    assert all(op["changed"] and len(op["releases"]) <= 2 for op in ops)
+    final = current_release(env)
+    order = _in_one_order(ops, final)
+    assert order is not None, ops
+    assert order[-1]["releases"] == release_history(env)
+    assert sorted(os.listdir(env / "releases")) == sorted(release_history(env))
+    assert final in release_history(env)
 
 
 async def test_rollback_without_a_previous_release_is_a_conflict(
