@@ -4,8 +4,9 @@ Input ``{calls: [{agent, request_type, payload}]}``. Each call is its own
 superstep, so a chain interrupted by a crash resumes at the call it was making
 (whose idempotency key makes the agent answer it once). The last call also
 writes the result, so a chain of n calls is n supersteps. The first failed call
-fails the workflow, naming it. The result is ``{outputs: [...], calls: [{agent,
-request_type, instance, output}]}``.
+fails the workflow, naming it (``call <i>``, counted from 0), with the agent's error
+code. The result is ``{outputs: [...], calls: [{agent, request_type, instance,
+output}]}``.
 """
 
 from __future__ import annotations
@@ -48,13 +49,27 @@ async def call_next(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -
     try:
         reply = await runtime.context.calls.call(call.agent, call.request_type, call.payload, label=f"call:{i}")
     except OrchestratorError as e:
-        raise OrchestratorError(f"call {i} ({call.agent} {call.request_type}) failed: {e.message}") from e
+        raise _call_failed(e, i, call) from e
     part = {"agent": call.agent, "request_type": call.request_type, "instance": reply.instance, "output": reply.payload}
     update = {"current_step": f"call:{i}", "iteration": i + 1, "parts": [part], "agents": [reply.instance]}
     if i + 1 == len(calls):
         update |= _finished([*state.get("parts", []), part])
         return Command(update=update, goto=END)
     return Command(update=update, goto="call_next")
+
+
+def _call_failed(e: OrchestratorError, i: int, call: ChainCall) -> OrchestratorError:
+    """``e`` naming call ``i`` (counted from 0), of its class and with its code: the workflow's
+    error is the agent's (``rejected`` for a request type it does not handle, ``invalid_input``
+    for a bad payload), not ``internal``."""
+    failed = type(e)(
+        f"call {i} ({call.agent} {call.request_type}) failed: {e.message}",
+        field=e.field,
+        resource=e.resource,
+        details=e.details,
+    )
+    failed.code, failed.retryable = e.code, e.retryable
+    return failed
 
 
 def _finished(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.workflows import WorkflowContext, builtin_workflow_types
 from agent_orchestrator.workflows.agent_chain import AGENT_CHAIN
 from shared.lib.connections import connect_redis, create_pg_pool
-from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
+from shared.lib.errors import InvalidInput, OrchestratorError, RequestRejected, ServiceUnavailable
 from shared.lib.event_bus import EventBus
 from shared.lib.multi_agent_state import MultiAgentState
 from shared.lib.resource_lock import ResourceLockManager
@@ -39,6 +39,8 @@ async def _echo(name: str, request: Any) -> dict[str, Any]:
     HANDLED.append((name, request.idempotency_key))
     if request.request_type == "FAIL":
         raise InvalidInput("this request always fails", field="payload")
+    if request.request_type == "NOPE":  # as an agent built on the SDK answers a type it does not declare
+        raise RequestRejected(f"{name} does not handle 'NOPE'; supported request types: ECHO", field="request_type")
     if request.request_type == "FLAKY" and sum(k.startswith(request.payload["key"]) for _, k in HANDLED) <= 2:
         raise ServiceUnavailable("down for a moment")  # retryable: the caller tries again
     return {"by": name, **request.payload}
@@ -117,18 +119,24 @@ async def test_calls_run_in_order_and_outputs_come_back(
     assert out["iteration"] == 3
 
 
+@pytest.mark.parametrize(
+    ("request_type", "says", "code"),
+    [("FAIL", "always fails", "invalid_input"), ("NOPE", "does not handle 'NOPE'", "rejected")],
+)
 async def test_failed_call_fails_the_run_naming_it(
-    saver: PooledPostgresSaver, context_factory: Callable[[str], Any]
+    saver: PooledPostgresSaver, context_factory: Callable[[str], Any], request_type: str, says: str, code: str
 ) -> None:
-    """The first call answered with an error stops the chain; the error names the call and the agent."""
+    """The first call answered with an error stops the chain; the error names the call (counted
+    from 0) and the agent, and keeps the agent's code (a bad payload, an unknown request type)."""
     calls = [
         {"agent": "alpha", "request_type": "ECHO", "payload": {}},
-        {"agent": "beta", "request_type": "FAIL", "payload": {}},
+        {"agent": "beta", "request_type": request_type, "payload": {}},
         {"agent": "alpha", "request_type": "ECHO", "payload": {}},
     ]
     HANDLED.clear()
-    with pytest.raises(OrchestratorError, match=r"call 1 \(beta FAIL\) failed: .*always fails"):
+    with pytest.raises(OrchestratorError, match=rf"call 1 \(beta {request_type}\) failed: .*{says}") as e:
         await _run(saver, context_factory, calls)
+    assert (e.value.code, e.value.retryable) == (code, False)
     assert [agent for agent, _ in HANDLED] == ["alpha", "beta"], "a permanent error is not retried"
 
 
