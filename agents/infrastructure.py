@@ -117,7 +117,14 @@ _NEEDS: dict[str, tuple[str, ...]] = {
 
 def _manifest(artifact: Path) -> dict[str, Any]:
     path = artifact.with_name(artifact.name + ".json")
-    return dict(orjson.loads(path.read_bytes())) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e:
+        message = f"artifact: its manifest {path.name} is not JSON ({e}); pass the revision"
+        raise InvalidInput(message, field="artifact") from e
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _revision_of(artifact: Path, given: str | None) -> str:

@@ -7,6 +7,12 @@ Layout of an environment::
     <env>/current -> releases/<rev>
     <env>/history.json        revisions in the order they were deployed (newest last)
 
+Nothing is created before the request is known to be good: the revision, the
+artifact (a readable tar whose every member the ``data`` extraction filter takes)
+and ``keep_releases`` are checked first, so a refused deploy leaves no
+``releases/`` behind. Directories are made with the process's umask (0755 under
+the usual 022), so a service running as another user can read ``current/``.
+
 ``current`` is switched by creating a symlink under a temporary name and
 ``os.replace``-ing it over ``current``: a reader sees the old release or the new
 one, never neither. A release is unpacked into a temporary directory and renamed
@@ -35,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import os
 import re
 import shutil
 import tarfile
-import tempfile
+import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -119,8 +127,23 @@ def _switch_current(env: Path, revision: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_artifact(artifact: Path, env: Path, revision: str) -> None:
+    """Refuse an artifact that is missing, not a readable tar, or has a member the ``data``
+    filter would refuse (an absolute path, a link out of the release), before anything is
+    created. Skipped when the release is already unpacked: it will not be read."""
+    if not artifact.is_file():
+        raise NotFound(f"artifact: {artifact} does not exist; package the revision first", field="artifact")
+    destination = env / "releases" / revision
+    if destination.is_dir():
+        return
+    with tarfile.open(artifact, "r:*") as tar:
+        for member in tar:
+            tarfile.data_filter(member, str(destination))
+
+
 def _unpack(artifact: Path, releases: Path, revision: str) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=releases))
+    staging = releases / f".{revision}.{uuid.uuid4().hex[:12]}"  # hidden; os.mkdir honours the umask
+    staging.mkdir()
     try:
         with tarfile.open(artifact, "r:*") as tar:
             tar.extractall(staging, filter="data")
@@ -185,11 +208,12 @@ async def deploy_release(
         raise InvalidInput(f"revision: {revision!r} is not a valid release name", field="revision")
     if keep_releases < 1:
         raise InvalidInput("keep_releases must be at least 1", field="keep_releases")
-    await asyncio.to_thread(env.mkdir, parents=True, exist_ok=True)
-    work = functools.partial(_deploy_sync, artifact, env, revision, keep_releases)
     try:
+        await asyncio.to_thread(_check_artifact, artifact, env, revision)
+        await asyncio.to_thread(env.mkdir, parents=True, exist_ok=True)
+        work = functools.partial(_deploy_sync, artifact, env, revision, keep_releases)
         return await _locked(env, work, wait_s=wait_s, holder=f"a deploy of {revision}")
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:  # a corrupt or truncated archive
         raise InvalidInput(f"artifact: {artifact} is not a readable tar archive ({e})", field="artifact") from e
 
 
@@ -209,6 +233,8 @@ def _rollback_sync(env: Path, to: str | None) -> ReleaseResult:
 async def rollback(env: Path, *, to: str | None = None, wait_s: float = ENV_LOCK_WAIT_S) -> ReleaseResult:
     """Make the release before the current one (or ``to``) current again, under the
     environment's lock (waiting for it at most ``wait_s``)."""
+    if to is not None and not _REV.match(to):  # "../x" would switch current out of releases/
+        raise InvalidInput(f"to: {to!r} is not a release name; pick one of the environment's history", field="to")
     if not await asyncio.to_thread(os.path.islink, env / "current"):
         raise NotFound(f"environment: {env} has never been deployed", field="environment")
     work = functools.partial(_rollback_sync, env, to)

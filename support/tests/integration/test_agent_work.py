@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -410,6 +411,48 @@ async def test_concurrent_deploys_and_rollbacks_of_one_environment_never_interle
     assert order[-1]["releases"] == release_history(env)
     assert sorted(os.listdir(env / "releases")) == sorted(release_history(env))
     assert final in release_history(env)
+
+
+def _tar_with(path: Path, member: tarfile.TarInfo) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.addfile(member)
+    return path
+
+
+async def test_a_refused_deploy_creates_nothing_and_releases_are_readable_by_others(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A bad artifact (not a tar, truncated, a member escaping the release, a manifest that is not JSON)
+    or a bad rollback target is a 422 naming the field and leaves no environment directory (releases/
+    was created anyway); a release directory gets the umask's mode, not drwx------."""
+    infra = agent("infrastructure")
+    good = await _package(agent("cicd"), repo, repo.commit({"app.py": "VERSION = 1\n"}))
+    escaping = tarfile.TarInfo("link")
+    escaping.type, escaping.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    bad = {
+        "garbage": tmp_path / "garbage.tar.gz",
+        "truncated": tmp_path / "truncated.tar.gz",
+        "escaping": _tar_with(tmp_path / "escaping.tar.gz", escaping),
+        "manifest": tmp_path / "manifest.tar.gz",
+    }
+    bad["garbage"].write_bytes(b"not a tar")
+    bad["truncated"].write_bytes(Path(good["path"]).read_bytes()[:-64])
+    bad["manifest"].write_bytes(Path(good["path"]).read_bytes())
+    bad["manifest"].with_name("manifest.tar.gz.json").write_text("{not json")
+    env = tmp_path / "outside" / "env"
+    for name, artifact in bad.items():
+        revision = {} if name == "manifest" else {"revision": "r1"}
+        with pytest.raises(InvalidInput) as refused:
+            await infra.run("DEPLOY_SERVICE", {"artifact": str(artifact), "environment": str(env), **revision})
+        assert refused.value.field == "artifact", name
+        assert not env.exists(), name
+    umask = os.umask(0o022)
+    os.umask(umask)
+    await infra.run("DEPLOY_SERVICE", {"artifact": good["path"], "environment": str(env)})
+    assert stat.S_IMODE((env / "releases" / good["revision"]).stat().st_mode) == 0o777 & ~umask
+    with pytest.raises(InvalidInput) as escaped:
+        await infra.run("ROLLBACK", {"environment": str(env), "to": "../../outside"})
+    assert escaped.value.field == "to"
 
 
 async def test_rollback_without_a_previous_release_is_a_conflict(
