@@ -23,7 +23,7 @@ from langgraph.types import Send
 from pydantic import Field, ValidationInfo, field_validator
 
 from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
-from shared.lib.errors import InvalidInput, OrchestratorError
+from shared.lib.errors import InvalidInput, NotFound, OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PARALLEL_DOCS", "ParallelDocsInput"]
@@ -119,9 +119,32 @@ async def plan(state: MultiAgentState) -> dict[str, Any]:
     elif args.doc_types is not None:
         units = [{"doc_type": t} for t in args.doc_types]
     else:
-        modules = await asyncio.to_thread(_discover_modules, Path(args.repo_path))
+        try:
+            modules = await asyncio.to_thread(_discover_modules, Path(args.repo_path))
+        except OSError as e:
+            return _cannot_list(args.repo_path, e)
         units = [{"doc_type": "api", "module": m} for m in modules] or [{"doc_type": "guide"}]
     return {"current_step": "plan", "steps": {"plan": {"units": units}}}
+
+
+def _cannot_list(repo_path: str, e: OSError) -> dict[str, Any]:
+    """The plan of a run whose modules cannot be listed: no part, and the workflow fails naming
+    ``repo_path`` (not a raw ``FileNotFoundError``). The modules are listed on the orchestrator's
+    machine, which may not be the agents'; naming the modules leaves finding them to the agents."""
+    missing = isinstance(e, FileNotFoundError | NotADirectoryError)
+    why = "is not a directory" if missing else f"cannot be read ({e.strerror or e})"
+    error = (NotFound if missing else InvalidInput)(
+        f"repo_path: {repo_path} {why} on the orchestrator's machine, where parallel_docs lists the "
+        "modules to document; pass the repository's absolute path there, or name the modules",
+        field="input.repo_path",
+    )
+    return {
+        "current_step": "plan",
+        "steps": {"plan": {"units": []}},
+        "outcome": "failed",
+        "reason": error.message,
+        "errors": [error.to_dict()],
+    }
 
 
 async def fan_out(state: MultiAgentState) -> list[Send]:
@@ -201,6 +224,13 @@ def _write(out_dir: Path, files: list[tuple[str, str, str]]) -> list[str]:
     return [str(index), *written]
 
 
+def _all_failed(failed: list[dict[str, Any]]) -> str:
+    """The reason of a run whose every part failed: with their error when they share one (a
+    ``repo_path`` that is no repository fails them all alike)."""
+    errors = {str(f["error"]) for f in failed}
+    return "every documentation part failed" + (f": {errors.pop()}" if len(errors) == 1 else "")
+
+
 async def merge(state: MultiAgentState) -> dict[str, Any]:
     args = ParallelDocsInput.model_validate(state["input"])
     parts = sorted(state.get("parts", []), key=lambda p: p["unit"])
@@ -209,7 +239,7 @@ async def merge(state: MultiAgentState) -> dict[str, Any]:
     failed = [{"unit": p["unit"], "error": p["error"], "instance": p.get("instance")} for p in parts if not p["ok"]]
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.repo_path) / "docs" / "generated"
     files: list[str] = []
-    reason = "" if ok else "every documentation part failed"
+    reason = "" if ok else _all_failed(failed)
     try:
         files = await asyncio.to_thread(_write, out_dir, ok) if ok else []
     except InvalidInput as e:

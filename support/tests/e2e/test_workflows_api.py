@@ -313,6 +313,48 @@ def test_parallel_docs_writes_each_module_once_flat_inside_output_dir(
     assert (out / "index.md").read_text().count("(calc.md)") == 1
 
 
+@pytest.mark.parametrize(
+    ("workflow_type", "extra", "where", "says", "code"),
+    [
+        (
+            "pr_deployment",
+            {"base": "HEAD~1", "head": "HEAD", "environment": "staging"},
+            "no-such",
+            "is not a directory",
+            "not_found",
+        ),
+        (
+            "pr_deployment",
+            {"base": "HEAD~1", "head": "HEAD", "environment": "staging"},
+            "plain",
+            "is not a git repository",
+            "invalid_input",
+        ),
+        ("parallel_docs", {}, "no-such", "is not a directory on the orchestrator's machine", "not_found"),
+        ("parallel_docs", {"modules": ["calc"]}, "no-such", "is not a directory", None),
+    ],
+)
+def test_a_repo_path_that_is_no_repository_fails_the_run_naming_it(
+    api: httpx.Client,
+    tmp_path: Path,
+    workflow_type: str,
+    extra: dict[str, Any],
+    where: str,
+    says: str,
+    code: str | None,
+) -> None:
+    """A repo_path that does not exist, or is no git repository, is launched (the agents may see
+    other files than the API) and fails with a reason naming repo_path, not a raw FileNotFoundError."""
+    repo = tmp_path / where
+    if where == "plain":
+        repo.mkdir()
+    wf = follow(api, launch(api, workflow_type, {"repo_path": str(repo), **extra}), TERMINAL)
+    assert wf["status"] == "failed", wf
+    assert f"repo_path: {repo} {says}" in wf["reason"], wf["reason"]
+    assert "Errno" not in wf["reason"]
+    assert [e["code"] for e in wf["errors"]] == ([code] if code else []), wf["errors"]
+
+
 def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
     """``wait_s`` answers 200 with the outcome once the workflow finished or stopped at an
     interrupt, the same the record shows; 202 as usual when it had not within ``wait_s``."""

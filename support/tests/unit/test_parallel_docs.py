@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent_orchestrator.workflows.parallel_docs import PARALLEL_DOCS, _file_names, _file_stem, merge
+from agent_orchestrator.workflows.parallel_docs import PARALLEL_DOCS, _file_names, _file_stem, fan_out, merge, plan
 
 
 def _part(unit: str, *, ok: bool = True) -> dict[str, Any]:
@@ -93,6 +93,30 @@ async def test_an_unwritable_output_dir_fails_the_run_with_a_reason(tmp_path: Pa
     update = await _merge(tmp_path, tmp_path / "file" / "out", [_part("pkg")])
     assert (update["outcome"], update["result"]["files"], update["result"]["parts"]) == ("failed", [], 1)
     assert "give an output_dir the orchestrator can write to" in update["reason"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+async def test_a_repo_path_that_is_no_directory_fails_the_plan_naming_it(tmp_path: Path, kind: str) -> None:
+    """Listing the modules of a repo_path that is no directory (missing, or a file) fails the run
+    with a reason and an error naming input.repo_path, and sends no part (no raw OSError)."""
+    repo = tmp_path / "repo"
+    if kind == "file":
+        repo.write_text("")
+    state: Any = {"input": {"repo_path": str(repo)}}
+    update = await plan(state)
+    assert (update["outcome"], update["steps"]["plan"]["units"]) == ("failed", [])
+    assert update["reason"].startswith(f"repo_path: {repo} is not a directory on the orchestrator's machine")
+    assert [(e["code"], e["field"]) for e in update["errors"]] == [("not_found", "input.repo_path")]
+    assert await fan_out({**state, **update}) == []
+
+
+async def test_parts_failing_alike_give_their_error_as_the_reason(tmp_path: Path) -> None:
+    """When every part failed with one error (a repo_path the agents do not find), the reason says it."""
+    alike = [{**_part(u, ok=False), "error": "repo_path: /gone is not a directory"} for u in ("a", "b")]
+    update = await _merge(tmp_path, tmp_path / "out", alike)
+    assert update["reason"] == "every documentation part failed: repo_path: /gone is not a directory"
+    update = await _merge(tmp_path, tmp_path / "out", [*alike, _part("c", ok=False)])
+    assert update["reason"] == "every documentation part failed"
 
 
 def test_duplicate_units_are_dropped_in_order() -> None:
