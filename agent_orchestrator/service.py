@@ -35,7 +35,7 @@ from agent_orchestrator.runner import LocalRun, WorkflowRunner
 from agent_orchestrator.workflows import WorkflowContext, WorkflowType
 from shared.lib import metrics
 from shared.lib.connections import Along
-from shared.lib.errors import Conflict, InvalidInput
+from shared.lib.errors import Conflict, InvalidInput, OrchestratorError
 from shared.lib.event_bus import EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
@@ -374,7 +374,7 @@ class Orchestrator:
             )
         else:
             status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
-            reason = "cancelled by request" if status == "cancelled" else f"{type(outcome).__name__}: {outcome}"
+            reason = "cancelled by request" if status == "cancelled" else _reason(outcome)
             await self._finalize(
                 run.workflow_id,
                 run.workflow_type,
@@ -496,6 +496,12 @@ async def _taken(locking: asyncio.Future[datetime | None]) -> datetime | None:
     except Exception:  # noqa: BLE001 - the lock session failed: the run goes to the queue instead
         _log.warning("could not take the advisory lock of a launch; its run is queued", exc_info=True)
         return None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a run failed: one of our errors' message (its code is in ``errors``); anything else
+    with its class, which is most of what it says (``KeyError: 'steps'``)."""
+    return str(exc) if isinstance(exc, OrchestratorError) else f"{type(exc).__name__}: {exc}"
 
 
 def _unfinished(record: WorkflowRecord) -> WorkflowRecord:
