@@ -16,10 +16,18 @@ The payload model is read from the handler's annotation. :meth:`Agent.handle`
 is the bus handler: it rejects an unknown request type naming the supported
 ones, validates the payload (an error names the field), runs the handler and
 returns its result as a JSON-ready dict. The same path serves HTTP.
+
+The request's deadline is the time after which it must not run, so
+:meth:`Agent.handle` cancels a handler still running at the deadline (its child
+processes are killed, as on a cancel: see ``agents.work.process``) and answers a
+``timeout`` error naming ``deadline``, on the bus and over HTTP alike (a pipeline
+of ``sleep 20`` sent with three seconds to go answered success after twenty).
+Work a handler hands to a thread cannot be stopped and finishes on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -27,13 +35,14 @@ import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from agents.sdk.brain import Brain
 from shared.lib.agent_events import AgentRequestEvent
-from shared.lib.errors import InvalidInput, OrchestratorError, RequestRejected, ServiceUnavailable
+from shared.lib.errors import InvalidInput, OrchestratorError, RequestRejected, ServiceUnavailable, Timeout
 from shared.lib.registry_models import Skill
 from shared.lib.settings import Settings
 from shared.lib.tracing import agent_span
@@ -202,7 +211,7 @@ class Agent:
                 inputs=request.payload,
                 metadata={"agent": self.name, "request_id": request.request_id},
             ):
-                return await self.run(request.request_type, request.payload)
+                return await self._run_by_deadline(request)
         except OrchestratorError:
             raise
         except Exception as e:  # the handler is a boundary: a failure is an error response, never a crash
@@ -210,6 +219,22 @@ class Agent:
             raise OrchestratorError(f"{self.name} could not complete {request.request_type}: {e}") from e
         finally:
             _DEADLINE.reset(token)
+
+    async def _run_by_deadline(self, request: AgentRequestEvent) -> dict[str, Any]:
+        """:meth:`run`, cancelled at the request's deadline and answered with :class:`Timeout`."""
+        scope = asyncio.timeout(request.deadline - time.time())
+        try:
+            async with scope:
+                return await self.run(request.request_type, request.payload)
+        except TimeoutError as e:
+            if not scope.expired():  # the handler's own TimeoutError, not the deadline's
+                raise
+            at = datetime.fromtimestamp(request.deadline, UTC).isoformat(timespec="milliseconds")
+            raise Timeout(
+                f"{self.name} stopped {request.request_type} at its deadline {at} ({request.deadline}); "
+                "send it again with a later deadline and a new idempotency key",
+                field="deadline",
+            ) from e
 
     def require(self, service: str) -> Any:
         """A service of :class:`AgentServices`, or a clear error when the agent runs without it."""

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from shared.lib import redis_keys as keys
 from shared.lib.connections import connect_redis, create_pg_pool
 from shared.lib.event_bus import EventBus
 from shared.lib.settings import Settings
@@ -39,6 +40,16 @@ async def make_bus(settings_factory: Callable[..., Settings]) -> AsyncIterator[B
         await client.aclose()
     for pool in pools:
         await pool.close()
+
+
+async def serve_on(bus: EventBus, agent: str, handler: Any) -> asyncio.Task[None]:
+    """``bus`` serving ``agent`` with ``handler`` (as consumer c1), once its consumer shows as live."""
+    task = asyncio.create_task(bus.serve(agent, handler, concurrency=4, consumer="c1"))
+    for _ in range(200):
+        if await bus.redis.zcard(keys.consumers_key(bus.settings.redis_prefix, agent)):
+            break
+        await asyncio.sleep(0.01)
+    return task
 
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:

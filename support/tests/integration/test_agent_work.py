@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ from langchain_core.messages import AIMessage
 from agents.catalogue import AGENTS
 from agents.sdk.agent import Agent
 from agents.sdk.brain import ChatModelBrain
+from agents.sdk.routes import status_for_error_code
 from agents.work.release import current_release, release_history
-from shared.lib.errors import Conflict, InvalidInput, NotFound
+from shared.lib.agent_events import AgentRequestEvent, signing_key_for
+from shared.lib.errors import Conflict, InvalidInput, NotFound, Timeout
 from shared.lib.settings import Settings
 from support.tests.conftest import TEST_SECRETS
+from support.tests.integration.conftest import BusFactory, serve_on
 
 FAKE_AWS_KEY = "AKIA" + "IOSFODNN7EXAMPLE"  # split so this file never trips a secret scanner itself
 
@@ -233,6 +237,56 @@ async def test_a_long_pipeline_log_keeps_its_end(repo: Repo, agent: Callable[...
     result = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
     assert result["log_tail"].splitlines()[-1] == "1 failed in 0.01s"
     assert (result["success"], result["failed"]) == (False, 1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_a_pipeline_is_stopped_at_its_deadline_on_the_bus_and_over_http(
+    repo: Repo, make_bus: BusFactory, settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """RUN_PIPELINE of a 20 s command with a 60 s timeout_s, sent with 2 s to its deadline, is stopped at
+    the deadline and answered timeout naming deadline, off the bus and through execute() (/agent-request,
+    a 504), its command killed (it answered success after 20 s)."""
+    rev = repo.commit({"app.py": "VERSION = 1\n"})
+    server, client = await make_bus(), await make_bus()
+    cicd = AGENTS["cicd"](settings_factory())
+    task = await serve_on(server, "cicd", cicd.handle)
+
+    def request(pidfile: Path) -> AgentRequestEvent:
+        command = ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 20"]
+        payload = {"repo_path": str(repo.path), "revision": rev, "command": command, "timeout_s": 60}
+        return AgentRequestEvent.create(
+            source_agent="tester", target_agent="cicd", request_type="RUN_PIPELINE", payload=payload, timeout_s=2
+        )
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(Timeout):  # the bus's requester raises an answer of status timeout
+            await client.request_agent(request(tmp_path / "bus.pid"), timeout_s=10)
+        signed = request(tmp_path / "http.pid").signed(signing_key_for(server.settings, "cicd"))
+        over_http = await server.execute(signed, cicd.handle)
+        elapsed = time.monotonic() - started
+    finally:
+        await server.stop_serving(grace_s=1)
+        await task
+    assert elapsed < 8, elapsed
+    assert over_http.status == "timeout"
+    assert over_http.error is not None
+    assert (over_http.error["code"], over_http.error["field"]) == ("timeout", "deadline")
+    assert status_for_error_code(over_http.error["code"]) == 504
+    for name in ("bus.pid", "http.pid"):
+        pid = int((tmp_path / name).read_text())
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(pid), name
 
 
 async def test_validate_build_names_the_file_that_does_not_compile(repo: Repo, agent: Callable[..., Agent]) -> None:

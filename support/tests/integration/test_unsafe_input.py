@@ -18,14 +18,12 @@ import uvicorn
 
 from agents.code_review import CodeReviewAgent
 from agents.orchestrator_agent import OrchestratorAgent
-from shared.lib import redis_keys as keys
 from shared.lib.agent_events import AgentRequestEvent, signing_key_for
 from shared.lib.embedded import free_port
 from shared.lib.errors import InvalidInput, OrchestratorError, ServiceUnavailable
-from shared.lib.event_bus import EventBus
 from shared.lib.registry_client import RegistryClient
 from shared.lib.settings import Settings
-from support.tests.integration.conftest import BusFactory, run_cli
+from support.tests.integration.conftest import BusFactory, run_cli, serve_on
 from support.tests.registry_support import API_KEY, SECRET, serve_registry
 
 
@@ -35,15 +33,6 @@ def _req(target: str, request_type: str, payload: dict[str, Any], *, timeout_s: 
     )
 
 
-async def _served(bus: EventBus, agent: str, handler: Any) -> asyncio.Task[None]:
-    task = asyncio.create_task(bus.serve(agent, handler, concurrency=4, consumer="c1"))
-    for _ in range(200):
-        if await bus.redis.zcard(keys.consumers_key(bus.settings.redis_prefix, agent)):
-            break
-        await asyncio.sleep(0.01)
-    return task
-
-
 async def test_unsafe_text_in_a_payload_is_an_error_response_naming_the_field(
     make_bus: BusFactory, settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -51,7 +40,7 @@ async def test_unsafe_text_in_a_payload_is_an_error_response_naming_the_field(
     naming payload.path (it was an internal error from open()); nothing is dead-lettered."""
     server, client = await make_bus(), await make_bus()
     agent = CodeReviewAgent(settings_factory())
-    task = await _served(server, "code-review", agent.handle)
+    task = await serve_on(server, "code-review", agent.handle)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     payload = {"repo_path": str(tmp_path), "path": "a\x00b.py"}
     try:
@@ -79,7 +68,7 @@ async def test_route_request_with_unsafe_text_answers_at_once(
         agent = OrchestratorAgent(settings_factory())
         async with RegistryClient(registry.url, registration_secret=SECRET, api_key=API_KEY, timeout_s=5) as rc:
             agent.services.registry = rc
-            task = await _served(server, "orchestrator", agent.handle)
+            task = await serve_on(server, "orchestrator", agent.handle)
             started = time.monotonic()
             try:
                 request = _req("orchestrator", "ROUTE_REQUEST", {"capability": "A\x00"})
