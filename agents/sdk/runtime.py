@@ -21,7 +21,7 @@ import httpx
 
 from agents.sdk.agent import Agent
 from shared.lib import metrics, redis_keys
-from shared.lib.errors import OrchestratorError, ServiceUnavailable
+from shared.lib.errors import OrchestratorError, ServiceUnavailable, StartupError, Unauthorized
 from shared.lib.event_bus import EventBus
 from shared.lib.http_service import ServiceContext
 from shared.lib.registry_client import RegistryClient
@@ -50,6 +50,7 @@ class AgentRuntime:
             ctx.settings.registry_url, registration_secret=ctx.settings.registration_secret, api_key=api_key
         )
         self.draining = False
+        self.registered = False
         self.reported: AgentStatus | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
@@ -78,13 +79,24 @@ class AgentRuntime:
             agent_id=self.instance_id,
             status=AgentStatus.INITIALIZING,
         )
-        await self.registry.register(registration)
+        await self._register(registration)
         self._serve_task = asyncio.create_task(self._serve(), name=f"serve-{self.agent.name}")
         await self._wait_consumer_live()
         self.registry.start_heartbeat(interval_s=self.settings.heartbeat_interval_s, load=lambda: self.in_flight)
         await self._report(AgentStatus.ACTIVE)
         self._status_task = asyncio.create_task(self._keep_status(), name=f"status-{self.agent.name}")
         _log.info("%s is serving as %s at %s", self.agent.name, self.instance_id, self.endpoint)
+
+    async def _register(self, registration: Registration) -> None:
+        try:
+            await self.registry.register(registration)
+        except OrchestratorError as e:
+            advice = "; set AO_REGISTRATION_SECRET to the registry's" if isinstance(e, Unauthorized) else ""
+            raise StartupError(
+                f"{self.agent.name} ({self.instance_id}) could not register with the registry at "
+                f"{self.settings.registry_url}: {e.message}{advice}"
+            ) from e
+        self.registered = True
 
     async def _serve(self) -> None:
         consumer = self.instance_id
@@ -154,6 +166,8 @@ class AgentRuntime:
         await self._wait_idle(deadline=started + grace_s)  # requests that came over HTTP
         if self.in_flight:
             _log.warning("%d requests still running after %.1fs; leaving them", self.in_flight, grace_s)
+        if not self.registered:  # it failed to start before registering: nothing to leave
+            return
         try:
             await self.registry.deregister()
         except (OrchestratorError, httpx.HTTPError) as e:

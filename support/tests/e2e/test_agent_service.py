@@ -12,7 +12,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +37,7 @@ from shared.lib.registry_client import RegistryClient
 from shared.lib.registry_models import AgentInstance, Registration
 from shared.lib.settings import Settings
 from support.tests.conftest import TEST_SECRETS
+from support.tests.integration.conftest import run_cli
 from support.tests.procs import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -340,6 +343,61 @@ async def test_an_agent_token_speaks_only_for_its_own_agent(
         text = (await http.get("/metrics")).text
     series = re.findall(r"^agent_requests_total\{([^}]*)\}", text, re.M)
     assert not [s for s in series if 'source_agent="orchestrator"' in s]
+
+
+_SERVE_AGENT_SCRIPT = """
+import sys
+from agents.catalogue import agent_class
+from agents.sdk.app import create_agent_app, serve_agent
+from shared.lib.bootstrap import bootstrap
+
+settings = bootstrap("cicd")
+app = create_agent_app(agent_class("cicd")(settings), instance_id="cicd-9", endpoint="http://127.0.0.1:1")
+serve_agent(app, host="127.0.0.1", port=int(sys.argv[1]), service="cicd")
+"""
+
+
+def _one_error_line(out: str) -> str:
+    """The one ``error:`` line of a failed start, after checking it printed no traceback."""
+    assert "Traceback" not in out, out
+    assert "deregistered" not in out, out
+    [line] = [line for line in out.splitlines() if "error" in line.lower()]
+    assert line.startswith("error: "), out
+    return line
+
+
+async def test_a_failed_start_is_one_line_through_the_cli_and_serve_agent(
+    spawn: Callable[..., ServiceProcess], ports: dict[str, int], service_env: dict[str, str]
+) -> None:
+    """A wrong registration secret, through `agent-orchestrator agent` or a script calling serve_agent,
+    and a port in use through serve_agent, exit 2 with one error line and no traceback, and say
+    nothing of deregistering (58 lines of traceback and exit 3, with "drained and deregistered")."""
+    spawn("registry", url=f"http://127.0.0.1:{ports['agent-registry']}", name="registry")
+    wrong = {**service_env, "AO_REGISTRATION_SECRET": "not-the-registry-secret-" + "x" * 24}
+    code, out = await run_cli(wrong, "agent", "code-review", "--port", str(ports["code-review"]),
+                              "--instance-id", "code-review-9")  # fmt: skip
+    assert code == 2, out
+    assert "could not register" in _one_error_line(out)
+    assert "AO_REGISTRATION_SECRET" in _one_error_line(out)
+
+    async def serve_agent_script(env: dict[str, str], port: int) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SERVE_AGENT_SCRIPT, str(port), env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode()
+
+    code, out = await serve_agent_script(wrong, ports["cicd"])
+    assert code == 2, out
+    assert "could not register" in _one_error_line(out)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, out = await serve_agent_script(service_env, taken.getsockname()[1])
+    assert code == 2, out
+    assert "already in use" in _one_error_line(out)
+    assert len(out.strip().splitlines()) == 1, out
 
 
 async def test_stale_instance_is_found_and_deregistered(
