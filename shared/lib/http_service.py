@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -189,6 +190,26 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
     return _refusal(422, "invalid_input", field_name, f"{field_name}: {err.get('msg')}")
 
 
+def _unparsed_body(cause: BaseException) -> JSONResponse:
+    """The answer to a body FastAPI failed to parse other than as malformed JSON (it answers
+    those 400 "There was an error parsing the body", naming nothing): the same ``malformed_json``
+    naming ``body`` as malformed JSON, saying what is wrong. An error of ours raised while the
+    body was read (over the size limit) is answered as itself."""
+    if isinstance(cause, OrchestratorError):
+        return error_response(cause)
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"body is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start}); send JSON as UTF-8"
+    elif isinstance(cause, RecursionError):
+        why = "body is nested too deeply to read; nest its objects and arrays less deeply"
+    elif isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        why = (
+            f"body holds a number of more than {sys.get_int_max_str_digits()} digits; send so long a number as a string"
+        )
+    else:
+        why = f"body could not be read as JSON ({type(cause).__name__})"
+    return _refusal(400, "malformed_json", "body", f"request {why}")
+
+
 #: Errors that say PostgreSQL or Redis cannot serve right now: answered 503, retryable, not 500
 #: (any ``OSError``: a unix socket that is not there yet is a missing file).
 _BACKEND_DOWN: tuple[type[Exception], ...] = (OSError, *CONNECTION_FAILURES)
@@ -207,6 +228,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            return _unparsed_body(exc.__cause__)
         body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "retryable": False}
         return JSONResponse({"error": body}, status_code=exc.status_code)
 

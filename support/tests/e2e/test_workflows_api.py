@@ -646,6 +646,16 @@ def parse_sse(
     ("method", "path", "body", "status", "field"),
     [
         ("POST", "/workflows", b"{not json", 400, "body"),
+        ("POST", "/workflows", b'{"workflow_type": "\xff"}', 400, "body"),  # not UTF-8
+        ("POST", "/workflows", b"[" * 5000 + b"]" * 5000, 400, "body"),  # nested past the recursion limit
+        (
+            "POST",
+            "/workflows",
+            b'{"workflow_type": "parallel_docs", "input": {"n": ' + b"9" * 5000 + b"}}",
+            400,
+            "body",
+        ),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", b'{"decision": "\xff"}', 400, "body"),
         ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
@@ -742,7 +752,8 @@ def parse_sse(
 def test_bad_input_gets_4xx_naming_the_problem(
     api: httpx.Client, method: str, path: str, body: Any, status: int, field: str | None
 ) -> None:
-    """Malformed JSON, wrong types, unknown types and bad ids get a 4xx JSON error, never a 500."""
+    """Malformed JSON (a body FastAPI cannot parse at all too), wrong types, unknown types and bad
+    ids get a 4xx JSON error, never a 500."""
     content = body if isinstance(body, bytes) else (orjson.dumps(body) if body is not None else None)
     r = api.request(method, path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -750,6 +761,8 @@ def test_bad_input_gets_4xx_naming_the_problem(
     assert err["message"]
     if field is not None:
         assert err["field"] == field
+    if status == 400:
+        assert err["code"] == "malformed_json"
 
 
 def test_oversized_body_and_missing_key_are_refused(api: httpx.Client, stack: Stack) -> None:

@@ -167,6 +167,8 @@ async def test_illegal_transition_is_409_naming_both_statuses(registry: RunningR
     ("path", "body", "status", "field"),
     [
         ("register", b"{not json", 400, "body"),
+        ("register", b'{"name": "\xff"}', 400, "body"),  # not UTF-8: FastAPI's own 400 named nothing
+        ("register", b"[" * 5000 + b"]" * 5000, 400, "body"),
         ("register", {**registration("x"), "name": "Not Valid"}, 422, "name"),
         ("register", {**registration("x"), "capabilities": [{"id": "a"}]}, 422, "capabilities.0.name"),
         ("register", {**registration("x"), "endpoint": "ftp://x"}, 422, "endpoint"),

@@ -1,8 +1,11 @@
-"""The one error handler: a backend that cannot serve (PostgreSQL out of connections or down,
-Redis unreachable) is a retryable 503 naming it, not a 500; anything else unexpected is a 500
-that leaks no traceback."""
+"""The error handling every service shares: a backend that cannot serve (PostgreSQL out of
+connections or down, Redis unreachable) is a retryable 503 naming it, not a 500; anything else
+unexpected is a 500 that leaks no traceback; a body that cannot be parsed is 400
+malformed_json naming it."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import asyncpg
 import httpx
@@ -51,3 +54,36 @@ async def test_anything_else_is_a_500_without_a_traceback() -> None:
         r = await client.get("/boom")
     assert r.status_code == 500
     assert "secret detail" not in r.text
+
+
+def _body_app() -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'{"x": "\xff"}', "body is not UTF-8 (byte 0xff at offset 7)"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"x": ' + b"9" * 5000 + b"}", "a number of more than 4300 digits"),
+        (b'{"x": 1', "request body is not valid JSON"),
+    ],
+)
+async def test_a_body_that_cannot_be_parsed_is_malformed_json_naming_the_body(content: bytes, says: str) -> None:
+    """Bytes that are not UTF-8, JSON nested past the recursion limit and a number past Python's
+    digit limit get what malformed JSON gets (400 malformed_json naming body, saying what is
+    wrong), not FastAPI's "There was an error parsing the body" naming nothing."""
+    transport = httpx.ASGITransport(app=_body_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/echo", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"], error["retryable"]) == ("malformed_json", "body", False)
+    assert says in error["message"]
