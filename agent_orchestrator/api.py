@@ -16,10 +16,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -32,7 +32,7 @@ from shared.lib.http_service import ApiKeyDep
 from shared.lib.safe_input import BIGINT_MAX
 from shared.lib.workflow_state import TERMINAL_STATUSES, WORKFLOW_STATUSES, canonical_workflow_id
 
-__all__ = ["LaunchRequest", "ResumeRequest", "workflows_router"]
+__all__ = ["CancelRequest", "LaunchRequest", "ResumeRequest", "workflows_router"]
 
 _SSE_POLL_S = 1.0
 _SSE_READ_LIMIT = 500
@@ -42,14 +42,25 @@ _SSE_SEP = "\r\n"
 _MAX_WAIT_S = 300.0
 
 
-class LaunchRequest(BaseModel):
+class _Body(BaseModel):
+    """A request body: a field it does not take is a 422 naming it, not dropped (a misspelt
+    ``idempotency_kye`` would launch the workflow again)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LaunchRequest(_Body):
     workflow_type: str = Field(min_length=1, max_length=100)
     input: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class ResumeRequest(BaseModel):
+class ResumeRequest(_Body):
     decision: Any = Field(description="The answer to the pending interrupt, e.g. {'decision': 'approve', 'by': 'ana'}")
+
+
+class CancelRequest(_Body):
+    """A cancel takes no fields: its body may be left out, or be ``{}``."""
 
 
 async def _orchestrator(request: Request) -> Orchestrator:  # async: no thread-pool hop
@@ -161,7 +172,9 @@ def workflows_router() -> APIRouter:
         return _view(await orch.resume(workflow_id, body.decision))
 
     @router.post("/workflows/{workflow_id}/cancel", status_code=202)
-    async def cancel(orch: OrchestratorDep, workflow_id: WorkflowId) -> dict[str, Any]:
+    async def cancel(
+        orch: OrchestratorDep, workflow_id: WorkflowId, _: Annotated[CancelRequest | None, Body()] = None
+    ) -> dict[str, Any]:
         return _view(await orch.cancel(workflow_id))
 
     return router

@@ -187,6 +187,8 @@ def _validation_response(request: Request, exc: RequestValidationError) -> JSONR
         why = ctx.get("error", err.get("msg"))
         return _refusal(400, "malformed_json", "body", f"request body is not valid JSON: {why}")
     field_name = ".".join(loc) or "body"
+    if err.get("type") == "extra_forbidden":
+        return _refusal(422, "invalid_input", field_name, f"{field_name}: unknown field; check its spelling")
     return _refusal(422, "invalid_input", field_name, f"{field_name}: {err.get('msg')}")
 
 

@@ -656,6 +656,16 @@ def parse_sse(
             "body",
         ),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", b'{"decision": "\xff"}', 400, "body"),
+        ("POST", "/workflows", {"workflow_type": "parallel_docs", "input": {}, "bogus": 1}, 422, "bogus"),
+        (
+            "POST",
+            "/workflows",
+            {"workflow_type": "parallel_docs", "input": {}, "idempotency_kye": "k"},  # misspelt: not a second launch
+            422,
+            "idempotency_kye",
+        ),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve", "x": 1}, 422, "x"),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", {"reason": "obsolete"}, 422, "reason"),
         ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
@@ -752,8 +762,8 @@ def parse_sse(
 def test_bad_input_gets_4xx_naming_the_problem(
     api: httpx.Client, method: str, path: str, body: Any, status: int, field: str | None
 ) -> None:
-    """Malformed JSON (a body FastAPI cannot parse at all too), wrong types, unknown types and bad
-    ids get a 4xx JSON error, never a 500."""
+    """Malformed JSON (a body FastAPI cannot parse at all too), wrong types, unknown fields and
+    types and bad ids get a 4xx JSON error, never a 500."""
     content = body if isinstance(body, bytes) else (orjson.dumps(body) if body is not None else None)
     r = api.request(method, path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
