@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared.lib.connections import CONNECTION_FAILURES, connect_redis, create_pg_pool
 from shared.lib.errors import (
@@ -50,6 +51,7 @@ __all__ = [
     "ApiKeyDep",
     "BodySizeLimit",
     "ContextDep",
+    "HeadAsGet",
     "ServiceContext",
     "TextGuard",
     "announce_mode",
@@ -212,6 +214,26 @@ def _unparsed_body(cause: BaseException) -> JSONResponse:
     return _refusal(400, "malformed_json", "body", f"request {why}")
 
 
+#: The methods an ``Allow`` header may list; HEAD is served wherever GET is (:class:`HeadAsGet`).
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
+def _method_not_allowed(request: Request) -> JSONResponse:
+    """405 with the ``Allow`` header HTTP requires, listing what the path serves (Starlette's
+    405 names only the methods of the first route it matched: ``POST`` for ``/workflows``)."""
+    routes = request.app.router.routes
+    methods = [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
+    if "GET" in methods:
+        methods.insert(methods.index("GET") + 1, "HEAD")
+    allowed = ", ".join(methods)
+    body = {
+        "code": "http_405",
+        "message": f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+        "retryable": False,
+    }
+    return JSONResponse({"error": body}, status_code=405, headers={"Allow": allowed})
+
+
 #: Errors that say PostgreSQL or Redis cannot serve right now: answered 503, retryable, not 500
 #: (any ``OSError``: a unix socket that is not there yet is a missing file).
 _BACKEND_DOWN: tuple[type[Exception], ...] = (OSError, *CONNECTION_FAILURES)
@@ -229,11 +251,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return _validation_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
             return _unparsed_body(exc.__cause__)
+        if exc.status_code == 405:
+            return _method_not_allowed(request)
         body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "retryable": False}
-        return JSONResponse({"error": body}, status_code=exc.status_code)
+        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
 
     async def _backend_down(request: Request, exc: Exception) -> JSONResponse:
         _log.warning("%s %s: a backend is unavailable: %r", request.method, request.url.path, exc)
@@ -346,10 +370,43 @@ async def _checked_body(receive: Receive) -> Receive:
     return replay
 
 
+class HeadAsGet:
+    """Pure ASGI middleware answering ``HEAD`` wherever ``GET`` is served, as HTTP expects:
+    FastAPI routes only the methods a route declares, so ``HEAD /health`` was a 405. The
+    request goes to the app as a ``GET`` (in a copy of the scope: the server, which sees
+    ``HEAD``, sends no body either), and the response ends with its headers; a stream
+    (server-sent events) is then told the client has gone, so it stops."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal ended
+            if ended:
+                return
+            if message["type"] == "http.response.start":
+                await send(message)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = True
+
+        async def until_ended() -> Message:
+            return {"type": "http.disconnect"} if ended else await receive()
+
+        await self.app({**scope, "method": "GET"}, until_ended, headers_only)
+
+
 def guard_input(app: FastAPI, *, max_bytes: int) -> None:
-    """Every service's input limits: bodies over ``max_bytes`` get 413, unsafe text 422."""
+    """Every service's handling of a request before its route: bodies over ``max_bytes`` get
+    413, unsafe text 422; ``HEAD`` is served wherever ``GET`` is."""
     app.add_middleware(TextGuard)
-    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added last: the outer one
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added after TextGuard: outside it
+    app.add_middleware(HeadAsGet)
 
 
 async def _ping(ctx: ServiceContext) -> dict[str, str]:

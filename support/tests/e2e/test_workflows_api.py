@@ -863,3 +863,26 @@ def test_list_filters_and_paginates(api: httpx.Client) -> None:
         assert not {w["workflow_id"] for w in page1["items"]} & {w["workflow_id"] for w in page2["items"]}
     succeeded = api.get("/workflows", params={"status": "succeeded"}).json()["items"]
     assert all(w["status"] == "succeeded" for w in succeeded)
+
+
+def test_head_is_served_where_get_is_and_a_405_says_what_is_allowed(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """HEAD answers as GET does, without the body (it was a 405); every 405 keeps its JSON body
+    and has the Allow header HTTP requires, listing all the path's methods."""
+    wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
+    follow(api, wf_id, TERMINAL)
+    for path in ("/health", "/workflows", f"/workflows/{wf_id}", "/workflow-types"):
+        get, head = api.get(path), api.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+    for method, path, allow in [
+        ("DELETE", "/workflows", "GET, HEAD, POST"),
+        ("PUT", "/health", "GET, HEAD"),
+        ("PATCH", "/workflow-types", "GET, HEAD"),
+        ("DELETE", f"/workflows/{wf_id}", "GET, HEAD"),
+        ("GET", f"/workflows/{wf_id}/cancel", "POST"),
+    ]:
+        r = api.request(method, path)
+        assert (r.status_code, r.headers.get("allow")) == (405, allow), (method, path)
+        assert r.json()["error"]["code"] == "http_405"

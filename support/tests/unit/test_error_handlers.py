@@ -1,19 +1,22 @@
-"""The error handling every service shares: a backend that cannot serve (PostgreSQL out of
-connections or down, Redis unreachable) is a retryable 503 naming it, not a 500; anything else
-unexpected is a 500 that leaks no traceback; a body that cannot be parsed is 400
-malformed_json naming it."""
+"""The error handling and request guards every service shares: a backend that cannot serve
+(PostgreSQL out of connections or down, Redis unreachable) is a retryable 503 naming it, not a
+500; anything else unexpected is a 500 that leaks no traceback; a body that cannot be parsed is
+400 malformed_json naming it; HEAD is served wherever GET is, and a 405 says what is allowed."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import redis.exceptions
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from shared.lib.http_service import install_error_handlers
+from shared.lib.http_service import guard_input, install_error_handlers
 
 
 def _app(exc: Exception) -> FastAPI:
@@ -87,3 +90,66 @@ async def test_a_body_that_cannot_be_parsed_is_malformed_json_naming_the_body(co
     error = r.json()["error"]
     assert (error["code"], error["field"], error["retryable"]) == ("malformed_json", "body", False)
     assert says in error["message"]
+
+
+def _routes_app() -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    guard_input(app, max_bytes=1000)
+
+    router = APIRouter()  # included, as the services' routes are
+
+    @router.post("/items")
+    async def add() -> dict[str, str]:
+        return {"added": "yes"}
+
+    @router.get("/items")
+    async def items() -> dict[str, list[int]]:
+        return {"items": [1, 2, 3]}
+
+    app.include_router(router)
+
+    @app.get("/stream")
+    async def stream() -> EventSourceResponse:
+        async def forever() -> AsyncIterator[ServerSentEvent]:
+            while True:
+                yield ServerSentEvent(data="tick")
+                await asyncio.sleep(0.01)
+
+        return EventSourceResponse(forever())
+
+    return app
+
+
+async def test_head_is_answered_wherever_get_is() -> None:
+    """HEAD gets GET's status and headers without the body (it was a 405), a stream included: it
+    ends at its headers; HEAD where there is no GET is a 405 like any other method."""
+    async with _client(_routes_app()) as client:
+        get, head = await client.get("/items"), await client.head("/items")
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"] == get.headers["content-type"] == "application/json"
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+        async with asyncio.timeout(5):
+            streamed = await client.head("/stream")
+        assert (streamed.status_code, streamed.content) == (200, b"")
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("DELETE", "/items", "GET, HEAD, POST"), ("PUT", "/stream", "GET, HEAD"), ("PATCH", "/items", "GET, HEAD, POST")],
+)
+async def test_a_method_not_allowed_is_a_405_with_an_allow_header(method: str, path: str, allow: str) -> None:
+    """405 keeps its JSON body and adds the Allow header HTTP requires, listing the methods of
+    every route on the path (Starlette named only the first route's)."""
+    async with _client(_routes_app()) as client:
+        r = await client.request(method, path)
+    assert r.status_code == 405
+    assert r.headers["allow"] == allow
+    error = r.json()["error"]
+    assert (error["code"], error["retryable"]) == ("http_405", False)
+    assert error["message"] == f"{method} is not allowed on {path}; use {allow}"
+
+
+def _client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
