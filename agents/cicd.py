@@ -4,9 +4,10 @@ into the artifact store under ``data_dir/artifacts``)."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agents.sdk.agent import Agent, skill
 from agents.work.git import repository
@@ -26,7 +27,18 @@ class RunPipelineInput(_RepoRevision):
     command: str | list[str] | None = Field(
         default=None, description="test command; default: the repository's declared one, else pytest"
     )
-    timeout_s: float | None = Field(default=None, gt=0, le=24 * 3600)
+    timeout_s: float | None = Field(default=None, gt=0, le=24 * 3600, allow_inf_nan=False)
+
+    @field_validator("command")
+    @classmethod
+    def _a_command(cls, command: str | list[str] | None) -> str | list[str] | None:
+        """An empty command is a mistake, not a request for the default (it ran pytest)."""
+        if command is None:
+            return None
+        args = shlex.split(command) if isinstance(command, str) else command  # unbalanced quotes: a ValueError
+        if not args or not args[0].strip():
+            raise ValueError("give the command to run, or leave command out for the repository's own")
+        return command
 
 
 class ValidateBuildInput(_RepoRevision):

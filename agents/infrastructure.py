@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -79,7 +79,9 @@ class HealthCheckInput(BaseModel):
 
     targets: list[Target] = Field(default_factory=list, max_length=256)
     environment: str | None = None
-    agents: list[str] = Field(default_factory=list, description="agents whose pending requests to count")
+    agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
+        default_factory=list, max_length=256, description="agents whose pending requests to count"
+    )
     max_pending: int = Field(default=100, ge=0)
     registry: bool = Field(default=False, description="look for stale instances in the registry")
     locks: bool = Field(default=False, description="look for expired or abandoned lock leases")

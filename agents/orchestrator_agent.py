@@ -129,6 +129,16 @@ def _aggregate(results: list[ResultItem]) -> dict[str, Any]:
     }
 
 
+def _none_live(payload: RouteRequestInput, *, excluded: int) -> str:
+    """Why no instance can take ``payload``'s capability, and what to do."""
+    if excluded:
+        return (
+            f"every live instance with capability {payload.capability} is excluded ({excluded}, listed in "
+            "exclude); exclude fewer, or start another instance"
+        )
+    return f"no live instance has capability {payload.capability}; start an agent that declares it"
+
+
 class OrchestratorAgent(Agent):
     name = "orchestrator"
     version = "1.0.0"
@@ -143,12 +153,10 @@ class OrchestratorAgent(Agent):
         registry = self.require("registry")
         budget_s = self.time_left_s(default_s=_DISCOVER_RETRY_S)  # no retrying past the caller's deadline
         instances = await registry.discover(capability=payload.capability, name=payload.name, retry_for_s=budget_s)
-        live = [a for a in instances if str(a.status) in ("active", "busy") and a.id not in payload.exclude]
+        up = [a for a in instances if str(a.status) in ("active", "busy")]
+        live = [a for a in up if a.id not in payload.exclude]
         if not live:
-            raise AgentOffline(
-                f"no live instance has capability {payload.capability}; start an agent that declares it",
-                field="capability",
-            )
+            raise AgentOffline(_none_live(payload, excluded=len(up)), field="exclude" if up else "capability")
         chosen = live[0]  # discovery orders healthiest and least loaded first
         return {"agent_id": chosen.id, "name": chosen.name, "endpoint": chosen.endpoint,
                 "status": str(chosen.status), "in_flight": chosen.in_flight, "candidates": len(live)}  # fmt: skip

@@ -133,7 +133,7 @@ def _payload_model(fn: Callable[..., Any]) -> type[BaseModel]:
 def _field_of(exc: ValidationError) -> tuple[str, str]:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "payload"
-    return loc, str(err.get("msg", "invalid value"))
+    return loc, str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
 class Agent:

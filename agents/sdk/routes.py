@@ -75,13 +75,31 @@ def _runtime(request: Request) -> AgentRuntime:
     return runtime
 
 
-def _api_key_ok(runtime: AgentRuntime, request: Request) -> bool:
-    presented = request.headers.get("x-api-key")
+def _presented_key(request: Request) -> tuple[str | None, str]:
+    """The API key the caller sent, and the header it came in (``X-API-Key`` or ``Authorization``)."""
+    if presented := request.headers.get("x-api-key"):
+        return presented, "X-API-Key"
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    presented = presented or (token.strip() if scheme.lower() == "bearer" else None)
+    return (token.strip() or None if scheme.lower() == "bearer" else None), "Authorization"
+
+
+def _api_key_ok(runtime: AgentRuntime, presented: str | None) -> bool:
     if not presented:
         return False
     return any(hmac.compare_digest(presented.encode(), k.encode()) for k in runtime.settings.api_keys)
+
+
+def _unauthenticated(key_header: str | None) -> Unauthorized:
+    """The 401 of a caller that proved nothing: naming the API key it sent, if it sent a wrong one."""
+    if key_header is not None:
+        return Unauthorized(
+            f"{key_header} is not an API key of this deployment; send one of AO_API_KEYS, or sign the envelope",
+            field=key_header,
+        )
+    return Unauthorized(
+        "unauthenticated request: sign the envelope, or send X-API-Key, or X-Agent-Id with X-Agent-Token",
+        field="signature",
+    )
 
 
 async def _token_agent(runtime: AgentRuntime, request: Request) -> str | None:
@@ -127,12 +145,10 @@ async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str,
     and signed here, in its canonical form, for a caller known by API key or agent token."""
     if runtime.settings.dev_mode or data.get("signature"):
         return request_from_dict(data, key=None)  # shape only; the bus verifies the signature as sent
+    key, key_header = _presented_key(request)
     caller = None  # an API key may name any source
-    if not _api_key_ok(runtime, request) and (caller := await _token_agent(runtime, request)) is None:
-        raise Unauthorized(
-            "unauthenticated request: sign the envelope, or send X-API-Key, or X-Agent-Id with X-Agent-Token",
-            field="signature",
-        )
+    if not _api_key_ok(runtime, key) and (caller := await _token_agent(runtime, request)) is None:
+        raise _unauthenticated(key_header if key else None)
     envelope = request_from_dict(data, key=None)  # defaults filled, numbers normalised; 422 naming a bad field
     if caller is not None:
         _check_source(envelope, caller, request.headers.get("x-agent-id", ""))

@@ -120,7 +120,8 @@ def write_scaffold(root: Path, files: GeneratedFiles) -> list[str]:
     test = inside(root, files.test_path, field="module")
     for path in (module, test):
         if path.exists():
-            raise Conflict(f"module: {path.relative_to(root.resolve())} already exists; choose another name")
+            message = f"module: {path.relative_to(root.resolve())} already exists; choose another name"
+            raise Conflict(message, field="module")
     written = []
     for directory in list(module.relative_to(root.resolve()).parents)[:-1]:
         init = root / directory / "__init__.py"

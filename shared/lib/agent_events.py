@@ -187,6 +187,14 @@ class AgentRequestEvent(_Envelope):
     reply_to: str | None = None
     """The requester instance's reply channel, set by the bus; ``None`` over HTTP."""
 
+    @field_validator("deadline", "created_at", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        """``true`` is not a time: lax float parsing read it as 1.0 (1970), a deadline long past."""
+        if isinstance(value, bool):
+            raise ValueError("must be a Unix time in seconds, not a boolean")
+        return value
+
     @field_validator("deadline")
     @classmethod
     def _deadline_within_horizon(cls, deadline: float, info: ValidationInfo) -> float:

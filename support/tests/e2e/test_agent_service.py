@@ -171,6 +171,11 @@ async def test_agent_http_and_bus_errors(
         unauthenticated = await http.post("/agent-request", json=envelope("EXPLAIN_CODE", explain))
         assert unauthenticated.status_code == 401
         assert unauthenticated.json()["error"]["field"] == "signature"
+        for header, value in (("X-API-Key", "not-a-key"), ("Authorization", "Bearer not-a-key")):
+            wrong_key = await http.post(
+                "/agent-request", json=envelope("EXPLAIN_CODE", explain), headers={header: value}
+            )
+            assert (wrong_key.status_code, wrong_key.json()["error"]["field"]) == (401, header)  # it named signature
 
         ok = await http.post("/agent-request", json=envelope("EXPLAIN_CODE", explain), headers=key)
         assert ok.status_code == 200
@@ -303,6 +308,8 @@ async def test_agent_http_takes_hand_written_unsigned_envelopes_and_still_verifi
             refused = await http.post("/agent-request", json=envelope, headers=key)
             assert refused.status_code == 422, (field, refused.text)
             assert (refused.json()["error"]["code"], refused.json()["error"]["field"]) == ("invalid_input", field)
+        as_bool = await http.post("/agent-request", json=_hand_written(explain, deadline=True), headers=key)
+        assert (as_bool.status_code, as_bool.json()["error"]["field"]) == (422, "deadline")  # a 408 as 1970
         assert await bus.dead_letters("code-review") == []
 
         signed = AgentRequestEvent.model_validate(_hand_written(explain)).signed(

@@ -687,8 +687,9 @@ async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[...,
     rev = repo.commit({}, "scaffold")
     pipeline = await agent("cicd").run("RUN_PIPELINE", {"repo_path": str(repo.path), "revision": rev})
     assert (pipeline["success"], pipeline["passed"]) == (True, 2), pipeline["log_tail"]
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict) as exists:
         await dev.run("GENERATE_CODE", payload)
+    assert exists.value.field == "module"
 
 
 async def test_generated_code_comes_from_the_llm_when_it_parses(repo: Repo, agent: Callable[..., Agent]) -> None:
@@ -713,6 +714,34 @@ async def test_refactor_fixes_and_formats_returning_the_diff(repo: Repo, agent: 
     with pytest.raises(InvalidInput) as escaped:
         await agent("feature-dev").run("REFACTOR_CODE", {"repo_path": str(repo.path), "files": ["../x.py"]})
     assert escaped.value.field == "files"
+
+
+@pytest.mark.parametrize(
+    ("agent_name", "request_type", "payload", "field", "says"),
+    [
+        ("cicd", "RUN_PIPELINE", {"command": ""}, "command", "give the command"),  # ran the default pytest
+        ("cicd", "RUN_PIPELINE", {"command": []}, "command", "give the command"),
+        ("cicd", "RUN_PIPELINE", {"command": "  "}, "command", "give the command"),
+        ("cicd", "RUN_PIPELINE", {"timeout_s": "NaN"}, "timeout_s", "finite"),  # "less than or equal to 86400"
+        ("infrastructure", "HEALTH_CHECK", {"agents": ["../x"]}, "agents.0", "pattern"),  # probed a Redis key
+    ],
+)
+async def test_bad_payload_values_are_refused_naming_the_field(
+    repo: Repo,
+    agent: Callable[..., Agent],
+    agent_name: str,
+    request_type: str,
+    payload: dict[str, Any],
+    field: str,
+    says: str,
+) -> None:
+    """Values that were taken for something else (an empty command for the default, NaN for a number
+    too large, a path for an agent name) are a 422 naming the field and saying what is wrong."""
+    base = {"repo_path": str(repo.path)} if agent_name == "cicd" else {}
+    with pytest.raises(InvalidInput) as refused:
+        await agent(agent_name).run(request_type, {**base, **payload})
+    assert refused.value.field == field
+    assert says in refused.value.message, refused.value.message
 
 
 async def test_decompose_and_aggregate(agent: Callable[..., Agent]) -> None:

@@ -33,6 +33,10 @@ async def test_route_request_picks_the_least_loaded_live_instance(settings_facto
             assert chosen["candidates"] == 2
             other = await agent.run("ROUTE_REQUEST", {"capability": "RUN_PIPELINE", "exclude": ["cicd-idle"]})
             assert other["agent_id"] == "cicd-busy"
+            with pytest.raises(AgentOffline) as all_excluded:  # it said to start an agent, as if there were none
+                await agent.run("ROUTE_REQUEST", {"capability": "RUN_PIPELINE", "exclude": ["cicd-idle", "cicd-busy"]})
+            assert all_excluded.value.field == "exclude"
+            assert "every live instance" in all_excluded.value.message
             with pytest.raises(AgentOffline) as missing:
                 await agent.run("ROUTE_REQUEST", {"capability": "DEPLOY_SERVICE"})
             assert missing.value.field == "capability"

@@ -75,6 +75,8 @@ def test_invalid_fields_are_named(field: str, value: str) -> None:
         ("deadline", "nan"),
         ("created_at", "inf"),
         ("created_at", "nan"),
+        ("deadline", True),  # once read as 1.0 (1970): a 408 deadline_expired, not a type error
+        ("created_at", False),
     ],
 )
 def test_received_times_must_be_finite_and_near(field: str, value: object) -> None:
