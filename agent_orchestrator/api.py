@@ -198,6 +198,8 @@ def _workflow_views_router() -> APIRouter:
     ) -> Response:
         status = await orch.records.require(workflow_id)  # 404 before the stream starts
         after = _parse_last_id(last_event_id)
+        if after:
+            await _check_received(orch, workflow_id, after)
         if status not in _TERMINAL:
             return EventSourceResponse(_followed_stream(orch, workflow_id, after), ping=15, sep=_SSE_SEP)
         stored = await _events_after(orch, workflow_id, after, limit=_SSE_READ_LIMIT)
@@ -248,6 +250,21 @@ def _parse_last_id(value: str | None) -> int:
             field="Last-Event-ID",
         )
     return int(value)
+
+
+async def _check_received(orch: Orchestrator, workflow_id: str, after: int) -> None:
+    """Refuse a Last-Event-ID past the workflow's latest stored event: no event of this workflow
+    has such an id, so it was not received from this stream (ids are the events table's, shared
+    by every workflow). An event reaches a stream once it is stored, so the id of any event a
+    client received is at most the latest. Followed, such an id would hide every event to come,
+    the terminal one too."""
+    latest = await orch.records.last_event_id(workflow_id)
+    if latest is None or after > latest:
+        raise InvalidInput(
+            f"Last-Event-ID {after} is past this workflow's latest event ({latest or 'none yet'}); send the id "
+            "of the last event received from this workflow's stream, or no Last-Event-ID to start from its first",
+            field="Last-Event-ID",
+        )
 
 
 _TERMINAL = TERMINAL_STATUSES
@@ -370,8 +387,8 @@ async def _follow(
             sent.update(ev.id for ev in batch)
             after = max(after, *(ev.id for ev in batch))
             yield batch
-            if _status(batch) in until:
-                return
+        if _status(events) in until:  # sent now or before: either way nothing follows it
+            return
         if not feed.arrived.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(feed.arrived.wait(), timeout=_SSE_POLL_S)

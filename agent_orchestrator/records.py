@@ -179,6 +179,13 @@ class WorkflowRecords:
         """The workflow's status; NotFound unless the workflow exists (one read of one column)."""
         return await self.manager.require_workflow(workflow_id)
 
+    async def last_event_id(self, workflow_id: str) -> int | None:
+        """The id of the workflow's latest stored event (one step of the events' aggregate index)."""
+        latest: int | None = await self.pool.fetchval(
+            "SELECT max(id) FROM events WHERE aggregate_type = 'workflow' AND aggregate_id = $1", workflow_id
+        )
+        return latest
+
     async def page(
         self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None
     ) -> tuple[list[WorkflowRecord], str | None]:

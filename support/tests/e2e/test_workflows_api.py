@@ -492,7 +492,8 @@ def test_a_last_event_id_outside_bigint_gets_422_naming_it(
     api: httpx.Client, sample_repo: tuple[Path, str, str]
 ) -> None:
     """Last-Event-ID past int64, negative, not digits or not ASCII digits gets 422 naming the header (a
-    value past int64 was a 500 from PostgreSQL); the largest int64 is an id like any other."""
+    value past int64 was a 500 from PostgreSQL); the largest int64 is read as an id, past the
+    workflow's latest event: a 422 saying so."""
     wf_id = launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
     follow(api, wf_id, TERMINAL)
     for value in (str(2**63), "99999999999999999999999", "-1", "abc", b"\xb2"):
@@ -500,7 +501,35 @@ def test_a_last_event_id_outside_bigint_gets_422_naming_it(
         assert r.status_code == 422, (value, r.text)
         assert r.json()["error"]["field"] == "Last-Event-ID"
     last = api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(2**63 - 1)}, timeout=5)
-    assert last.status_code == 204
+    assert last.status_code == 422
+    assert "past this workflow's latest event" in last.json()["error"]["message"]
+
+
+def test_a_last_event_id_past_the_workflows_latest_event_gets_422_naming_it(
+    api: httpx.Client, sample_repo: tuple[Path, str, str]
+) -> None:
+    """Event ids are the events table's, shared by every workflow: a Last-Event-ID past this
+    workflow's latest event was not received from its stream, and gets 422 naming the header,
+    waiting or finished (it was followed with nothing but pings, forever: the terminal event
+    was at or below it). The latest id itself follows the workflow to its terminal event."""
+    wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="past-last-id"))
+    assert follow(api, wf_id, {"interrupted"} | TERMINAL)["status"] == "interrupted"
+    ids = [e["id"] for e in read_sse(api, wf_id, until=lambda e: e["data"].get("status") == "interrupted")]
+    for workflow_status in ("interrupted", "failed"):
+        for value in (ids[-1] + 1, 999_999_999):
+            r = api.get(f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(value)}, timeout=5)
+            assert r.status_code == 422, (workflow_status, value, r.text)
+            error = r.json()["error"]
+            assert (error["code"], error["field"]) == ("invalid_input", "Last-Event-ID")
+            assert f"past this workflow's latest event ({ids[-1]})" in error["message"]
+        if workflow_status == "interrupted":
+            with api.stream("GET", f"/workflows/{wf_id}/events", headers={"Last-Event-ID": str(ids[-1])}) as r:
+                decision = {"decision": {"decision": "reject", "by": "test"}}
+                assert api.post(f"/workflows/{wf_id}/resume", json=decision).status_code == 202
+                rest = parse_sse(r.iter_lines())  # to the end of the stream: it ends at the terminal event
+            assert rest[0]["id"] > ids[-1]
+            assert (rest[-1]["event"], rest[-1]["data"]["status"]) == ("workflow.status", "failed")
+            ids = [e["id"] for e in read_sse(api, wf_id)]
 
 
 async def _lengthen_history(database_url: str, wf_id: str, n: int) -> list[int]:
