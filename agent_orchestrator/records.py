@@ -9,6 +9,8 @@ is stuck.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,10 +18,11 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 
 from agent_orchestrator.run_store import RunRow, RunStore
 from shared.lib.connections import Along
-from shared.lib.errors import Conflict
+from shared.lib.errors import Conflict, InvalidInput
 from shared.lib.workflow_state import WorkflowStateManager
 
 __all__ = ["Launched", "WorkflowRecord", "WorkflowRecords"]
@@ -189,5 +192,43 @@ class WorkflowRecords:
     async def page(
         self, *, status: str | None, workflow_type: str | None, limit: int, cursor: str | None
     ) -> tuple[list[WorkflowRecord], str | None]:
-        page = await self.manager.list_workflows(status=status, workflow_type=workflow_type, limit=limit, cursor=cursor)
-        return [_record(wf) for wf in page.items], page.next_cursor
+        """A page of the listing; its cursor goes on with the same filters only (see :func:`_unbind`)."""
+        filters = _Filters(status, workflow_type)
+        after = _unbind(cursor, filters) if cursor else None
+        page = await self.manager.list_workflows(status=status, workflow_type=workflow_type, limit=limit, cursor=after)
+        return [_record(wf) for wf in page.items], _bind(page.next_cursor, filters) if page.next_cursor else None
+
+
+class _Filters(NamedTuple):
+    """What a listing's cursor is bound to: its filters (the page size may change between pages)."""
+
+    status: str | None
+    workflow_type: str | None
+
+    def describe(self) -> str:
+        return f"status={self.status or '(any)'}, type={self.workflow_type or '(any)'}"
+
+
+def _bind(cursor: str, filters: _Filters) -> str:
+    """The API's cursor: the store's, with the filters of the listing it continues."""
+    return base64.urlsafe_b64encode(orjson.dumps([*filters, cursor])).decode().rstrip("=")
+
+
+def _unbind(cursor: str, filters: _Filters) -> str:
+    """The store's cursor inside an API cursor, refused (422 naming ``cursor``) unless the listing
+    has the filters it was issued for: a cursor only says where a listing stopped, so with other
+    filters it would silently skip part of the new listing."""
+    try:
+        status, workflow_type, after = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(after, str):
+            raise TypeError(f"the store's cursor is a {type(after).__name__}")
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as e:
+        raise InvalidInput("cursor is not one this API returned; start again without a cursor", field="cursor") from e
+    bound = _Filters(status, workflow_type)
+    if bound != filters:
+        raise InvalidInput(
+            f"cursor continues the listing with {bound.describe()}, not {filters.describe()}; "
+            "give the filters it came with, or start again without a cursor",
+            field="cursor",
+        )
+    return after

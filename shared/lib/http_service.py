@@ -17,7 +17,8 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -26,15 +27,19 @@ import asyncpg
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi._compat import ModelField, field_annotation_is_sequence
+from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 
 from shared.lib.connections import CONNECTION_FAILURES, connect_redis, create_pg_pool
 from shared.lib.errors import (
+    InvalidInput,
     OrchestratorError,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -53,6 +58,7 @@ __all__ = [
     "ContextDep",
     "HeadAsGet",
     "ServiceContext",
+    "SingleValuedQuery",
     "TextGuard",
     "announce_mode",
     "check_api_key",
@@ -370,6 +376,64 @@ async def _checked_body(receive: Receive) -> Receive:
     return replay
 
 
+class SingleValuedQuery:
+    """Pure ASGI middleware refusing with 422, naming it, a query parameter given more than once
+    where its route takes one value: FastAPI would take the last (``status=a&status=b`` lists
+    ``b``). A parameter the route takes as a list (the registry's ``status``) may repeat."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw: bytes = scope.get("query_string") or b""
+        if scope["type"] == "http" and b"&" in raw and (refused := _repeated_query(scope, raw)) is not None:
+            await error_response(refused)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _repeated_query(scope: Scope, raw: bytes) -> InvalidInput | None:
+    """The error naming the first single-valued parameter the query repeats, if any."""
+    counts = Counter(name for name, _ in parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+    repeated = [name for name, n in counts.items() if n > 1]
+    if not repeated:
+        return None
+    single = _single_valued_query(scope)
+    for name in repeated:
+        if name in single:
+            return InvalidInput(f"{name} is given {counts[name]} times but takes one value; give it once", field=name)
+    return None
+
+
+def _single_valued_query(scope: Scope) -> set[str]:
+    """The query parameters the route serving ``scope`` takes one value of (none without a route)."""
+    route = _api_route(scope["app"].router.routes, {**scope})  # a copy: matching may note things in it
+    if route is None:
+        return set()
+    return {
+        f.alias for f in _query_fields(route.dependant) if not field_annotation_is_sequence(f.field_info.annotation)
+    }
+
+
+def _api_route(routes: Sequence[BaseRoute], scope: Scope) -> APIRoute | None:
+    """The route that will serve ``scope``. FastAPI keeps an included router as one route of the
+    app that matches for all of its own (``original_router``); those are searched in turn."""
+    for route in routes:
+        if route.matches(scope)[0] is not Match.FULL:
+            continue
+        if isinstance(route, APIRoute):
+            return route
+        included = getattr(route, "original_router", None)
+        return _api_route(included.routes, scope) if isinstance(included, APIRouter) else None
+    return None
+
+
+def _query_fields(dependant: Dependant) -> Iterator[ModelField]:
+    yield from dependant.query_params
+    for sub in dependant.dependencies:
+        yield from _query_fields(sub)
+
+
 class HeadAsGet:
     """Pure ASGI middleware answering ``HEAD`` wherever ``GET`` is served, as HTTP expects:
     FastAPI routes only the methods a route declares, so ``HEAD /health`` was a 405. The
@@ -403,7 +467,9 @@ class HeadAsGet:
 
 def guard_input(app: FastAPI, *, max_bytes: int) -> None:
     """Every service's handling of a request before its route: bodies over ``max_bytes`` get
-    413, unsafe text 422; ``HEAD`` is served wherever ``GET`` is."""
+    413, unsafe text and a repeated single-valued query parameter 422; ``HEAD`` is served
+    wherever ``GET`` is."""
+    app.add_middleware(SingleValuedQuery)
     app.add_middleware(TextGuard)
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added after TextGuard: outside it
     app.add_middleware(HeadAsGet)

@@ -695,6 +695,8 @@ def parse_sse(
         ),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve", "x": 1}, 422, "x"),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", {"reason": "obsolete"}, 422, "reason"),
+        ("GET", "/workflows?status=failed&status=succeeded", None, 422, "status"),
+        ("GET", "/workflows?limit=1&limit=2", None, 422, "limit"),
         ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
@@ -792,7 +794,7 @@ def test_bad_input_gets_4xx_naming_the_problem(
     api: httpx.Client, method: str, path: str, body: Any, status: int, field: str | None
 ) -> None:
     """Malformed JSON (a body FastAPI cannot parse at all too), wrong types, unknown fields and
-    types and bad ids get a 4xx JSON error, never a 500."""
+    types, repeated parameters and bad ids get a 4xx JSON error, never a 500."""
     content = body if isinstance(body, bytes) else (orjson.dumps(body) if body is not None else None)
     r = api.request(method, path, content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -881,8 +883,12 @@ def test_resume_of_running_or_finished_workflow_is_refused(
     assert r.json()["error"]["details"]["status"] == "succeeded"
 
 
-def test_list_filters_and_paginates(api: httpx.Client) -> None:
-    """GET /workflows filters by type and status and pages with a cursor without repeats."""
+def test_list_filters_and_paginates(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
+    """GET /workflows filters by type and status and pages with a cursor without repeats. A cursor
+    goes on with the filters it came with only (the page size may change): with others it is a
+    422 naming it (it was taken as a position in the other listing, skipping part of it)."""
+    for _ in range(2):
+        launch(api, "parallel_docs", {"repo_path": str(sample_repo[0]), "modules": ["calc"]})
     page1 = api.get("/workflows", params={"type": "parallel_docs", "limit": 2}).json()
     assert all(w["workflow_type"] == "parallel_docs" for w in page1["items"])
     if page1["next_cursor"]:
@@ -892,6 +898,14 @@ def test_list_filters_and_paginates(api: httpx.Client) -> None:
         assert not {w["workflow_id"] for w in page1["items"]} & {w["workflow_id"] for w in page2["items"]}
     succeeded = api.get("/workflows", params={"status": "succeeded"}).json()["items"]
     assert all(w["status"] == "succeeded" for w in succeeded)
+    unfiltered = api.get("/workflows", params={"limit": 1}).json()["next_cursor"]
+    assert api.get("/workflows", params={"limit": 5, "cursor": unfiltered}).status_code == 200
+    for other in ({"status": "failed"}, {"type": "parallel_docs"}):
+        r = api.get("/workflows", params={"limit": 1, "cursor": unfiltered, **other})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["field"] == "cursor"
+        assert "cursor continues the listing with status=(any), type=(any), not " in error["message"]
 
 
 def test_head_is_served_where_get_is_and_a_405_says_what_is_allowed(

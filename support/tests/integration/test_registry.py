@@ -244,6 +244,21 @@ async def test_nul_in_a_query_is_422_naming_the_parameter(registry: RunningRegis
     assert "NUL" in error["message"]
 
 
+@pytest.mark.parametrize(("query", "field"), [("name=a&name=b", "name"), ("limit=1&capability=x&limit=2", "limit")])
+async def test_a_repeated_single_valued_query_parameter_is_422_naming_it(
+    registry: RunningRegistry, query: str, field: str
+) -> None:
+    """A filter given twice is refused naming it (the last one was used); status may repeat."""
+    r = await registry.http.get(f"{registry.url}/agents?{query}", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
+    await registry.register("cicd")
+    r = await registry.http.get(
+        f"{registry.url}/agents?status=busy&status=initializing", headers={"X-API-Key": API_KEY}
+    )
+    assert [a["name"] for a in r.json()] == ["cicd"]
+
+
 async def test_oversized_body_is_413(registry: RunningRegistry) -> None:
     """A registration over the payload limit is refused with 413 before it is parsed."""
     big = registration("cicd", metadata={"blob": "x" * (registry.settings.max_payload_bytes + 1)})

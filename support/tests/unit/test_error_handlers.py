@@ -1,19 +1,20 @@
 """The error handling and request guards every service shares: a backend that cannot serve
 (PostgreSQL out of connections or down, Redis unreachable) is a retryable 503 naming it, not a
 500; anything else unexpected is a 500 that leaks no traceback; a body that cannot be parsed is
-400 malformed_json naming it; HEAD is served wherever GET is, and a 405 says what is allowed."""
+400 malformed_json naming it; HEAD is served wherever GET is, and a 405 says what is allowed; a
+single-valued query parameter given twice is a 422 naming it."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 import httpx
 import pytest
 import redis.exceptions
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from shared.lib.http_service import guard_input, install_error_handlers
@@ -92,6 +93,10 @@ async def test_a_body_that_cannot_be_parsed_is_malformed_json_naming_the_body(co
     assert says in error["message"]
 
 
+async def _paged(limit: int = 10) -> int:
+    return limit
+
+
 def _routes_app() -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
@@ -104,8 +109,10 @@ def _routes_app() -> FastAPI:
         return {"added": "yes"}
 
     @router.get("/items")
-    async def items() -> dict[str, list[int]]:
-        return {"items": [1, 2, 3]}
+    async def items(
+        limit: Annotated[int, Depends(_paged)], status: str = "any", tag: Annotated[list[str] | None, Query()] = None
+    ) -> dict[str, Any]:
+        return {"items": [1, 2, 3], "limit": limit, "status": status, "tags": tag}
 
     app.include_router(router)
 
@@ -153,3 +160,25 @@ async def test_a_method_not_allowed_is_a_405_with_an_allow_header(method: str, p
 
 def _client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "field"),
+    [
+        ("status=failed&status=succeeded", 422, "status"),
+        ("limit=1&status=a&limit=2", 422, "limit"),  # a dependency's parameter too
+        ("tag=a&tag=b&status=x", 200, None),  # a list may repeat
+        ("other=1&other=2", 200, None),  # a parameter the route does not take is not judged here
+    ],
+)
+async def test_a_repeated_single_valued_query_parameter_is_a_422_naming_it(
+    query: str, status: int, field: str | None
+) -> None:
+    """status=a&status=b was answered with the last value, as if the first were not there."""
+    async with _client(_routes_app()) as client:
+        r = await client.get(f"/items?{query}")
+    assert r.status_code == status, r.text
+    if field is not None:
+        error = r.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_input", field)
+        assert error["message"] == f"{field} is given 2 times but takes one value; give it once"
