@@ -32,7 +32,7 @@ from shared.lib import redis_keys as keys
 from shared.lib._bus_core import Handler, HandlerOutcome, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
 from shared.lib.connections import run_command
-from shared.lib.errors import OrchestratorError
+from shared.lib.errors import Cancelled, DeadLettered, OrchestratorError
 from shared.lib.settings import Settings
 
 __all__ = ["Server"]
@@ -285,7 +285,7 @@ class Server:
 
     def _cancelled_outcome(self, request: AgentRequestEvent, *, duration_s: float) -> HandlerOutcome:
         self.core.count("cancelled")
-        error = {"code": "cancelled", "message": "the request was cancelled by its sender; send a new one to run it"}
+        error = Cancelled("the request was cancelled by its sender; send a new one to run it").to_dict()
         return self.core.outcome(request, "error", {}, error=error, duration_s=duration_s)
 
     def cancel(self, idempotency_key: str, *, forget_at: float) -> bool:
@@ -514,5 +514,5 @@ class Server:
         key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
         if await self.core.redis.get(key) == scripts.IN_FLIGHT:
             await self.core.redis.delete(key)
-        error = {"code": "dead_lettered", "message": "the request was redelivered too often; see `dlq list`"}
+        error = DeadLettered("the request was redelivered too often; see `dlq list`").to_dict()
         await self.core.notify(data, self.core.outcome(request, "error", {}, error=error).raw)

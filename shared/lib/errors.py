@@ -12,7 +12,9 @@ from typing import Any
 
 __all__ = [
     "AgentOffline",
+    "Cancelled",
     "Conflict",
+    "DeadLettered",
     "DeadlineExpired",
     "Forbidden",
     "InvalidInput",
@@ -115,6 +117,19 @@ class Conflict(OrchestratorError):
 
     status_code = 409
     code = "conflict"
+
+
+class Cancelled(Conflict):
+    """The request was cancelled by its sender (a cancel notice); a repeat of its key gets the same."""
+
+    code = "cancelled"
+
+
+class DeadLettered(Conflict):
+    """The request was redelivered too often and waits in the dead-letter stream (``dlq list``,
+    ``dlq requeue``)."""
+
+    code = "dead_lettered"
 
 
 class LockContended(Conflict):

@@ -132,6 +132,9 @@ def test_error_codes_map_to_http_statuses() -> None:
     assert status_for_error_code("rejected") == 422
     assert status_for_error_code("bad_signature") == 401
     assert status_for_error_code("something-else") == 500
+    # the answers the bus itself stores or sends: a repeat of a cancelled key over HTTP is no 500
+    assert status_for_error_code("cancelled") == 409
+    assert status_for_error_code("dead_lettered") == 409
 
 
 async def test_brain_answers_and_is_loaded_from_a_setting() -> None:
