@@ -54,8 +54,13 @@ AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidat
 def _strict(model: type[BaseModel], data: Any) -> dict[str, Any]:
     """``data``, parsed from JSON, validated as the JSON it came as, in pydantic's strict mode: a
     wrong type is refused (``"2"`` or ``2.0`` for an integer, ``1`` for a boolean), while what
-    JSON can only spell as a string (a timestamp, a UUID, a path) is still read from one."""
-    return model.model_validate_json(orjson.dumps(data), strict=True).model_dump(mode="json")
+    JSON can only spell as a string (a timestamp, a UUID, a path) is still read from one. A value
+    JSON cannot hold again (nested past orjson's 254 levels) is a ValueError, as a bad field is."""
+    try:
+        raw = orjson.dumps(data)
+    except orjson.JSONEncodeError as e:
+        raise ValueError(f"cannot be read as JSON: {e}") from e
+    return model.model_validate_json(raw, strict=True).model_dump(mode="json")
 
 
 class WorkflowInput(BaseModel):

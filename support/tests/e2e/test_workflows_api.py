@@ -729,6 +729,13 @@ def parse_sse(
             422,
             "input.max_iterations",
         ),
+        (  # an input nested past what it can be read again as (orjson's 254 levels): bytes json wrote
+            "POST",
+            "/workflows",
+            b'{"workflow_type": "self_healing", "input": {"targets": [' + b"[" * 300 + b"]" * 300 + b"]}}",
+            422,
+            "input",
+        ),
         *(  # a wrong type is refused, not coerced: "2" or 2.0 for an integer, 1 for a boolean
             ("POST", "/workflows", {"workflow_type": "self_healing", "input": {k: v}}, 422, f"input.{k}")
             for k, v in (("max_iterations", "2"), ("max_iterations", 2.0), ("registry", 1))
