@@ -93,9 +93,11 @@ WHERE status <> 'offline' AND last_heartbeat < now() - make_interval(secs => $1)
 RETURNING id, name, prior_status
 """
 
+# Offline for longer than the grace, and silent as long: the grace counts from going offline.
 _REMOVE_EXPIRED = """
 DELETE FROM agent_instances
-WHERE status = 'offline' AND last_heartbeat < now() - make_interval(secs => $1)
+WHERE status = 'offline' AND status_changed_at < now() - make_interval(secs => $1)
+    AND last_heartbeat < now() - make_interval(secs => $1)
 RETURNING id, name
 """
 

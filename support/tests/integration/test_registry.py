@@ -373,6 +373,26 @@ async def test_declared_offline_is_not_revived_and_expired_is_removed(
         assert (await registry.get(declared_id)).json()["status"] == "offline"
 
 
+async def test_the_removal_grace_counts_from_going_offline(registry: RunningRegistry, database_url: str) -> None:
+    """An instance silent for longer than the grace but offline for less is kept: the grace is
+    the time offline (it was counted from the last heartbeat, so it came the stale TTL early)."""
+    recent, long_ago = (await registry.register("cicd"))[0], (await registry.register("cicd"))[0]
+    pool = await create_pg_pool(database_url, min_size=1, max_size=1)
+    try:
+        await pool.execute(
+            "UPDATE agent_instances SET status = 'offline', last_heartbeat = now() - interval '400 seconds', "
+            "status_changed_at = now() - CASE WHEN id = $1 THEN interval '100 seconds' ELSE interval '350 seconds' "
+            "END WHERE id = ANY($2::text[])",
+            recent,
+            [recent, long_ago],
+        )
+        removed = await RegistryStore(pool).remove_expired(remove_after_s=300)
+    finally:
+        await pool.close()
+    assert [r.agent_id for r in removed] == [long_ago]
+    assert (await registry.get(recent)).json()["status"] == "offline"
+
+
 async def test_concurrent_sweeps_mark_each_instance_once(
     registry: RunningRegistry, settings_factory: Callable[..., Settings], database_url: str, redis_url: str
 ) -> None:
