@@ -281,8 +281,10 @@ def list_workflows(
     for wf in page["items"]:
         table.add_row(wf["workflow_id"], wf["workflow_type"], wf["status"], wf.get("current_step") or "")
     _out.print(table)
-    if page.get("next_cursor"):
-        _out.print(f"more: --cursor {page['next_cursor']}", soft_wrap=True)
+    if page.get("next_cursor"):  # a cursor goes on only with the filters it came with
+        given = (("--status", status), ("--type", workflow_type))
+        filters = "".join(f" {flag} {value}" for flag, value in given if value)
+        _out.print(f"more:{filters} --cursor {page['next_cursor']}", soft_wrap=True)
 
 
 #: What cancelling a running workflow does (``Orchestrator.cancel``, ``BusAgentCalls``).

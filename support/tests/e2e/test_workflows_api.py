@@ -225,6 +225,11 @@ def test_cli_status_list_reject_approve_and_cancel(
     assert unanswered.startswith("exit 1"), unanswered
     assert f"answer it with agent-orchestrator approve {second}" in unanswered, unanswered
     assert api.get(f"/workflows/{second}").json()["status"] == "interrupted"
+    # two of them: a page says how to get the next, with the filter its cursor goes with
+    paged = cli("list", "--type", "pr_deployment", "--limit", "1")
+    cursor = re.findall(r"more: --type pr_deployment --cursor (\S+)", paged)
+    assert cursor, paged
+    assert cli("list", "--type", "pr_deployment", "--limit", "1", "--cursor", cursor[0]).startswith("exit 0"), paged
     assert cli("cancel", second) == f"exit 0: workflow {second}: cancel sent; it is cancelled"
     assert cli("cancel", second).startswith("exit 2: error: 409 conflict")
 
