@@ -55,10 +55,10 @@ __all__ = [
     "GC_THRESHOLDS",
     "ApiKeyDep",
     "BodySizeLimit",
+    "CheckedQuery",
     "ContextDep",
     "HeadAsGet",
     "ServiceContext",
-    "SingleValuedQuery",
     "TextGuard",
     "announce_mode",
     "check_api_key",
@@ -376,43 +376,39 @@ async def _checked_body(receive: Receive) -> Receive:
     return replay
 
 
-class SingleValuedQuery:
-    """Pure ASGI middleware refusing with 422, naming it, a query parameter given more than once
-    where its route takes one value: FastAPI would take the last (``status=a&status=b`` lists
-    ``b``). A parameter the route takes as a list (the registry's ``status``) may repeat."""
+class CheckedQuery:
+    """Pure ASGI middleware refusing with 422, naming it, a query parameter the route does not
+    take (a misspelt ``staus=failed`` was ignored: every workflow was listed) or gives more than
+    once where it takes one value (FastAPI would take the last: ``status=a&status=b`` listed
+    ``b``). A parameter the route takes as a list (the registry's ``status``) may repeat. A path
+    no route serves is left to the router (404, 405)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw: bytes = scope.get("query_string") or b""
-        if scope["type"] == "http" and b"&" in raw and (refused := _repeated_query(scope, raw)) is not None:
+        if scope["type"] == "http" and raw and (refused := _query_refusal(scope, raw)) is not None:
             await error_response(refused)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-def _repeated_query(scope: Scope, raw: bytes) -> InvalidInput | None:
-    """The error naming the first single-valued parameter the query repeats, if any."""
-    counts = Counter(name for name, _ in parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
-    repeated = [name for name, n in counts.items() if n > 1]
-    if not repeated:
-        return None
-    single = _single_valued_query(scope)
-    for name in repeated:
-        if name in single:
-            return InvalidInput(f"{name} is given {counts[name]} times but takes one value; give it once", field=name)
-    return None
-
-
-def _single_valued_query(scope: Scope) -> set[str]:
-    """The query parameters the route serving ``scope`` takes one value of (none without a route)."""
+def _query_refusal(scope: Scope, raw: bytes) -> InvalidInput | None:
+    """The error naming the first parameter the route does not take, or the first single-valued
+    one the query repeats; None when there is neither (or no route serves the path)."""
     route = _api_route(scope["app"].router.routes, {**scope})  # a copy: matching may note things in it
     if route is None:
-        return set()
-    return {
-        f.alias for f in _query_fields(route.dependant) if not field_annotation_is_sequence(f.field_info.annotation)
-    }
+        return None
+    fields = {f.alias: f for f in _query_fields(route.dependant)}
+    counts = Counter(name for name, _ in parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+    for name, n in counts.items():
+        if name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            return InvalidInput(f"{name} is not a query parameter of this path (it takes: {known})", field=name)
+        if n > 1 and not field_annotation_is_sequence(fields[name].field_info.annotation):
+            return InvalidInput(f"{name} is given {n} times but takes one value; give it once", field=name)
+    return None
 
 
 def _api_route(routes: Sequence[BaseRoute], scope: Scope) -> APIRoute | None:
@@ -467,9 +463,9 @@ class HeadAsGet:
 
 def guard_input(app: FastAPI, *, max_bytes: int) -> None:
     """Every service's handling of a request before its route: bodies over ``max_bytes`` get
-    413, unsafe text and a repeated single-valued query parameter 422; ``HEAD`` is served
-    wherever ``GET`` is."""
-    app.add_middleware(SingleValuedQuery)
+    413; unsafe text, a query parameter the route does not take and a repeated single-valued one
+    422; ``HEAD`` is served wherever ``GET`` is."""
+    app.add_middleware(CheckedQuery)
     app.add_middleware(TextGuard)
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added after TextGuard: outside it
     app.add_middleware(HeadAsGet)

@@ -764,6 +764,7 @@ def parse_sse(
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve"}, 404, None),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", None, 404, None),
         ("GET", "/workflows?status=bogus", None, 422, "status"),
+        ("GET", "/workflows?staus=failed", None, 422, "staus"),  # misspelt: not ignored
         ("GET", "/workflows?limit=0", None, 422, "limit"),
         ("POST", "/workflows?wait_s=-1", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),
         ("POST", "/workflows?wait_s=soon", {"workflow_type": "parallel_docs", "input": {}}, 422, "wait_s"),

@@ -168,17 +168,22 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
         ("status=failed&status=succeeded", 422, "status"),
         ("limit=1&status=a&limit=2", 422, "limit"),  # a dependency's parameter too
         ("tag=a&tag=b&status=x", 200, None),  # a list may repeat
-        ("other=1&other=2", 200, None),  # a parameter the route does not take is not judged here
+        ("status=x", 200, None),
+        ("staus=failed", 422, "staus"),  # a parameter the route does not take: misspelt
+        ("status=x&other=1&other=2", 422, "other"),
     ],
 )
-async def test_a_repeated_single_valued_query_parameter_is_a_422_naming_it(
+async def test_a_query_parameter_not_taken_or_repeated_is_a_422_naming_it(
     query: str, status: int, field: str | None
 ) -> None:
-    """status=a&status=b was answered with the last value, as if the first were not there."""
+    """status=a&status=b was answered with the last value, as if the first were not there, and a
+    misspelt staus=failed was ignored (everything listed)."""
     async with _client(_routes_app()) as client:
         r = await client.get(f"/items?{query}")
     assert r.status_code == status, r.text
     if field is not None:
         error = r.json()["error"]
         assert (error["code"], error["field"]) == ("invalid_input", field)
-        assert error["message"] == f"{field} is given 2 times but takes one value; give it once"
+        repeated = f"{field} is given 2 times but takes one value; give it once"
+        unknown = f"{field} is not a query parameter of this path (it takes: limit, status, tag)"
+        assert error["message"] == (unknown if field in {"staus", "other"} else repeated)
