@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
@@ -335,43 +337,55 @@ async def test_a_reply_connection_idle_past_the_health_check_interval_is_not_dro
 
 
 class _SilencingProxy:
-    """A TCP proxy to Redis whose links can be silenced: their bytes are dropped both ways while
-    both sockets stay open, as when a NAT or firewall forgets a connection."""
+    """A TCP proxy to Redis (over TCP or its unix socket, as the embedded server listens) whose
+    reply links can be silenced: their bytes are dropped both ways while both sockets stay open,
+    as when a NAT or firewall forgets a connection. A reply link is one whose client named
+    itself ``ao-replies-...`` (CLIENT SETNAME), which the proxy sees go by."""
 
     def __init__(self, redis_url: str) -> None:
         parts = urlsplit(redis_url)
-        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self._path = parts.path
-        self._silenced: set[int] = set()  # the proxy's own ports towards Redis, as CLIENT LIST shows them
+        if parts.scheme == "unix":
+            self._open = functools.partial(asyncio.open_unix_connection, parts.path)
+            self._db = parse_qs(parts.query).get("db", ["0"])[0]
+        else:
+            self._open = functools.partial(asyncio.open_connection, parts.hostname or "127.0.0.1", parts.port or 6379)
+            self._db = parts.path.lstrip("/") or "0"
+        self._links = itertools.count()
+        self._reply_links: set[int] = set()
+        self._silenced: set[int] = set()
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
 
     async def start(self) -> str:
         """Listen on a free port; return a Redis URL through it."""
         self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._path}"
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/{self._db}"
 
-    def silence(self, redis_addr: str) -> None:
-        """Drop the bytes of the link that Redis sees as ``redis_addr`` (``host:port``)."""
-        self._silenced.add(int(redis_addr.rsplit(":", 1)[1]))
+    def silence_replies(self) -> None:
+        """Drop the bytes of the reply links open now (not of those opened later)."""
+        self._silenced |= self._reply_links
 
     async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         for task in self._pumps:
             task.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        port = up_writer.get_extra_info("sockname")[1]
-        for task in (self._pump(reader, up_writer, port), self._pump(up_reader, writer, port)):
+        up_reader, up_writer = await self._open()
+        link = next(self._links)
+        for task in (self._pump(reader, up_writer, link, outbound=True), self._pump(up_reader, writer, link)):
             self._pumps.add(asyncio.create_task(task))
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: int, *, outbound: bool = False
+    ) -> None:
         try:
             while data := await reader.read(65536):
-                if port not in self._silenced:
+                if outbound and b"ao-replies-" in data:
+                    self._reply_links.add(link)
+                if link not in self._silenced:
                     writer.write(data)
                     await writer.drain()
         except OSError:
@@ -388,24 +402,26 @@ async def test_a_reply_connection_whose_link_goes_silent_is_replaced(
 
     monkeypatch.setattr(event_bus, "_REPLY_IDLE_PING_S", 0.1)
     proxy = _SilencingProxy(redis_url)
-    server, client = await make_bus(), await make_bus(redis_url=await proxy.start())
-    task = _serve(server, "echo", _echo)
-    await _wait_live(client, "echo")
-    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).payload["echo"] == {"n": 1}
-    name = f"ao-replies-{client.instance_id}"
-    before = next(c for c in await server.redis.client_list() if c["name"] == name)
-    proxy.silence(before["addr"])
-    for _ in range(100):
-        await asyncio.sleep(0.02)
-        ids = {c["id"] for c in await server.redis.client_list() if c["name"] == name} - {before["id"]}
-        if ids:
-            break
-    assert ids, "the silent reply connection was never replaced"
-    assert any("no answer to PING" in r.getMessage() for r in caplog.records)
-    assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
-    await server.stop_serving(grace_s=1)
-    await task
-    await proxy.close()
+    try:
+        server, client = await make_bus(), await make_bus(redis_url=await proxy.start())
+        task = _serve(server, "echo", _echo)
+        await _wait_live(client, "echo")
+        assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).payload["echo"] == {"n": 1}
+        name = f"ao-replies-{client.instance_id}"
+        before = next(c for c in await server.redis.client_list() if c["name"] == name)
+        proxy.silence_replies()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            ids = {c["id"] for c in await server.redis.client_list() if c["name"] == name} - {before["id"]}
+            if ids:
+                break
+        assert ids, "the silent reply connection was never replaced"
+        assert any("no answer to PING" in r.getMessage() for r in caplog.records)
+        assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).payload["echo"] == {"n": 2}
+        await server.stop_serving(grace_s=1)
+        await task
+    finally:
+        await proxy.close()
 
 
 async def test_offline_agent_fails_at_once(make_bus: BusFactory) -> None:
