@@ -163,6 +163,8 @@ def _see(ev: dict[str, Any], view: dict[str, Any]) -> str | None:
         view["workflow_id"] = data["workflow_id"]
     elif ev["event"] == "workflow.node":  # the node running by then, when it says one
         view["current_step"] = data.get("current_step", data.get("node"))
+    elif ev["event"] == "workflow.resumed":  # answered: pending until a replica runs it
+        view["status"] = data.get("status", view.get("status"))
     elif ev["event"] == "workflow.status":
         view["status"] = data["status"]
         view["reason"] = data.get("reason")

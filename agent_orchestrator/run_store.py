@@ -173,18 +173,20 @@ class RunStore:
         )
         await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 
-    async def resume(self, workflow_id: str, value: Any) -> bool:
-        """Answer a waiting run; False when it is not waiting."""
-        row = await self.pool.fetchrow(
+    @staticmethod
+    def resume_change(workflow_id: str, value: Any) -> tuple[str, list[Any]]:
+        """Answering a waiting run with ``value``, as a statement to run inside another one (it
+        returns the id when the run was waiting); :meth:`wake` the replicas once it is written."""
+        return (
             "UPDATE workflow_runs SET state = 'queued', resume_value = $2, pending_interrupt = NULL, "
             "wait_deadline = NULL, updated_at = now() WHERE workflow_id = $1 AND state = 'waiting' "
             "RETURNING workflow_id",
-            workflow_id,
-            value,
+            [workflow_id, value],
         )
-        if row:
-            await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
-        return row is not None
+
+    async def wake(self, workflow_id: str) -> None:
+        """Tell the replicas a run is claimable."""
+        await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 
     async def expire_waits(self, *, answer: dict[str, Any]) -> list[str]:
         """Answer every approval past its deadline with ``answer`` (an expired rejection)."""

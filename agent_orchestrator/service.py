@@ -36,11 +36,11 @@ from agent_orchestrator.workflows import WorkflowContext, WorkflowType
 from shared.lib import metrics
 from shared.lib.connections import Along
 from shared.lib.errors import Conflict, InvalidInput, OrchestratorError
-from shared.lib.event_bus import EventBus
+from shared.lib.event_bus import CHANGE_APPLIED, EventBus
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
 from shared.lib.tracing import finish_workflow_trace, start_workflow_trace, trace_headers, workflow_context
-from shared.lib.workflow_state import TERMINAL_STATUSES
+from shared.lib.workflow_state import TERMINAL_STATUSES, WorkflowStateManager
 
 __all__ = ["Orchestrator"]
 
@@ -173,16 +173,26 @@ class Orchestrator:
                 decision = wtype.validate_resume(decision)
             except ValueError as e:  # pydantic.ValidationError is a ValueError
                 raise _input_error(e, "decision") from e
-        if record.status != "interrupted" or not await self.records.run_store.resume(workflow_id, decision):
+        # the run answered, the workflow pending again and the event: one statement, all or nothing
+        resumed = record.status == "interrupted" and await self.bus.emit_after(
+            RunStore.resume_change(workflow_id, decision),
+            "workflow.resumed",
+            {"decision": decision, "status": "pending"},
+            aggregate_type="workflow",
+            aggregate_id=workflow_id,
+            also=[WorkflowStateManager.pending_along(workflow_id, when=CHANGE_APPLIED)],
+        )
+        if not resumed:
+            status = record.status if record.status != "interrupted" else (await self.records.get(workflow_id)).status
             raise Conflict(
-                f"workflow {workflow_id} is {record.status}, not waiting on an interrupt; "
+                f"workflow {workflow_id} is {status}, not waiting on an interrupt; "
                 "only an interrupted workflow can be resumed",
                 resource=workflow_id,
-                details={"status": record.status},
+                details={"status": status},
             )
+        await self.records.run_store.wake(workflow_id)
         waited = (time.time() - record.updated_at.timestamp()) if record.updated_at else 0.0
         metrics.WORKFLOW_INTERRUPT_WAIT.observe(max(waited, 0.0))
-        await self._emit(workflow_id, "workflow.resumed", {"decision": decision})
         return await self.records.get(workflow_id)
 
     async def cancel(self, workflow_id: str) -> WorkflowRecord:

@@ -77,6 +77,11 @@ Statement = tuple[str, Sequence[Any]]
 """A SQL statement and its parameters (``$1``..): a change an event records."""
 
 
+#: A condition an ``also`` statement of :func:`emit` may take to apply only when the change did
+#: (the change is the statement's first CTE, ``change``): the two are then written, or neither.
+CHANGE_APPLIED = "EXISTS (SELECT 1 FROM change)"
+
+
 def _insert(after: Statement, also: Sequence[Along], events: int) -> Statement:
     """The INSERT of ``events`` events after a change, in the same statement, in order, and only
     when the change applied; their parameters (5 each) follow the statement's. The statements

@@ -63,7 +63,7 @@ from shared.lib import _bus_scripts as scripts
 from shared.lib import redis_keys as keys
 from shared.lib._bus_batch import Batcher
 from shared.lib._bus_core import Handler, _Core
-from shared.lib._bus_events import EventCallback, Statement, Subscription
+from shared.lib._bus_events import CHANGE_APPLIED, EventCallback, Statement, Subscription
 from shared.lib._bus_serve import Server, markers_renewed_within_s
 from shared.lib.agent_events import (
     AgentRequestEvent,
@@ -87,7 +87,7 @@ from shared.lib.errors import (
 )
 from shared.lib.settings import AGENT_ID_PATTERN, Settings
 
-__all__ = ["DeadLetter", "EventBus", "EventCallback", "Handler", "Subscription"]
+__all__ = ["CHANGE_APPLIED", "DeadLetter", "EventBus", "EventCallback", "Handler", "Subscription"]
 
 _log = logging.getLogger(__name__)
 

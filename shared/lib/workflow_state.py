@@ -356,6 +356,21 @@ class WorkflowStateManager:
         sql, params = _update(workflow_id, *_step_assignment(step, agents))
         return sql + " RETURNING id", params
 
+    @staticmethod
+    def pending_along(workflow_id: str, *, when: str) -> Along:
+        """An interrupted workflow ``pending`` again (answered, waiting to run), as a statement to
+        go in another one, applied only ``when`` (an SQL condition) holds."""
+        _check_id(workflow_id)
+
+        def statement(first: int) -> tuple[str, list[Any]]:
+            return (
+                "UPDATE workflows SET status = 'pending', version = version + 1, updated_at = now() "  # noqa: S608 - parameter numbers and code's condition
+                f"WHERE id = ${first} AND status = 'interrupted' AND {when}",
+                [workflow_id],
+            )
+
+        return statement
+
     def status_change(self, workflow_id: str, status: str, *, step: str | None = None) -> tuple[str, list[Any]]:
         """:meth:`set_status` as a statement to run inside another one (see :meth:`step_change`);
         with ``step``, it also records the step the workflow is at (an interrupted one: its node)."""

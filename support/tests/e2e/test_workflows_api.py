@@ -93,8 +93,12 @@ def test_pr_deployment_deploys_after_approval(
     assert api.get(f"/workflows/{wf_id}").json()["status"] == "interrupted"
     r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
     assert r.status_code == 202, r.text
+    # answered, it is pending again until a replica runs it: no longer listed as interrupted
+    assert (r.json()["status"], r.json()["pending_interrupt"]) in {("pending", None), ("running", None)}, r.text
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "succeeded", wf
+    resumed = [e["data"] for e in read_sse(api, wf_id, 0) if e["event"] == "workflow.resumed"]
+    assert resumed == [{"decision": {"decision": "approve", "by": "ana", "comment": ""}, "status": "pending"}]
     steps = wf["result"]["steps"]
     assert steps["test"]["passed"] >= 3
     assert steps["approval"]["by"] == "ana"
@@ -143,8 +147,12 @@ def test_pr_deployment_deploys_the_commit_it_reviewed_not_where_the_branch_moved
     assert _commit(path, "broken, after the approval was asked") != reviewed
     r = api.post(f"/workflows/{wf_id}/resume", json={"decision": {"decision": "approve", "by": "ana"}})
     assert r.status_code == 202, r.text
+    # answered, it is pending again until a replica runs it: no longer listed as interrupted
+    assert (r.json()["status"], r.json()["pending_interrupt"]) in {("pending", None), ("running", None)}, r.text
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "succeeded", wf
+    resumed = [e["data"] for e in read_sse(api, wf_id, 0) if e["event"] == "workflow.resumed"]
+    assert resumed == [{"decision": {"decision": "approve", "by": "ana", "comment": ""}, "status": "pending"}]
     steps = wf["result"]["steps"]
     assert (wf["result"]["deployed"], wf["result"]["head"]) == (reviewed, "HEAD")
     assert steps["review"]["head"] == steps["test"]["revision"] == steps["deploy"]["artifact"]["revision"] == reviewed
