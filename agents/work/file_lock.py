@@ -92,4 +92,6 @@ async def run_locked(path: Path, work: Callable[[], T], *, wait_s: float, holder
     except BaseException:
         os.close(fd)
         raise
-    return await future
+    # Shielded: a caller cancelled while the job still waits for a thread must not cancel the
+    # job, which alone closes the file (the lock would be held until the process exits).
+    return await asyncio.shield(future)
