@@ -9,6 +9,7 @@ than a style preference (see :func:`_ruff_severity`).
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import re
 import sys
@@ -26,6 +27,8 @@ from agents.work.git import (
     worktree,
 )
 from agents.work.process import run_process
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Finding", "ReviewResult", "review_change", "scan_added_lines"]
 
@@ -115,7 +118,14 @@ async def _ruff(tree: Path, files: list[str], *, timeout_s: float) -> list[Findi
     args = [sys.executable, "-m", "ruff", "check", "--no-cache", "--exit-zero", "--output-format=json", "--", *files]
     result = await run_process(args, cwd=tree, timeout_s=timeout_s)
     if result.returncode != 0:
-        return [Finding(files[0], 1, "ruff/failed", "error", f"ruff could not run: {result.stderr.strip()[-500:]}")]
+        # Its message stays in the log: ruff quotes the file it could not read, and a repository's
+        # configuration may point it at any file the agent can read (a link, an `extend`).
+        _log.warning("ruff exited with %s in %s: %s", result.returncode, tree, result.stderr.strip()[-2000:])
+        message = (
+            f"ruff could not run (exit {result.returncode}): check the repository's ruff configuration "
+            "(ruff.toml, .ruff.toml, pyproject.toml); the code-review agent's log has ruff's message"
+        )
+        return [Finding(files[0], 1, "ruff/failed", "error", message)]
     return _ruff_findings(result.stdout, tree)
 
 

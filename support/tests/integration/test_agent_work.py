@@ -677,6 +677,24 @@ async def test_review_does_not_lint_a_link_out_of_the_repository(
     assert str(outside) in result["findings"][0]["message"]
 
 
+async def test_review_does_not_quote_a_file_ruff_could_not_read(
+    repo: Repo, agent: Callable[..., Agent], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repository whose ruff configuration extends a file outside it makes ruff fail quoting
+    that file: the finding says ruff could not run and where to look, and quotes none of it
+    (ruff's message, with the file's line, is in the agent's log only)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text('TOP SECRET: hunter2 = "x"\n')
+    base = repo.commit({"calc.py": CLEAN})
+    head = repo.commit({"ruff.toml": f'extend = "{secret}"\n', "calc.py": CLEAN + "\n"})
+    result = await agent("code-review").run("REVIEW_CODE", {"repo_path": str(repo.path), "base": base, "head": head})
+    failed = [f for f in result["findings"] if f["rule"] == "ruff/failed"]
+    assert failed, result["findings"]
+    assert "check the repository's ruff configuration" in failed[0]["message"]
+    assert "hunter2" not in str(result)
+    assert "hunter2" in caplog.text  # for the operator
+
+
 async def test_generated_code_and_its_test_pass(repo: Repo, agent: Callable[..., Agent]) -> None:
     """GENERATE_CODE scaffolds a module and a test that pass the pipeline; it refuses to overwrite them."""
     repo.commit({"README.md": "# app\n"})
