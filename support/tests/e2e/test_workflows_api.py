@@ -742,6 +742,13 @@ def parse_sse(
             422,
             "input.max_iterations",
         ),
+        (  # NaN, which a lenient JSON parser takes: refused, not read as null (the default)
+            "POST",
+            "/workflows",
+            b'{"workflow_type": "self_healing", "input": {"targets": [{"kind": "tcp", "port": NaN}]}}',
+            422,
+            "input",
+        ),
         (  # an input nested past what it can be read again as (orjson's 254 levels): bytes json wrote
             "POST",
             "/workflows",
