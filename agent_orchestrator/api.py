@@ -382,12 +382,15 @@ async def _follow(
     floor, sent = after, set[int]()  # the client has everything up to its Last-Event-ID
     while True:  # sse-starlette ends the generator when the client goes away
         events = await _next_events(orch, feed, workflow_id, after)
-        batch = [ev for ev in events if ev.id > floor and ev.id not in sent]
+        fresh = [ev for ev in events if ev.id not in sent]  # not given by this stream before
+        batch = [ev for ev in fresh if ev.id > floor]
         if batch:
             sent.update(ev.id for ev in batch)
             after = max(after, *(ev.id for ev in batch))
             yield batch
-        if _status(events) in until:  # sent now or before: either way nothing follows it
+        # sent now, or the client had it (at or below its Last-Event-ID): nothing follows it. An
+        # event this stream sent before and reads again says nothing new (a later one may have).
+        if _status(fresh) in until:
             return
         if not feed.arrived.is_set():
             with contextlib.suppress(TimeoutError):
