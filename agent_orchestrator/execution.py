@@ -94,13 +94,15 @@ async def run_graph(
     on_node: NodeCallback,
     new_thread: bool = False,
     durability: Durability = "sync",
-    on_task_start: Callable[[str], None] | None = None,
+    on_task_start: Callable[[str, str], None] | None = None,
+    on_task_end: Callable[[str, bool], None] | None = None,
 ) -> Outcome:
     """Stream the graph to its end or its next interrupt, reporting each finished node.
 
     ``new_thread`` says no checkpoint can exist yet (the run's first attempt), so neither
-    this function nor the saver reads one before the first write. ``on_task_start`` is called
-    with its node's name as each task starts. Checkpoints the saver still holds when the run stops are stored here
+    this function nor the saver reads one before the first write. ``on_task_start(task_id,
+    node)`` is called as each task starts, ``on_task_end(task_id, failed)`` as it ends (not
+    at an interrupt). Checkpoints the saver still holds when the run stops are stored here
     before an interrupt or a failure; a finished run's are left for the caller to store with its
     outcome (``PooledPostgresSaver.take_held``), or else for the saver's write-behind window.
     """
@@ -113,7 +115,9 @@ async def run_graph(
         graph_input, stream_config, context=context, stream_mode=["tasks", "values"], durability=durability
     )
     try:
-        final = await _consume(stream, workflow_type, on_node=on_node, on_task_start=on_task_start)
+        final = await _consume(
+            stream, workflow_type, on_node=on_node, on_task_start=on_task_start, on_task_end=on_task_end
+        )
     except BaseException:
         with contextlib.suppress(Exception):  # the run's own failure is the one to report
             await _flush(graph, config)
@@ -132,7 +136,8 @@ async def _consume(
     workflow_type: str,
     *,
     on_node: NodeCallback,
-    on_task_start: Callable[[str], None] | None,
+    on_task_start: Callable[[str, str], None] | None,
+    on_task_end: Callable[[str, bool], None] | None = None,
 ) -> _Final:
     """Consume the stream: time and report each finished node; what the ``values`` chunks said last."""
     started: dict[str, float] = {}
@@ -143,13 +148,17 @@ async def _consume(
         elif "input" in chunk:
             started[chunk["id"]] = time.perf_counter()
             if on_task_start is not None:
-                on_task_start(chunk["name"])
+                on_task_start(chunk["id"], chunk["name"])
         else:
             elapsed = time.perf_counter() - started.pop(chunk["id"], time.perf_counter())
             metrics.labels(metrics.WORKFLOW_NODE_DURATION, workflow_type, chunk["name"]).observe(elapsed)
             if chunk.get("interrupts"):
                 final.interrupted_node = final.interrupted_node or chunk["name"]
-            elif chunk.get("error") is None:
+                continue
+            failed = chunk.get("error") is not None
+            if on_task_end is not None:
+                on_task_end(chunk["id"], failed)
+            if not failed:
                 await on_node(chunk["name"], chunk.get("result") or {}, elapsed)
     return final
 

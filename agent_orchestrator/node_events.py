@@ -2,8 +2,9 @@
 
 Every finished node is reported as a ``workflow.node`` event, and the workflow's
 current step and agents are updated with it. The step written is the node running at the
-time of the write (the last one started and not yet finished), else the last node reported:
-a workflow shows the node it is in, not the one before it. A node's event is written when the
+time of the write (of the tasks started and not finished, the last one started), else the
+last node reported: a workflow shows the node it is in, not the one before it. A task that
+failed is the step from then on (the run ends at it). A node's event is written when the
 next node starts (:meth:`NodeEvents.send`), in the background while the graph
 goes on. With a write-behind window (a workflow at durability ``async``) it waits
 instead, up to the window, for the statement of the run's outcome, and is written
@@ -56,7 +57,8 @@ class NodeEvents:
         self._write = write
         self._window_s = window_s
         self._timer: asyncio.TimerHandle | None = None
-        self._running: str | None = None  # the node started last, while it has not finished
+        self._running: dict[str, str] = {}  # task id -> node, of the tasks started and not finished
+        self._failed: str | None = None  # the node of a task that failed
         self._waiting: list[NodeEvent] = []
         self._released: list[NodeEvent] = []
         self._queued = False  # a write of the released events is queued and has not started
@@ -65,23 +67,29 @@ class NodeEvents:
     def add(self, event: NodeEvent) -> None:
         """Report a finished node; raises the failure of an earlier write (the run stops)."""
         self._writes.check()
-        if event.node == self._running:
-            self._running = None
         self._waiting.append(event)
         if self._window_s and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._window_s, self._window_ran_out)
 
-    def send(self, node: str | None = None) -> None:
-        """The next node (``node``) starts: write the waiting events (with no window), now or
-        together right after the write in flight; raises the failure of an earlier write."""
-        self._running = node or self._running
+    def start(self, task_id: str, node: str) -> None:
+        """A task of ``node`` starts: write the waiting events (with no window), now or together
+        right after the write in flight; raises the failure of an earlier write."""
+        self._running.pop(task_id, None)  # a retried task starts again: it is the last started
+        self._running[task_id] = node
         if not self._window_s:
             self._release()
 
+    def done(self, task_id: str, failed: bool = False) -> None:
+        """A task ended (before its node is reported with :meth:`add`); ``failed``: with an error."""
+        node = self._running.pop(task_id, None)
+        if failed and node is not None:
+            self._failed = node
+
     def step(self, events: Sequence[NodeEvent] = ()) -> str | None:
-        """The step the workflow is at: the node running (at a failure: the one that failed),
-        else the last of ``events``."""
-        return self._running or (events[-1].node if events else None)
+        """The step the workflow is at: the node that failed, else the node running (started
+        last), else the last of ``events``."""
+        running = next(reversed(self._running.values()), None)
+        return self._failed or running or (events[-1].node if events else None)
 
     def _window_ran_out(self) -> None:
         self._timer = None
@@ -104,7 +112,7 @@ class NodeEvents:
         self._queued = False  # events released from now on go in the next write
         batch, self._released = self._released, []
         if batch:
-            await self._write(batch, self._running or batch[-1].node)
+            await self._write(batch, self.step(batch) or batch[-1].node)
 
     async def drain(self) -> None:
         """Wait until the events sent are written (the waiting ones stay, for :meth:`take`);

@@ -305,7 +305,8 @@ class Orchestrator:
                     correlation_id=record.correlation_id,
                     resume_value=run.resume_value,
                     on_node=self._node_reporter(run, node_events),
-                    on_task_start=node_events.send,
+                    on_task_start=node_events.start,
+                    on_task_end=node_events.done,
                     new_thread=new_thread,
                     durability=self.types[run.workflow_type].durability,
                 )

@@ -32,11 +32,11 @@ class _Writes:
 async def test_an_event_is_written_when_the_next_node_starts() -> None:
     writes = _Writes()
     events = NodeEvents(writes)
-    events.send()  # the first node starts: nothing to write
+    events.start("t", "n")  # the first node starts: nothing to write
     events.add(_event(0))
     await asyncio.sleep(0.01)
     assert writes.batches == []  # waits for the next start (or the outcome)
-    events.send()
+    events.start("t", "n")
     await events.drain()
     assert writes.batches == [["n0"]]
 
@@ -45,11 +45,11 @@ async def test_events_released_during_a_write_go_together_after_it() -> None:
     writes = _Writes(delay=0.03)
     events = NodeEvents(writes)
     events.add(_event(0))
-    events.send()
+    events.start("t", "n")
     await asyncio.sleep(0.01)  # n0 being written
     for i in (1, 2):
         events.add(_event(i))
-        events.send()
+        events.start("t", "n")
     await events.drain()
     assert writes.batches == [["n0"], ["n1", "n2"]]
 
@@ -58,7 +58,7 @@ async def test_the_last_ones_are_taken_not_written() -> None:
     writes = _Writes()
     events = NodeEvents(writes)
     events.add(_event(0, "a"))
-    events.send()
+    events.start("t", "n")
     events.add(_event(1, "b", "a"))
     events.add(_event(2, "c"))
     await events.drain()
@@ -86,7 +86,7 @@ async def test_with_a_window_events_wait_for_the_outcome() -> None:
     writes = _Writes()
     events = NodeEvents(writes, window_s=0.05)
     for i in range(3):
-        events.send()  # the node starts: nothing is written before the window ran out
+        events.start("t", "n")  # the node starts: nothing is written before the window ran out
         events.add(_event(i))
     await events.drain()
     await asyncio.sleep(0.08)  # past the window: drained, nothing is written any more
@@ -101,7 +101,7 @@ async def test_with_a_window_events_are_written_once_it_ran_out() -> None:
     events = NodeEvents(writes, window_s=0.03)
     events.add(_event(0))
     await asyncio.sleep(0.01)
-    events.send()
+    events.start("t", "n")
     events.add(_event(1))
     await asyncio.sleep(0.04)  # the window of n0 ran out
     assert writes.batches == [["n0", "n1"]]
@@ -123,23 +123,38 @@ async def test_a_refused_write_after_a_window_stops_the_next_add() -> None:
 
 
 async def test_a_write_carries_the_node_running_by_then() -> None:
-    """The step is the node started last while it runs (n1, then n2 once it started after n1's
-    event waited), else the last node reported; at a failure, the node that failed."""
+    """The step is the node of the task started last among those still running (n1, then n2
+    once it started after n1's event waited), else the last node reported; a task that failed
+    is the step from then on."""
     writes = _Writes(delay=0.03)
     events = NodeEvents(writes)
-    events.send("n0")
+    events.start("t0", "n0")
+    events.done("t0")
     events.add(_event(0))
-    events.send("n1")  # n0's event is written while n1 runs
+    events.start("t1", "n1")  # n0's event is written while n1 runs
     await asyncio.sleep(0.01)
+    events.done("t1")
     events.add(_event(1))
-    events.send("n2")  # n1's event waits for the write in flight; n2 runs by the time it goes
+    events.start("t2", "n2")  # n1's event waits for the write in flight; n2 runs by the time it goes
     await events.drain()
     assert writes.batches == [["n0"], ["n1"]]
     assert writes.steps == ["n1", "n2"]
-    assert events.step() == "n2"  # n2 failed (no event): the workflow ends at it
+    events.done("t2")
     events.add(_event(2))
-    assert events.step(events.take()) == "n2"
-    events.add(_event(3))  # a node that ran with no start reported (a resumed interrupt)
-    assert events.step(events.take()) == "n3"
+    assert events.step(events.take()) == "n2"  # nothing runs: the last node reported
+
+
+async def test_parallel_tasks_the_step_is_one_still_running_and_a_failed_one_stays() -> None:
+    """Two tasks run at once (a fan-out): when the one started last ends, the step is the other,
+    still running, not the one that ended; a task that fails is the step the run ends at."""
+    events = NodeEvents(_Writes())
+    events.start("a", "A")
+    events.start("b", "B")
+    assert events.step() == "B"
+    events.done("b")
+    events.add(NodeEvent("B", [], {"node": "B"}))
+    assert events.step(events.take()) == "A"  # A still runs
+    events.start("c", "C")
+    events.done("a", failed=True)
+    assert events.step() == "A"  # A failed: the run ends at it, though C started after
     await events.flush()
-    assert writes.steps == ["n1", "n2"]
