@@ -158,10 +158,8 @@ class WorkflowRunner:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         running = [lr for lr in self._local.values() if lr.task is not None]
-        for lr in running:
-            lr.cancel_reason = "shutdown"
-            assert lr.task is not None
-            lr.task.cancel()
+        for lr in running:  # a run whose task has not started yet hands itself back as it starts
+            self.cancel_local(lr.run.workflow_id, reason="shutdown")
         if running:
             await asyncio.wait([lr.task for lr in running if lr.task], timeout=grace_s)
         for task in list(self._flushes):  # the session's end gives every lock back
