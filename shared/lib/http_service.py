@@ -381,7 +381,8 @@ class CheckedQuery:
     take (a misspelt ``staus=failed`` was ignored: every workflow was listed) or gives more than
     once where it takes one value (FastAPI would take the last: ``status=a&status=b`` listed
     ``b``). A parameter the route takes as a list (the registry's ``status``) may repeat. A path
-    no route serves is left to the router (404, 405)."""
+    no route serves is left to the router (404, 405); ``/health``, ``/ready`` and ``/metrics``
+    ignore a query, as probes and scrapers may add one."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -394,9 +395,15 @@ class CheckedQuery:
         await self.app(scope, receive, send)
 
 
+#: The operational endpoints every service serves (:func:`ops_router`), which take no parameter.
+_OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
 def _query_refusal(scope: Scope, raw: bytes) -> InvalidInput | None:
     """The error naming the first parameter the route does not take, or the first single-valued
     one the query repeats; None when there is neither (or no route serves the path)."""
+    if scope.get("path") in _OPS_PATHS:  # probes and scrapers may add their own (Prometheus params)
+        return None
     route = _api_route(scope["app"].router.routes, {**scope})  # a copy: matching may note things in it
     if route is None:
         return None

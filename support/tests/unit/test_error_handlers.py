@@ -125,6 +125,10 @@ def _routes_app() -> FastAPI:
 
         return EventSourceResponse(forever())
 
+    @app.get("/health")  # as ops_router's: a probe's query is ignored
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
     return app
 
 
@@ -187,3 +191,10 @@ async def test_a_query_parameter_not_taken_or_repeated_is_a_422_naming_it(
         repeated = f"{field} is given 2 times but takes one value; give it once"
         unknown = f"{field} is not a query parameter of this path (it takes: limit, status, tag)"
         assert error["message"] == (unknown if field in {"staus", "other"} else repeated)
+
+
+async def test_the_ops_endpoints_ignore_a_query() -> None:
+    """A probe or scraper may add its own parameters (Prometheus params, a cache buster)."""
+    async with _client(_routes_app()) as client:
+        r = await client.get("/health?_=123&_=124")
+    assert r.status_code == 200, r.text
