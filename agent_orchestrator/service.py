@@ -360,12 +360,12 @@ class Orchestrator:
             if nodes:  # the step goes with the nodes' events; the status after them
                 await self._write_nodes(run.workflow_id, nodes, nodes[-1].node)
             # the step it waits at, as the record has it: a follower's view then matches GET /workflows/{id}
-            step = {"current_step": outcome.interrupted_node} if outcome.interrupted_node else {}
+            waits_at = {"current_step": outcome.interrupted_node} if outcome.interrupted_node else {}
             await self._emit_change(
                 self.records.manager.status_change(run.workflow_id, "interrupted", step=outcome.interrupted_node),
                 run.workflow_id,
                 "workflow.status",
-                {"status": "interrupted", "interrupt": outcome.interrupt, **step},
+                {"status": "interrupted", "interrupt": outcome.interrupt, **waits_at},
             )
             return
         # the run row and the checkpoints the saver still holds, in the same statement
