@@ -10,7 +10,9 @@ to another project's file) refuses the request with a 422 naming the link, as
 EXPLAIN_CODE and REFACTOR_CODE do; it is never read, published or written through.
 Refused rather than skipped: a module list or README that silently lacks a file
 looks complete, and a link leaving a repository is a mistake (or a probe) its
-owner should see. Links that stay inside are followed.
+owner should see. Links to files that stay inside are followed. A link to a directory is
+not walked into when the tree is listed (``Path.rglob`` does not follow one), so the files
+under it are left out, wherever it points.
 """
 
 from __future__ import annotations
