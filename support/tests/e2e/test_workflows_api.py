@@ -372,7 +372,7 @@ def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path
     """``wait_s`` answers 200 with the outcome once the workflow finished or stopped at an
     interrupt, the same the record shows; 202 as usual when it had not within ``wait_s``."""
     docs = {"workflow_type": "parallel_docs", "input": {"repo_path": str(sample_repo[0]), "modules": ["calc"]}}
-    r = api.post("/workflows", params={"wait_s": 60}, json=docs)
+    r = api.post("/workflows", params={"wait_s": 60}, json=docs, timeout=90)  # the client outwaits wait_s
     assert r.status_code == 200, r.text
     done = r.json()
     assert (done["status"], done["created"]) == ("succeeded", True)
@@ -382,7 +382,7 @@ def test_launch_waits_for_the_outcome(api: httpx.Client, sample_repo: tuple[Path
     assert history[0]["next"] == []
     assert [c["step"] for c in history] == list(range(history[0]["step"], -2, -1))
     pr = {"workflow_type": "pr_deployment", "input": pr_input(sample_repo, environment="wait")}
-    r = api.post("/workflows", params={"wait_s": 60}, json=pr)
+    r = api.post("/workflows", params={"wait_s": 60}, json=pr, timeout=90)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "interrupted"
     assert r.json()["interrupt"]["review"]["approved"] is True
