@@ -231,8 +231,9 @@ def _failure(exc: Exception) -> str:
 
 def summary_table(results: list[DemoResult]) -> Table:
     table = Table(title="demo: reference workflows")
-    for col in ("workflow", "id", "status", "seconds", "what it did"):
+    for col in ("workflow", "id", "status", "seconds"):
         table.add_column(col)
+    table.add_column("what it did", overflow="fold")  # whole: a release path, an error
     for r in results:
         style = "green" if r.ok else "red"
         table.add_row(r.name, r.workflow_id[:8], Text(r.status, style=style), f"{r.seconds:.1f}", Text(r.summary))
