@@ -32,7 +32,7 @@ from shared.lib import redis_keys as keys
 from shared.lib._bus_core import Handler, HandlerOutcome, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
 from shared.lib.connections import run_command
-from shared.lib.errors import Cancelled, DeadLettered, OrchestratorError
+from shared.lib.errors import Cancelled, DeadLettered, InvalidSignature, OrchestratorError
 from shared.lib.settings import Settings
 
 __all__ = ["Server"]
@@ -335,6 +335,18 @@ class Server:
             entry_id=entry.entry_id,
             deliveries=entry.deliveries,
         )
+        if isinstance(exc, InvalidSignature):
+            await self._tell_bad_signature(entry, exc)
+
+    async def _tell_bad_signature(self, entry: _Entry, exc: InvalidSignature) -> None:
+        """Tell the sender of a request refused for its signature at once, rather than leaving
+        it to wait out its timeout: its key differs from this agent's (a mismatched
+        ``AO_SIGNING_KEY``), so it cannot verify the answer and takes it on its code alone."""
+        with contextlib.suppress(OrchestratorError, ValueError):  # too broken to answer: dead-lettered only
+            data = parse_envelope(entry.raw or b"", max_bytes=self.core.settings.max_payload_bytes)
+            request = request_from_dict(data, key=None)  # read, not trusted: only to address the answer
+            outcome = self.core.outcome(request, "error", {}, error=exc.to_dict())
+            await self.core.notify(data, outcome.raw)
 
     async def _expire(self, entry: _Entry, request: AgentRequestEvent, data: dict[str, Any]) -> None:
         """Not executed: ack it and tell the caller (who has given up or is about to)."""

@@ -80,6 +80,7 @@ from shared.lib.errors import (
     Conflict,
     DeadlineExpired,
     InvalidInput,
+    InvalidSignature,
     NotFound,
     OrchestratorError,
     ServiceUnavailable,
@@ -511,7 +512,7 @@ class EventBus:
             if waiter is None or waiter.future.done():
                 metrics.AGENT_RESPONSES_DROPPED.labels("late").inc()
                 return
-            response = response_from_dict(data, key=self._core.verify_key(waiter.target))
+            response = _verified_or_refusal(data, key=self._core.verify_key(waiter.target))
         except (orjson.JSONDecodeError, AttributeError, OrchestratorError) as e:
             metrics.AGENT_RESPONSES_DROPPED.labels("invalid").inc()
             _log.warning("dropped an invalid response: %s", e)
@@ -899,3 +900,17 @@ class EventBus:
     async def republish(self, event: Event) -> None:
         """Publish a stored event again (replay); subscribers dedupe by ``event.id``."""
         await _bus_events.publish(self._core.redis, self._core.prefix, event)
+
+
+def _verified_or_refusal(data: dict[str, Any], *, key: bytes | None) -> AgentResponseEvent:
+    """The response, verified; or, when it does not verify, the agent's refusal of this caller's
+    signature (``bad_signature``), taken on its code alone: a caller whose key differs from the
+    agent's cannot verify anything the agent sends, and would otherwise wait out its timeout.
+    A forged refusal could only fail a call, which anyone able to publish on Redis can do anyway."""
+    try:
+        return response_from_dict(data, key=key)
+    except InvalidSignature:
+        refusal = response_from_dict(data, key=None)
+        if refusal.status != "error" or (refusal.error or {}).get("code") != InvalidSignature.code:
+            raise
+        return refusal
