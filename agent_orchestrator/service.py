@@ -425,7 +425,8 @@ class Orchestrator:
     ) -> None:
         """Finish the workflow row and record its terminal event, in one statement (with ``also``,
         written either way: the run's finish). ``nodes`` not written yet go first, in it too;
-        ``step`` (else the last of them) is the step the workflow ends at."""
+        ``step`` is the step the workflow ends at (``NodeEvents.step``, which falls back on the
+        last of ``nodes``; None leaves the recorded one)."""
         record = record or await self.records.get(workflow_id)
         change = self.records.manager.completion_change(
             workflow_id,
@@ -433,7 +434,7 @@ class Orchestrator:
             result=result or {},
             errors=errors or [],
             metadata={"reason": reason},
-            step=step or (nodes[-1].node if nodes else None),
+            step=step,
             agents=merged_agents(nodes),
         )
         data = _terminal_event(status, reason, result or {}, errors or [])
@@ -517,7 +518,7 @@ def _reason(exc: BaseException) -> str:
 
 def _unfinished(record: WorkflowRecord) -> WorkflowRecord:
     """``record``, or a Conflict naming the status it finished as."""
-    if record.status in {"succeeded", "failed", "cancelled"}:
+    if record.status in TERMINAL_STATUSES:
         raise Conflict(
             f"workflow {record.workflow_id} already finished as {record.status}; nothing to cancel",
             resource=record.workflow_id,
