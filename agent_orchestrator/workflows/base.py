@@ -12,14 +12,13 @@ to a thread pool, a thread hop per call.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
-import orjson
 from langgraph.graph import StateGraph
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -56,28 +55,13 @@ def _strict(model: type[BaseModel], data: Any) -> dict[str, Any]:
     """``data``, parsed from JSON, validated as the JSON it came as, in pydantic's strict mode: a
     wrong type is refused (``"2"`` or ``2.0`` for an integer, ``1`` for a boolean), while what
     JSON can only spell as a string (a timestamp, a UUID, a path) is still read from one. A value
-    JSON cannot hold (NaN or Infinity, which a lenient parser took and orjson would write as
-    null; nesting past orjson's 254 levels) is a ValueError, as a bad field is."""
-    if _non_finite(data):
-        raise ValueError("holds NaN or Infinity, which JSON has no number for; send a finite number")
+    JSON cannot hold (NaN or Infinity, which the body parser takes) is a ValueError, as a bad
+    field is, and so is nesting past the depth pydantic's parser reads."""
     try:
-        raw = orjson.dumps(data)
-    except orjson.JSONEncodeError as e:
+        raw = json.dumps(data, allow_nan=False)  # one pass; orjson would write NaN as null
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"cannot be read as JSON: {e}") from e
     return model.model_validate_json(raw, strict=True).model_dump(mode="json")
-
-
-def _non_finite(data: Any, depth: int = 0) -> bool:
-    """Whether ``data`` holds a NaN or an infinity (not looked for past orjson's nesting limit)."""
-    if isinstance(data, float):
-        return not math.isfinite(data)
-    if depth > 256:
-        return False
-    if isinstance(data, dict):
-        return any(_non_finite(v, depth + 1) for v in data.values())
-    if isinstance(data, list):
-        return any(_non_finite(v, depth + 1) for v in data)
-    return False
 
 
 class WorkflowInput(BaseModel):
