@@ -130,12 +130,13 @@ class WorkflowRecords:
         idempotency_key: str | None,
         trace: dict[str, str],
         claim: bool = False,
+        first_step: str | None = None,
         events: Sequence[Along] = (),
     ) -> Launched:
         """The new workflow, or (after a race on the key) the one launched with it. Its run row
         and ``events`` (``EventBus.insert_along``) go in the same statement. With ``claim`` the
         run is written already claimed by this replica's runner (``RunStore.claimed_insert``)
-        and the workflow starts ``running``."""
+        and the workflow starts ``running``, at ``first_step``."""
         run_insert = self.run_store.claimed_insert if claim else self.run_store.queued_insert
         try:
             wf, rows = await self.manager.create_workflow_along(
@@ -146,6 +147,7 @@ class WorkflowRecords:
                 idempotency_key=idempotency_key,
                 metadata={"correlation_id": workflow_id, "trace": trace},
                 status="running" if claim else "pending",
+                step=first_step if claim else None,
             )
         except Conflict as e:
             again = await self.existing(workflow_type, data, idempotency_key=idempotency_key)

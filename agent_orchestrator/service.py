@@ -119,7 +119,8 @@ class Orchestrator:
                 idempotency_key=idempotency_key,
                 trace=trace,
                 claim=claim,
-                events=[self._launch_events(workflow_id, workflow_type, running=claim)],
+                first_step=wtype.first_node,
+                events=[self._launch_events(workflow_id, wtype, running=claim)],
             ),
         )
         if not launched.created:
@@ -134,11 +135,12 @@ class Orchestrator:
         await announced
         return launched.record, True
 
-    def _launch_events(self, workflow_id: str, workflow_type: str, *, running: bool) -> Along:
-        """``pending`` and, for a run this replica claimed at launch, ``running`` (attempt 1)."""
-        events: list[tuple[str, dict[str, Any]]] = [("workflow.status", {"status": "pending", "type": workflow_type})]
+    def _launch_events(self, workflow_id: str, wtype: WorkflowType, *, running: bool) -> Along:
+        """``pending`` and, for a run this replica claimed at launch, ``running`` (attempt 1, at
+        its first node)."""
+        events: list[tuple[str, dict[str, Any]]] = [("workflow.status", {"status": "pending", "type": wtype.name})]
         if running:
-            events.append(("workflow.status", {"status": "running", "attempt": 1}))
+            events.append(("workflow.status", _running(1, wtype.first_node)))
         return self.bus.insert_along(*events, aggregate_type="workflow", aggregate_id=workflow_id)
 
     async def _create(self, workflow_id: str, create: Callable[[bool], Awaitable[Launched]]) -> Launched:
@@ -244,11 +246,13 @@ class Orchestrator:
         record: WorkflowRecord = lr.record or await self.records.get(run.workflow_id, run=run)
         lr.record = record  # for on_finished
         if not lr.launched_running:
+            # a new run is at its first node; a resumed or recovered one where it stopped
+            first = self.types[run.workflow_type].first_node if record.current_step is None else None
             await self._emit_change(
-                self.records.manager.status_change(run.workflow_id, "running"),
+                self.records.manager.status_change(run.workflow_id, "running", step=first),
                 run.workflow_id,
                 "workflow.status",
-                {"status": "running", "attempt": run.attempts},
+                _running(run.attempts, first),
             )
         locks = RunLocks(self.locks, owner=f"workflow:{run.workflow_id}")
         context = WorkflowContext(
@@ -552,3 +556,8 @@ def _input_error(exc: ValueError, name: str = "input") -> InvalidInput:
         field = f"{name}.{loc}" if loc else name
         return InvalidInput(f"{field}: {first.get('msg')}", field=field)
     return InvalidInput(f"{name}: {exc}", field=name)
+
+
+def _running(attempt: int, step: str | None) -> dict[str, Any]:
+    """A ``running`` status event's data: the attempt, and the step it starts at when known."""
+    return {"status": "running", "attempt": attempt, **({"current_step": step} if step else {})}

@@ -12,6 +12,7 @@ to a thread pool, a thread hop per call.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
-from langgraph.graph import StateGraph
+from langgraph.graph import START, StateGraph
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from shared.lib.settings import Settings
@@ -146,6 +147,16 @@ class WorkflowType:
         if self.resume_model is None:
             return answer
         return _strict(self.resume_model, answer)
+
+    @functools.cached_property
+    def first_node(self) -> str | None:
+        """The node every run starts at (its step while it runs); ``None`` when the graph chooses
+        its first node at run time or starts several."""
+        graph = self.build()
+        if graph.branches.get(START):
+            return None
+        firsts = [end for start, end in graph.edges if start == START]
+        return firsts[0] if len(firsts) == 1 else None
 
     def mermaid(self) -> str:
         return self.build().compile().get_graph().draw_mermaid()

@@ -72,8 +72,8 @@ _COLUMNS = (
 # Interpolated SQL in this module joins module constants and internal literals only; values are bound.
 _SELECT = "SELECT " + _COLUMNS + " FROM workflows "  # noqa: S608 - constants only
 _INSERT = (
-    "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key, status, started_at) "
-    "VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7, "
+    "INSERT INTO workflows (id, workflow_type, input, state, metadata, idempotency_key, "  # noqa: S608 - constants
+    "status, current_step, started_at) VALUES (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7, $8, "
     "CASE WHEN $7 = 'running' THEN now() END) RETURNING " + _COLUMNS
 )
 #: What a new workflow may start as: queued, or already claimed by the replica launching it.
@@ -258,10 +258,11 @@ class WorkflowStateManager:
         metadata: dict[str, Any] | None = None,
         conn: asyncpg.Connection | None = None,
         status: str = "pending",
+        step: str | None = None,
     ) -> tuple[Workflow, list[list[dict[str, Any]]]]:
         """:meth:`create_workflow`, with ``along`` in the same statement (all written, or none);
         also returns each one's RETURNING rows, as JSON objects. ``status="running"`` starts it
-        running (the replica launching it runs it at once)."""
+        running (the replica launching it runs it at once), at ``step`` (its first node)."""
         _check_status(status, allowed=_NEW_STATUSES)
         if not isinstance(workflow_type, str) or not _TYPE_RE.match(workflow_type):
             raise InvalidInput("workflow_type must match ^[a-z0-9][a-z0-9_.-]{0,127}$", field="workflow_type")
@@ -274,7 +275,7 @@ class WorkflowStateManager:
         ]
         if workflow_id is not None:
             _check_id(workflow_id)
-        sql, args = _with_along(along, [workflow_id, workflow_type, *values, idempotency_key, status])
+        sql, args = _with_along(along, [workflow_id, workflow_type, *values, idempotency_key, status, step])
         async with self._connection(conn) as c:
             try:
                 row = await c.fetchrow(sql, *args)

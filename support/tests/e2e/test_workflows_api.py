@@ -124,8 +124,12 @@ def test_pr_deployment_fails_at_a_failing_test_and_says_why(
         seen.add((wf["status"], wf["current_step"]))
         time.sleep(0.1)
     assert ("running", "test") in seen, seen
+    assert all(step for status, step in seen if status == "running"), seen  # never a running one at no step
     assert (wf["status"], wf["current_step"]) == ("failed", "test"), wf
-    review = [e for e in read_sse(api, wf_id) if e["data"].get("node") == "review"]
+    events = read_sse(api, wf_id)
+    running = [e["data"] for e in events if e["data"].get("status") == "running"]
+    assert running == [{"status": "running", "attempt": 1, "current_step": "lock_repo"}], running  # the first node
+    review = [e for e in events if e["data"].get("node") == "review"]
     assert review[0]["data"]["current_step"] == "test", review  # a follower sees the same
     reason = wf["reason"]
     assert reason.startswith("tests failed (exit code 1; 3 passed, 1 failed, 0 errors); log tail:"), reason

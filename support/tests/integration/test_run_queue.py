@@ -85,9 +85,16 @@ async def test_a_launch_claimed_here_starts_running_with_both_events_in_order(ma
         aggregate_id=workflow_id,
     )
     launched = await records.create(
-        workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={}, claim=True, events=[events]
+        workflow_id,
+        "agent_chain",
+        {"calls": []},
+        idempotency_key=None,
+        trace={},
+        claim=True,
+        first_step="call_next",
+        events=[events],
     )
-    assert launched.record.status == "running"
+    assert (launched.record.status, launched.record.current_step) == ("running", "call_next")
     assert [row["payload"]["status"] for row in launched.events] == ["pending", "running"]
     assert launched.events[0]["id"] < launched.events[1]["id"]
     stored = await bus.events_since(0, aggregate_id=workflow_id)
