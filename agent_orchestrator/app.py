@@ -65,6 +65,7 @@ def _orchestrator(
         execute=orch.execute,
         on_finished=orch.on_finished,
         on_stuck=orch.on_stuck,
+        on_expired=orch.expire_approval,
         load_records=orch.records.get_many,
         runner_id=replica,
     )

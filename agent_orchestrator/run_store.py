@@ -174,12 +174,14 @@ class RunStore:
         await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 
     @staticmethod
-    def resume_change(workflow_id: str, value: Any) -> tuple[str, list[Any]]:
+    def resume_change(workflow_id: str, value: Any, *, expired: bool = False) -> tuple[str, list[Any]]:
         """Answering a waiting run with ``value``, as a statement to run inside another one (it
-        returns the id when the run was waiting); :meth:`wake` the replicas once it is written."""
+        returns the id when the run was waiting, and with ``expired`` only if past its deadline);
+        :meth:`wake` the replicas once it is written."""
+        past = " AND wait_deadline < now()" if expired else ""
         return (
             "UPDATE workflow_runs SET state = 'queued', resume_value = $2, pending_interrupt = NULL, "
-            "wait_deadline = NULL, updated_at = now() WHERE workflow_id = $1 AND state = 'waiting' "
+            f"wait_deadline = NULL, updated_at = now() WHERE workflow_id = $1 AND state = 'waiting'{past} "
             "RETURNING workflow_id",
             [workflow_id, value],
         )
@@ -188,16 +190,12 @@ class RunStore:
         """Tell the replicas a run is claimable."""
         await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 
-    async def expire_waits(self, *, answer: dict[str, Any]) -> list[str]:
-        """Answer every approval past its deadline with ``answer`` (an expired rejection)."""
+    async def expired_waits(self) -> list[str]:
+        """The runs waiting on an approval past its deadline."""
         rows = await self.pool.fetch(
-            "UPDATE workflow_runs SET state = 'queued', resume_value = $1, pending_interrupt = NULL, "
-            "wait_deadline = NULL, updated_at = now() WHERE state = 'waiting' AND wait_deadline < now() "
-            "RETURNING workflow_id",
-            answer,
+            "SELECT workflow_id FROM workflow_runs WHERE state = 'waiting' AND wait_deadline < now() "
+            "ORDER BY wait_deadline LIMIT 100"
         )
-        for r in rows:
-            await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, r["workflow_id"])
         return [r["workflow_id"] for r in rows]
 
     async def request_cancel(self, workflow_id: str) -> str | None:

@@ -55,13 +55,6 @@ _MAX_STUCK_RETRIES = 2
 #: (resumed from its last checkpoint) instead of failed.
 _MAX_HANDBACKS = 5
 
-EXPIRED_APPROVAL = {
-    "decision": "reject",
-    "by": "system",
-    "comment": "no answer before the approval deadline",
-    "expired": True,
-}
-
 RunExecutor = Callable[["LocalRun"], Any]
 """``async def execute(local_run) -> Outcome``: runs the graph; raising means the workflow failed."""
 RunFinished = Callable[["LocalRun", Any], Any]
@@ -108,6 +101,7 @@ class WorkflowRunner:
         execute: RunExecutor,
         on_finished: RunFinished,
         on_stuck: Callable[[RunRow], Any] | None = None,
+        on_expired: Callable[[str], Awaitable[bool]] | None = None,
         load_records: RecordLoader | None = None,
         runner_id: str | None = None,
     ) -> None:
@@ -117,6 +111,7 @@ class WorkflowRunner:
         self._execute = execute
         self._on_finished = on_finished
         self._on_stuck_hook = on_stuck
+        self._on_expired = on_expired
         self._load_records = load_records
         self._local: dict[str, LocalRun] = {}
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
@@ -428,14 +423,21 @@ class WorkflowRunner:
         while not self._stopping:
             await asyncio.sleep(min(1.0, self.settings.stuck_after_s / 4))
             try:
-                for workflow_id in await self.store.expire_waits(answer=EXPIRED_APPROVAL):
-                    _log.info("approval of workflow %s expired; resuming it as rejected", workflow_id)
+                await self._expire_waits()
                 await self._check_stuck()
                 pending, oldest_s = await self.store.waiting_summary()
                 metrics.WORKFLOW_APPROVALS_PENDING.set(pending)
                 metrics.WORKFLOW_APPROVAL_OLDEST_WAIT.set(oldest_s)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 _log.warning("watchdog pass failed: %s", e)
+
+    async def _expire_waits(self) -> None:
+        """Answer the approvals past their deadline (``on_expired``; a runner without it answers none)."""
+        if self._on_expired is None:
+            return
+        for workflow_id in await self.store.expired_waits():
+            if await self._on_expired(workflow_id):
+                _log.info("approval of workflow %s expired; resuming it as rejected", workflow_id)
 
     async def _check_stuck(self) -> None:
         now = time.monotonic()

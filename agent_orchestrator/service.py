@@ -175,15 +175,7 @@ class Orchestrator:
                 decision = wtype.validate_resume(decision)
             except ValueError as e:  # pydantic.ValidationError is a ValueError
                 raise _input_error(e, "decision") from e
-        # the run answered, the workflow pending again and the event: one statement, all or nothing
-        resumed = record.status == "interrupted" and await self.bus.emit_after(
-            RunStore.resume_change(workflow_id, decision),
-            "workflow.resumed",
-            {"decision": decision, "status": "pending"},
-            aggregate_type="workflow",
-            aggregate_id=workflow_id,
-            also=[WorkflowStateManager.pending_along(workflow_id, when=CHANGE_APPLIED)],
-        )
+        resumed = record.status == "interrupted" and await self._answer(workflow_id, decision)
         if not resumed:
             status = record.status if record.status != "interrupted" else (await self.records.get(workflow_id)).status
             raise Conflict(
@@ -192,10 +184,29 @@ class Orchestrator:
                 resource=workflow_id,
                 details={"status": status},
             )
-        await self.records.run_store.wake(workflow_id)
         waited = (time.time() - record.updated_at.timestamp()) if record.updated_at else 0.0
         metrics.WORKFLOW_INTERRUPT_WAIT.observe(max(waited, 0.0))
         return await self.records.get(workflow_id)
+
+    async def expire_approval(self, workflow_id: str) -> bool:
+        """Answer an approval past its deadline with an expired rejection, as a resume does; False
+        when it was answered meanwhile."""
+        return await self._answer(workflow_id, EXPIRED_APPROVAL, expired=True)
+
+    async def _answer(self, workflow_id: str, decision: Any, *, expired: bool = False) -> bool:
+        """The run answered, the workflow ``pending`` again and its ``workflow.resumed`` event, in
+        one statement (all or nothing), then the replicas woken; False if the run was not waiting."""
+        answered = await self.bus.emit_after(
+            RunStore.resume_change(workflow_id, decision, expired=expired),
+            "workflow.resumed",
+            {"decision": decision, "status": "pending"},
+            aggregate_type="workflow",
+            aggregate_id=workflow_id,
+            also=[WorkflowStateManager.pending_along(workflow_id, when=CHANGE_APPLIED)],
+        )
+        if answered:
+            await self.records.run_store.wake(workflow_id)
+        return answered
 
     async def cancel(self, workflow_id: str) -> WorkflowRecord:
         """Cancel a workflow: a queued or waiting one at once, a running one on the replica running
@@ -495,6 +506,15 @@ class Orchestrator:
             resource=workflow_id,
             details={"status": record.status},
         )
+
+
+#: The answer an approval gets when nobody gave one before its deadline.
+EXPIRED_APPROVAL = {
+    "decision": "reject",
+    "by": "system",
+    "comment": "no answer before the approval deadline",
+    "expired": True,
+}
 
 
 def _in_time(run: RunRow | None, locked_at: datetime | None) -> bool:

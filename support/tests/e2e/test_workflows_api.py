@@ -283,11 +283,28 @@ def test_cli_run_follows_live_and_takes_the_approval_at_its_prompt(
 
 
 def test_unanswered_approval_expires_as_rejected(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
-    """An approval not given within approval_timeout_s fails the workflow with the reason recorded."""
+    """An approval not given within approval_timeout_s fails the workflow with the reason recorded.
+    The watchdog's answer is recorded as a resume is: a ``workflow.resumed`` event with the expired
+    rejection, the workflow ``pending`` until it runs again."""
     wf_id = launch(api, "pr_deployment", pr_input(sample_repo, approval_timeout_s=1, environment="expiry"))
     wf = follow(api, wf_id, TERMINAL)
     assert wf["status"] == "failed"
     assert "expired" in wf["reason"]
+    events = read_sse(api, wf_id)
+    statuses = [e["data"].get("status") for e in events]
+    assert statuses.index("interrupted") < statuses.index("pending", 1) < len(statuses) - 1, events
+    resumed = [e["data"] for e in events if e["event"] == "workflow.resumed"]
+    assert resumed == [
+        {
+            "decision": {
+                "decision": "reject",
+                "by": "system",
+                "comment": "no answer before the approval deadline",
+                "expired": True,
+            },
+            "status": "pending",
+        }
+    ], resumed
 
 
 def test_parallel_docs_spreads_over_instances(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
