@@ -180,7 +180,7 @@ class RunStore:
         :meth:`wake` the replicas once it is written."""
         past = " AND wait_deadline < now()" if expired else ""
         return (
-            "UPDATE workflow_runs SET state = 'queued', resume_value = $2, pending_interrupt = NULL, "
+            "UPDATE workflow_runs SET state = 'queued', resume_value = $2, pending_interrupt = NULL, "  # noqa: S608 - a constant condition
             f"wait_deadline = NULL, updated_at = now() WHERE workflow_id = $1 AND state = 'waiting'{past} "
             "RETURNING workflow_id",
             [workflow_id, value],

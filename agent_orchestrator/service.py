@@ -204,9 +204,10 @@ class Orchestrator:
             aggregate_id=workflow_id,
             also=[WorkflowStateManager.pending_along(workflow_id, when=CHANGE_APPLIED)],
         )
-        if answered:
-            await self.records.run_store.wake(workflow_id)
-        return answered
+        if answered is None:
+            return False
+        await self.records.run_store.wake(workflow_id)
+        return True
 
     async def cancel(self, workflow_id: str) -> WorkflowRecord:
         """Cancel a workflow: a queued or waiting one at once, a running one on the replica running
