@@ -17,8 +17,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
-
 from agents.sdk.agent import Agent
 from shared.lib import metrics, redis_keys
 from shared.lib.errors import OrchestratorError, ServiceUnavailable, StartupError, Unauthorized
@@ -92,9 +90,9 @@ class AgentRuntime:
             await self.registry.register(registration)
         except OrchestratorError as e:
             advice = "; set AO_REGISTRATION_SECRET to the registry's" if isinstance(e, Unauthorized) else ""
+            where = "" if isinstance(e, ServiceUnavailable) else f" with the registry at {self.settings.registry_url}"
             raise StartupError(
-                f"{self.agent.name} ({self.instance_id}) could not register with the registry at "
-                f"{self.settings.registry_url}: {e.message}{advice}"
+                f"{self.agent.name} ({self.instance_id}) could not register{where}: {e.message}{advice}"
             ) from e
         self.registered = True
 
@@ -118,7 +116,7 @@ class AgentRuntime:
     async def _report(self, status: AgentStatus) -> None:
         try:
             await self.registry.set_status(status)
-        except (OrchestratorError, httpx.HTTPError) as e:
+        except OrchestratorError as e:
             _log.warning("could not report %s to the registry (%s); retrying", status.value, e)
             return
         self.reported = status
@@ -170,7 +168,7 @@ class AgentRuntime:
             return
         try:
             await self.registry.deregister()
-        except (OrchestratorError, httpx.HTTPError) as e:
+        except OrchestratorError as e:
             _log.warning(
                 "%s (%s) drained but could not deregister (%s); the registry marks it offline after its TTL",
                 self.agent.name,

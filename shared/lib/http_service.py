@@ -585,20 +585,73 @@ def tune_gc_after_startup(app: FastAPI) -> None:
     app.router.lifespan_context = lifespan
 
 
-def serve(app: FastAPI, *, host: str, port: int, service: str, log_level: str = "info") -> None:
-    """Run ``app`` under uvicorn until SIGTERM/SIGINT, after checking the port is free."""
+class _Server(uvicorn.Server):
+    """uvicorn, except that it enters the app's lifespan itself, as the first step of its start-up,
+    so that a failure there leaves :meth:`run` as the exception it is (uvicorn logs it with its whole
+    traceback, 58 lines for a wrong registration secret, and exits 3); and that SIGTERM/SIGINT run
+    ``on_signal`` first (an agent stops taking work at once)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, on_signal: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._app = app
+        self._on_signal = on_signal
+        self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        lifespan = self._app.router.lifespan_context(self._app)
+        await lifespan.__aenter__()  # a failure propagates out of run(), as an exception, unlogged
+        self._lifespan = lifespan
+        try:
+            await super().startup(sockets)
+        except BaseException:  # the socket could not be bound: leave (an agent deregisters) before exiting
+            await self._exit_lifespan()
+            raise
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await self._exit_lifespan()
+
+    async def _exit_lifespan(self) -> None:
+        lifespan, self._lifespan = self._lifespan, None
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._on_signal is not None:
+            self._on_signal()
+        super().handle_exit(sig, frame)
+
+
+def serve(
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    service: str,
+    log_level: str = "info",
+    on_signal: Callable[[], None] | None = None,
+) -> None:
+    """Run ``app`` under uvicorn until SIGTERM/SIGINT, after checking the port is free. A start-up
+    failure raises: the lifespan's own error (an :class:`OrchestratorError` is one line to print),
+    else :class:`StartupError`. ``on_signal`` runs when the signal arrives, before the shutdown."""
     check_port_free(host, port, service)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
-        lifespan="on",
+        lifespan="off",  # entered by _Server
         access_log=False,
         timeout_graceful_shutdown=30,
     )
     tune_gc_after_startup(app)
-    server = uvicorn.Server(config)
-    server.run()
-    if getattr(server, "started", False) is False:
+    server = _Server(config, app, on_signal)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn's own start-up failure (exit 3), its reason logged in one line
+        if e.code != uvicorn.config.STARTUP_FAILURE:
+            raise
+    if not server.started:
         raise StartupError(f"{service} failed to start on {host}:{port}; its log above says why")

@@ -196,7 +196,7 @@ class RegistryClient:
             started = time.monotonic()
             try:
                 await self.heartbeat(in_flight=load() if load else 0, retry_for_s=0)
-            except (OrchestratorError, httpx.HTTPError) as e:
+            except OrchestratorError as e:
                 if not failing:
                     _log.warning(
                         "heartbeat of %s failed (%s: %s); retrying every %.1fs",
@@ -304,8 +304,20 @@ class RegistryClient:
         retry_for_s: float | None = None,
     ) -> Any:
         """One request, retried on transport errors and retryable answers for up to ``retry_for_s``;
-        the first attempt gets the client's timeout, a later one at most what is left of the budget."""
+        the first attempt gets the client's timeout, a later one at most what is left of the budget.
+        A registry still out of reach then is :class:`ServiceUnavailable`."""
         budget_s = self._retry_for_s if retry_for_s is None else retry_for_s
+        try:
+            return await self._attempts(method, path, json=json, params=params, secret=secret, budget_s=budget_s)
+        except httpx.HTTPError as e:
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            raise ServiceUnavailable(
+                f"the registry at {self._base_url} is out of reach ({detail}); is it running?"
+            ) from e
+
+    async def _attempts(
+        self, method: str, path: str, *, json: Any, params: dict[str, Any] | None, secret: bool, budget_s: float
+    ) -> Any:
         give_up_at = time.monotonic() + budget_s
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_worth_retrying),

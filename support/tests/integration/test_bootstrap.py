@@ -192,3 +192,28 @@ def test_bad_start_up_input_gets_one_line_and_non_zero_exit(
     assert len(errors) == 1, done.stderr
     expected = {"bad-database-url": "PostgreSQL", "unreachable-redis": "Redis", "port-taken": "already in use"}[case]
     assert expected in errors[0]
+
+
+def test_a_registry_out_of_reach_fails_the_start_of_the_orchestrator_and_an_agent_in_one_line(
+    service_env: dict[str, str],
+) -> None:
+    """Started with no registry to register with (it never came up), the orchestrator and an agent
+    each give up once registration's retries run out: one line naming the registry, exit 2."""
+    commands = [["serve"], ["agent", "code-review"]]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent_orchestrator", *args],
+            env=service_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    for args, proc in zip(commands, procs, strict=True):
+        _, stderr = proc.communicate(timeout=90)
+        assert proc.returncode == 2, (args, stderr)
+        assert "Traceback" not in stderr, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, stderr
+        assert f"could not register: the registry at {service_env['REGISTRY_URL']} is out of reach" in errors[0], errors
