@@ -66,6 +66,34 @@ def _stop_uninterrupted(stack: object) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def _announce(stack: object) -> None:
+    """What ``up`` prints once the stack is up: its services, the API key, where its secrets are,
+    and in development mode, loudly, that nothing is checked."""
+    from agent_orchestrator.stack import Stack
+
+    assert isinstance(stack, Stack)
+    _out.print("[bold green]stack is up[/]")
+    for p in stack.processes:  # soft_wrap: a URL or path split across lines cannot be copied
+        _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False, markup=False)
+    checked = "not checked: development mode" if stack.dev_mode else "send it as X-API-Key"
+    _out.print(f"  API key: {stack.api_key}   ({checked})", soft_wrap=True, highlight=False, markup=False)
+    _out.print(
+        f"  secrets: {stack.secrets_file}   (mode 0600: the registration secret, signing key and API keys "
+        "it runs with; agent-orchestrator commands run with this data dir use them)",
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
+    if stack.dev_mode:
+        _out.print(
+            "[bold red]!!! DEVELOPMENT MODE (AO_DEV_MODE): API keys, agent tokens and signatures are NOT "
+            "checked; anyone who reaches these ports controls the stack. Never expose it beyond this "
+            "machine. !!![/]",
+            soft_wrap=True,
+        )
+    _out.print("Ctrl-C stops everything; a service that exits by itself is started again.")
+
+
 def up(
     docs_instances: int = typer.Option(2, min=1, help="Documentation agent instances."),
     replicas: int = typer.Option(1, min=1, help="Orchestrator replicas."),
@@ -79,20 +107,7 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     stack.start()
     try:
-        _out.print("[bold green]stack is up[/]")
-        for p in stack.processes:  # soft_wrap: a URL or path split across lines cannot be copied
-            _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False, markup=False)
-        _out.print(
-            f"  API key: {stack.api_key}   (send it as X-API-Key)", soft_wrap=True, highlight=False, markup=False
-        )
-        _out.print(
-            f"  secrets: {stack.secrets_file}   (mode 0600: the registration secret, signing key and API keys "
-            "it runs with; agent-orchestrator commands run with this data dir use them)",
-            soft_wrap=True,
-            highlight=False,
-            markup=False,
-        )
-        _out.print("Ctrl-C stops everything; a service that exits by itself is started again.")
+        _announce(stack)
         while not stopped.wait(1.0):
             for line in stack.supervise():
                 _out.print(line, soft_wrap=True, highlight=False, markup=False)
