@@ -302,7 +302,10 @@ class WorkflowRunner:
                 raise asyncio.CancelledError
             outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
-            outcome = asyncio.CancelledError(lr.cancel_reason or "cancelled")
+            # cancelled by nobody here: the event loop is being torn down (the process stops), or a
+            # node's own task went away (it raised SystemExit): handed back, not cancelled by request
+            lr.cancel_reason = lr.cancel_reason or "shutdown"
+            outcome = asyncio.CancelledError(lr.cancel_reason)
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
             _log_failure(run.workflow_id, e)
             outcome = e

@@ -98,3 +98,38 @@ async def test_a_failure_of_ours_is_one_line_and_a_defect_has_its_traceback(
     finally:
         await runner.stop()
         await pool.close()
+
+
+async def test_a_run_cancelled_by_nobody_here_is_handed_back_not_cancelled(
+    database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """A run's task cancelled from outside the runner (the event loop torn down as the process
+    stops, or a node that raised SystemExit in its own task) is handed back to resume from its
+    checkpoint: it was never cancelled by request, and must not be recorded as if it had been."""
+    pool = await create_pg_pool(database_url)
+    started: asyncio.Queue[LocalRun] = asyncio.Queue()
+    finished: list[object] = []
+
+    async def execute(lr: LocalRun) -> Outcome:
+        await started.put(lr)
+        await asyncio.sleep(60)
+        return Outcome(status="succeeded")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        finished.append(outcome)
+
+    runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    workflow_id = str(uuid.uuid4())
+    try:
+        await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+        await runner.start()
+        lr = await asyncio.wait_for(started.get(), 15)
+        assert lr.task is not None
+        lr.task.cancel()  # not through cancel_local: nobody asked for it
+        again = await asyncio.wait_for(started.get(), 15)  # handed back, and so claimed again
+        assert (again.run.workflow_id, again.run.attempts) == (workflow_id, 2)
+        assert finished == []  # no outcome recorded
+    finally:
+        await runner.stop()
+        await pool.close()
