@@ -68,6 +68,7 @@ def _orchestrator(
         on_expired=orch.expire_approval,
         load_records=orch.records.get_many,
         runner_id=replica,
+        workflow_types=list(orch.types),
     )
     return orch
 

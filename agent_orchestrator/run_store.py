@@ -98,12 +98,15 @@ class RunStore:
         row = await self.pool.fetchrow("SELECT * FROM workflow_runs WHERE workflow_id = $1", workflow_id)
         return RunRow.from_record(row) if row else None
 
-    async def candidates(self, *, limit: int) -> list[str]:
-        """Runs that are queued, or running under an expired lease (their runner died)."""
+    async def candidates(self, *, limit: int, types: list[str] | None = None) -> list[str]:
+        """Runs that are queued, or running under an expired lease (their runner died); with
+        ``types``, only runs of those workflow types (the ones this replica can run)."""
         rows = await self.pool.fetch(
-            "SELECT workflow_id FROM workflow_runs WHERE state = 'queued' "
-            "OR (state = 'running' AND lease_expires_at < now()) ORDER BY updated_at LIMIT $1",
+            "SELECT workflow_id FROM workflow_runs WHERE (state = 'queued' "
+            "OR (state = 'running' AND lease_expires_at < now())) "
+            "AND ($2::text[] IS NULL OR workflow_type = ANY($2::text[])) ORDER BY updated_at LIMIT $1",
             limit,
+            types,
         )
         return [r["workflow_id"] for r in rows]
 

@@ -104,7 +104,10 @@ class WorkflowRunner:
         on_expired: Callable[[str], Awaitable[bool]] | None = None,
         load_records: RecordLoader | None = None,
         runner_id: str | None = None,
+        workflow_types: list[str] | None = None,
     ) -> None:
+        """``workflow_types``: the types this replica can run; it claims no run of another type
+        (a replica without a plug-in leaves its runs to the replicas that have it). None: any."""
         self.settings = settings
         self.runner_id = runner_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.store = RunStore(pool, runner_id=self.runner_id, lease_ttl_s=settings.run_lease_ttl_s)
@@ -113,6 +116,7 @@ class WorkflowRunner:
         self._on_stuck_hook = on_stuck
         self._on_expired = on_expired
         self._load_records = load_records
+        self._types = sorted(workflow_types) if workflow_types is not None else None
         self._local: dict[str, LocalRun] = {}
         self._reserved: set[str] = set()  # launches of this replica that it will run itself
         # Cancels of runs not (yet) here, by id, with when they came: a run claimed right after its
@@ -217,7 +221,7 @@ class WorkflowRunner:
             self._backlog = True
             return
         busy = self._local.keys() | self._reserved
-        candidates = await self.store.candidates(limit=free)
+        candidates = await self.store.candidates(limit=free, types=self._types)
         self._backlog = len(candidates) >= free  # there may be more than there was room for
         ids = [w for w in candidates if w not in busy]
         if not ids:

@@ -133,3 +133,38 @@ async def test_a_run_cancelled_by_nobody_here_is_handed_back_not_cancelled(
     finally:
         await runner.stop()
         await pool.close()
+
+
+async def test_a_replica_claims_only_runs_of_the_types_it_has(
+    database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """A replica without a plug-in leaves that plug-in's runs queued for a replica that has it,
+    instead of claiming them and failing them with a KeyError (approvals lost)."""
+    pool = await create_pg_pool(database_url)
+    executed: asyncio.Queue[str] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        await executed.put(lr.run.workflow_type)
+        return Outcome(status="succeeded")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+
+    runner = WorkflowRunner(
+        pool, settings_factory(), execute=execute, on_finished=on_finished, workflow_types=["agent_chain"]
+    )
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    elsewhere = str(uuid.uuid4())
+    try:
+        await records.create(elsewhere, "my_plugin_type", {}, idempotency_key=None, trace={})
+        await records.create(str(uuid.uuid4()), "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+        await runner.start()
+        assert await asyncio.wait_for(executed.get(), 15) == "agent_chain"
+        await asyncio.sleep(1.5)  # a claiming pass after the first (they poll every second)
+        assert executed.empty()
+        state = await pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", elsewhere)
+        assert state == "queued"
+    finally:
+        await runner.stop()
+        await pool.close()
