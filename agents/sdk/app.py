@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from agents.sdk.agent import Agent
-from agents.sdk.routes import agent_routes
+from agents.sdk.routes import ServingReadiness, agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.errors import OrchestratorError
 from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router, serve
@@ -52,6 +52,7 @@ def create_agent_app(agent: Agent, *, instance_id: str, endpoint: str) -> FastAP
 
     app = FastAPI(title=f"agent {agent.name}", version=agent.version, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(ServingReadiness)  # innermost: it sees HEAD /ready as the GET it is served as
     guard_input(app, max_bytes=settings.max_payload_bytes + 64 * 1024)
     app.include_router(ops_router(agent.name))
     app.include_router(agent_routes())

@@ -32,6 +32,10 @@ made every envelope not already in the normalised form fail as ``bad_signature``
 a ``created_at`` outside the replay window is a 422 naming it too: no signature
 of the caller's is being replayed. A signed envelope is never re-signed: the bus
 verifies the caller's signature as sent.
+
+``/ready`` (the service's check of PostgreSQL and Redis) answers 503 with a ``bus`` check
+naming the error once the instance no longer serves its requests on the bus
+(:class:`ServingReadiness`): it is not ready for what it is there to do.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agents.sdk.card import agent_card
 from agents.sdk.runtime import AgentRuntime
@@ -55,7 +60,7 @@ from shared.lib.agent_events import (
 from shared.lib.errors import Forbidden, InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
 from shared.lib.http_service import non_json_body
 
-__all__ = ["agent_routes", "status_for_error_code"]
+__all__ = ["ServingReadiness", "agent_routes", "status_for_error_code"]
 
 
 def _error_classes(cls: type[OrchestratorError]) -> list[type[OrchestratorError]]:
@@ -158,6 +163,24 @@ async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str,
 
 def _json(body: dict[str, Any], *, status_code: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
+class ServingReadiness:
+    """ASGI middleware: ``/ready`` is a 503 naming the bus once the agent's runtime stopped
+    serving it (:attr:`AgentRuntime.serving_error`); otherwise the service's own ``/ready``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        is_ready = scope["type"] == "http" and scope["path"] == "/ready"
+        runtime: AgentRuntime | None = getattr(scope["app"].state, "runtime", None) if is_ready else None
+        if runtime is None or runtime.serving_error is None:
+            await self.app(scope, receive, send)
+            return
+        error = runtime.serving_error
+        body = {"status": "unavailable", "service": runtime.agent.name, "checks": {"bus": f"error: {error}"}}
+        await JSONResponse(body, status_code=503)(scope, receive, send)
 
 
 def agent_routes() -> APIRouter:

@@ -7,6 +7,11 @@ Order at start: register as ``initializing`` -> serve the bus -> heartbeat ->
 ``Settings.agent_drain_grace_s`` -> deregister. A registry that is down at
 shutdown only costs a log line: the registry marks the instance offline after
 its TTL anyway.
+
+Should serving the bus stop on its own (a loop of the bus server ended: a bug), the
+instance says so rather than look healthy while nobody takes its requests: it logs it,
+``/ready`` answers 503 naming it (:attr:`AgentRuntime.serving_error`) and the registry is
+told ``error``. ``POST /agent-request`` still answers; restart the instance to serve again.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class AgentRuntime:
         self.draining = False
         self.registered = False
         self.reported: AgentStatus | None = None
+        self.serving_error: BaseException | None = None
+        """Why serving the bus stopped on its own (None while it serves, or stopped by a drain)."""
         self._serve_task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._drained: asyncio.Task[None] | None = None
@@ -97,16 +104,23 @@ class AgentRuntime:
         self.registered = True
 
     async def _serve(self) -> None:
-        consumer = self.instance_id
-        await self.bus.serve(self.agent.name, self.agent.handle, concurrency=self.settings.agent_concurrency,
-                             consumer=consumer)  # fmt: skip
+        """Serve the bus until a drain; an error ending it is kept in :attr:`serving_error`."""
+        name, concurrency = self.agent.name, self.settings.agent_concurrency
+        try:
+            await self.bus.serve(name, self.agent.handle, concurrency=concurrency, consumer=self.instance_id)
+        except Exception as e:  # noqa: BLE001 - kept, and raised at start or reported as error after it
+            self.serving_error = e
+            if self._status_task is not None and not self.draining:  # started: nobody else will say it
+                _log.critical(
+                    "%s (%s) no longer serves its requests on the bus: %s; restart it", name, self.instance_id, e
+                )
 
     async def _wait_consumer_live(self) -> None:
         key = redis_keys.consumers_key(self.settings.redis_prefix, self.agent.name)
         deadline = time.monotonic() + _CONSUMER_LIVE_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._serve_task is not None and self._serve_task.done():
-                self._serve_task.result()  # raises the serving error
+                raise self.serving_error or ServiceUnavailable(f"{self.agent.name} stopped serving as it started")
             if await self.ctx.redis.zscore(key, self.instance_id) is not None:
                 return
             await asyncio.sleep(0.02)
@@ -114,14 +128,17 @@ class AgentRuntime:
 
     # -- status ------------------------------------------------------------------------
     async def _report(self, status: AgentStatus) -> None:
+        reason = f"stopped serving the bus: {self.serving_error}" if status == AgentStatus.ERROR else None
         try:
-            await self.registry.set_status(status)
+            await self.registry.set_status(status, reason=reason)
         except OrchestratorError as e:
             _log.warning("could not report %s to the registry (%s); retrying", status.value, e)
             return
         self.reported = status
 
     def _wanted(self) -> AgentStatus:
+        if self.serving_error is not None:
+            return AgentStatus.ERROR
         return AgentStatus.BUSY if self.in_flight > 0 else AgentStatus.ACTIVE
 
     async def _keep_status(self) -> None:

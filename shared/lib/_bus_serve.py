@@ -10,6 +10,12 @@ visibility timeout) and dead-letters those delivered too often. At start it
 runs again what its own name still held from an earlier life. Each entry
 runs in its own task under the instance's concurrency limit. A cancel notice
 (``cancel``) cancels the task running its request, which is answered ``cancelled``.
+
+An entry that cannot be read (not JSON, not an envelope, no canonical form to verify:
+nested past orjson's 254 levels, say) is ``invalid_input`` and dead-lettered at once.
+Neither loop ends on an error: it is logged and the loop goes on. Should one end all
+the same (a bug), the server stops and :meth:`Server.run` raises, so the instance does
+not look live while it serves nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ from shared.lib import redis_keys as keys
 from shared.lib._bus_core import Handler, HandlerOutcome, _Core
 from shared.lib.agent_events import AgentRequestEvent, parse_envelope, request_from_dict
 from shared.lib.connections import run_command
-from shared.lib.errors import Cancelled, DeadLettered, InvalidSignature, OrchestratorError
+from shared.lib.errors import (
+    Cancelled,
+    DeadLettered,
+    InvalidInput,
+    InvalidSignature,
+    OrchestratorError,
+    ServiceUnavailable,
+)
 from shared.lib.settings import Settings
 
 __all__ = ["Server"]
@@ -85,6 +98,17 @@ class _Entry:
     deliveries: int
 
 
+def _read(raw: bytes | None, *, max_bytes: int, key: bytes | None) -> tuple[dict[str, Any], AgentRequestEvent]:
+    """The envelope of a stream entry and its request, verified with ``key`` (None: read, not
+    verified). Whatever cannot be read is an OrchestratorError (``invalid_input`` when the
+    envelope's own checks did not name it), never another exception: an entry is anyone's input."""
+    try:
+        data = parse_envelope(raw or b"", max_bytes=max_bytes)
+        return data, request_from_dict(data, key=key)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InvalidInput(f"the envelope cannot be read ({e!r}); send a valid request", field="envelope") from e
+
+
 class Server:
     """Serves ``agent`` as ``consumer`` until :meth:`stop`; see ``EventBus.serve``."""
 
@@ -115,14 +139,36 @@ class Server:
         self.pending = 0
         self.redelivered = 0
         self._beat_at_ms = 0  # the server's clock at the last beat
+        self.failure: BaseException | None = None  # why a loop ended, when one did without a stop
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
+        """Serve until :meth:`stop`; raises ServiceUnavailable, having stopped, if a loop ended on its own."""
         await self._join()
         await self._beat()
         await self._take_back_own()
-        self._loops = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._maintain_loop())]
+        self._loops = [
+            asyncio.create_task(self._read_loop(), name=f"bus-read-{self.agent}"),
+            asyncio.create_task(self._maintain_loop(), name=f"bus-maintain-{self.agent}"),
+        ]
+        for loop in self._loops:
+            loop.add_done_callback(self._loop_ended)
         await self._done.wait()
+        if self.failure is not None:
+            await self.stop(grace_s=0)  # out of the consumers: a live instance takes its entries over
+            raise ServiceUnavailable(
+                f"{self.consumer} stopped serving {self.agent}: {self.failure!r}; restart the instance",
+                resource=self.agent,
+            ) from self.failure
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop ended: by :meth:`stop`, or on its own (a bug), which stops the server."""
+        if self._stopping.is_set():
+            return
+        error = None if task.cancelled() else task.exception()
+        self.failure = error or RuntimeError(f"{task.get_name()} ended")
+        _log.critical("%s stopped serving %s: %s ended (%r)", self.consumer, self.agent, task.get_name(), error)
+        self._done.set()
 
     async def stop(self, *, grace_s: float) -> None:
         """Stop reading, let running handlers finish for ``grace_s``, cancel the rest
@@ -166,22 +212,27 @@ class Server:
 
     # -- reading -----------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        delay_s, recovering = 0.05, False
+        delay_s, recovering, rejoin = 0.05, False, False
         while not self._stopping.is_set():
             try:
+                if rejoin:  # the server lost its data (restart without persistence)
+                    await self._join()
+                    rejoin = False
                 if recovering:  # renew liveness at once: an outage may have outlasted it
                     await self._beat()
                     recovering = False
                 await self._read_once()
                 delay_s = 0.05
-            except ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                await self._join()  # the server lost its data (restart without persistence)
             except _TRANSIENT as e:
                 _log.warning("reading requests for %s failed (%s); retrying in %.2fs", self.agent, e, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s, recovering = min(delay_s * 2, 0.5), True
+            except Exception as e:  # noqa: BLE001 - no error ends the loop: it is logged and reading goes on
+                rejoin = isinstance(e, ResponseError) and "NOGROUP" in str(e)
+                if not rejoin:
+                    _log.exception("reading requests for %s failed; retrying in %.2fs", self.agent, delay_s)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, 0.5)
 
     async def _read_once(self) -> None:
         """One XREADGROUP over all bands (high first). While a backlog may exist (the last read
@@ -244,8 +295,7 @@ class Server:
     async def _process(self, entry: _Entry) -> None:
         core = self.core
         try:
-            data = parse_envelope(entry.raw or b"", max_bytes=core.settings.max_payload_bytes)
-            request = request_from_dict(data, key=core.verify_key(self.agent))
+            data, request = _read(entry.raw, max_bytes=core.settings.max_payload_bytes, key=core.verify_key(self.agent))
             self._check_target(request)
             core.check_window(request, now=time.time())
         except OrchestratorError as e:
@@ -342,9 +392,9 @@ class Server:
         """Tell the sender of a request refused for its signature at once, rather than leaving
         it to wait out its timeout: its key differs from this agent's (a mismatched
         ``AO_SIGNING_KEY``), so it cannot verify the answer and takes it on its code alone."""
-        with contextlib.suppress(OrchestratorError, ValueError):  # too broken to answer: dead-lettered only
-            data = parse_envelope(entry.raw or b"", max_bytes=self.core.settings.max_payload_bytes)
-            request = request_from_dict(data, key=None)  # read, not trusted: only to address the answer
+        with contextlib.suppress(OrchestratorError):  # too broken to answer: dead-lettered only
+            # read, not trusted: only to address the answer
+            data, request = _read(entry.raw, max_bytes=self.core.settings.max_payload_bytes, key=None)
             outcome = self.core.outcome(request, "error", {}, error=exc.to_dict())
             await self.core.notify(data, outcome.raw)
 
@@ -384,6 +434,9 @@ class Server:
             except (RedisError, OSError) as e:
                 wait_s = _MAINTAIN_RETRY_S if wait_s == interval_s else min(wait_s * 2, _MAINTAIN_RETRY_MAX_S)
                 _log.warning("maintenance of %s failed (%s); retrying in %.2fs", self.agent, e, wait_s)
+            except Exception:  # noqa: BLE001 - one bad entry must not end liveness and reclaiming
+                wait_s = interval_s
+                _log.exception("maintenance of %s failed; trying again in %.2fs", self.agent, wait_s)
 
     async def _maintain(self) -> None:
         await self._beat()
@@ -456,7 +509,12 @@ class Server:
         counts = await self._delivery_counts(stream, [eid for eid, _ in claimed])
         for entry_id, fields in claimed:
             entry = _Entry(stream, entry_id, (fields or {}).get(b"e"), counts.get(entry_id, 2))
-            await self._redeliver(entry)
+            try:
+                await self._redeliver(entry)
+            except (RedisError, OSError):
+                raise
+            except Exception:  # noqa: BLE001 - one bad entry must not stop the others, nor a start
+                _log.exception("redelivering %s of %s failed; it is reclaimed again later", entry_id, self.agent)
 
     async def _take_over_dead(self, stream: str, dead: list[str], *, count: int) -> list[tuple[Any, Any]]:
         """Claim up to ``count`` entries of ``stream`` held by consumers no longer live (killed
@@ -518,10 +576,10 @@ class Server:
 
     async def _clear_marker(self, entry: _Entry) -> None:
         """Tell the caller at once, and let a retry of a dead-lettered request be admitted again."""
+        settings = self.core.settings
         try:
-            data = parse_envelope(entry.raw or b"", max_bytes=self.core.settings.max_payload_bytes)
-            request = request_from_dict(data, key=self.core.verify_key(self.agent))
-        except OrchestratorError:
+            data, request = _read(entry.raw, max_bytes=settings.max_payload_bytes, key=self.core.verify_key(self.agent))
+        except OrchestratorError:  # not a request it could have sent: nobody to tell
             return
         key = keys.response_key(self.core.prefix, self.agent, request.idempotency_key)
         if await self.core.redis.get(key) == scripts.IN_FLIGHT:

@@ -104,11 +104,18 @@ def sign(data: dict[str, Any], key: bytes) -> str:
 
 
 def verify(data: dict[str, Any], key: bytes) -> None:
-    """Raise :class:`InvalidSignature` unless ``data['signature']`` matches its content."""
+    """Raise :class:`InvalidSignature` unless ``data['signature']`` matches its content, and
+    :class:`InvalidInput` for an envelope that has no canonical form to check it against."""
     given = data.get("signature")
     if not isinstance(given, str) or not given:
         raise InvalidSignature("envelope is not signed; sign it with the agent's key", field="signature")
-    if not hmac.compare_digest(given, sign(data, key)):
+    try:
+        expected = sign(data, key)
+    except TypeError as e:  # orjson writes at most 254 levels of nesting, integers of 64 bits, str keys
+        raise InvalidInput(
+            f"envelope cannot be read ({e}); send plain JSON nested less than 254 levels deep", field="envelope"
+        ) from e
+    if not given.isascii() or not hmac.compare_digest(given, expected):  # compare_digest raises on non-ASCII str
         raise InvalidSignature(
             "envelope signature does not match its content; check the signing key", field="signature"
         )

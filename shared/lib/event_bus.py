@@ -513,7 +513,7 @@ class EventBus:
                 metrics.AGENT_RESPONSES_DROPPED.labels("late").inc()
                 return
             response = _verified_or_refusal(data, key=self._core.verify_key(waiter.target))
-        except (orjson.JSONDecodeError, AttributeError, OrchestratorError) as e:
+        except (ValueError, TypeError, AttributeError, OrchestratorError) as e:  # anything published: no crash
             metrics.AGENT_RESPONSES_DROPPED.labels("invalid").inc()
             _log.warning("dropped an invalid response: %s", e)
             return
@@ -564,7 +564,9 @@ class EventBus:
         OrchestratorError it raises becomes an ``error`` response naming the
         problem (``RequestRejected`` -> ``rejected``); any other exception leaves
         the request pending for redelivery (and, past ``max_deliveries``, the
-        dead-letter stream). At most ``concurrency`` handlers run at once.
+        dead-letter stream). At most ``concurrency`` handlers run at once. Should
+        serving end on its own (a loop of the server ended: a bug), it stops and
+        raises ``ServiceUnavailable`` naming the error.
         """
         _check_agent(agent_name, field="agent_name")
         if not _INSTANCE_RE.match(consumer):

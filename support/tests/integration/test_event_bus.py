@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -29,9 +30,10 @@ from shared.lib.errors import (
     OrchestratorError,
     PayloadTooLarge,
     RequestRejected,
+    ServiceUnavailable,
     Timeout,
 )
-from shared.lib.event_bus import EventBus
+from shared.lib.event_bus import DeadLetter, EventBus
 from support.tests.integration.conftest import BusFactory, run_cli
 
 
@@ -499,13 +501,17 @@ async def _queue_raw(bus: EventBus, agent: str, **fields: Any) -> None:
     await bus.redis.xadd(stream, {"e": orjson.dumps(data)})
 
 
-async def _dead_reasons(bus: EventBus, agent: str, count: int) -> list[str]:
+async def _dead_letters_of(bus: EventBus, agent: str, count: int) -> list[DeadLetter]:
     for _ in range(250):
         letters = await bus.dead_letters(agent)
         if len(letters) >= count:
-            return [d.reason for d in letters]
+            return letters
         await asyncio.sleep(0.02)
     raise AssertionError(f"no {count} dead letters for {agent}")
+
+
+async def _dead_reasons(bus: EventBus, agent: str, count: int) -> list[str]:
+    return [d.reason for d in await _dead_letters_of(bus, agent, count)]
 
 
 @pytest.mark.parametrize(
@@ -535,6 +541,104 @@ async def test_a_signed_envelope_refused_off_the_stream_is_dead_lettered_with_it
     assert len(calls) == 1  # only the valid one ran
     await server.stop_serving(grace_s=1)
     await task
+
+
+def _unreadable(kind: str) -> bytes:
+    """An entry no key verifies, that once ended a loop of the server (TypeError off the checks)."""
+    data = _req().to_dict()
+    if kind == "nested 300 deep":  # orjson writes 254 levels at most: the canonical form raised
+        data["payload"] = {"deep": orjson.loads(b"[" * 300 + b"]" * 300)}
+        data["signature"] = "00" * 32
+    else:  # hmac.compare_digest raises for a non-ASCII str
+        data["signature"] = "\u00e9" * 64
+    return json.dumps(data).encode()  # the stdlib writes what orjson will not
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"), [("nested 300 deep", "invalid_input"), ("non-ASCII signature", "bad_signature")]
+)
+async def test_an_entry_whose_signature_cannot_be_checked_is_dead_lettered_at_once(
+    make_bus: BusFactory, kind: str, reason: str
+) -> None:
+    """An entry whose signature cannot even be checked is refused on its first delivery, with its
+    reason (it raised TypeError: redelivered until max_deliveries, then it ended the maintenance
+    loop and the instance went offline)."""
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    stream = keys.request_stream(client.settings.redis_prefix, "echo", keys.band_of("normal"))
+    await client.redis.xadd(stream, {"e": _unreadable(kind)})
+    letters = await _dead_letters_of(server, "echo", 1)
+    assert [(d.reason, d.deliveries) for d in letters] == [(reason, 1)]
+    assert await _settled(server, "echo") == (0, 0, 1)
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).status == "success"
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+@pytest.mark.parametrize("holder", ["dead-instance", "c1"])
+async def test_an_unreadable_entry_past_max_deliveries_ends_neither_serving_nor_a_start(
+    make_bus: BusFactory, holder: str
+) -> None:
+    """An unreadable entry delivered too often, held by a dead instance (taken over by maintenance)
+    or by the server's own name (taken back at start), is dead-lettered as max_deliveries and
+    serving goes on: it ended the maintenance loop (the instance went offline) or the start."""
+    server, client = await make_bus(), await make_bus()
+    stream = keys.request_stream(client.settings.redis_prefix, "echo", keys.band_of("normal"))
+    await client.redis.xgroup_create(stream, "echo", id="0", mkstream=True)
+    entry_id = await client.redis.xadd(stream, {"e": _unreadable("nested 300 deep")})
+    await client.redis.xreadgroup("echo", holder, {stream: ">"})
+    await client.redis.xclaim(stream, "echo", holder, 0, [entry_id], retrycount=10)
+    task = _serve(server, "echo", _echo, consumer="c1")
+    await _wait_live(client, "echo")
+    letters = await _dead_letters_of(server, "echo", 1)
+    assert [d.reason for d in letters] == ["max_deliveries"]
+    await asyncio.sleep(1.5)  # past the consumer's lifetime (1 s): it beats on
+    assert not task.done()
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).status == "success"
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_a_malformed_reply_does_not_end_the_reply_loop(make_bus: BusFactory) -> None:
+    """Whatever is published on a requester's reply channel is dropped, not raised: a request id
+    that is a list ended its reply loop (TypeError), and later replies were only read from the
+    store once each call timed out."""
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    assert (await client.request_agent(_req(payload={"n": 1}), timeout_s=5)).status == "success"
+    channel = keys.reply_channel(client.settings.redis_prefix, client.instance_id)
+    for junk in (b'{"request_id": ["x"]}', b"[1]", b"not json", _unreadable("nested 300 deep")):
+        await client.redis.publish(channel, junk)
+    started = time.monotonic()
+    assert (await client.request_agent(_req(payload={"n": 2}), timeout_s=5)).status == "success"
+    assert time.monotonic() - started < 2
+    await server.stop_serving(grace_s=1)
+    await task
+
+
+async def test_a_loop_that_ends_stops_the_server_and_serve_raises(
+    make_bus: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a loop of the server end all the same (a bug), serve() raises naming it and the
+    instance leaves the live consumers, so requests fail agent_offline at once rather than wait
+    on an instance that serves nothing while it beats."""
+    from shared.lib import _bus_serve
+
+    async def broken(self: Any) -> None:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("a bug in the maintenance")
+
+    monkeypatch.setattr(_bus_serve.Server, "_maintain_loop", broken)
+    server, client = await make_bus(), await make_bus()
+    task = _serve(server, "echo", _echo)
+    await _wait_live(client, "echo")
+    with pytest.raises(ServiceUnavailable, match="a bug in the maintenance"):
+        await asyncio.wait_for(task, 5)
+    assert await client.redis.zcard(keys.consumers_key(client.settings.redis_prefix, "echo")) == 0
+    with pytest.raises(AgentOffline):
+        await client.request_agent(_req(), timeout_s=5)
 
 
 async def test_execute_refuses_a_replayed_envelope_as_a_bad_signature(make_bus: BusFactory) -> None:

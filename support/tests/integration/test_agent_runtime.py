@@ -1,0 +1,118 @@
+"""An agent instance as a service, in-process on a real port next to a real registry, over
+real PostgreSQL and Redis: what its ``/ready``, the registry and ``POST /agent-request`` say
+when its bus serving fails, when it is full, and for a reused idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from pydantic import BaseModel
+
+from agents.sdk.agent import Agent, skill
+from agents.sdk.app import create_agent_app
+from shared.lib import redis_keys as keys
+from shared.lib.embedded import free_port
+from shared.lib.settings import Settings
+from support.tests.registry_support import RunningRegistry, serve_registry
+
+
+class _Wait(BaseModel):
+    seconds: float = 0.0
+
+
+class Waiter(Agent):
+    """An agent whose one skill sleeps as long as it is told."""
+
+    name = "waiter"
+    description = "Waits."
+
+    @skill("WAIT", description="Sleeps for the seconds given.")
+    async def wait(self, payload: _Wait) -> dict[str, Any]:
+        await asyncio.sleep(payload.seconds)
+        return {"waited_s": payload.seconds}
+
+
+@dataclass
+class RunningAgent:
+    url: str
+    agent: Agent
+    app: Any
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+
+@contextlib.asynccontextmanager
+async def serve_agent_app(
+    settings_factory: Callable[..., Settings], registry: RunningRegistry, **overrides: Any
+) -> AsyncIterator[RunningAgent]:
+    """The :class:`Waiter` agent's app served by uvicorn on a free port, registered with ``registry``."""
+    agent = Waiter(settings_factory(registry_url=registry.url, **overrides))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = create_agent_app(agent, instance_id="waiter-1", endpoint=url)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(15):
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    try:
+        yield RunningAgent(url=url, agent=agent, app=app)
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(30):
+            await task
+
+
+async def _until(check: Callable[[], Any], *, timeout_s: float) -> Any:
+    """Poll the coroutine function ``check`` until it returns something truthy; that value."""
+    async with asyncio.timeout(timeout_s):
+        while not (value := await check()):
+            await asyncio.sleep(0.05)
+    return value
+
+
+async def test_an_instance_whose_bus_serving_ended_is_not_ready_and_is_error_in_the_registry(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a loop of the bus server ends on its own (a bug), /ready answers 503 naming the bus and
+    the registry has the instance as error (both said ready and active while nobody took its requests)."""
+    from shared.lib import _bus_serve
+
+    async def broken(self: Any) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("a bug in the maintenance")
+
+    monkeypatch.setattr(_bus_serve.Server, "_maintain_loop", broken)
+    async with (
+        serve_registry(settings_factory) as registry,
+        serve_agent_app(settings_factory, registry) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as http,
+    ):
+        settings = running.agent.settings
+
+        async def not_ready() -> httpx.Response | None:
+            answer = await http.get("/ready")
+            return answer if answer.status_code == 503 else None
+
+        answer = await _until(not_ready, timeout_s=10)
+        assert "a bug in the maintenance" in answer.json()["checks"]["bus"]
+        assert answer.json()["checks"]["bus"].startswith("error: ")
+
+        async def in_error() -> bool:
+            return bool((await registry.get("waiter-1")).json()["status"] == "error")
+
+        await _until(in_error, timeout_s=10)
+        consumers = keys.consumers_key(settings.redis_prefix, "waiter")
+        assert await running.runtime.ctx.redis.zscore(consumers, "waiter-1") is None
+        assert (await http.get("/health")).status_code == 200
