@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command
 
@@ -192,12 +193,20 @@ async def _outcome(graph: CompiledStateGraph[Any, Any, Any, Any], config: dict[s
 
 
 def _outcome_of(values: dict[str, Any], interrupts: Sequence[Any], interrupted_node: str | None = None) -> Outcome:
+    if len(interrupts) > 1:
+        return _invalid(f"{len(interrupts)} interrupts at once (parallel tasks); a workflow waits on one at a time")
     if interrupts:
-        return Outcome(
-            status="interrupted", interrupt=dict(interrupts[0].value), interrupted_node=interrupted_node, values=values
-        )
+        value = interrupts[0].value
+        payload = value if isinstance(value, dict) else {"value": value}  # interrupt("Deploy?") shows as {"value": ...}
+        try:
+            orjson.dumps(payload)
+        except TypeError as e:
+            return _invalid(f"the interrupt's payload is not JSON: {e}")
+        return Outcome(status="interrupted", interrupt=payload, interrupted_node=interrupted_node, values=values)
     status = values.get("outcome") or "succeeded"
     result = values.get("result") or {"steps": values.get("steps", {})}
+    if status not in ("succeeded", "failed"):
+        return _invalid(f"the graph's outcome {status!r} is neither 'succeeded' nor 'failed'")
     return Outcome(
         status=status,
         result=result,
@@ -205,3 +214,8 @@ def _outcome_of(values: dict[str, Any], interrupts: Sequence[Any], interrupted_n
         errors=list(values.get("errors", [])),
         values=values,
     )
+
+
+def _invalid(reason: str) -> Outcome:
+    """A run that ended where the orchestrator cannot follow it (a graph's mistake): it fails, saying why."""
+    return Outcome(status="failed", reason=reason, errors=[{"code": "invalid_outcome", "message": reason}])

@@ -168,6 +168,8 @@ class Orchestrator:
         return launched
 
     async def resume(self, workflow_id: str, decision: Any) -> WorkflowRecord:
+        if decision is None:  # LangGraph would take a null answer for none: the interrupt would ask again
+            raise InvalidInput("decision must not be null; send the answer the interrupt asks for", field="decision")
         record = await self.records.get(workflow_id)
         wtype = self.types.get(record.workflow_type)
         if wtype is not None:
@@ -386,33 +388,20 @@ class Orchestrator:
             return
         # the run row and the checkpoints the saver still holds, in the same statement
         finish_run = [RunStore.finish_along(run.workflow_id), *await self._held_checkpoints(run.workflow_id)]
+        finish = functools.partial(
+            self._finalize, run.workflow_id, run.workflow_type, record=record, also=finish_run, nodes=nodes, step=step
+        )
         if isinstance(outcome, Outcome):
-            await self._finalize(
-                run.workflow_id,
-                run.workflow_type,
-                outcome.status,
-                result=outcome.result,
-                reason=outcome.reason,
-                errors=outcome.errors,
-                record=record,
-                also=finish_run,
-                nodes=nodes,
-                step=step,
-            )
+            status, result, reason, errors = outcome.status, outcome.result, outcome.reason, outcome.errors
         else:
             status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
             reason = "cancelled by request" if status == "cancelled" else _reason(outcome)
-            await self._finalize(
-                run.workflow_id,
-                run.workflow_type,
-                status,
-                reason=reason,
-                errors=[{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}],
-                record=record,
-                also=finish_run,
-                nodes=nodes,
-                step=step,
-            )
+            result, errors = {}, [{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}]
+        try:
+            await finish(status, result=result, reason=reason, errors=errors)
+        except InvalidInput as e:  # what the graph left cannot be stored (a result that is not JSON, say)
+            reason = f"the workflow's outcome cannot be recorded: {e.message}"
+            await finish("failed", reason=reason, errors=[{"code": e.code, "message": reason}])
         lr.run_finished = True
 
     async def _held_checkpoints(self, workflow_id: str) -> list[Along]:

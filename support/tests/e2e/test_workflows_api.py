@@ -728,6 +728,7 @@ def parse_sse(
             "idempotency_kye",
         ),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": "approve", "x": 1}, 422, "x"),
+        ("POST", "/workflows/00000000-0000-0000-0000-000000000000/resume", {"decision": None}, 422, "decision"),
         ("POST", "/workflows/00000000-0000-0000-0000-000000000000/cancel", {"reason": "obsolete"}, 422, "reason"),
         ("GET", "/workflows?status=failed&status=succeeded", None, 422, "status"),
         ("GET", "/workflows?limit=1&limit=2", None, 422, "limit"),
