@@ -7,8 +7,15 @@ entry-point group; see docs/MULTI_AGENT_WORKFLOWS.md.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
-from importlib.metadata import entry_points
+import traceback
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from langgraph.graph import StateGraph
+from langgraph.graph.state import CompiledStateGraph
 
 from agent_orchestrator.workflows.base import (
     AbsolutePath,
@@ -37,6 +44,14 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "agent_orchestrator.workflows"
 _log = logging.getLogger(__name__)
+#: Code that is not the plug-in's: where it failed is the innermost frame outside these.
+_NOT_PLUGIN = ("<", str(Path(importlib.__file__).parent), str(Path(inspect.getfile(StateGraph)).parents[1]), __file__)
+#: The longest reason a skipped entry point gets, so one line stays one readable line.
+_MAX_REASON_CHARS = 300
+
+
+class _Skipped(Exception):
+    """An entry point that gives no usable workflow type; its message says why, in one line."""
 
 
 def builtin_workflow_types() -> dict[str, WorkflowType]:
@@ -49,17 +64,59 @@ def builtin_workflow_types() -> dict[str, WorkflowType]:
 
 
 def load_workflow_types() -> dict[str, WorkflowType]:
-    """Built-in types plus every valid entry point; a broken plug-in is logged and skipped."""
+    """Built-in types plus every valid entry point. A broken plug-in (it does not load, or its
+    ``build()`` gives no graph the orchestrator can compile) is skipped with one error line
+    naming it and saying why: it must not take the orchestrator down."""
     types = builtin_workflow_types()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            obj = ep.load()
-            wf = obj if isinstance(obj, WorkflowType) else obj()
-        except Exception:  # noqa: BLE001 - a broken plug-in must not take the orchestrator down
-            _log.exception("workflow entry point %s failed to load; skipped", ep.name)
-            continue
-        if not isinstance(wf, WorkflowType):
-            _log.error("workflow entry point %s gave %r, not a WorkflowType; skipped", ep.name, type(wf))
+            wf = _load(ep)
+            _check_graph(wf)
+        except _Skipped as e:
+            _log.error("workflow entry point %s (%s) skipped: %s", ep.name, ep.value, e)
             continue
         types[wf.name] = wf
     return types
+
+
+def _load(ep: EntryPoint) -> WorkflowType:
+    try:
+        obj = ep.load()
+        wf = obj if isinstance(obj, WorkflowType) else obj()
+    except Exception as e:  # any: a broken plug-in must not take the orchestrator down
+        raise _Skipped(f"failed to load: {_why(e)}") from e
+    if not isinstance(wf, WorkflowType):
+        raise _Skipped(
+            f"gave an object of type {type(wf).__name__}, "
+            "not a WorkflowType (or a zero-argument callable returning one)"
+        )
+    return wf
+
+
+def _check_graph(wf: WorkflowType) -> None:
+    """``wf.build()`` gives an uncompiled ``StateGraph`` that compiles: the orchestrator compiles
+    it itself, with its checkpointer, and reads its nodes and edges to list and draw it."""
+    try:
+        graph = wf.build()
+    except Exception as e:
+        raise _Skipped(f"build() raised {_why(e)}") from e
+    if isinstance(graph, CompiledStateGraph):
+        raise _Skipped(
+            "build() returned a compiled graph; return the StateGraph itself, without .compile() "
+            "(the orchestrator compiles it with its checkpointer)"
+        )
+    if not isinstance(graph, StateGraph):
+        raise _Skipped(f"build() returned an object of type {type(graph).__name__}, not a langgraph StateGraph")
+    try:
+        graph.compile().get_graph().draw_mermaid()
+    except Exception as e:
+        raise _Skipped(f"its graph does not compile: {_why(e)}") from e
+
+
+def _why(e: BaseException) -> str:
+    """``e`` in one line: its type, its message and, when it is in the plug-in's code, where."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}".rstrip(": ")
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_NOT_PLUGIN)]
+    return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text

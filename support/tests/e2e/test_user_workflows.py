@@ -1,6 +1,7 @@
 """A user workflow plugged in through the ``agent_orchestrator.workflows`` entry-point group, as
 docs/MULTI_AGENT_WORKFLOWS.md tells: its example module and its ``pyproject.toml`` lines, taken
-from the document itself, made into an installed distribution on the orchestrator's path."""
+from the document itself, made into an installed distribution on the orchestrator's path, beside
+broken plug-ins the orchestrator must skip."""
 
 from __future__ import annotations
 
@@ -21,6 +22,28 @@ pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "MULTI_AGENT_WORKFLOWS.md"
 
+#: Plug-ins a user may get wrong, beside the document's example (``my_package.broken``).
+BROKEN = """
+from agent_orchestrator.workflows import WorkflowType
+from my_package.workflows import ExplainInput, build
+
+
+def raising():
+    raise RuntimeError("no graph today")
+
+
+RAISES = WorkflowType(name="gen_raises", description="build() raises.", input_model=ExplainInput, build=raising)
+COMPILED = WorkflowType(
+    name="gen_compiled", description="build() compiles.", input_model=ExplainInput, build=lambda: build().compile()
+)
+"""
+#: The broken entry points, after the document's own, and what each is skipped for.
+BROKEN_ENTRY_POINTS = {
+    "broken": ("my_package.workflows:MISSING", "failed to load: AttributeError"),
+    "gen_raises": ("my_package.broken:RAISES", "build() raised RuntimeError: no graph today"),
+    "gen_compiled": ("my_package.broken:COMPILED", "build() returned a compiled graph"),
+}
+
 
 def _doc_block(language: str, containing: str) -> str:
     """The document's fenced ``language`` block that holds ``containing``."""
@@ -30,13 +53,15 @@ def _doc_block(language: str, containing: str) -> str:
 
 def _install(site: Path) -> None:
     """The document's example as the package ``my_package`` with its entry points in a dist-info
-    directory, as ``pip install`` leaves it; plus a broken entry point, which must be skipped."""
+    directory, as ``pip install`` leaves it; plus broken entry points, which must be skipped."""
     (site / "my_package").mkdir(parents=True)
     (site / "my_package" / "__init__.py").write_text("")
     (site / "my_package" / "workflows.py").write_text(_doc_block("python", "EXPLAIN = WorkflowType"))
+    (site / "my_package" / "broken.py").write_text(BROKEN)
     group = "agent_orchestrator.workflows"
     declared = tomllib.loads(_doc_block("toml", group))["project"]["entry-points"][group]
-    lines = [f"{name} = {target}" for name, target in {**declared, "broken": "my_package.workflows:MISSING"}.items()]
+    broken = {name: target for name, (target, _) in BROKEN_ENTRY_POINTS.items()}
+    lines = [f"{name} = {target}" for name, target in {**declared, **broken}.items()]
     info = site / "my_package-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 0.1\n")
@@ -55,11 +80,13 @@ def plugged(server_urls: tuple[str, str], tmp_path_factory: pytest.TempPathFacto
 def test_a_user_workflow_from_an_entry_point_is_listed_validated_and_run(plugged: Stack, tmp_path: Path) -> None:
     """The documented example is listed with its input schema and graph, refuses bad input naming
     the field, and runs: its node calls the code-review agent and the result is its answer. The
-    broken entry point beside it is logged and skipped; the built-in types are all there."""
+    broken entry points beside it are skipped; the built-in types are all there."""
     repo, _, _ = make_sample_repo(tmp_path)
     with httpx.Client(base_url=plugged.orchestrator_url, headers={"X-API-Key": plugged.api_key}, timeout=30) as api:
-        types = {t["name"]: t for t in api.get("/workflow-types").json()["items"]}
-        assert {"pr_deployment", "parallel_docs", "self_healing", "explain_module"} <= set(types)
+        listed = api.get("/workflow-types")
+        assert listed.status_code == 200, listed.text
+        types = {t["name"]: t for t in listed.json()["items"]}
+        assert set(types) == {"pr_deployment", "parallel_docs", "self_healing", "agent_chain", "explain_module"}
         assert set(types["explain_module"]["input_schema"]["properties"]) == {"repo_path", "path"}
         assert "explain" in types["explain_module"]["mermaid"]
         bad = api.post("/workflows", json={"workflow_type": "explain_module", "input": {"repo_path": str(repo)}})
@@ -72,8 +99,18 @@ def test_a_user_workflow_from_an_entry_point_is_listed_validated_and_run(plugged
         wf = _finished(api, launched.json()["workflow_id"])
     assert wf["status"] == "succeeded", wf
     assert [f["name"] for f in wf["result"]["functions"]] == ["add", "sub", "mul"]
+
+
+def test_broken_plug_ins_are_skipped_with_one_error_line_each(plugged: Stack) -> None:
+    """An entry point that does not load, or whose build() raises or returns a compiled graph,
+    is one error line in the orchestrator's log naming it and saying why; the orchestrator
+    started (a raising build() stopped it) and lists its types (a compiled one made that a 500)."""
     (orchestrator,) = plugged.find("orchestrator")
-    assert "workflow entry point broken failed to load; skipped" in orchestrator.log.read_text()
+    log = orchestrator.log.read_text().splitlines()
+    for name, (target, why) in BROKEN_ENTRY_POINTS.items():
+        head = f"workflow entry point {name} ({target}) skipped: {why}"
+        (line,) = [i for i, line in enumerate(log) if head in line]
+        assert not [more for more in log[line + 1 : line + 2] if more.startswith(("Traceback", " "))], log[line:]
 
 
 def _finished(api: httpx.Client, workflow_id: str, timeout_s: float = 60) -> dict[str, object]:
