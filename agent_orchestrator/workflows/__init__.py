@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 import traceback
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -27,6 +28,7 @@ from agent_orchestrator.workflows.base import (
     WorkflowInput,
     WorkflowType,
 )
+from shared.lib.workflow_state import WORKFLOW_TYPE_PATTERN
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -48,6 +50,7 @@ _log = logging.getLogger(__name__)
 _NOT_PLUGIN = ("<", str(Path(importlib.__file__).parent), str(Path(inspect.getfile(StateGraph)).parents[1]), __file__)
 #: The longest reason a skipped entry point gets, so one line stays one readable line.
 _MAX_REASON_CHARS = 300
+_NAME_RE = re.compile(WORKFLOW_TYPE_PATTERN)
 
 
 class _Skipped(Exception):
@@ -64,18 +67,23 @@ def builtin_workflow_types() -> dict[str, WorkflowType]:
 
 
 def load_workflow_types() -> dict[str, WorkflowType]:
-    """Built-in types plus every valid entry point. A broken plug-in (it does not load, or its
-    ``build()`` gives no graph the orchestrator can compile) is skipped with one error line
-    naming it and saying why: it must not take the orchestrator down."""
+    """Built-in types plus every valid entry point. A broken plug-in (it does not load, its type's
+    name is taken or malformed, or its ``build()`` gives no graph the orchestrator can compile)
+    is skipped with one error line naming it and saying why: it must not take the orchestrator
+    down, nor replace a type loaded before it."""
     types = builtin_workflow_types()
+    owners = dict.fromkeys(types, "the built-in type")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        label = f"{ep.name} ({ep.value})"
         try:
             wf = _load(ep)
+            _check_name(wf.name, owners)
             _check_graph(wf)
         except _Skipped as e:
-            _log.error("workflow entry point %s (%s) skipped: %s", ep.name, ep.value, e)
+            _log.error("workflow entry point %s skipped: %s", label, e)
             continue
         types[wf.name] = wf
+        owners[wf.name] = f"entry point {label}"
     return types
 
 
@@ -91,6 +99,14 @@ def _load(ep: EntryPoint) -> WorkflowType:
             "not a WorkflowType (or a zero-argument callable returning one)"
         )
     return wf
+
+
+def _check_name(name: str, owners: dict[str, str]) -> None:
+    """``name`` can be launched and is no other type's (the first to take a name keeps it)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise _Skipped(f"its type name {name!r} does not match {WORKFLOW_TYPE_PATTERN}, so it could never be launched")
+    if name in owners:
+        raise _Skipped(f"its type name {name!r} is already taken by {owners[name]}, which is kept; rename this type")
 
 
 def _check_graph(wf: WorkflowType) -> None:

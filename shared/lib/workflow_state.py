@@ -34,6 +34,7 @@ from shared.lib.settings import AGENT_ID_PATTERN
 __all__ = [
     "TERMINAL_STATUSES",
     "WORKFLOW_STATUSES",
+    "WORKFLOW_TYPE_PATTERN",
     "Checkpoint",
     "Workflow",
     "WorkflowPage",
@@ -43,6 +44,8 @@ __all__ = [
 
 WORKFLOW_STATUSES = ("pending", "running", "interrupted", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+#: A workflow type's name, as workflows are stored under it.
+WORKFLOW_TYPE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,127}$"
 
 
 def canonical_workflow_id(value: str) -> str:
@@ -63,7 +66,7 @@ def canonical_workflow_id(value: str) -> str:
 #: The snapshot and input are metadata; a graph's bulk belongs in the LangGraph checkpointer.
 _MAX_JSON_BYTES = 1024 * 1024
 _MAX_PAGE = 500
-_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+_TYPE_RE = re.compile(WORKFLOW_TYPE_PATTERN)
 _AGENT_RE = re.compile(AGENT_ID_PATTERN)
 _COLUMNS = (
     "id, workflow_type, status, current_step, agents, input, state, result, errors, metadata, version, "
@@ -265,7 +268,7 @@ class WorkflowStateManager:
         running (the replica launching it runs it at once), at ``step`` (its first node)."""
         _check_status(status, allowed=_NEW_STATUSES)
         if not isinstance(workflow_type, str) or not _TYPE_RE.match(workflow_type):
-            raise InvalidInput("workflow_type must match ^[a-z0-9][a-z0-9_.-]{0,127}$", field="workflow_type")
+            raise InvalidInput(f"workflow_type must match {WORKFLOW_TYPE_PATTERN}", field="workflow_type")
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
             raise InvalidInput("idempotency_key must be 1 to 200 characters", field="idempotency_key")
         values = [

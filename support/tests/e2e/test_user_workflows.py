@@ -16,6 +16,7 @@ import pytest
 
 from agent_orchestrator.demo import make_sample_repo
 from agent_orchestrator.stack import Stack
+from agent_orchestrator.workflows import builtin_workflow_types
 from support.tests.e2e.conftest import start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
@@ -36,12 +37,19 @@ RAISES = WorkflowType(name="gen_raises", description="build() raises.", input_mo
 COMPILED = WorkflowType(
     name="gen_compiled", description="build() compiles.", input_model=ExplainInput, build=lambda: build().compile()
 )
+SHADOW = WorkflowType(name="self_healing", description="Not the built-in.", input_model=ExplainInput, build=build)
+AGAIN = WorkflowType(name="explain_module", description="Not the first.", input_model=ExplainInput, build=build)
 """
 #: The broken entry points, after the document's own, and what each is skipped for.
 BROKEN_ENTRY_POINTS = {
     "broken": ("my_package.workflows:MISSING", "failed to load: AttributeError"),
     "gen_raises": ("my_package.broken:RAISES", "build() raised RuntimeError: no graph today"),
     "gen_compiled": ("my_package.broken:COMPILED", "build() returned a compiled graph"),
+    "shadow": ("my_package.broken:SHADOW", "its type name 'self_healing' is already taken by the built-in type"),
+    "explain_again": (
+        "my_package.broken:AGAIN",
+        "its type name 'explain_module' is already taken by entry point explain_module (my_package.workflows:EXPLAIN)",
+    ),
 }
 
 
@@ -88,6 +96,9 @@ def test_a_user_workflow_from_an_entry_point_is_listed_validated_and_run(plugged
         types = {t["name"]: t for t in listed.json()["items"]}
         assert set(types) == {"pr_deployment", "parallel_docs", "self_healing", "agent_chain", "explain_module"}
         assert set(types["explain_module"]["input_schema"]["properties"]) == {"repo_path", "path"}
+        assert types["explain_module"]["description"] == "Explain one module."  # the first to take the name
+        builtin = builtin_workflow_types()["self_healing"]
+        assert types["self_healing"]["description"] == builtin.description  # not the plug-in's of that name
         assert "explain" in types["explain_module"]["mermaid"]
         bad = api.post("/workflows", json={"workflow_type": "explain_module", "input": {"repo_path": str(repo)}})
         assert (bad.status_code, bad.json()["error"]["field"]) == (422, "input.path"), bad.text
@@ -102,9 +113,10 @@ def test_a_user_workflow_from_an_entry_point_is_listed_validated_and_run(plugged
 
 
 def test_broken_plug_ins_are_skipped_with_one_error_line_each(plugged: Stack) -> None:
-    """An entry point that does not load, or whose build() raises or returns a compiled graph,
-    is one error line in the orchestrator's log naming it and saying why; the orchestrator
-    started (a raising build() stopped it) and lists its types (a compiled one made that a 500)."""
+    """An entry point that does not load, whose build() raises or returns a compiled graph, or
+    whose type's name is taken (by a built-in type or an earlier plug-in) is one error line in
+    the orchestrator's log naming it and saying why; the orchestrator started (a raising
+    build() stopped it) and lists its types (a compiled one made that a 500)."""
     (orchestrator,) = plugged.find("orchestrator")
     log = orchestrator.log.read_text().splitlines()
     for name, (target, why) in BROKEN_ENTRY_POINTS.items():

@@ -63,6 +63,9 @@ RAISES = one("gen_raises", raising)
 COMPILED = one("gen_compiled", compiled)
 NO_START = one("gen_no_start", no_start)
 NOT_A_GRAPH = one("gen_not_a_graph", lambda: "graph")
+SHADOW = one("self_healing", description="Not the built-in.")
+GOOD_AGAIN = one("good", description="A second good.")
+MALFORMED = one("Good Type")
 """
 
 Install = Callable[[dict[str, str]], str]
@@ -142,3 +145,44 @@ def test_an_entry_point_that_does_not_load_is_skipped_with_one_error_line(
         f"workflow entry point odd ({package}:In) skipped: gave an object of type In, not a WorkflowType "
         "(or a zero-argument callable returning one)",
     ]
+
+
+def test_a_plug_in_cannot_take_a_built_in_types_name(install: Install, caplog: pytest.LogCaptureFixture) -> None:
+    """A plug-in type named as a built-in one is refused with one error line naming both; the
+    built-in type stays (it was replaced silently)."""
+    package = install({"shadow": "SHADOW"})
+    with caplog.at_level(logging.ERROR):
+        types = load_workflow_types()
+    assert types["self_healing"] is builtin_workflow_types()["self_healing"]
+    assert _errors(caplog) == [
+        f"workflow entry point shadow ({package}:SHADOW) skipped: its type name 'self_healing' is already "
+        "taken by the built-in type, which is kept; rename this type"
+    ]
+
+
+def test_the_first_plug_in_to_take_a_name_keeps_it(install: Install, caplog: pytest.LogCaptureFixture) -> None:
+    """Of two plug-ins giving a type the same name, the first loaded keeps it and the other is
+    refused with one error line naming both (the last one loaded won, silently)."""
+    package = install({"good": "GOOD", "good_again": "GOOD_AGAIN"})
+    with caplog.at_level(logging.ERROR):
+        types = load_workflow_types()
+    assert types["good"].description == "A plug-in type."
+    assert _errors(caplog) == [
+        f"workflow entry point good_again ({package}:GOOD_AGAIN) skipped: its type name 'good' is already "
+        f"taken by entry point good ({package}:GOOD), which is kept; rename this type"
+    ]
+
+
+def test_a_plug_in_type_whose_name_could_not_be_launched_is_skipped(
+    install: Install, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A type name outside the pattern workflows are stored under is refused at load, saying so,
+    rather than listed and then refused at every launch."""
+    install({"malformed": "MALFORMED"})
+    with caplog.at_level(logging.ERROR):
+        types = load_workflow_types()
+    assert "Good Type" not in types
+    (error,) = _errors(caplog)
+    assert error.endswith(
+        "skipped: its type name 'Good Type' does not match ^[a-z0-9][a-z0-9_.-]{0,127}$, so it could never be launched"
+    )
