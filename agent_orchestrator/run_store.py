@@ -36,6 +36,8 @@ class RunRow:
     cancel_requested: bool
     stuck_since: datetime | None
     lease_expires_at: datetime | None = None
+    losses: int = 0
+    """How many times a runner died while running it (claimed again after its lease ran out)."""
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> RunRow:
@@ -49,6 +51,7 @@ WITH locked AS MATERIALIZED (
     SELECT id, k FROM unnest($1::text[], $2::int8[]) AS c(id, k) WHERE pg_try_advisory_lock(k)
 ), claimed AS (
     UPDATE workflow_runs SET state = 'running', runner_id = $3, attempts = attempts + 1,
+        losses = losses + CASE WHEN state = 'running' THEN 1 ELSE 0 END,
         lease_expires_at = now() + make_interval(secs => $4), last_progress_at = now(), stuck_since = NULL,
         updated_at = now()
     WHERE workflow_id IN (SELECT id FROM locked)

@@ -28,7 +28,7 @@ from agent_orchestrator.lock_session import LockSession
 from agent_orchestrator.run_store import CANCEL_CHANNEL, RUNS_CHANNEL, RunRow, RunStore
 from shared.lib import metrics
 from shared.lib.connections import connection_lost
-from shared.lib.errors import OrchestratorError
+from shared.lib.errors import OrchestratorError, RunLost
 from shared.lib.settings import Settings
 
 __all__ = ["LocalRun", "RunExecutor", "RunFinished", "WorkflowRunner", "advisory_key"]
@@ -304,6 +304,7 @@ class WorkflowRunner:
         try:
             if lr.cancel_reason is not None:  # stopped before it started
                 raise asyncio.CancelledError
+            _check_losses(run, self.settings.max_run_losses)
             outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
             # cancelled by nobody here: the event loop is being torn down (the process stops), or a
@@ -470,6 +471,15 @@ class WorkflowRunner:
         if self._on_stuck_hook is not None:
             await self._on_stuck_hook(lr.run)
         self.cancel_local(lr.run.workflow_id, reason="stuck")
+
+
+def _check_losses(run: RunRow, max_losses: int) -> None:
+    """Refuse to run again a run that took its replica down ``max_losses`` times (RunLost)."""
+    if run.losses >= max_losses:
+        raise RunLost(
+            f"its replica stopped while running it {run.losses} times (killed, out of memory, or a node "
+            "that exits the process: see the replicas' logs); not run again"
+        )
 
 
 def _log_failure(workflow_id: str, exc: Exception) -> None:

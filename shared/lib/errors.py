@@ -25,6 +25,7 @@ __all__ = [
     "OrchestratorError",
     "PayloadTooLarge",
     "RequestRejected",
+    "RunLost",
     "ServiceUnavailable",
     "StartupError",
     "Timeout",
@@ -171,6 +172,12 @@ class ServiceUnavailable(OrchestratorError):
     status_code = 503
     code = "unavailable"
     retryable = True
+
+
+class RunLost(OrchestratorError):
+    """A workflow run whose replica died while running it too many times: it is not run again."""
+
+    code = "run_lost"
 
 
 class StartupError(OrchestratorError):

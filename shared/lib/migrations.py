@@ -30,6 +30,7 @@ MIGRATIONS: list[str] = [
     "events.sql",
     "workflow_runs.sql",
     "resource_locks_fast_path.sql",
+    "workflow_runs_losses.sql",
 ]
 
 #: Advisory-lock key guarding migrations (an arbitrary constant: "ao-migr" in ASCII).

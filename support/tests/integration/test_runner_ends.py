@@ -22,7 +22,7 @@ from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
 from agent_orchestrator.runner import LocalRun, WorkflowRunner
 from shared.lib.connections import create_pg_pool
-from shared.lib.errors import RequestRejected
+from shared.lib.errors import RequestRejected, RunLost
 from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
 
@@ -165,6 +165,51 @@ async def test_a_replica_claims_only_runs_of_the_types_it_has(
         assert executed.empty()
         state = await pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", elsewhere)
         assert state == "queued"
+    finally:
+        await runner.stop()
+        await pool.close()
+
+
+async def test_a_run_that_took_its_replica_down_too_often_fails_instead_of_running_again(
+    database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """Each claim of a run whose runner died (lease run out) counts a loss; at AO_MAX_RUN_LOSSES the
+    run fails with RunLost instead of taking down the next replica too (a node that exits the
+    process would otherwise crash every replica in turn). A first loss is simply taken over."""
+    pool = await create_pg_pool(database_url)
+    executed: list[str] = []
+    finished: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        executed.append(lr.run.workflow_id)
+        return Outcome(status="succeeded")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await finished.put((lr.run.workflow_id, outcome))
+
+    runner = WorkflowRunner(pool, settings_factory(max_run_losses=3), execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    poison, survivor = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        for workflow_id, losses in ((poison, 2), (survivor, 0)):
+            await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+            await pool.execute(  # its runner died: running, under a lease that ran out
+                "UPDATE workflow_runs SET state = 'running', runner_id = 'dead', attempts = $2 + 1, losses = $2, "
+                "lease_expires_at = now() - interval '1 second' WHERE workflow_id = $1",
+                workflow_id,
+                losses,
+            )
+        await runner.start()
+        ended = dict([await asyncio.wait_for(finished.get(), 15) for _ in range(2)])
+        assert executed == [survivor]
+        assert isinstance(ended[survivor], Outcome)
+        lost = ended[poison]
+        assert isinstance(lost, RunLost), lost
+        assert "its replica stopped while running it 3 times" in lost.message
+        losses = await pool.fetchval("SELECT losses FROM workflow_runs WHERE workflow_id = $1", survivor)
+        assert losses == 1
     finally:
         await runner.stop()
         await pool.close()
