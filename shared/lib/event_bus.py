@@ -20,7 +20,8 @@ was lost with Redis's data (a restart without persistence) and is sent again.
 A request held by a dead instance is reclaimed with XAUTOCLAIM after
 ``Settings.visibility_timeout_s``; running handlers renew their claim; a
 request delivered more than ``Settings.max_deliveries`` times goes to the
-agent's dead-letter stream with its reason, as does any refused envelope.
+agent's dead-letter stream with its reason, as does any envelope refused off
+the stream (one refused over HTTP is answered, not stored).
 ``cancel_request`` publishes a cancel notice on the agent's cancel channel, heard
 by its instances on their reply connections: the one running the request cancels
 its handler and stores the answer ``cancelled``.
@@ -654,13 +655,13 @@ class EventBus:
 
         Raises ``PayloadTooLarge``, ``InvalidSignature`` (also for a ``created_at``
         outside the replay window) or ``DeadlineExpired`` for a refused envelope
-        (dead-lettered with its reason, but for the expired deadline); returns the
+        (answered, not dead-lettered: see :meth:`_refuse_bad`); returns the
         stored response for a repeat, else the handler's response, stored under the
         idempotency key.
         """
         core = self._core
         agent = request.target_agent
-        await self._refuse_bad(request)
+        self._refuse_bad(request)
         if request.deadline < time.time():
             raise DeadlineExpired("the request's deadline has passed; send it with a later one", field="deadline")
         stream = keys.request_stream(core.prefix, agent, keys.band_of(request.priority))
@@ -679,7 +680,11 @@ class EventBus:
         await core.finish(request, outcome.raw, stream=None, entry_id=None)  # runs in the batch task: shielded
         return outcome.response
 
-    async def _refuse_bad(self, request: AgentRequestEvent) -> None:
+    def _refuse_bad(self, request: AgentRequestEvent) -> None:
+        """Raise the refusal of a request over HTTP that fails the size, signature or replay
+        checks. It is counted (``agent_requests_refused_total``) and logged, not dead-lettered:
+        the caller has it as its answer, and storing the bodies of callers nobody authenticated
+        let anyone fill Redis (200 bogus 1 MB envelopes grew it by 190 MB)."""
         core = self._core
         try:
             check_payload_size(request.payload, max_bytes=self.settings.max_payload_bytes)
@@ -688,8 +693,8 @@ class EventBus:
                 request.verify(key)
             core.check_window(request, now=time.time())
         except OrchestratorError as e:
-            with contextlib.suppress(*_TRANSIENT):
-                await core.dead_letter(request.target_agent, request.to_json(), reason=e.code, message=e.message)
+            metrics.AGENT_REQUESTS_REFUSED.labels(e.code).inc()
+            _log.warning("refused a request to %s over HTTP: %s (%s)", request.target_agent, e.code, e.message)
             raise
 
     # -- dead letters ------------------------------------------------------------------

@@ -195,6 +195,7 @@ __all__ += [
     "AGENT_REQUESTS_ACTIVE",
     "AGENT_REQUESTS_DEAD_LETTERED",
     "AGENT_REQUESTS_REDELIVERED",
+    "AGENT_REQUESTS_REFUSED",
     "AGENT_REQUEST_DURATION",
     "AGENT_REQUEST_QUEUE_DEPTH",
     "AGENT_REQUEST_TIMEOUTS",
@@ -225,6 +226,11 @@ AGENT_REQUESTS_REDELIVERED = Counter(
 AGENT_REQUESTS_DEAD_LETTERED = Counter(
     "agent_requests_dead_lettered_total",
     "Requests moved to a dead-letter stream (max_deliveries, bad_signature, payload_too_large...).",
+    ["reason"],
+)
+AGENT_REQUESTS_REFUSED = Counter(
+    "agent_requests_refused_total",
+    "Requests refused over HTTP by the bus's own checks (bad_signature, payload_too_large...): answered, not stored.",
     ["reason"],
 )
 AGENT_REQUEST_QUEUE_DEPTH = Gauge(

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from agents.sdk.agent import Agent, skill
 from agents.sdk.app import create_agent_app
 from shared.lib import redis_keys as keys
+from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.embedded import free_port
 from shared.lib.settings import Settings
 from support.tests.registry_support import RunningRegistry, serve_registry
@@ -116,3 +117,32 @@ async def test_an_instance_whose_bus_serving_ended_is_not_ready_and_is_error_in_
         consumers = keys.consumers_key(settings.redis_prefix, "waiter")
         assert await running.runtime.ctx.redis.zscore(consumers, "waiter-1") is None
         assert (await http.get("/health")).status_code == 200
+
+
+def _envelope(seconds: float = 0.0, **fields: Any) -> dict[str, Any]:
+    request = AgentRequestEvent.create(
+        source_agent="tester", target_agent="waiter", request_type="WAIT", payload={"seconds": seconds}
+    )
+    return {**request.to_dict(), **fields}
+
+
+async def test_a_forged_envelope_without_credentials_is_answered_and_stores_nothing(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """POST /agent-request with no credentials, a bogus signature and a 1 MB payload is a 401
+    bad_signature and leaves nothing in Redis (each went whole into the dead-letter stream)."""
+    async with (
+        serve_registry(settings_factory) as registry,
+        serve_agent_app(settings_factory, registry) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=30) as http,
+    ):
+        redis = running.runtime.ctx.redis
+        dead = keys.dead_letter_stream(running.agent.settings.redis_prefix, "waiter")
+        before = (await redis.info("memory"))["used_memory"]
+        forged = _envelope(signature="00" * 32)
+        forged["payload"]["filler"] = "a" * 1_000_000
+        for _ in range(20):
+            answer = await http.post("/agent-request", json=forged)
+            assert (answer.status_code, answer.json()["error"]["code"]) == (401, "bad_signature")
+        assert await redis.xlen(dead) == 0
+        assert (await redis.info("memory"))["used_memory"] - before < 5_000_000  # it was 20 MB

@@ -650,7 +650,29 @@ async def test_execute_refuses_a_replayed_envelope_as_a_bad_signature(make_bus: 
     with pytest.raises(InvalidSignature) as err:
         await bus.execute(stale, _echo)
     assert (err.value.code, err.value.status_code, err.value.field) == ("bad_signature", 401, "created_at")
-    assert [d.reason for d in await bus.dead_letters("echo")] == ["bad_signature"]
+    assert await bus.dead_letters("echo") == []  # answered: nothing stored
+
+
+def _refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("agent_requests_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_refusals_over_http_are_counted_and_store_nothing(make_bus: BusFactory) -> None:
+    """A request refused by execute()'s checks (a forged signature, an oversized payload) is answered
+    and counted, and nothing of it is written to Redis: each body went to the dead-letter stream,
+    so anyone could grow Redis by a megabyte a request without credentials."""
+    bus = await make_bus(max_payload_bytes=1024 * 1024)
+    forged = _req(payload={"x": "a" * 1_000_000}).model_copy(update={"signature": "00" * 32})
+    too_big = _req(payload={"x": "a" * 1_100_000}).signed(bus.settings.signing_key.encode())
+    before = {reason: _refused(reason) for reason in ("bad_signature", "payload_too_large")}
+    for _ in range(10):
+        with pytest.raises(InvalidSignature):
+            await bus.execute(forged, _echo)
+    with pytest.raises(PayloadTooLarge):
+        await bus.execute(too_big, _echo)
+    assert _refused("bad_signature") - before["bad_signature"] == 10
+    assert _refused("payload_too_large") - before["payload_too_large"] == 1
+    assert [key async for key in bus.redis.scan_iter(match=f"{bus.settings.redis_prefix}:*")] == []
 
 
 def _series(name: str, **match: str) -> list[dict[str, str]]:
@@ -775,7 +797,7 @@ async def test_execute_runs_http_requests_through_the_same_checks(make_bus: BusF
     expired = _req(timeout_s=-1).signed(key)
     with pytest.raises(DeadlineExpired):
         await bus.execute(expired, handler)
-    assert [d.reason for d in await bus.dead_letters("echo")] == ["bad_signature", "bad_signature"]
+    assert await bus.dead_letters("echo") == []  # refusals over HTTP are answered, not stored
     assert bus.in_flight == 0
 
 
