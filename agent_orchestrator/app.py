@@ -56,8 +56,9 @@ def _orchestrator(
 ) -> Orchestrator:
     run_store = RunStore(pool, runner_id=replica, lease_ttl_s=settings.run_lease_ttl_s)
     records = WorkflowRecords(pool, WorkflowStateManager(pool), run_store)
+    types, failed = load_workflow_types()
     orch = Orchestrator(
-        settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=load_workflow_types()
+        settings=settings, records=records, bus=bus, locks=locks, saver=saver, types=types, failed_types=failed
     )
     orch.runner = WorkflowRunner(
         pool,

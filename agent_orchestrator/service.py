@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,7 +32,7 @@ from agent_orchestrator.records import Launched, WorkflowRecord, WorkflowRecords
 from agent_orchestrator.run_locks import RunLocks
 from agent_orchestrator.run_store import RunRow, RunStore
 from agent_orchestrator.runner import LocalRun, WorkflowRunner
-from agent_orchestrator.workflows import WorkflowContext, WorkflowType
+from agent_orchestrator.workflows import WorkflowContext, WorkflowType, unknown_workflow_type
 from shared.lib import metrics
 from shared.lib.connections import Along
 from shared.lib.errors import Conflict, InvalidInput, OrchestratorError
@@ -61,6 +61,7 @@ class Orchestrator:
     saver: Any
     types: dict[str, WorkflowType]
     runner: WorkflowRunner | None = None
+    failed_types: dict[str, str] = field(default_factory=dict)  # LoadedTypes.failed: why a plug-in is not in types
 
     def __post_init__(self) -> None:
         self._graphs: dict[str, CompiledStateGraph[Any, Any, Any, Any]] = {}
@@ -94,9 +95,7 @@ class Orchestrator:
         its events from before it exists; by default one is made here."""
         wtype = self.types.get(workflow_type)
         if wtype is None:
-            raise InvalidInput(
-                f"unknown workflow_type {workflow_type!r}; known types: {sorted(self.types)}", field="workflow_type"
-            )
+            raise unknown_workflow_type(workflow_type, self.types, self.failed_types)
         try:
             validated = wtype.validate_input(data)
         except ValueError as e:  # pydantic.ValidationError is a ValueError

@@ -12,8 +12,10 @@ import inspect
 import logging
 import re
 import traceback
+from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import NamedTuple
 
 from langgraph.graph import StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -28,6 +30,7 @@ from agent_orchestrator.workflows.base import (
     WorkflowInput,
     WorkflowType,
 )
+from shared.lib.errors import InvalidInput
 from shared.lib.workflow_state import WORKFLOW_TYPE_PATTERN
 
 __all__ = [
@@ -36,12 +39,14 @@ __all__ = [
     "AgentCalls",
     "AgentReply",
     "Durability",
+    "LoadedTypes",
     "LockHolder",
     "WorkflowContext",
     "WorkflowInput",
     "WorkflowType",
     "builtin_workflow_types",
     "load_workflow_types",
+    "unknown_workflow_type",
 ]
 
 ENTRY_POINT_GROUP = "agent_orchestrator.workflows"
@@ -51,6 +56,16 @@ _NOT_PLUGIN = ("<", str(Path(importlib.__file__).parent), str(Path(inspect.getfi
 #: The longest reason a skipped entry point gets, so one line stays one readable line.
 _MAX_REASON_CHARS = 300
 _NAME_RE = re.compile(WORKFLOW_TYPE_PATTERN)
+
+
+class LoadedTypes(NamedTuple):
+    """What :func:`load_workflow_types` found."""
+
+    types: dict[str, WorkflowType]
+    """The types this process runs, by name."""
+    failed: dict[str, str]
+    """Why each skipped entry point was skipped (one line), by the names a launch of it would
+    give: the entry point's and its type's, when it gave one; never a name in ``types``."""
 
 
 class _Skipped(Exception):
@@ -66,25 +81,36 @@ def builtin_workflow_types() -> dict[str, WorkflowType]:
     return {t.name: t for t in (PR_DEPLOYMENT, PARALLEL_DOCS, SELF_HEALING, AGENT_CHAIN)}
 
 
-def load_workflow_types() -> dict[str, WorkflowType]:
+def load_workflow_types() -> LoadedTypes:
     """Built-in types plus every valid entry point. A broken plug-in (it does not load, its type's
     name is taken or malformed, or its ``build()`` gives no graph the orchestrator can compile)
     is skipped with one error line naming it and saying why: it must not take the orchestrator
-    down, nor replace a type loaded before it."""
+    down, nor replace a type loaded before it. What was skipped, and why, is kept for the API."""
     types = builtin_workflow_types()
     owners = dict.fromkeys(types, "the built-in type")
+    failed: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         label = f"{ep.name} ({ep.value})"
+        wf: WorkflowType | None = None
         try:
             wf = _load(ep)
             _check_name(wf.name, owners)
             _check_graph(wf)
         except _Skipped as e:
             _log.error("workflow entry point %s skipped: %s", label, e)
+            for name in {ep.name, str(getattr(wf, "name", ep.name))}:
+                failed.setdefault(name, f"its entry point {label} was skipped at start: {e}")
             continue
         types[wf.name] = wf
         owners[wf.name] = f"entry point {label}"
-    return types
+    return LoadedTypes(types, {name: why for name, why in failed.items() if name not in types})
+
+
+def unknown_workflow_type(name: str, known: Iterable[str], failed: Mapping[str, str]) -> InvalidInput:
+    """The error of a launch of ``name``, a type this process does not run: it names the known
+    ones and, when an entry point of that name was skipped (``LoadedTypes.failed``), why."""
+    why = f": {failed[name]}; fix the plug-in and restart the orchestrator" if name in failed else ""
+    return InvalidInput(f"unknown workflow_type {name!r}{why}; known types: {sorted(known)}", field="workflow_type")
 
 
 def _load(ep: EntryPoint) -> WorkflowType:

@@ -125,6 +125,25 @@ def test_broken_plug_ins_are_skipped_with_one_error_line_each(plugged: Stack) ->
         assert not [more for more in log[line + 1 : line + 2] if more.startswith(("Traceback", " "))], log[line:]
 
 
+@pytest.mark.parametrize("name", ["broken", "gen_raises", "gen_compiled", "shadow"])
+def test_launching_a_skipped_plug_in_says_it_failed_to_load_and_why(plugged: Stack, name: str) -> None:
+    """Launching the type of an entry point that was skipped is a 422 naming workflow_type that
+    says, in one line, that its entry point was skipped at start and why, then the known types
+    (it said only "unknown workflow_type"); another unknown type names the known types only."""
+    target, why = BROKEN_ENTRY_POINTS[name]
+    with httpx.Client(base_url=plugged.orchestrator_url, headers={"X-API-Key": plugged.api_key}, timeout=30) as api:
+        r = api.post("/workflows", json={"workflow_type": name, "input": {}})
+        unknown = api.post("/workflows", json={"workflow_type": "nope", "input": {}})
+    assert (r.status_code, r.json()["error"]["field"]) == (422, "workflow_type"), r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(
+        f"unknown workflow_type '{name}': its entry point {name} ({target}) was skipped at start: {why}"
+    )
+    assert "; fix the plug-in and restart the orchestrator; known types: [" in message
+    assert "\n" not in message
+    assert unknown.json()["error"]["message"].startswith("unknown workflow_type 'nope'; known types: ['agent_chain'")
+
+
 def _finished(api: httpx.Client, workflow_id: str, timeout_s: float = 60) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

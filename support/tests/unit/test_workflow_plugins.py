@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from agent_orchestrator.workflows import ENTRY_POINT_GROUP, builtin_workflow_types, load_workflow_types
+from agent_orchestrator.workflows import (
+    ENTRY_POINT_GROUP,
+    builtin_workflow_types,
+    load_workflow_types,
+    unknown_workflow_type,
+)
 
 #: A plug-in module: a good type, and types whose ``build()`` the orchestrator cannot use.
 PLUGIN = """
@@ -118,11 +123,15 @@ def test_a_plug_in_whose_build_gives_no_usable_graph_is_skipped_with_one_error_l
     beside it load (it took the orchestrator down, or answered 500 on /workflow-types)."""
     package = install({"good": "GOOD", "bad": entry})
     with caplog.at_level(logging.ERROR):
-        types = load_workflow_types()
+        types, failed = load_workflow_types()
     assert set(types) == {*builtin_workflow_types(), "good"}
     (error,) = _errors(caplog)
     assert error.startswith(f"workflow entry point bad ({package}:{entry}) skipped: {why}"), error
     assert "\n" not in error
+    assert set(failed) == {"bad", f"gen_{entry.lower()}"}
+    assert (
+        failed["bad"] == f"its entry point bad ({package}:{entry}) was skipped at start: {error.split(' skipped: ')[1]}"
+    )
     for wtype in types.values():  # what the orchestrator does with every type it loaded
         assert wtype.mermaid()
 
@@ -134,9 +143,14 @@ def test_an_entry_point_that_does_not_load_is_skipped_with_one_error_line(
     one error line saying why; the good type beside it loads."""
     package = install({"good": "GOOD", "bad_import": "no_such_module:X", "missing": "MISSING", "odd": "In"})
     with caplog.at_level(logging.ERROR):
-        types = load_workflow_types()
+        types, failed = load_workflow_types()
     assert set(types) == {*builtin_workflow_types(), "good"}
     errors = sorted(_errors(caplog))
+    assert set(failed) == {"bad_import", "missing", "odd"}
+    assert failed["bad_import"] == (
+        "its entry point bad_import (no_such_module:X) was skipped at start: failed to load: "
+        "ModuleNotFoundError: No module named 'no_such_module'"
+    )
     assert errors == [
         "workflow entry point bad_import (no_such_module:X) skipped: failed to load: "
         "ModuleNotFoundError: No module named 'no_such_module'",
@@ -152,8 +166,9 @@ def test_a_plug_in_cannot_take_a_built_in_types_name(install: Install, caplog: p
     built-in type stays (it was replaced silently)."""
     package = install({"shadow": "SHADOW"})
     with caplog.at_level(logging.ERROR):
-        types = load_workflow_types()
+        types, failed = load_workflow_types()
     assert types["self_healing"] is builtin_workflow_types()["self_healing"]
+    assert set(failed) == {"shadow"}  # not self_healing: that name is launched, as the built-in type
     assert _errors(caplog) == [
         f"workflow entry point shadow ({package}:SHADOW) skipped: its type name 'self_healing' is already "
         "taken by the built-in type, which is kept; rename this type"
@@ -165,8 +180,9 @@ def test_the_first_plug_in_to_take_a_name_keeps_it(install: Install, caplog: pyt
     refused with one error line naming both (the last one loaded won, silently)."""
     package = install({"good": "GOOD", "good_again": "GOOD_AGAIN"})
     with caplog.at_level(logging.ERROR):
-        types = load_workflow_types()
+        types, failed = load_workflow_types()
     assert types["good"].description == "A plug-in type."
+    assert set(failed) == {"good_again"}
     assert _errors(caplog) == [
         f"workflow entry point good_again ({package}:GOOD_AGAIN) skipped: its type name 'good' is already "
         f"taken by entry point good ({package}:GOOD), which is kept; rename this type"
@@ -180,9 +196,23 @@ def test_a_plug_in_type_whose_name_could_not_be_launched_is_skipped(
     rather than listed and then refused at every launch."""
     install({"malformed": "MALFORMED"})
     with caplog.at_level(logging.ERROR):
-        types = load_workflow_types()
+        types, failed = load_workflow_types()
     assert "Good Type" not in types
+    assert set(failed) == {"malformed", "Good Type"}
     (error,) = _errors(caplog)
     assert error.endswith(
         "skipped: its type name 'Good Type' does not match ^[a-z0-9][a-z0-9_.-]{0,127}$, so it could never be launched"
     )
+
+
+def test_an_unknown_type_says_why_when_its_entry_point_was_skipped() -> None:
+    """The error of a launch of a type whose entry point was skipped says so and why, in one line,
+    beside the known types; any other unknown type names the known ones only."""
+    failed = {"bad_import": "its entry point bad_import (no_such_module:X) was skipped at start: failed to load: ..."}
+    error = unknown_workflow_type("bad_import", ["good", "agent_chain"], failed)
+    assert (error.status_code, error.field) == (422, "workflow_type")
+    assert str(error) == (
+        "unknown workflow_type 'bad_import': its entry point bad_import (no_such_module:X) was skipped at start: "
+        "failed to load: ...; fix the plug-in and restart the orchestrator; known types: ['agent_chain', 'good']"
+    )
+    assert str(unknown_workflow_type("nope", ["good"], failed)) == "unknown workflow_type 'nope'; known types: ['good']"
