@@ -90,7 +90,8 @@ from shared.lib.settings import Settings
 
 __all__ = ["NEW_THREAD_KEY", "WRITE_BEHIND_KEY", "PooledPostgresSaver", "SaverStats", "open_checkpointer"]
 
-#: How long a held-back opening checkpoint waits for its thread's next statement before it is dropped.
+#: How long a held-back opening checkpoint waits for its thread's next statement before it is
+#: written on its own (its first node runs long, waiting on a lock say, or its run stopped).
 _DEFERRED_MAX_S = 60.0
 #: ``configurable`` key a caller sets when it knows the thread has no checkpoint yet.
 NEW_THREAD_KEY = "thread_is_new"
@@ -285,13 +286,12 @@ def _opening(metadata: CheckpointMetadata) -> bool:
 
 @dataclass
 class _Deferred:
-    """What a thread holds back: checkpoints and the writes that came with them, since ``at``."""
+    """What a thread holds back: checkpoints and the writes that came with them."""
 
-    at: float
     rows: list[_CheckpointRows] = field(default_factory=list)
     batches: list[_WriteBatch] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
-    """When it is written anyway (a write-behind window), if it is."""
+    """When it is written anyway: at the end of a write-behind window, or of ``_DEFERRED_MAX_S``."""
 
 
 def _consume_exception(fut: asyncio.Future[None]) -> None:
@@ -432,18 +432,21 @@ class PooledPostgresSaver(AsyncPostgresSaver):
           held rows are written ``write_within_s`` after the first of them, with whatever
           came meanwhile; a crash may lose that window's steps, which run again.
 
-        The caller sends what a run leaves held back with :meth:`flush`; a held opening
-        checkpoint left there (its run stopped and was never flushed) is dropped after a while."""
-        now = time.monotonic()
-        for stale in [k for k, d in self._deferred.items() if now - d.at > _DEFERRED_MAX_S and d.timer is None]:
-            del self._deferred[stale]
-        held = self._deferred.setdefault(key, _Deferred(now))
+        The caller sends what a run leaves held back with :meth:`flush`. Opening checkpoints
+        still held after ``_DEFERRED_MAX_S`` are written on their own: their first node runs long
+        (waiting on a lock), or their run stopped and was never flushed; never dropped, since
+        the run goes on from them."""
+        held = self._deferred.setdefault(key, _Deferred())
         held.rows.append(rows)
         for batch in self._take(key):
             held.batches.append(batch)
             batch.done.set_result(None)
-        if write_within_s is not None and held.timer is None:
-            held.timer = asyncio.get_running_loop().call_later(write_within_s, self._write_held_soon, key)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + (_DEFERRED_MAX_S if write_within_s is None else write_within_s)
+        if held.timer is None or due < held.timer.when():  # the earliest deadline of what it holds
+            if held.timer is not None:
+                held.timer.cancel()
+            held.timer = loop.call_at(due, self._write_held_soon, key)
 
     def _write_held_soon(self, key: tuple[str, str]) -> None:
         """A write-behind window ran out: write the thread's held rows (after its write before)."""

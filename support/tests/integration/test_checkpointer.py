@@ -318,24 +318,57 @@ async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: Po
     assert not saver._deferred
 
 
-async def test_a_held_back_input_checkpoint_whose_run_ended_is_dropped_later(saver: PooledPostgresSaver) -> None:
-    """A run cancelled right after its input checkpoint sends nothing more: the held-back row
-    does not stay in memory for ever (dropped once stale, when another is held back)."""
+async def test_a_held_back_input_checkpoint_is_written_on_its_own_after_a_while_never_dropped(
+    saver: PooledPostgresSaver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new thread's opening checkpoints wait for its first node's statement, but not for ever:
+    a first node that runs long (pr_deployment's lock_repo, queued behind another run's lock) or a
+    run that stopped before it sends nothing for a while, and the held rows are then written on
+    their own. They were once dropped after a minute, and a run whose first node waited that long
+    lost its input checkpoint: the next node failed with KeyError: 'input' after its approval."""
     from langgraph.checkpoint.base import empty_checkpoint
 
-    async def hold(thread: str) -> None:
-        config = {"configurable": {"thread_id": thread, "checkpoint_ns": "", NEW_THREAD_KEY: True}}
-        await saver.aput(config, empty_checkpoint(), {"source": "input", "step": -1, "parents": {}}, {})  # type: ignore[arg-type, typeddict-item]
-
+    monkeypatch.setattr("agent_orchestrator.checkpointer._DEFERRED_MAX_S", 0.2)
+    config = {"configurable": {"thread_id": "slow-first-node", "checkpoint_ns": "", NEW_THREAD_KEY: True}}
     before = saver.stats.statements
-    await hold("abandoned")
+    await saver.aput(config, empty_checkpoint(), {"source": "input", "step": -1, "parents": {}}, {})  # type: ignore[arg-type, typeddict-item]
     assert saver.stats.statements == before  # held back, nothing sent
-    assert ("abandoned", "") in saver._deferred
-    saver._deferred[("abandoned", "")].at -= 3600  # an hour ago
-    await hold("next")
-    assert ("abandoned", "") not in saver._deferred
-    assert ("next", "") in saver._deferred
-    saver._deferred.clear()
+    await asyncio.sleep(1.0)  # the first node runs long
+    assert ("slow-first-node", "") not in saver._deferred
+    history = [c async for c in saver.alist({"configurable": {"thread_id": "slow-first-node"}})]  # type: ignore[arg-type]
+    assert [c.metadata["source"] for c in history] == ["input"]
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+async def test_a_first_node_that_outlasts_the_hold_keeps_the_whole_history(
+    saver: PooledPostgresSaver, stock: AsyncPostgresSaver, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """The opening checkpoints written on their own while the first node still runs: the run
+    goes on, and the history is the one the stock saver reads for any run, input first."""
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    monkeypatch.setattr("agent_orchestrator.checkpointer._DEFERRED_MAX_S", 0.1)
+
+    async def slow_first(s: State) -> dict[str, Any]:
+        await asyncio.sleep(0.5)
+        other = {"configurable": {"thread_id": uuid.uuid4().hex, "checkpoint_ns": "", NEW_THREAD_KEY: True}}
+        await saver.aput(other, empty_checkpoint(), {"source": "input", "step": -1, "parents": {}}, {})  # type: ignore[arg-type, typeddict-item]  # another launch meanwhile
+        return {"n": s.get("n", 0) + 1, "log": ["first"]}
+
+    graph = StateGraph(State)
+    graph.add_node("first", slow_first)
+    graph.add_node("second", lambda s: {"n": s["n"] * 10, "log": ["second"]})
+    graph.add_edge(START, "first")
+    graph.add_edge("first", "second")
+    graph.add_edge("second", END)
+    thread = uuid.uuid4().hex
+    config = _config(thread, **{NEW_THREAD_KEY: True})
+    out = await graph.compile(checkpointer=saver).ainvoke({"n": 2}, config, durability=durability)  # type: ignore[arg-type]
+    await saver.flush(thread)
+    assert out["n"] == 30
+    theirs = [c async for c in stock.alist(_config(thread))]  # type: ignore[arg-type]
+    assert [(c.metadata["source"], c.metadata["step"]) for c in theirs] == _CHAIN_HISTORY
+    assert theirs[0].checkpoint["channel_values"]["n"] == 30
 
 
 async def test_writes_share_statements_with_checkpoints(saver: PooledPostgresSaver) -> None:
