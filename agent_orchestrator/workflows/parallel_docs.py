@@ -23,6 +23,7 @@ from langgraph.types import Send
 from pydantic import Field, ValidationInfo, field_validator
 
 from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
+from shared.lib.connections import connection_lost
 from shared.lib.errors import InvalidInput, NotFound, OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
 
@@ -165,6 +166,8 @@ async def document(state: MultiAgentState, runtime: Runtime[WorkflowContext]) ->
     try:
         reply = await runtime.context.calls.call("documentation", "GENERATE_DOCS", payload, label=f"docs:{name}")
     except OrchestratorError as e:  # the instance that failed the part, when one answered
+        if connection_lost(e):  # Redis or PostgreSQL out of reach: the run is handed back and resumes
+            raise
         failed = {"unit": name, "ok": False, "error": e.message, "instance": e.details.get("served_by")}
         return {"parts": [failed]}
     part = {"unit": name, "ok": True, "instance": reply.instance, "markdown": reply.payload.get("markdown", "")}

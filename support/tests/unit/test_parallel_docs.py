@@ -4,12 +4,23 @@ per unit, always inside output_dir, none overwriting another."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from agent_orchestrator.workflows.parallel_docs import PARALLEL_DOCS, _file_names, _file_stem, fan_out, merge, plan
+from agent_orchestrator.workflows.parallel_docs import (
+    PARALLEL_DOCS,
+    _file_names,
+    _file_stem,
+    document,
+    fan_out,
+    merge,
+    plan,
+)
+from shared.lib.connections import connection_lost
+from shared.lib.errors import RequestRejected, ServiceUnavailable
 
 
 def _part(unit: str, *, ok: bool = True) -> dict[str, Any]:
@@ -153,3 +164,41 @@ def test_input_refused_names_the_field(data: dict[str, Any], loc: tuple[Any, ...
         PARALLEL_DOCS.validate_input({"repo_path": "/r", **data})
     first = e.value.errors()[0]
     assert (first["loc"], says in first["msg"]) == (loc, True), first
+
+
+class _Calls:
+    """Agent calls that fail as ``error`` says (the node's own handling is what is tested)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def call(self, agent: str, request_type: str, payload: dict[str, Any], **_: Any) -> Any:
+        raise self.error
+
+
+def _refused_by_redis() -> ServiceUnavailable:
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except ConnectionRefusedError as e:
+        try:
+            raise ServiceUnavailable("cannot reach Redis to send the request: refused; retry it") from e
+        except ServiceUnavailable as unavailable:
+            return unavailable
+
+
+async def test_a_part_an_agent_failed_is_recorded_and_a_lost_server_hands_the_run_back() -> None:
+    """An agent's refusal fails that part only; Redis out of reach is not the part's failure: the
+    node raises, so the runner hands the run back to resume once Redis is back (it used to fail
+    every part, for good, on an outage longer than the call's timeout)."""
+    state: Any = {"unit": {"repo_path": "/r", "doc_type": "module", "module": "calc"}}
+
+    def runtime(error: Exception) -> Any:
+        return SimpleNamespace(context=SimpleNamespace(calls=_Calls(error)))
+
+    refused = RequestRejected("documentation rejected GENERATE_DOCS: no such module", details={"served_by": "d-1"})
+    out = await document(state, runtime(refused))
+    assert out == {"parts": [{"unit": "calc", "ok": False, "error": refused.message, "instance": "d-1"}]}
+    lost = _refused_by_redis()
+    with pytest.raises(ServiceUnavailable) as raised:
+        await document(state, runtime(lost))
+    assert connection_lost(raised.value)
