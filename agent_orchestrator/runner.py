@@ -130,6 +130,7 @@ class WorkflowRunner:
         # Whether claimable runs may be waiting for room here: a finished run then wakes the claim
         # loop. Runs made claimable later NOTIFY (expired leases are found by the periodic poll).
         self._backlog = True
+        self._stuck_types: set[str] = set()  # the workflow types with stuck runs at the last watchdog pass
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -372,7 +373,7 @@ class WorkflowRunner:
             if lr.cancel_reason == "stuck" and run.attempts > _MAX_STUCK_RETRIES:
                 await self._finish(
                     lr,
-                    RuntimeError(f"no progress for {self.settings.stuck_after_s:.0f}s after {run.attempts} attempts"),
+                    RuntimeError(f"no progress for {self.settings.stuck_after_s:g}s after {run.attempts} attempts"),
                 )
                 return
             if lr.cancel_reason != "lost-lock":
@@ -464,8 +465,11 @@ class WorkflowRunner:
                 )
                 await self.store.mark_stuck(workflow_id)
                 await self._on_stuck(lr)
-        for wtype in {lr.run.workflow_type for lr in self._local.values()} | set(counts):
+        # every type counted now or at the last pass: a type whose stuck runs left (retried on
+        # another replica, failed) goes back to 0 here
+        for wtype in self._stuck_types | set(counts):
             metrics.WORKFLOWS_STUCK.labels(wtype).set(counts.get(wtype, 0))
+        self._stuck_types = set(counts)
 
     async def _on_stuck(self, lr: LocalRun) -> None:
         if self._on_stuck_hook is not None:

@@ -20,7 +20,9 @@ import pytest
 
 from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
+from agent_orchestrator.run_store import RunRow
 from agent_orchestrator.runner import LocalRun, WorkflowRunner
+from shared.lib import metrics
 from shared.lib.connections import create_pg_pool
 from shared.lib.errors import RequestRejected, RunLost
 from shared.lib.settings import Settings
@@ -213,3 +215,51 @@ async def test_a_run_that_took_its_replica_down_too_often_fails_instead_of_runni
     finally:
         await runner.stop()
         await pool.close()
+
+
+async def test_a_stuck_run_is_reported_retried_then_failed_and_the_gauge_comes_back_to_zero(
+    database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """A run with no progress for AO_STUCK_AFTER_S is reported (the hook: the workflow.stuck event;
+    the workflows_stuck gauge), retried, and after its retries failed with the reason. Once it is
+    gone from this replica the gauge is 0 again (it stayed 1 for ever, and WorkflowsStuck fired)."""
+    pool = await create_pg_pool(database_url)
+    wtype = f"stuck_{uuid.uuid4().hex[:8]}"  # a gauge series of this test's own
+    reported: list[int] = []
+    finished: asyncio.Queue[object] = asyncio.Queue()
+    gauge_while_stuck: list[float] = []
+
+    async def execute(lr: LocalRun) -> Outcome:
+        await asyncio.sleep(60)  # no progress
+        return Outcome(status="succeeded")
+
+    async def on_stuck(run: RunRow) -> None:
+        reported.append(run.attempts)
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        gauge_while_stuck.append(_gauge(wtype))
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await finished.put(outcome)
+
+    settings = settings_factory(stuck_after_s=0.4)
+    runner = WorkflowRunner(pool, settings, execute=execute, on_finished=on_finished, on_stuck=on_stuck)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    try:
+        await records.create(str(uuid.uuid4()), wtype, {}, idempotency_key=None, trace={})
+        await runner.start()
+        outcome = await asyncio.wait_for(finished.get(), 30)
+        assert isinstance(outcome, RuntimeError), outcome
+        assert str(outcome) == "no progress for 0.4s after 3 attempts"
+        assert reported == [1, 2, 3]  # each attempt reported as it got stuck
+        assert gauge_while_stuck == [1.0]
+        async with asyncio.timeout(10):  # the next watchdog pass finds no stuck run of the type
+            while _gauge(wtype) != 0.0:
+                await asyncio.sleep(0.1)
+    finally:
+        await runner.stop()
+        await pool.close()
+
+
+def _gauge(wtype: str) -> float:
+    return metrics.WORKFLOWS_STUCK.labels(wtype)._value.get()  # type: ignore[attr-defined, no-any-return]
