@@ -115,8 +115,14 @@ def labels(metric: _Metric, *values: str) -> _Metric:
     return child
 
 
-#: Sub-millisecond to minutes: bus round trips are ~0.5 ms, workflow steps take seconds.
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+#: Sub-millisecond to a day: bus round trips are ~0.5 ms, workflow steps take seconds, a test
+#: suite up to AO_PIPELINE_TIMEOUT_S (600 s), a workflow waiting on an approval hours. Buckets
+#: past the thresholds alerts compare with (cicd's p99 > 300 s), or a quantile above the last
+#: bucket reads as that bucket's bound and such an alert could never fire.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600, 1800,
+    3600, 14400, 86400,
+)  # fmt: skip
 
 _ = (Counter, Gauge, Histogram)  # each component's block below uses these
 
