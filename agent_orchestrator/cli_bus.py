@@ -21,7 +21,7 @@ from rich.padding import Padding
 from rich.text import Text
 
 from agent_orchestrator.cli_clients import one_shot_clients
-from shared.lib.errors import InvalidInput
+from shared.lib.errors import InvalidInput, OrchestratorError
 from shared.lib.event_bus import DeadLetter, EventBus
 from shared.lib.safe_input import check_bigint
 from shared.lib.settings import Settings, load_settings
@@ -88,14 +88,25 @@ def dlq_list(
 def dlq_requeue(
     entry_ids: Annotated[list[str], typer.Argument(help="Ids as printed by `dlq list` (agent/stream-id).")],
 ) -> None:
-    """Send dead-lettered requests again, with a fresh deadline, and remove them from the list."""
+    """Send dead-lettered requests again, with a fresh deadline, and remove them from the list.
+    Each id is tried: one refused (unknown, malformed) is reported and the others still go;
+    the exit status is 2 if any was refused."""
     settings = load_settings(require=("signing_key",))  # re-signing needs the signing keys, nothing else
 
-    async def work(bus: EventBus) -> list[str]:
-        return [(await bus.requeue_dead_letter(entry_id)).request_id for entry_id in entry_ids]
+    async def work(bus: EventBus) -> int:
+        refused = 0
+        for entry_id in entry_ids:
+            try:
+                request = await bus.requeue_dead_letter(entry_id)
+            except OrchestratorError as e:
+                refused += 1
+                typer.echo(f"error: {e.message}", err=True)
+                continue
+            typer.echo(f"requeued {entry_id} as request {request.request_id}")
+        return refused
 
-    for entry_id, request_id in zip(entry_ids, _run(settings, work), strict=True):
-        typer.echo(f"requeued {entry_id} as request {request_id}")
+    if _run(settings, work):
+        raise typer.Exit(2)
 
 
 def _parse_aggregate(value: str | None) -> tuple[str | None, str | None]:

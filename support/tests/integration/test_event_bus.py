@@ -850,7 +850,8 @@ async def _two_dead_letters(
 
 async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service_env: dict[str, str]) -> None:
     """`dlq list --json` shows a dead letter with its reason; `dlq requeue` runs it again, with
-    the signing key as its only secret; a refused envelope cannot be requeued (one-line error, exit 2)."""
+    the signing key as its only secret; a refused envelope cannot be requeued (one-line error, exit 2),
+    and the ids after it in the same command are still requeued."""
     server, _, attempts, task = await _two_dead_letters(make_bus, "echo")
     code, out = await run_cli(service_env, "dlq", "list", "--agent", "echo", "--json")
     assert code == 0, out
@@ -858,17 +859,15 @@ async def test_cli_lists_and_requeues_dead_letters(make_bus: BusFactory, service
     assert sorted(d["reason"] for d in listed) == ["bad_signature", "max_deliveries"]
     by_reason = {d["reason"]: d["id"] for d in listed}
     signing_only = {k: v for k, v in service_env.items() if k not in ("AO_REGISTRATION_SECRET", "AO_API_KEYS")}
-    code, out = await run_cli(signing_only, "dlq", "requeue", by_reason["max_deliveries"])
-    assert code == 0, out
-    assert "requeued" in out
+    code, out = await run_cli(signing_only, "dlq", "requeue", by_reason["bad_signature"], by_reason["max_deliveries"])
+    assert code == 2, out
+    assert "refused" in out
+    assert f"requeued {by_reason['max_deliveries']} as request " in out, out
     for _ in range(100):
         if len(attempts) == 2:
             break
         await asyncio.sleep(0.02)
     assert len(attempts) == 2
-    code, out = await run_cli(service_env, "dlq", "requeue", by_reason["bad_signature"])
-    assert code == 2
-    assert "refused" in out
     await server.stop_serving(grace_s=1)
     await task
 
