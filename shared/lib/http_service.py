@@ -48,7 +48,12 @@ from shared.lib.errors import (
     UnsupportedMediaType,
 )
 from shared.lib.metrics import SERVICE_DEPENDENCY_UP
-from shared.lib.safe_input import check_text, may_hold_unsafe_text
+from shared.lib.safe_input import (
+    check_json_limits,
+    check_text,
+    may_exceed_json_limits,
+    may_hold_unsafe_text,
+)
 from shared.lib.settings import Settings
 
 __all__ = [
@@ -58,8 +63,8 @@ __all__ = [
     "CheckedQuery",
     "ContextDep",
     "HeadAsGet",
+    "InputGuard",
     "ServiceContext",
-    "TextGuard",
     "announce_mode",
     "check_api_key",
     "check_port_free",
@@ -318,11 +323,13 @@ class BodySizeLimit:
         )
 
 
-class TextGuard:
+class InputGuard:
     """Pure ASGI middleware refusing with 422, naming the field, a query parameter or JSON body
-    holding text PostgreSQL cannot store (NUL, unpaired surrogates: see ``shared.lib.safe_input``).
-    Install it inside :class:`BodySizeLimit` (:func:`guard_input` does), so it buffers no more
-    than the limit. A body is parsed here only when a cheap scan finds a suspicious escape."""
+    holding what PostgreSQL cannot store (see ``shared.lib.safe_input``): text with NUL or an
+    unpaired surrogate, and, in a body, nesting past ``MAX_JSON_DEPTH`` or an integer past 64
+    bits. Install it inside :class:`BodySizeLimit` (:func:`guard_input` does), so it buffers no
+    more than the limit. A body is parsed here only when a cheap scan finds a suspicious escape
+    or byte, more brackets than the depth limit, or 19 digits in a row."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -362,18 +369,30 @@ async def _checked_body(receive: Receive) -> Receive:
         messages.append(message)
         if message["type"] != "http.request" or not message.get("more_body"):
             break
-    body = b"".join(m.get("body", b"") for m in messages)
-    if may_hold_unsafe_text(body):
-        try:
-            data = json.loads(body)  # as Starlette parses it, so both see the same strings
-        except (ValueError, RecursionError):
-            data = None  # not JSON: the route answers that, naming the body
-        check_text(data)
+    _check_body(b"".join(m.get("body", b"") for m in messages))
 
     async def replay() -> Message:
         return messages.pop(0) if messages else await receive()
 
     return replay
+
+
+def _check_body(body: bytes) -> None:
+    """Refuse unsafe text, and nesting or integers past what is stored, in a JSON body; parse it
+    only when the raw scans say it may hold them. The depth and integer scan added 3 µs to the
+    text scan's 3 µs for a 1 KB agent envelope, 1.5 µs to its 1.9 µs for a 70-byte workflow launch
+    (``timeit``, best of 5 x 100,000 calls of this function and of ``may_hold_unsafe_text``)."""
+    text, limits = may_hold_unsafe_text(body), may_exceed_json_limits(body)
+    if not (text or limits):
+        return
+    try:
+        data = json.loads(body)  # as Starlette parses it, so both see the same values
+    except (ValueError, RecursionError):
+        return  # not JSON, or past what the parser reads: the route answers that, naming the body
+    if text:
+        check_text(data)
+    if limits:
+        check_json_limits(data)
 
 
 class CheckedQuery:
@@ -470,11 +489,12 @@ class HeadAsGet:
 
 def guard_input(app: FastAPI, *, max_bytes: int) -> None:
     """Every service's handling of a request before its route: bodies over ``max_bytes`` get
-    413; unsafe text, a query parameter the route does not take and a repeated single-valued one
-    422; ``HEAD`` is served wherever ``GET`` is."""
+    413; unsafe text, JSON nested or an integer past what is stored (:class:`InputGuard`), a query
+    parameter the route does not take and a repeated single-valued one 422; ``HEAD`` is served
+    wherever ``GET`` is."""
     app.add_middleware(CheckedQuery)
-    app.add_middleware(TextGuard)
-    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added after TextGuard: outside it
+    app.add_middleware(InputGuard)
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # added after InputGuard: outside it
     app.add_middleware(HeadAsGet)
 
 

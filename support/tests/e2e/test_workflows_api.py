@@ -772,12 +772,19 @@ def parse_sse(
             422,
             "input",
         ),
-        (  # an input nested past what it can be read again as (orjson's 254 levels): bytes json wrote
+        (  # a body nested past the 128 levels every service takes: refused before the route, naming the field
             "POST",
             "/workflows",
             b'{"workflow_type": "self_healing", "input": {"targets": [' + b"[" * 300 + b"]" * 300 + b"]}}",
             422,
-            "input",
+            "input.targets",
+        ),
+        (  # an integer past 64 bits, which jsonb (orjson) cannot store
+            "POST",
+            "/workflows",
+            b'{"workflow_type": "self_healing", "input": {"max_iterations": 1' + b"0" * 30 + b"}}",
+            422,
+            "input.max_iterations",
         ),
         *(  # a wrong type is refused, not coerced: "2" or 2.0 for an integer, 1 for a boolean
             ("POST", "/workflows", {"workflow_type": "self_healing", "input": {k: v}}, 422, f"input.{k}")

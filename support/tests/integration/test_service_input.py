@@ -1,0 +1,148 @@
+"""What the services refuse at their HTTP edge, served for real over PostgreSQL and Redis: JSON
+nested past the limit or holding an integer past 64 bits (the registry, an agent's
+/agent-request)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from agents.infrastructure import InfrastructureAgent
+from agents.sdk.app import create_agent_app
+from shared.lib.agent_events import AgentRequestEvent
+from shared.lib.safe_input import MAX_JSON_DEPTH
+from shared.lib.settings import Settings
+from support.tests.procs import free_port
+from support.tests.registry_support import API_KEY, SECRET, registration, serve_registry
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _nested(depth: int) -> list[Any]:
+    """A list ``depth`` levels deep: ``[[...]]``."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _refused(r: httpx.Response, status: int, field: str) -> str:
+    """The message of an error answered ``status`` naming ``field``."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["field"] == field, error
+    return str(error["message"])
+
+
+async def test_the_registry_refuses_deep_json_and_huge_integers_before_storing_anything(
+    settings_factory: Callable[..., Settings], database_url: str
+) -> None:
+    """A registration whose metadata or capability schema nests 300 deep, or whose metadata holds
+    10**30, is a 422 naming the field (it was asyncpg's DataError, a 500) and writes no row; one
+    at the depth limit registers, on the same connection."""
+    deep_schema = [{"id": "x", "name": "x", "input_schema": {"d": _nested(300)}}]
+    huge = json.dumps(registration("huge-int", metadata={})).replace(
+        '"metadata": {}', '"metadata": {"n": 1' + "0" * 30 + "}"
+    )
+    secret = {"X-Registration-Secret": SECRET}
+    async with serve_registry(settings_factory) as registry:
+        url = f"{registry.url}/agents/register"
+        deep = await registry.http.post(
+            url, json=registration("deep-meta", metadata={"d": _nested(300)}), headers=secret
+        )
+        assert "nested more than 128 levels deep" in _refused(deep, 422, "metadata.d")
+        schema = await registry.http.post(
+            url, json=registration("deep-schema", capabilities=deep_schema), headers=secret
+        )
+        _refused(schema, 422, "capabilities.0.input_schema.d")
+        integer = await registry.http.post(url, content=huge.encode(), headers={**secret, **JSON})
+        assert "64-bit range" in _refused(integer, 422, "metadata.n")
+        # the body's root, metadata and d are 3 of the levels: d nests the rest
+        at_limit = registration("at-limit", metadata={"d": _nested(MAX_JSON_DEPTH - 2), "n": 2**64 - 1})
+        assert (await registry.http.post(url, json=at_limit, headers=secret)).status_code == 201
+    conn = await asyncpg.connect(database_url)
+    try:
+        names = [r["name"] for r in await conn.fetch("SELECT name FROM agent_instances")]
+    finally:
+        await conn.close()
+    assert names == ["at-limit"]
+
+
+@contextlib.asynccontextmanager
+async def _serving(make_app: Callable[[str], FastAPI]) -> AsyncIterator[str]:
+    """The URL of ``make_app(url)`` served by uvicorn, its lifespan run, until the block exits."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(make_app(url), host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(15):
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def _infrastructure_agent(settings_factory: Callable[..., Settings]) -> AsyncIterator[httpx.AsyncClient]:
+    """A client (one keep-alive connection) of an infrastructure agent registered with a registry."""
+    async with serve_registry(settings_factory) as registry:
+        agent = InfrastructureAgent(settings_factory(registry_url=registry.url))
+
+        def app(url: str) -> FastAPI:
+            return create_agent_app(agent, instance_id="infrastructure-1", endpoint=url)
+
+        async with (
+            _serving(app) as url,
+            httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(max_connections=1)) as http,
+        ):
+            yield http
+
+
+def _envelope(request_type: str, payload: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An unsigned envelope as a dict, ``payload`` and ``fields`` put in as given (the client's
+    own model_dump cannot write what is nested 300 deep either)."""
+    request = AgentRequestEvent.create(
+        source_agent="tester", target_agent="infrastructure", request_type=request_type, payload={}
+    )
+    return {**request.to_dict(), "payload": payload, **fields}
+
+
+async def test_agent_request_refuses_deep_json_and_huge_integers_before_the_route(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """/agent-request with the API key and a payload or metadata nested 300 deep is a 422 naming
+    it (signing it was a 500: pydantic's "maximum serialization depth exceeded"), so is a payload
+    integer past 64 bits; the connection then serves the next request."""
+    key = {"X-API-Key": API_KEY}
+    health = {"targets": [], "agents": ["nobody"]}
+    async with _infrastructure_agent(settings_factory) as http:
+        deep = await http.post(
+            "/agent-request", json=_envelope("HEALTH_CHECK", {**health, "x": _nested(300)}), headers=key
+        )
+        assert "nested more than" in _refused(deep, 422, "payload.x")
+        meta = await http.post(
+            "/agent-request", json=_envelope("HEALTH_CHECK", health, metadata={"d": _nested(300)}), headers=key
+        )
+        _refused(meta, 422, "metadata.d")
+        raw = json.dumps(_envelope("HEALTH_CHECK", health)).replace(
+            '"payload": {', '"payload": {"n": 1' + "0" * 30 + ", "
+        )
+        integer = await http.post("/agent-request", content=raw.encode(), headers={**key, **JSON})
+        assert "64-bit range" in _refused(integer, 422, "payload.n")
+        ok = await http.post("/agent-request", json=_envelope("HEALTH_CHECK", health), headers=key)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["payload"]["probes"][0]["target"] == "nobody"
