@@ -19,7 +19,15 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.sdk.agent import Agent, skill
-from agents.work.health import Issue, Probe, probe_environment, probe_http, probe_pending, probe_tcp
+from agents.work.health import (
+    Issue,
+    Probe,
+    Target,
+    probe_environment,
+    probe_http,
+    probe_pending,
+    probe_tcp,
+)
 from agents.work.pipeline import file_sha256
 from agents.work.release import ENV_LOCK_WAIT_S, deploy_release, environment_dir, rollback
 from agents.work.remediation import (
@@ -54,24 +62,6 @@ class RollbackInput(BaseModel):
 
     environment: str = Field(min_length=1)
     to: str | None = Field(default=None, description="a kept release; default: the one before current")
-
-
-class Target(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["http", "tcp"]
-    url: str | None = Field(default=None, pattern=r"^https?://\S+$")
-    host: str | None = None
-    port: int | None = Field(default=None, ge=1, le=65535)
-    expect_status: int = Field(default=200, ge=100, le=599)
-
-    @model_validator(mode="after")
-    def _address(self) -> Target:
-        if self.kind == "http" and not self.url:
-            raise ValueError("an http target needs a url")
-        if self.kind == "tcp" and (not self.host or self.port is None):
-            raise ValueError("a tcp target needs a host and a port")
-        return self
 
 
 class HealthCheckInput(BaseModel):

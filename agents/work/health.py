@@ -4,24 +4,105 @@ environment serves, and the request backlog pending on the bus.
 Each probe returns :class:`Issue` values; an issue may carry the remediation
 the infrastructure agent can apply to it (``deregister_instance``,
 ``reclaim_pending``, ``release_lock``, ``rollback``).
+
+What may be probed is checked where a request names it (:class:`Target`), so a
+malformed host or URL is the caller's 422 naming it, not a probe that fails in the
+socket layer: a 64-letter DNS label, an empty one (``a..b``) or a bidi control is an
+``idna`` UnicodeError there, ``http://[::1`` httpx's InvalidURL, neither of which a
+probe reports as unreachable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import redis.asyncio as aioredis
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import ResponseError
 
 from agents.work.release import current_release
 from shared.lib.redis_keys import BANDS, as_text, request_stream
+from shared.lib.safe_input import clipped
 
-__all__ = ["Issue", "Probe", "probe_environment", "probe_http", "probe_pending", "probe_tcp"]
+__all__ = [
+    "Issue",
+    "Probe",
+    "Target",
+    "probe_environment",
+    "probe_http",
+    "probe_pending",
+    "probe_tcp",
+]
+
+#: A DNS label as resolvers take it: 1 to 63 letters, digits, '-' or '_' (IDNA encodes other letters).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
+#: The longest DNS name, without its final dot.
+_HOST_NAME_MAX = 253
+
+
+def _host_name_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or too long label, a character IDNA refuses (a bidi control)
+        return False
+    return len(name.rstrip(".")) <= _HOST_NAME_MAX and _HOST_NAME.match(name) is not None
+
+
+#: What a host must be, said when it is not.
+_HOST_RULE = "an IP address or a host name (dot-separated labels of 1 to 63 letters, digits, '-' or '_')"
+
+
+def _check_host(host: str) -> str:
+    if not _host_name_ok(host):
+        raise ValueError(f"{clipped(host)!r} is not {_HOST_RULE}")
+    return host
+
+
+def _check_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise ValueError(f"{clipped(url)!r} is not a URL: {clipped(str(e))}") from e
+    if not parsed.host:
+        raise ValueError(f"{clipped(url)!r} has no host; give http://HOST[:PORT]/PATH")
+    if not _host_name_ok(parsed.host):
+        raise ValueError(f"{clipped(url)!r} has host {clipped(parsed.host)!r}, which is not {_HOST_RULE}")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ValueError(f"{clipped(url)!r} has port {parsed.port}; give one from 1 to 65535")
+    return url
+
+
+class Target(BaseModel):
+    """An HTTP or TCP probe of HEALTH_CHECK (and of the workflows that ask for one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["http", "tcp"]
+    url: Annotated[str, Field(pattern=r"^https?://\S+$", max_length=4096), AfterValidator(_check_url)] | None = None
+    host: Annotated[str, Field(min_length=1, max_length=_HOST_NAME_MAX + 1), AfterValidator(_check_host)] | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    expect_status: int = Field(default=200, ge=100, le=599)
+
+    @model_validator(mode="after")
+    def _address(self) -> Target:
+        if self.kind == "http" and not self.url:
+            raise ValueError("an http target needs a url")
+        if self.kind == "tcp" and (not self.host or self.port is None):
+            raise ValueError("a tcp target needs a host and a port")
+        return self
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What the services refuse at their HTTP edge, served for real over PostgreSQL and Redis: JSON
 nested past the limit or holding an integer past 64 bits (the registry, an agent's
-/agent-request)."""
+/agent-request), and malformed HEALTH_CHECK targets."""
 
 from __future__ import annotations
 
@@ -146,3 +146,34 @@ async def test_agent_request_refuses_deep_json_and_huge_integers_before_the_rout
         ok = await http.post("/agent-request", json=_envelope("HEALTH_CHECK", health), headers=key)
         assert ok.status_code == 200, ok.text
         assert ok.json()["payload"]["probes"][0]["target"] == "nobody"
+
+
+async def test_health_check_refuses_malformed_targets_naming_them(settings_factory: Callable[..., Settings]) -> None:
+    """HEALTH_CHECK over /agent-request with a host of a 64-letter label, an empty label, a bidi
+    control, or a URL httpx cannot parse is a 422 naming targets.N.host or .url (each was a 500
+    from the socket layer); a well-formed target nobody listens on is an unhealthy probe."""
+    key = {"X-API-Key": API_KEY}
+    closed = free_port()
+    async with _infrastructure_agent(settings_factory) as http:
+        for target, field in (
+            ({"kind": "tcp", "host": "a" * 64, "port": 80}, "targets.1.host"),
+            ({"kind": "tcp", "host": "a..b", "port": 80}, "targets.1.host"),
+            ({"kind": "tcp", "host": "\u202e", "port": 80}, "targets.1.host"),
+            ({"kind": "http", "url": "http://[::1"}, "targets.1.url"),
+            ({"kind": "http", "url": f"http://{'a' * 64}.example/"}, "targets.1.url"),
+            ({"kind": "http", "url": "http://localhost:99999/"}, "targets.1.url"),
+        ):
+            good = {"kind": "tcp", "host": "127.0.0.1", "port": closed}
+            r = await http.post(
+                "/agent-request", json=_envelope("HEALTH_CHECK", {"targets": [good, target]}), headers=key
+            )
+            _refused(r, 422, field)
+        targets = [
+            {"kind": "tcp", "host": "localhost", "port": closed},
+            {"kind": "http", "url": f"http://[::1]:{closed}/health"},
+        ]
+        r = await http.post("/agent-request", json=_envelope("HEALTH_CHECK", {"targets": targets}), headers=key)
+        assert r.status_code == 200, r.text
+        report = r.json()["payload"]
+        assert [p["healthy"] for p in report["probes"]] == [False, False]
+        assert report["healthy"] is False
