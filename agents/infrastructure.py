@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.sdk.agent import Agent, skill
 from agents.work.health import (
+    Environment,
     Issue,
     Probe,
     Target,
@@ -68,7 +69,7 @@ class HealthCheckInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     targets: list[Target] = Field(default_factory=list, max_length=256)
-    environment: str | None = None
+    environment: Environment | None = None
     agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
         default_factory=list, max_length=256, description="agents whose pending requests to count"
     )

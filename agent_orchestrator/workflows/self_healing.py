@@ -8,25 +8,36 @@ it; the fix runs those remediations. The final result is
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from pydantic import Field
 
 from agent_orchestrator.workflows.base import WorkflowContext, WorkflowInput, WorkflowType
+from agents.work.health import Environment, Target
 from shared.lib.errors import OrchestratorError
 from shared.lib.multi_agent_state import MultiAgentState
+from shared.lib.settings import AGENT_ID_PATTERN
 
 __all__ = ["SELF_HEALING", "SelfHealingInput"]
 
 
 class SelfHealingInput(WorkflowInput):
-    targets: list[dict[str, Any]] = Field(
-        default_factory=list, description="HTTP/TCP probes: {kind: http, url} or {kind: tcp, host, port}."
+    """Checked at launch as HEALTH_CHECK checks it (the same models and patterns), so a bad
+    target, environment or agent is a 422 naming it, not a workflow that fails at its first step."""
+
+    targets: list[Target] = Field(
+        default_factory=list,
+        max_length=256,
+        description="HTTP/TCP probes: {kind: http, url} or {kind: tcp, host, port}.",
     )
-    environment: str | None = Field(default=None, description="Check the release this environment serves.")
-    agents: list[str] = Field(default_factory=list, description="Agents whose pending requests to check.")
+    environment: Environment | None = Field(
+        default=None, description="Check the release this environment serves: a name or an absolute path."
+    )
+    agents: list[Annotated[str, Field(pattern=AGENT_ID_PATTERN)]] = Field(
+        default_factory=list, max_length=256, description="Agents whose pending requests to check."
+    )
     registry: bool = Field(default=False, description="Look for stale instances in the registry.")
     locks: bool = Field(default=False, description="Look for expired or abandoned lock leases.")
     max_iterations: int = Field(default=3, ge=1, le=20, description="Diagnose-fix-verify rounds at most.")

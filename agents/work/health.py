@@ -5,11 +5,11 @@ Each probe returns :class:`Issue` values; an issue may carry the remediation
 the infrastructure agent can apply to it (``deregister_instance``,
 ``reclaim_pending``, ``release_lock``, ``rollback``).
 
-What may be probed is checked where a request names it (:class:`Target`), so a
-malformed host or URL is the caller's 422 naming it, not a probe that fails in the
-socket layer: a 64-letter DNS label, an empty one (``a..b``) or a bidi control is an
-``idna`` UnicodeError there, ``http://[::1`` httpx's InvalidURL, neither of which a
-probe reports as unreachable.
+What may be probed is checked where a request names it (:class:`Target`,
+:data:`Environment`), so a malformed host or URL is the caller's 422 naming it, not a
+probe that fails in the socket layer: a 64-letter DNS label, an empty one (``a..b``)
+or a bidi control is an ``idna`` UnicodeError there, ``http://[::1`` httpx's
+InvalidURL, neither of which a probe reports as unreachable.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import redis.asyncio as aioredis
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import ResponseError
 
-from agents.work.release import current_release
+from agents.work.release import check_environment, current_release
 from shared.lib.redis_keys import BANDS, as_text, request_stream
 from shared.lib.safe_input import clipped
 
 __all__ = [
+    "Environment",
     "Issue",
     "Probe",
     "Target",
@@ -83,6 +84,11 @@ def _check_url(url: str) -> str:
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise ValueError(f"{clipped(url)!r} has port {parsed.port}; give one from 1 to 65535")
     return url
+
+
+#: An environment to probe: a name under the environments directory or an absolute path,
+#: as :func:`agents.work.release.environment_dir` takes it.
+Environment = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(check_environment)]
 
 
 class Target(BaseModel):

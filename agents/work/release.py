@@ -59,10 +59,12 @@ import orjson
 from agents.work.atomic import temp_beside, write_atomically
 from agents.work.file_lock import run_locked
 from shared.lib.errors import Conflict, InvalidInput, NotFound
+from shared.lib.safe_input import clipped
 
 __all__ = [
     "ENV_LOCK_WAIT_S",
     "ReleaseResult",
+    "check_environment",
     "current_release",
     "deploy_release",
     "environment_dir",
@@ -91,15 +93,20 @@ class ReleaseResult:
         return asdict(self)
 
 
+def check_environment(environment: str) -> str:
+    """``environment`` if it is an absolute path or a name (``_ENV``); else a ValueError saying so."""
+    if os.path.isabs(environment) or _ENV.match(environment):
+        return environment
+    raise ValueError(f"{clipped(environment)!r} must match {_ENV.pattern} or be an absolute path")
+
+
 def environment_dir(environment: str, *, root: Path) -> Path:
     """``environment`` as a directory: an absolute path as given, a name under ``root``."""
-    if os.path.isabs(environment):
-        return Path(environment)
-    if not _ENV.match(environment):
-        raise InvalidInput(
-            f"environment: {environment!r} must match {_ENV.pattern} or be an absolute path", field="environment"
-        )
-    return root / environment
+    try:
+        check_environment(environment)
+    except ValueError as e:
+        raise InvalidInput(f"environment: {e}", field="environment") from e
+    return Path(environment) if os.path.isabs(environment) else root / environment
 
 
 def current_release(env: Path) -> str | None:

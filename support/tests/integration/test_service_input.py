@@ -1,6 +1,7 @@
 """What the services refuse at their HTTP edge, served for real over PostgreSQL and Redis: JSON
 nested past the limit or holding an integer past 64 bits (the registry, an agent's
-/agent-request), and malformed HEALTH_CHECK targets."""
+/agent-request, the orchestrator), malformed HEALTH_CHECK targets, and a self_healing input
+the agent would refuse."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from agent_orchestrator.app import create_app as create_orchestrator_app
 from agents.infrastructure import InfrastructureAgent
 from agents.sdk.app import create_agent_app
 from shared.lib.agent_events import AgentRequestEvent
@@ -177,3 +179,37 @@ async def test_health_check_refuses_malformed_targets_naming_them(settings_facto
         report = r.json()["payload"]
         assert [p["healthy"] for p in report["probes"]] == [False, False]
         assert report["healthy"] is False
+
+
+async def test_self_healing_input_is_checked_at_launch_as_the_agent_checks_it(
+    settings_factory: Callable[..., Settings], database_url: str
+) -> None:
+    """POST /workflows self_healing with an environment or an agent that is no name, or a target
+    the agent's Target refuses, is a 422 naming it and creates no workflow (it was accepted, and
+    failed at detect); so is an input nested past the limit or holding 10**30 (the HTTP guard)."""
+    async with serve_registry(settings_factory) as registry:
+        settings = settings_factory(registry_url=registry.url)
+
+        def app(url: str) -> FastAPI:
+            return create_orchestrator_app(settings, port=int(url.rsplit(":", 1)[1]))
+
+        async with _serving(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for data, field in (
+                ({"environment": "../../../../etc"}, "input.environment"),
+                ({"agents": ["cicd", "../../x"]}, "input.agents.1"),
+                ({"targets": [{"kind": "tcp", "host": "a" * 64, "port": 80}]}, "input.targets.0.host"),
+                ({"targets": [{"kind": "http", "url": "http://[::1"}]}, "input.targets.0.url"),
+                ({"targets": [{"kind": "tcp", "host": "h", "port": 80, "x": _nested(300)}]}, "input.targets.0.x"),
+            ):
+                r = await http.post(
+                    "/workflows", json={"workflow_type": "self_healing", "input": data}, headers={"X-API-Key": API_KEY}
+                )
+                _refused(r, 422, field)
+            raw = b'{"workflow_type": "self_healing", "input": {"max_iterations": 1' + b"0" * 30 + b"}}"
+            r = await http.post("/workflows", content=raw, headers={"X-API-Key": API_KEY, **JSON})
+            _refused(r, 422, "input.max_iterations")
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM workflows") == 0
+    finally:
+        await conn.close()
