@@ -253,9 +253,10 @@ class Stack:
     def supervise(self) -> list[str]:
         """Start again each service that exited by itself (``up`` calls this every second), after
         a back-off: 1 s, doubling up to :data:`_RESTART_MAX_DELAY_S`, from 1 s again once a
-        restart stayed up :data:`_RESTART_RESET_S`. Returns what it did, a line each."""
+        restart stayed up :data:`_RESTART_RESET_S`; and, at once, an embedded server that exited
+        (the services reconnect by themselves). Returns what it did, a line each."""
         now = time.monotonic()
-        said = []
+        said = self._servers.revive() if self._servers is not None else []
         for sp in self.processes:
             if sp.proc is None or (code := sp.proc.poll()) is None:
                 continue

@@ -111,6 +111,8 @@ class EmbeddedRedis:
             _log.info("reusing embedded Redis at %s", url)
             return url
         args, url = self._listen_args()
+        if url.startswith("redis://"):  # a restart listens on the same port: clients keep their URL
+            self.port = int(args[args.index("--port") + 1])
         cmd = [
             str(self._binary()),
             *args,
@@ -165,6 +167,14 @@ class EmbeddedRedis:
         self._url_file.unlink(missing_ok=True)
         self.started = False
 
+    def exited(self) -> bool:
+        """Whether the server this object started has exited (crashed, killed)."""
+        return self.started and self._proc is not None and self._proc.poll() is not None
+
+    def restart(self) -> None:
+        """Start again the server this object started, after it exited: same URL, same data."""
+        self.start()
+
     def kill(self) -> None:
         """SIGKILL the server this object started, as a crash would (no save, no goodbye to
         clients); a start on the same ``data_dir`` loads what its append-only file holds."""
@@ -193,6 +203,7 @@ class EmbeddedPostgres:
     data_dir: Path
     started: bool = False
     _system_user: str | None = field(default=None, repr=False)
+    _server: Any = field(default=None, repr=False)  # the wheel's handle (untyped)
 
     @property
     def pgdata(self) -> Path:
@@ -230,10 +241,24 @@ class EmbeddedPostgres:
                 f"{_tail(self.log_path)} (log: {self.log_path})"
             ) from e
         self._system_user = server.system_user
+        self._server = server
         self.started = not reused
         if self.started and self._raise_max_connections(server):
             self.pg_ctl(["-w", "-l", str(self.log_path), "restart"])
         return str(server.get_postmaster_info().get_uri(database="postgres"))
+
+    def exited(self) -> bool:
+        """Whether the server this object started no longer runs (crashed, killed)."""
+        return self.started and self._running_info() is None
+
+    def restart(self) -> None:
+        """Start again the server this object started, after it exited: the wheel's own start,
+        with the same options (no TCP, the same socket directory) and so the same URL."""
+        assert self._server is not None
+        try:
+            self._server.ensure_postgres_running()
+        except Exception as e:  # the wheel raises CalledProcessError, OSError...
+            raise StartupError(f"{type(e).__name__}: {e}; {_tail(self.log_path)} (log: {self.log_path})") from e
 
     def _raise_max_connections(self, server: object) -> bool:
         out = server.psql("SHOW max_connections;")  # type: ignore[attr-defined]
@@ -279,6 +304,21 @@ class EmbeddedServers:
             self.redis = EmbeddedRedis(self.data_dir)
             redis_url = self.redis.start()
         return database_url, redis_url
+
+    def revive(self) -> list[str]:
+        """Start again each server this object started that has exited, on the same data and
+        URL (Redis reloads its append-only file); what it did, a line each."""
+        said = []
+        for name, server in (("PostgreSQL", self.postgres), ("Redis", self.redis)):
+            if server is None or not server.exited():
+                continue
+            try:
+                server.restart()
+            except StartupError as e:
+                said.append(f"embedded {name} exited and could not be started again: {e.message}")
+                continue
+            said.append(f"embedded {name} exited; started it again (log: {server.log_path})")
+        return said
 
     def stop(self) -> None:
         for server in (self.redis, self.postgres):

@@ -1,7 +1,7 @@
 """``agent-orchestrator up`` as a real process: what it prints, what ``run --follow`` prints
 against it, the secrets it generates and keeps for the commands run beside it, that it starts
-again an agent killed under it, and that stopping it leaves no instance registered and no
-secrets file."""
+again an agent killed under it and its embedded Redis, and that stopping it leaves no
+instance registered and no secrets file."""
 
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
     table on a line of its own; an agent started by hand registers with the stack's secret; after
     `up` stops (SIGTERM), no instance it registered is left in the registry, nor the secrets file."""
     log = tmp_path / "up.log"
+    up_env = {k: v for k, v in up_env.items() if k != "REDIS_URL"}  # its own embedded Redis, to kill
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent_orchestrator", "up"],
@@ -100,6 +101,7 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         assert f"API key: {written['AO_API_KEYS']} " in shown
         _agent_by_hand_registers(up_env, tmp_path)
         _a_killed_agent_starts_again(up_env, log)
+        _a_killed_redis_starts_again(up_env, log)
         repo, _, _ = make_sample_repo(tmp_path / "repo")
         follow = subprocess.run(
             [sys.executable, "-m", "agent_orchestrator", "run", "parallel_docs", "--follow", "--input",
@@ -152,6 +154,24 @@ def _a_killed_agent_starts_again(up_env: dict[str, str], log: Path) -> None:
         if status == "active" and at > registered:
             break
         assert time.monotonic() < deadline, (status, at, log.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def _a_killed_redis_starts_again(up_env: dict[str, str], log: Path) -> None:
+    """kill -9 of the embedded Redis `up` started: `up` says so and starts it again on the same
+    URL and data (its append-only file), and the orchestrator is ready again by itself (the
+    `run --follow` after this goes through it)."""
+    redis_dir = Path(up_env["AO_DATA_DIR"]).resolve() / "redis"
+    victim = int((redis_dir / "redis.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "embedded Redis exited; started it again" not in (text := log.read_text()):
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.2)
+    assert int((redis_dir / "redis.pid").read_text()) != victim
+    orchestrator = f"http://127.0.0.1:{json.loads(up_env['AO_PORTS'])['orchestrator']}/ready"
+    while not _ready(orchestrator):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from shared.lib.connections import connect_postgres
-from shared.lib.embedded import EmbeddedRedis
+from shared.lib.embedded import EmbeddedRedis, EmbeddedServers
 from shared.lib.errors import StartupError
 from shared.lib.migrations import MIGRATIONS, apply_migrations
 from shared.lib.running_stack import remove_stack_env, write_stack_env
@@ -60,6 +65,46 @@ def test_embedded_redis_is_reused_and_only_its_starter_stops_it(tmp_path: Path) 
         first.stop()
     assert not first._alive(url)
     assert (tmp_path / "redis" / "appendonlydir").exists() or (tmp_path / "redis" / "appendonly.aof").exists()
+
+
+def test_embedded_servers_that_exit_are_started_again_on_the_same_urls_and_data() -> None:
+    """kill -9 of the embedded PostgreSQL and Redis: ``revive`` (what ``up`` runs every second)
+    starts each again, on the URL its clients hold, with what it stored; until then it says
+    nothing for a server that runs. (In a directory outside pytest's temp tree, which is 0700 to
+    the embedded PostgreSQL's own user.)"""
+    data_dir = Path(tempfile.mkdtemp(prefix="ao-test-revive-"))
+    servers = EmbeddedServers(data_dir)
+    try:
+        db_url, redis_url = servers.ensure(database_url=None, redis_url=None)
+        assert servers.revive() == []
+        r = redis.Redis.from_url(redis_url)
+        r.config_set("appendfsync", "always")  # in the append-only file before the kill
+        r.set("kept", "yes")
+        r.close()
+        assert servers.postgres is not None
+        os.kill(servers.postgres._running_info().pid, signal.SIGKILL)
+        os.kill(int((data_dir / "redis" / "redis.pid").read_text()), signal.SIGKILL)
+        said: list[str] = []
+        deadline = time.monotonic() + 60
+        while sum("started it again" in line for line in said) < 2:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.5)
+            said += servers.revive()
+        assert any(line.startswith("embedded PostgreSQL exited; started it again") for line in said), said
+        assert any(line.startswith("embedded Redis exited; started it again") for line in said), said
+        assert redis.Redis.from_url(redis_url).get("kept") == b"yes"
+        assert asyncio.run(_select_one(db_url)) == 1
+    finally:
+        servers.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _select_one(url: str) -> int:
+    conn = await connect_postgres(url)
+    try:
+        return int(await conn.fetchval("SELECT 1"))
+    finally:
+        await conn.close()
 
 
 def test_unsafe_default_secrets_are_refused_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
