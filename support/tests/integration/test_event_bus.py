@@ -826,8 +826,8 @@ async def _two_dead_letters(
     make_bus: BusFactory, agent: str
 ) -> tuple[EventBus, EventBus, list[str], asyncio.Task[Any]]:
     """An agent served by a handler whose first attempt crashes, with two dead letters: a request
-    delivered too often (``max_deliveries``) and an unsigned one (``bad_signature``). Returns the
-    server, a client, the handler's attempts and the serving task."""
+    delivered too often (``max_deliveries``) and an unsigned one queued on its stream
+    (``bad_signature``). Returns the server, a client, the handler's attempts and the serving task."""
     server = await make_bus(visibility_timeout_s=0.2, max_deliveries=1)
     client = await make_bus()
     attempts: list[str] = []
@@ -843,8 +843,9 @@ async def _two_dead_letters(
     response = await client.request_agent(_req(agent), timeout_s=10)
     assert response.error is not None
     assert response.error["code"] == "dead_lettered"
-    with pytest.raises(InvalidSignature):
-        await client.execute(_req(agent), _echo)  # unsigned: refused and dead-lettered
+    stream = keys.request_stream(client.settings.redis_prefix, agent, keys.band_of("normal"))
+    await client.redis.xadd(stream, {"e": _req(agent).to_json()})  # unsigned: refused and dead-lettered
+    await _dead_letters_of(server, agent, 2)
     return server, client, attempts, task
 
 
