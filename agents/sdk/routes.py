@@ -33,6 +33,12 @@ a ``created_at`` outside the replay window is a 422 naming it too: no signature
 of the caller's is being replayed. A signed envelope is never re-signed: the bus
 verifies the caller's signature as sent.
 
+The instance runs at most ``AO_AGENT_CONCURRENCY`` requests at once, off the bus and
+over HTTP together; one that comes over HTTP while all are running is a 503 ``busy``
+with ``Retry-After``, at once: nothing runs, nothing is stored, and the same request
+(idempotency key) may be sent again. It is not held until a slot frees: callers
+waiting on a full instance pile up without bound, each holding its body.
+
 ``/ready`` (the service's check of PostgreSQL and Redis) answers 503 with a ``bus`` check
 naming the error once the instance no longer serves its requests on the bus
 (:class:`ServingReadiness`): it is not ready for what it is there to do.
@@ -57,7 +63,7 @@ from shared.lib.agent_events import (
     signing_key_for,
     window_skew_s,
 )
-from shared.lib.errors import Forbidden, InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
+from shared.lib.errors import Busy, Forbidden, InvalidInput, OrchestratorError, ServiceUnavailable, Unauthorized
 from shared.lib.http_service import non_json_body
 
 __all__ = ["ServingReadiness", "agent_routes", "status_for_error_code"]
@@ -161,8 +167,14 @@ async def _authenticate(runtime: AgentRuntime, request: Request, data: dict[str,
     return envelope.signed(signing_key_for(runtime.settings, envelope.target_agent))
 
 
-def _json(body: dict[str, Any], *, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+def _json(body: dict[str, Any], *, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _busy(exc: Busy) -> Response:
+    """The 503 of a full instance, with ``Retry-After``."""
+    retry_after = {"Retry-After": str(exc.details.get("retry_after_s", 1))}
+    return _json({"error": exc.to_dict()}, status_code=exc.status_code, headers=retry_after)
 
 
 class ServingReadiness:
@@ -198,7 +210,10 @@ def agent_routes() -> APIRouter:
             raise InvalidInput(
                 f"target_agent is {envelope.target_agent!r} but this is {runtime.agent.name!r}", field="target_agent"
             )
-        response = await runtime.bus.execute(envelope, runtime.agent.handle)
+        try:
+            response = await runtime.bus.execute(envelope, runtime.agent.handle)
+        except Busy as e:
+            return _busy(e)
         status = 200 if response.ok else status_for_error_code((response.error or {}).get("code"))
         return _json(response.to_dict(), status_code=status)
 

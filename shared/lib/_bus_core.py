@@ -4,6 +4,7 @@ dead-letter a request."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,7 @@ from shared.lib.errors import (
 from shared.lib.safe_input import check_text
 from shared.lib.settings import Settings
 
-__all__ = ["Handler", "HandlerOutcome", "_Core"]
+__all__ = ["Handler", "HandlerOutcome", "Slots", "_Core"]
 
 _log = logging.getLogger("shared.lib.event_bus")
 
@@ -68,6 +69,44 @@ def _status_for(exc: OrchestratorError) -> str:
     return "error"
 
 
+class Slots:
+    """How many requests to one agent this process runs at once, off the stream and over HTTP
+    together (``concurrency`` of ``EventBus.serve``, else ``AO_AGENT_CONCURRENCY``): a stream
+    entry waits for a slot (:meth:`take`); an HTTP request takes one only if one is free
+    (:meth:`try_take`) and is otherwise answered ``busy``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.taken = 0
+        self._semaphore = asyncio.Semaphore(size)
+
+    @property
+    def free(self) -> int:
+        return self.size - self.taken
+
+    async def take(self) -> None:
+        await self._semaphore.acquire()
+        self.taken += 1
+
+    async def try_take(self) -> bool:
+        """Take a free slot at once, or none: False when all are taken or waited for."""
+        if self._semaphore.locked():
+            return False
+        await self._semaphore.acquire()  # not locked: returns at once, nothing can come between
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+        self._semaphore.release()
+
+    async def __aenter__(self) -> None:
+        await self.take()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.give()
+
+
 @dataclass(frozen=True)
 class _Finish:
     request: AgentRequestEvent
@@ -92,6 +131,7 @@ class _Core:
     finisher: Batcher[_Finish, None] = field(init=False)
     _metric_children: dict[tuple[str, ...], tuple[Any, Any]] = field(default_factory=dict)
     _active_gauges: dict[str, Any] = field(default_factory=dict)
+    _slots: dict[str, Slots] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.finisher = Batcher(self._flush_finishes)
@@ -118,6 +158,13 @@ class _Core:
     @property
     def prefix(self) -> str:
         return self.settings.redis_prefix
+
+    def slots(self, agent: str, *, size: int) -> Slots:
+        """The :class:`Slots` of ``agent`` in this process, made with ``size`` by the first to ask."""
+        slots = self._slots.get(agent)
+        if slots is None:
+            slots = self._slots[agent] = Slots(size)
+        return slots
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

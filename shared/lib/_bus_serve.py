@@ -8,7 +8,8 @@ timeout (XAUTOCLAIM), takes over at once the entries of consumers no longer
 live (an instance killed mid-work: its liveness runs out sooner than the
 visibility timeout) and dead-letters those delivered too often. At start it
 runs again what its own name still held from an earlier life. Each entry
-runs in its own task under the instance's concurrency limit. A cancel notice
+runs in its own task under the concurrency limit the agent's requests over HTTP
+share (``_bus_core.Slots``): it reads only as many entries as slots are free. A cancel notice
 (``cancel``) cancels the task running its request, which is answered ``cancelled``.
 
 An entry that cannot be read (not JSON, not an envelope, no canonical form to verify:
@@ -119,7 +120,7 @@ class Server:
         self.consumer = consumer
         self.concurrency = concurrency
         self.streams = [keys.request_stream(core.prefix, agent, band) for band in keys.BANDS]
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = core.slots(agent, size=concurrency)  # shared with EventBus.execute
         # At most half the slots per read: the first half's replies are written while the
         # second half is read and run, so requester, Redis and this instance overlap instead
         # of passing one convoy of `concurrency` requests around. 64 in flight through
@@ -238,7 +239,7 @@ class Server:
         """One XREADGROUP over all bands (high first). While a backlog may exist (the last read
         came back full), the high band is drained on its own first, so an urgent request queued
         behind normal ones is started next; otherwise one blocking read serves (one round trip)."""
-        free = min(self.concurrency - len(self._tasks), self._read_batch)
+        free = min(self._free(), self._read_batch)
         if free <= 0:
             await asyncio.sleep(0.001)
             return
@@ -254,6 +255,11 @@ class Server:
                 self._dispatch(_Entry(stream, entry_id, _field(fields, b"e"), 1))
         if by_stream:
             await self._let_fast_handlers_reply()
+
+    def _free(self) -> int:
+        """How many more entries it may take on: slots neither running a request (off the stream
+        or over HTTP) nor promised to an entry it holds already."""
+        return min(self.concurrency - len(self._tasks), self._slots.free)
 
     async def _xreadgroup(self, streams: list[str], *, count: int, block_ms: int | None) -> Any:
         """XREADGROUP as the server answers it: None, or [[stream, [[id, [field, value, ...]], ...]], ...]
@@ -485,7 +491,7 @@ class Server:
     async def _reclaim(self, stream: str, *, dead: list[str]) -> None:
         """Claim the entries idle past the visibility timeout, then those held by ``dead``
         (consumers holding entries of ``stream`` that are no longer live)."""
-        free = self.concurrency - len(self._tasks)
+        free = self._free()
         if free <= 0:
             return
         min_idle_ms = int(self.core.settings.visibility_timeout_s * 1000)

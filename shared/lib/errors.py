@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "AgentOffline",
+    "Busy",
     "Cancelled",
     "Conflict",
     "DeadLettered",
@@ -172,6 +173,12 @@ class ServiceUnavailable(OrchestratorError):
     status_code = 503
     code = "unavailable"
     retryable = True
+
+
+class Busy(ServiceUnavailable):
+    """The instance runs as many requests as it may at once; retry after ``details["retry_after_s"]``."""
+
+    code = "busy"
 
 
 class RunLost(OrchestratorError):

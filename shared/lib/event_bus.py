@@ -78,6 +78,7 @@ from shared.lib.agent_events import (
 from shared.lib.connections import Along, run_commands
 from shared.lib.errors import (
     AgentOffline,
+    Busy,
     Conflict,
     DeadlineExpired,
     InvalidInput,
@@ -102,6 +103,8 @@ _POLL_S = 0.02
 _TRANSIENT = (RedisError, OSError)
 #: An idle reply connection is PINGed after this long, so a dead one is noticed and replaced.
 _REPLY_IDLE_PING_S = 30.0
+#: When a request refused as ``busy`` over HTTP is best sent again (its ``Retry-After``).
+_BUSY_RETRY_AFTER_S = 1
 #: How long a cancel that got no answer in time spends reading the stored response.
 _CANCEL_LAST_LOOK_S = 1.0
 _Admission = tuple[list[str], list[bytes | str | int]]
@@ -657,7 +660,9 @@ class EventBus:
         outside the replay window) or ``DeadlineExpired`` for a refused envelope
         (answered, not dead-lettered: see :meth:`_refuse_bad`); returns the
         stored response for a repeat, else the handler's response, stored under the
-        idempotency key.
+        idempotency key. The handler runs in one of the agent's slots, which the stream
+        path shares (``_bus_core.Slots``); with none free it raises ``Busy`` at once
+        rather than wait: nothing runs and the key is left free for a retry.
         """
         core = self._core
         agent = request.target_agent
@@ -676,9 +681,34 @@ class EventBus:
                 break
             if (stored := await self._await_stored(request, request.deadline)) is not None:
                 return stored
-        outcome = await core.run_handler(request, handler, agent=agent)
-        await core.finish(request, outcome.raw, stream=None, entry_id=None)  # runs in the batch task: shielded
+        slots = core.slots(agent, size=self.settings.agent_concurrency)
+        if not await slots.try_take():
+            await self._free_key(request)
+            raise self._busy(agent, slots.size)
+        try:
+            outcome = await core.run_handler(request, handler, agent=agent)
+            await core.finish(request, outcome.raw, stream=None, entry_id=None)  # runs in the batch task: shielded
+        finally:
+            slots.give()
         return outcome.response
+
+    async def _free_key(self, request: AgentRequestEvent) -> None:
+        """Remove the in-flight marker this admission set for a request that will not run, so a
+        retry of its key runs instead of waiting for the marker to run out at its deadline."""
+        with contextlib.suppress(*_TRANSIENT):  # else the retry waits: the marker still runs out
+            await self._core.redis.delete(
+                keys.response_key(self._core.prefix, request.target_agent, request.idempotency_key)
+            )
+
+    @staticmethod
+    def _busy(agent: str, size: int) -> Busy:
+        metrics.AGENT_REQUESTS_REFUSED.labels(Busy.code).inc()
+        return Busy(
+            f"this instance of {agent} runs {size} requests at once (AO_AGENT_CONCURRENCY) and all are "
+            f"running; retry in {_BUSY_RETRY_AFTER_S} s, or send the request on the bus, where it waits its turn",
+            resource=agent,
+            details={"retry_after_s": _BUSY_RETRY_AFTER_S},
+        )
 
     def _refuse_bad(self, request: AgentRequestEvent) -> None:
         """Raise the refusal of a request over HTTP that fails the size, signature or replay

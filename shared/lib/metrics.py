@@ -236,7 +236,7 @@ AGENT_REQUESTS_DEAD_LETTERED = Counter(
 )
 AGENT_REQUESTS_REFUSED = Counter(
     "agent_requests_refused_total",
-    "Requests refused over HTTP by the bus's own checks (bad_signature, payload_too_large...): answered, not stored.",
+    "Requests refused over HTTP by the bus (bad_signature, payload_too_large, busy...): answered, not stored.",
     ["reason"],
 )
 AGENT_REQUEST_QUEUE_DEPTH = Gauge(

@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     replay_window_s: float = 300.0
     """Signed envelopes older than this are refused as possible replays."""
     agent_concurrency: int = 16
-    """Requests one agent instance handles at once."""
+    """Requests one agent instance handles at once, off the bus and over HTTP together (past it, HTTP gets 503 busy)."""
     agent_signing_keys: dict[str, str] = Field(default_factory=dict)
     """Per-agent HMAC keys as JSON (``AO_AGENT_SIGNING_KEYS='{"cicd": "..."}'``); others use signing_key."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from shared.lib import redis_keys as keys
 from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.embedded import free_port
 from shared.lib.settings import Settings
-from support.tests.registry_support import RunningRegistry, serve_registry
+from support.tests.registry_support import API_KEY, RunningRegistry, serve_registry
 
 
 class _Wait(BaseModel):
@@ -146,3 +147,28 @@ async def test_a_forged_envelope_without_credentials_is_answered_and_stores_noth
             assert (answer.status_code, answer.json()["error"]["code"]) == (401, "bad_signature")
         assert await redis.xlen(dead) == 0
         assert (await redis.info("memory"))["used_memory"] - before < 5_000_000  # it was 20 MB
+
+
+async def test_a_full_instance_answers_busy_over_http_at_once(settings_factory: Callable[..., Settings]) -> None:
+    """With AO_AGENT_CONCURRENCY 2, six concurrent POST /agent-request of a 1 s WAIT: two run, four
+    are answered 503 busy with Retry-After at once (all six ran together: 60 pipelines at once)."""
+    async with (
+        serve_registry(settings_factory) as registry,
+        serve_agent_app(settings_factory, registry, agent_concurrency=2) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=30, headers={"X-API-Key": API_KEY}) as http,
+    ):
+
+        async def post() -> tuple[httpx.Response, float]:
+            started = time.monotonic()
+            answer = await http.post("/agent-request", json=_envelope(seconds=1.0))
+            return answer, time.monotonic() - started
+
+        answers = await asyncio.gather(*(post() for _ in range(6)))
+    codes = sorted(answer.status_code for answer, _ in answers)
+    assert codes == [200, 200, 503, 503, 503, 503]
+    for answer, took_s in answers:
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "busy"
+            assert answer.json()["error"]["retryable"] is True
+            assert answer.headers["Retry-After"] == "1"
+            assert took_s < 0.9

@@ -24,6 +24,7 @@ from shared.lib import redis_keys as keys
 from shared.lib.agent_events import AgentRequestEvent, Event, sign
 from shared.lib.errors import (
     AgentOffline,
+    Busy,
     DeadlineExpired,
     InvalidInput,
     InvalidSignature,
@@ -799,6 +800,53 @@ async def test_execute_runs_http_requests_through_the_same_checks(make_bus: BusF
         await bus.execute(expired, handler)
     assert await bus.dead_letters("echo") == []  # refusals over HTTP are answered, not stored
     assert bus.in_flight == 0
+
+
+async def test_http_and_the_stream_share_one_concurrency_limit_and_a_full_instance_is_busy(
+    make_bus: BusFactory,
+) -> None:
+    """execute() runs in the slots the stream path uses: with them all taken by stream entries it
+    raises Busy at once (it ran a handler per call, without limit), leaving the key free, so
+    the same request sent again runs; with them taken over HTTP, queued entries wait their turn."""
+    server, client = await make_bus(), await make_bus()
+    release, running, most = asyncio.Event(), [0], [0]
+
+    async def held(request: AgentRequestEvent) -> dict[str, Any]:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            await release.wait()
+        finally:
+            running[0] -= 1
+        return {"n": request.payload.get("n")}
+
+    task = _serve(server, "echo", held, concurrency=2)
+    await _wait_live(client, "echo")
+    key = server.settings.signing_key.encode()
+    calls = [asyncio.create_task(client.request_agent(_req(payload={"n": n}), timeout_s=10)) for n in range(2)]
+    while running[0] < 2:
+        await asyncio.sleep(0.01)
+    over_http = _req(payload={"n": "http"}).signed(key)
+    started = time.monotonic()
+    with pytest.raises(Busy) as busy:
+        await server.execute(over_http, held)
+    assert time.monotonic() - started < 0.5
+    assert (busy.value.code, busy.value.status_code, busy.value.retryable) == ("busy", 503, True)
+    release.set()
+    await asyncio.gather(*calls)
+    release.clear()
+    assert (await asyncio.wait_for(server.execute(over_http, _echo), 2)).status == "success"  # not held to 31 s
+    http = [asyncio.create_task(server.execute(_req(payload={"n": n}).signed(key), held)) for n in range(2)]
+    while running[0] < 2:
+        await asyncio.sleep(0.01)
+    queued = [asyncio.create_task(client.request_agent(_req(payload={"n": n}), timeout_s=10)) for n in range(3)]
+    await asyncio.sleep(0.3)
+    assert running[0] == 2
+    release.set()
+    assert all(r.status == "success" for r in await asyncio.gather(*http, *queued))
+    assert most[0] == 2
+    await server.stop_serving(grace_s=1)
+    await task
 
 
 async def test_events_are_persisted_delivered_live_and_replayed(make_bus: BusFactory) -> None:
