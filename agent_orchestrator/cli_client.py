@@ -80,8 +80,20 @@ def _table(wf: dict[str, Any]) -> Table:
     if wf.get("pending_interrupt"):
         table.add_row("waiting on", orjson.dumps(wf["pending_interrupt"], option=orjson.OPT_INDENT_2).decode())
     if wf.get("result"):
-        table.add_row("result", orjson.dumps(wf["result"], option=orjson.OPT_INDENT_2).decode()[:4000])
+        table.add_row("result", _cut(orjson.dumps(wf["result"], option=orjson.OPT_INDENT_2).decode(), wf))
     return table
+
+
+#: How much of a result a table shows; the rest is a GET away.
+_RESULT_CHARS = 4000
+
+
+def _cut(text: str, wf: dict[str, Any]) -> str:
+    """``text``, or its first :data:`_RESULT_CHARS` characters and where the whole of it is."""
+    if len(text) <= _RESULT_CHARS:
+        return text
+    where = f"GET /workflows/{wf['workflow_id']}" if wf.get("workflow_id") else "the record"
+    return f"{text[:_RESULT_CHARS]}\n... ({len(text) - _RESULT_CHARS} more characters: {where} has it whole)"
 
 
 def _ask_approval(client: httpx.Client, wf: dict[str, Any]) -> None:
@@ -179,7 +191,7 @@ def _line(ev: dict[str, Any], view: dict[str, Any]) -> str:
     """An event as a line of a log."""
     data = ev.get("data") or {}
     if ev["event"] == "workflow.launched":
-        return f"workflow {data['workflow_id']} launched: {data.get('status', '')}"
+        return f"workflow {data['workflow_id']} launched"  # its statuses follow, as events
     if ev["event"] == "workflow.node":
         running = f"; {data['current_step']} runs" if data.get("current_step") else ""
         return f"  {data.get('node')} done in {data.get('duration_s', 0):.2f}s{running}"
@@ -279,7 +291,7 @@ def list_workflows(
     table = Table(box=None, header_style="bold")
     table.add_column("workflow_id", no_wrap=True, min_width=36)  # whole: it is what the other commands take
     for column in ("type", "status", "current_step"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # whole, not cut to "explain_modu…" when piped
     for wf in page["items"]:
         table.add_row(wf["workflow_id"], wf["workflow_type"], wf["status"], wf.get("current_step") or "")
     _out.print(table)
