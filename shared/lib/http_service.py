@@ -51,6 +51,7 @@ from shared.lib.metrics import SERVICE_DEPENDENCY_UP
 from shared.lib.safe_input import (
     check_json_limits,
     check_text,
+    clipped,
     may_exceed_json_limits,
     may_hold_unsafe_text,
 )
@@ -174,7 +175,7 @@ def non_json_body(headers: Mapping[str, str]) -> UnsupportedMediaType | None:
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         return None
-    sent = f"not {media_type!r}" if media_type else "and this request has no Content-Type"
+    sent = f"not {clipped(media_type)!r}" if media_type else "and this request has no Content-Type"
     return UnsupportedMediaType(
         f"the body must be JSON sent with 'Content-Type: application/json', {sent}", field="content-type"
     )
@@ -239,7 +240,7 @@ def _method_not_allowed(request: Request) -> JSONResponse:
     allowed = ", ".join(methods)
     body = {
         "code": "http_405",
-        "message": f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+        "message": f"{request.method} is not allowed on {clipped(request.url.path)}; use {allowed}",
         "retryable": False,
     }
     return JSONResponse({"error": body}, status_code=405, headers={"Allow": allowed})
@@ -431,7 +432,8 @@ def _query_refusal(scope: Scope, raw: bytes) -> InvalidInput | None:
     for name, n in counts.items():
         if name not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            return InvalidInput(f"{name} is not a query parameter of this path (it takes: {known})", field=name)
+            shown = clipped(name)
+            return InvalidInput(f"{shown} is not a query parameter of this path (it takes: {known})", field=shown)
         if n > 1 and not field_annotation_is_sequence(fields[name].field_info.annotation):
             return InvalidInput(f"{name} is given {n} times but takes one value; give it once", field=name)
     return None

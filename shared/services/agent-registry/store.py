@@ -23,6 +23,7 @@ from shared.lib.registry_models import (
     Registration,
     transition_allowed,
 )
+from shared.lib.safe_input import clipped
 
 __all__ = [
     "Beat",
@@ -288,16 +289,19 @@ class RegistryStore:
         return [(r["status"], r["name"], int(r["n"])) for r in await self._pool.fetch(_COUNTS)]
 
 
+# The id may be a caller's header (an agent's X-Agent-Id): repeated cut to a sane length.
 def _not_registered(agent_id: str) -> NotFound:
+    shown = clipped(agent_id)
     return NotFound(
-        f"agent {agent_id} is not registered (never, or removed after missing heartbeats); register it again",
-        resource=agent_id,
+        f"agent {shown} is not registered (never, or removed after missing heartbeats); register it again",
+        resource=shown,
     )
 
 
 def _bad_token(agent_id: str) -> Unauthorized:
+    shown = clipped(agent_id)
     return Unauthorized(
-        f"wrong token for agent {agent_id}; use the token its registration returned, or register again",
+        f"wrong token for agent {shown}; use the token its registration returned, or register again",
         field="X-Agent-Token",
-        resource=agent_id,
+        resource=shown,
     )

@@ -1,7 +1,7 @@
 """What the services refuse at their HTTP edge, served for real over PostgreSQL and Redis: JSON
 nested past the limit or holding an integer past 64 bits (the registry, an agent's
-/agent-request, the orchestrator), malformed HEALTH_CHECK targets, and a self_healing input
-the agent would refuse."""
+/agent-request, the orchestrator), malformed HEALTH_CHECK targets, a self_healing input the
+agent would refuse, and a caller's long header echoed whole."""
 
 from __future__ import annotations
 
@@ -213,3 +213,34 @@ async def test_self_healing_input_is_checked_at_launch_as_the_agent_checks_it(
         assert await conn.fetchval("SELECT count(*) FROM workflows") == 0
     finally:
         await conn.close()
+
+
+async def test_a_long_agent_id_header_is_not_echoed_whole(settings_factory: Callable[..., Settings]) -> None:
+    """A 401 for an agent token of an X-Agent-Id of 8,000 characters repeats 80 of them and says
+    how long it was (it echoed all 8,000)."""
+    async with _infrastructure_agent(settings_factory) as http:
+        headers = {"X-Agent-Id": "a" * 8000, "X-Agent-Token": "t"}
+        r = await http.post("/agent-request", json=_envelope("HEALTH_CHECK", {}), headers=headers)
+    message = _refused(r, 401, "X-Agent-Token")
+    assert "a" * 80 + "... (8000 characters)" in message
+    assert len(r.content) < 500, r.text
+
+
+async def test_a_long_query_parameter_name_or_content_type_is_not_echoed_whole(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """The registry's 422 for an unknown query parameter of 8,000 characters, and its 415 for a
+    content type as long, repeat 80 of them and say how long it was."""
+    long = "x" * 8000
+    async with serve_registry(settings_factory) as registry:
+        listed = await registry.http.get(f"{registry.url}/agents?{long}=1", headers={"X-API-Key": API_KEY})
+        sent = await registry.http.post(
+            f"{registry.url}/agents/register",
+            content=b"{}",
+            headers={"X-Registration-Secret": SECRET, "Content-Type": f"text/{long}"},
+        )
+    assert "x" * 80 + "... (8000 characters) is not a query parameter" in _refused(
+        listed, 422, "x" * 80 + "... (8000 characters)"
+    )
+    assert "... (8005 characters)" in _refused(sent, 415, "content-type")
+    assert max(len(listed.content), len(sent.content)) < 500
