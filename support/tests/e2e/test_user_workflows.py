@@ -40,6 +40,42 @@ COMPILED = WorkflowType(
 SHADOW = WorkflowType(name="self_healing", description="Not the built-in.", input_model=ExplainInput, build=build)
 AGAIN = WorkflowType(name="explain_module", description="Not the first.", input_model=ExplainInput, build=build)
 """
+#: A plug-in that loads but leaves what the orchestrator cannot follow, by its input's ``kind``.
+ODD = """
+from typing import Any, Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import interrupt
+from pydantic import BaseModel
+
+from agent_orchestrator.workflows import WorkflowType
+from shared.lib.multi_agent_state import MultiAgentState
+
+
+class OddInput(BaseModel):
+    kind: Literal["set_result", "bad_outcome", "text_interrupt"]
+
+
+def odd(state: MultiAgentState) -> dict[str, Any]:
+    kind = state["input"]["kind"]
+    if kind == "set_result":
+        return {"result": {"s": {1, 2}}}
+    if kind == "bad_outcome":
+        return {"outcome": "success"}
+    return {"result": {"answer": interrupt("Proceed?")}}
+
+
+def build() -> StateGraph:
+    g = StateGraph(MultiAgentState)
+    g.add_node("odd", odd)
+    g.add_edge(START, "odd")
+    g.add_edge("odd", END)
+    return g
+
+
+ODD = WorkflowType(name="gen_odd", description="Odd ends.", input_model=OddInput, build=build)
+"""
+
 #: The broken entry points, after the document's own, and what each is skipped for.
 BROKEN_ENTRY_POINTS = {
     "broken": ("my_package.workflows:MISSING", "failed to load: AttributeError"),
@@ -66,10 +102,12 @@ def _install(site: Path) -> None:
     (site / "my_package" / "__init__.py").write_text("")
     (site / "my_package" / "workflows.py").write_text(_doc_block("python", "EXPLAIN = WorkflowType"))
     (site / "my_package" / "broken.py").write_text(BROKEN)
+    (site / "my_package" / "odd.py").write_text(ODD)
     group = "agent_orchestrator.workflows"
     declared = tomllib.loads(_doc_block("toml", group))["project"]["entry-points"][group]
     broken = {name: target for name, (target, _) in BROKEN_ENTRY_POINTS.items()}
-    lines = [f"{name} = {target}" for name, target in {**declared, **broken}.items()]
+    odd = {"gen_odd": "my_package.odd:ODD"}
+    lines = [f"{name} = {target}" for name, target in {**declared, **broken, **odd}.items()]
     info = site / "my_package-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 0.1\n")
@@ -94,7 +132,14 @@ def test_a_user_workflow_from_an_entry_point_is_listed_validated_and_run(plugged
         listed = api.get("/workflow-types")
         assert listed.status_code == 200, listed.text
         types = {t["name"]: t for t in listed.json()["items"]}
-        assert set(types) == {"pr_deployment", "parallel_docs", "self_healing", "agent_chain", "explain_module"}
+        assert set(types) == {
+            "pr_deployment",
+            "parallel_docs",
+            "self_healing",
+            "agent_chain",
+            "explain_module",
+            "gen_odd",
+        }
         assert set(types["explain_module"]["input_schema"]["properties"]) == {"repo_path", "path"}
         assert types["explain_module"]["description"] == "Explain one module."  # the first to take the name
         builtin = builtin_workflow_types()["self_healing"]
@@ -144,11 +189,41 @@ def test_launching_a_skipped_plug_in_says_it_failed_to_load_and_why(plugged: Sta
     assert unknown.json()["error"]["message"].startswith("unknown workflow_type 'nope'; known types: ['agent_chain'")
 
 
-def _finished(api: httpx.Client, workflow_id: str, timeout_s: float = 60) -> dict[str, object]:
+def test_what_a_graph_leaves_that_cannot_be_followed_fails_it_saying_why(plugged: Stack) -> None:
+    """A result that is not JSON, or an outcome other than succeeded/failed, fails the workflow at
+    once with a reason that says so (it was left running, retried every lease); an interrupt
+    whose payload is a string waits as {"value": ...} and takes its answer."""
+    with httpx.Client(base_url=plugged.orchestrator_url, headers={"X-API-Key": plugged.api_key}, timeout=30) as api:
+
+        def launch(kind: str) -> str:
+            r = api.post("/workflows", json={"workflow_type": "gen_odd", "input": {"kind": kind}})
+            assert r.status_code == 202, r.text
+            return str(r.json()["workflow_id"])
+
+        unstorable, unknown, asking = launch("set_result"), launch("bad_outcome"), launch("text_interrupt")
+        wf = _finished(api, unstorable)
+        assert wf["status"] == "failed", wf
+        assert str(wf["reason"]).startswith("the workflow's outcome cannot be recorded: result is not JSON"), wf
+        wf = _finished(api, unknown)
+        assert (wf["status"], wf["reason"]) == (
+            "failed",
+            "the graph's outcome 'success' is neither 'succeeded' nor 'failed'",
+        ), wf
+        wf = _finished(api, asking, stop_at={"interrupted"})
+        assert (wf["status"], wf["pending_interrupt"]) == ("interrupted", {"value": "Proceed?"}), wf
+        answered = api.post(f"/workflows/{asking}/resume", json={"decision": "yes"})
+        assert answered.status_code == 202, answered.text
+        wf = _finished(api, asking)
+    assert (wf["status"], wf["result"]) == ("succeeded", {"answer": "yes"}), wf
+
+
+def _finished(
+    api: httpx.Client, workflow_id: str, timeout_s: float = 60, stop_at: set[str] | None = None
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         wf: dict[str, object] = api.get(f"/workflows/{workflow_id}").json()
-        if wf["status"] in {"succeeded", "failed", "cancelled"}:
+        if wf["status"] in {"succeeded", "failed", "cancelled", *(stop_at or ())}:
             return wf
         time.sleep(0.2)
     raise AssertionError(f"{workflow_id} did not finish in {timeout_s}s")
