@@ -31,6 +31,7 @@ from agent_orchestrator.workflows.base import (
     WorkflowType,
 )
 from shared.lib.errors import InvalidInput
+from shared.lib.safe_input import clipped
 from shared.lib.workflow_state import WORKFLOW_TYPE_PATTERN
 
 __all__ = [
@@ -110,7 +111,8 @@ def unknown_workflow_type(name: str, known: Iterable[str], failed: Mapping[str, 
     """The error of a launch of ``name``, a type this process does not run: it names the known
     ones and, when an entry point of that name was skipped (``LoadedTypes.failed``), why."""
     why = f": {failed[name]}; fix the plug-in and restart the orchestrator" if name in failed else ""
-    return InvalidInput(f"unknown workflow_type {name!r}{why}; known types: {sorted(known)}", field="workflow_type")
+    shown = clipped(repr(name))  # a name sent over the bus is not bounded as the API's is
+    return InvalidInput(f"unknown workflow_type {shown}{why}; known types: {sorted(known)}", field="workflow_type")
 
 
 def _load(ep: EntryPoint) -> WorkflowType:

@@ -18,6 +18,7 @@ from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
+from agents.work.health import Target
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PR_DEPLOYMENT", "ApprovalAnswer", "ApprovalDecision", "PrDeploymentInput"]
@@ -32,8 +33,10 @@ class PrDeploymentInput(WorkflowInput):
     base: str = Field(min_length=1, description="Base revision of the change.")
     head: str = Field(min_length=1, description="Revision to review, test and deploy.")
     environment: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="Deploy environment name.")
-    health_targets: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra HEALTH_CHECK targets ({kind: http, url} or {kind: tcp, host, port})."
+    health_targets: list[Target] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Extra HEALTH_CHECK targets ({kind: http, url} or {kind: tcp, host, port}), checked at launch.",
     )
     approval_timeout_s: float | None = Field(default=None, gt=0, description="Override of AO_APPROVAL_TIMEOUT_S.")
 
@@ -181,7 +184,8 @@ async def deploy(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> d
 
 async def verify(state: MultiAgentState, runtime: Runtime[WorkflowContext]) -> dict[str, Any]:
     args = _args(state)
-    check = {"environment": args.environment, "targets": args.health_targets}
+    targets = [t.model_dump(mode="json", exclude_none=True) for t in args.health_targets]
+    check = {"environment": args.environment, "targets": targets}
     reply = await runtime.context.calls.call("infrastructure", "HEALTH_CHECK", check, label="health")
     return {"current_step": "verify", "steps": {"verify": reply.payload}, "agents": [reply.instance]}
 
