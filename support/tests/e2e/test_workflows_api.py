@@ -736,6 +736,22 @@ def parse_sse(
         ("POST", "/workflows", {"workflow_type": 42, "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "nope", "input": {}}, 422, "workflow_type"),
         ("POST", "/workflows", {"workflow_type": "pr_deployment", "input": {"repo_path": "/x"}}, 422, "input.base"),
+        (
+            "POST",
+            "/workflows",
+            {
+                "workflow_type": "pr_deployment",
+                "input": {
+                    "repo_path": "/x",
+                    "base": "a",
+                    "head": "b",
+                    "environment": "e",
+                    "health_targets": [{"kind": "tcp", "host": "a..b", "port": 80}],
+                },
+            },
+            422,
+            "input.health_targets.0.host",
+        ),
         ("POST", "/workflows", {"workflow_type": "parallel_docs", "input": {"repo_path": "."}}, 422, "input.repo_path"),
         (
             "POST",
