@@ -5,6 +5,7 @@ dead-letter a request."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -41,12 +42,27 @@ from shared.lib.errors import (
 from shared.lib.safe_input import check_text
 from shared.lib.settings import Settings
 
-__all__ = ["Handler", "HandlerOutcome", "Slots", "_Core"]
+__all__ = ["REQUEST_DIGEST", "Handler", "HandlerOutcome", "Slots", "_Core", "request_digest"]
 
 _log = logging.getLogger("shared.lib.event_bus")
 
 Handler = Callable[[AgentRequestEvent], Awaitable[dict[str, Any]]]
 """``async def handler(request) -> dict``: the success payload, or raise an OrchestratorError."""
+
+#: The response's ``metadata`` entry naming the request it answers (:func:`request_digest`):
+#: a stored response is returned to a repeat of its idempotency key only when it matches.
+REQUEST_DIGEST = "request_digest"
+
+
+def request_digest(request: AgentRequestEvent) -> str | None:
+    """What makes two requests under one idempotency key the same request: a digest of their
+    source agent, request type and payload (keys sorted); not their ids, times, priority or
+    metadata, which a retry may change. None for a payload orjson cannot write."""
+    try:
+        body = orjson.dumps([request.source_agent, request.request_type, request.payload], option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -229,10 +245,12 @@ class _Core:
         error: dict[str, Any] | None = None,
         duration_s: float = 0.0,
     ) -> HandlerOutcome:
-        """Sign the response to ``request`` and record it in the metrics."""
+        """Sign the response to ``request`` (naming it: :data:`REQUEST_DIGEST`) and record it in the metrics."""
         data = request.response_dict(
             status, payload, error=error, served_by=self.instance_id, duration_ms=duration_s * 1000
         )
+        if (digest := request_digest(request)) is not None:
+            data["metadata"][REQUEST_DIGEST] = digest  # a dict of its own (response_dict)
         raw = self.signed_json(data, request.target_agent)
         target = metrics.AGENT_NAME_LABELS(request.target_agent)
         labels = (

@@ -28,8 +28,10 @@ its handler and stores the answer ``cancelled``.
 
 Trust: envelopes are signed (HMAC-SHA256, see ``agent_events``) and verified on
 receipt. Replays are stopped by ``request_id``/idempotency key at admission
-(a repeat gets the stored response, never a second run) and by the
-``created_at`` replay window on receipt.
+(a repeat gets the stored response, never a second run; a different request
+under a used key gets ``Conflict``: each response names the request it
+answers, ``_bus_core.request_digest``) and by the ``created_at`` replay window
+on receipt.
 
 Events: ``emit`` INSERTs into the append-only ``events`` table, then PUBLISHes;
 ``events_since`` reads the table (ids increase: usable as SSE ids).
@@ -63,7 +65,7 @@ from shared.lib import _bus_events, metrics
 from shared.lib import _bus_scripts as scripts
 from shared.lib import redis_keys as keys
 from shared.lib._bus_batch import Batcher
-from shared.lib._bus_core import Handler, _Core
+from shared.lib._bus_core import REQUEST_DIGEST, Handler, _Core, request_digest
 from shared.lib._bus_events import CHANGE_APPLIED, EventCallback, Statement, Subscription
 from shared.lib._bus_serve import Server, markers_renewed_within_s
 from shared.lib.agent_events import (
@@ -252,7 +254,9 @@ class EventBus:
         passed), ``AgentOffline`` at once if the agent has no live consumer,
         ``PayloadTooLarge``/``InvalidInput`` for a bad envelope and
         ``ServiceUnavailable`` when Redis cannot be reached or the queue is full.
-        A repeated ``idempotency_key`` gets the stored response, not a second run.
+        A repeated ``idempotency_key`` gets the stored response, not a second run;
+        ``Conflict`` naming it if that response answers a different request
+        (another source agent, request type or payload).
         """
         if self._closed:
             raise ServiceUnavailable("the event bus is closed")
@@ -287,7 +291,7 @@ class EventBus:
             waiter.idempotency_key = request.idempotency_key
             return await self._send(request, raw, waiter, deadline)
         if code == scripts.ADMIT_STORED:
-            return self._decode_stored(value, request.target_agent)
+            return self._stored_answer(value, request)
         if code == scripts.ADMIT_OFFLINE:
             raise AgentOffline(
                 f"agent {request.target_agent!r} has no live instance; start one or check the registry",
@@ -409,7 +413,7 @@ class EventBus:
             if value is None:
                 return None
             if value != scripts.IN_FLIGHT:
-                return self._decode_stored(value, request.target_agent)
+                return self._stored_answer(value, request)
             await asyncio.sleep(_POLL_S)
         _count_timeout(request.target_agent)
         raise Timeout(f"agent {request.target_agent!r} did not finish the in-flight duplicate in time")
@@ -428,6 +432,25 @@ class EventBus:
         except _TRANSIENT:
             return scripts.IN_FLIGHT
         return value or None
+
+    def _stored_answer(self, raw: bytes, request: AgentRequestEvent) -> AgentResponseEvent:
+        """The response stored under ``request``'s idempotency key, when it answers this request
+        (the same source agent, request type and payload: a retry); Conflict naming the key when
+        it answers another. Keys are per target agent, not per caller, so without this a key
+        reused by another request (or another caller) got that request's answer."""
+        response = self._decode_stored(raw, request.target_agent)
+        digest = response.metadata.get(REQUEST_DIGEST)
+        if digest is None:  # stored without one (an earlier version): what it names must match
+            same = (response.target_agent, response.request_type) == (request.source_agent, request.request_type)
+        else:
+            same = digest == request_digest(request)
+        if not same:
+            raise Conflict(
+                f"idempotency_key {request.idempotency_key!r} already answers a different request (another "
+                "source agent, request type or payload); send this request under a key of its own",
+                field="idempotency_key",
+            )
+        return response
 
     def _decode_stored(self, raw: bytes, agent: str) -> AgentResponseEvent:
         data = parse_envelope(raw, max_bytes=self.settings.max_payload_bytes)
@@ -659,7 +682,8 @@ class EventBus:
         Raises ``PayloadTooLarge``, ``InvalidSignature`` (also for a ``created_at``
         outside the replay window) or ``DeadlineExpired`` for a refused envelope
         (answered, not dead-lettered: see :meth:`_refuse_bad`); returns the
-        stored response for a repeat, else the handler's response, stored under the
+        stored response for a repeat (``Conflict`` if it answers a different
+        request), else the handler's response, stored under the
         idempotency key. The handler runs in one of the agent's slots, which the stream
         path shares (``_bus_core.Slots``); with none free it raises ``Busy`` at once
         rather than wait: nothing runs and the key is left free for a retry.
@@ -676,7 +700,7 @@ class EventBus:
                 request, _ = self._as_first(request, b"", value)
                 continue
             if code == scripts.ADMIT_STORED:
-                return self._decode_stored(value, agent)
+                return self._stored_answer(value, request)
             if code != scripts.ADMIT_IN_FLIGHT:
                 break
             if (stored := await self._await_stored(request, request.deadline)) is not None:

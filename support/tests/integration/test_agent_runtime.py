@@ -172,3 +172,30 @@ async def test_a_full_instance_answers_busy_over_http_at_once(settings_factory: 
             assert answer.json()["error"]["retryable"] is True
             assert answer.headers["Retry-After"] == "1"
             assert took_s < 0.9
+
+
+async def test_an_idempotency_key_reused_by_another_caller_over_http_is_a_409(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """One request with the API key under key K; another agent's token then sends a different
+    request under K: 409 naming idempotency_key (it got 200 with the first caller's answer), and
+    the first caller's retry of its own request still gets its stored answer."""
+    async with (
+        serve_registry(settings_factory) as registry,
+        serve_agent_app(settings_factory, registry) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=30) as http,
+    ):
+        first = _envelope(seconds=0.01, idempotency_key="K", source_agent="orchestrator")
+        answer = await http.post("/agent-request", json=first, headers={"X-API-Key": API_KEY})
+        assert answer.status_code == 200, answer.text
+        agent_id, token = await registry.register("other-agent")
+        other = _envelope(seconds=0.02, idempotency_key="K", source_agent="other-agent")
+        refused = await http.post(
+            "/agent-request", json=other, headers={"X-Agent-Id": agent_id, "X-Agent-Token": token}
+        )
+        assert refused.status_code == 409, refused.text
+        assert (refused.json()["error"]["code"], refused.json()["error"]["field"]) == ("conflict", "idempotency_key")
+        assert "waited_s" not in refused.text
+        retry = {**first, "request_id": "retry-1"}
+        again = await http.post("/agent-request", json=retry, headers={"X-API-Key": API_KEY})
+        assert (again.status_code, again.json()["payload"]) == (200, answer.json()["payload"])

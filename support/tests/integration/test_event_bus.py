@@ -25,6 +25,7 @@ from shared.lib.agent_events import AgentRequestEvent, Event, sign
 from shared.lib.errors import (
     AgentOffline,
     Busy,
+    Conflict,
     DeadlineExpired,
     InvalidInput,
     InvalidSignature,
@@ -146,6 +147,61 @@ async def test_a_repeated_request_id_gets_the_first_response(make_bus: BusFactor
     await task
 
 
+async def test_an_idempotency_key_reused_by_a_different_request_is_a_conflict(make_bus: BusFactory) -> None:
+    """A key whose stored response answers another request (another source agent, request type
+    or payload) is a Conflict naming idempotency_key, over the stream and over HTTP (execute), also
+    when found in flight; it returned that request's answer. The same request again (a retry,
+    with a new request id) still gets the stored response, and nothing runs twice."""
+    server, client = await make_bus(), await make_bus()
+    release, calls = asyncio.Event(), []
+
+    async def recording(request: AgentRequestEvent) -> dict[str, Any]:
+        calls.append(request.request_id)
+        if request.payload.get("hold"):
+            await release.wait()
+        return {"secret": request.payload}
+
+    task = _serve(server, "echo", recording)
+    await _wait_live(client, "echo")
+    first = _req(payload={"path": "/first"}, idempotency_key="shared-key")
+    assert (await client.request_agent(first, timeout_s=5)).payload == {"secret": {"path": "/first"}}
+    others = [
+        _req(payload={"path": "/other"}, idempotency_key="shared-key"),
+        AgentRequestEvent.create(
+            source_agent="intruder", target_agent="echo", request_type="ECHO", payload={"path": "/first"},
+            idempotency_key="shared-key",
+        ),
+        AgentRequestEvent.create(
+            source_agent="tester", target_agent="echo", request_type="OTHER", payload={"path": "/first"},
+            idempotency_key="shared-key",
+        ),
+    ]  # fmt: skip
+    key = server.settings.signing_key.encode()
+    for other in others:
+        with pytest.raises(Conflict) as over_stream:
+            await client.request_agent(other, timeout_s=5)
+        with pytest.raises(Conflict) as over_http:
+            await server.execute(other.signed(key), recording)
+        for err in (over_stream, over_http):
+            assert (err.value.field, err.value.status_code) == ("idempotency_key", 409)
+    retry = _req(payload={"path": "/first"}, idempotency_key="shared-key", metadata={"trace": {"t": "2"}})
+    assert (await client.request_agent(retry, timeout_s=5)).payload == {"secret": {"path": "/first"}}
+    assert (await server.execute(retry.signed(key), recording)).payload == {"secret": {"path": "/first"}}
+    assert calls == [first.request_id]
+    held = asyncio.create_task(client.request_agent(_req(payload={"hold": 1}, idempotency_key="k2"), timeout_s=5))
+    while len(calls) < 2:
+        await asyncio.sleep(0.01)
+    in_flight = asyncio.create_task(client.request_agent(_req(payload={"hold": 2}, idempotency_key="k2"), timeout_s=5))
+    await asyncio.sleep(0.1)
+    release.set()
+    assert (await held).payload == {"secret": {"hold": 1}}
+    with pytest.raises(Conflict):
+        await in_flight
+    assert len(calls) == 2
+    await server.stop_serving(grace_s=1)
+    await task
+
+
 async def _settled(bus: EventBus, agent: str) -> tuple[int, int, int]:
     """An agent's stream entries, pending entries and dead letters."""
     prefix, redis = bus.settings.redis_prefix, bus.redis
@@ -219,7 +275,7 @@ async def test_a_request_cancelled_while_queued_is_answered_cancelled_without_ru
     assert await client.cancel_request(queued, wait_s=0.3) is None  # nobody runs it yet
     release.set()
     assert (await calls[0]).payload == {"n": 1}
-    again = await client.request_agent(_req("single", idempotency_key=queued.idempotency_key), timeout_s=5)
+    again = await client.request_agent(_req("single", {"n": 2}, idempotency_key=queued.idempotency_key), timeout_s=5)
     assert (again.error or {}).get("code") == "cancelled"
     finished = await client.cancel_request(first, wait_s=1)
     assert finished is not None
