@@ -359,8 +359,9 @@ class Server:
         return True
 
     def _check_target(self, request: AgentRequestEvent) -> None:
+        """Refuse, as the sender's input error, a request found in the stream of another agent."""
         if request.target_agent != self.agent:
-            raise OrchestratorError(
+            raise InvalidInput(
                 f"request addressed to {request.target_agent!r} found in the stream of {self.agent!r}",
                 field="target_agent",
             )

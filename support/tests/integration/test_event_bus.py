@@ -577,12 +577,14 @@ async def _dead_reasons(bus: EventBus, agent: str, count: int) -> list[str]:
         ({"deadline": 1e308}, "invalid_input"),  # the model refuses it: more than a day after created_at
         ({"deadline": 1e17}, "invalid_input"),
         ({"created_at": time.time() - 3600}, "bad_signature"),  # a replay, outside the window
+        ({"target_agent": "another-agent"}, "invalid_input"),  # in the wrong stream: it was `internal`
     ],
 )
 async def test_a_signed_envelope_refused_off_the_stream_is_dead_lettered_with_its_reason(
     make_bus: BusFactory, fields: dict[str, Any], reason: str
 ) -> None:
-    """A validly signed request with a far deadline or a stale created_at is dead-lettered, not run; serving goes on."""
+    """A validly signed request with a far deadline, a stale created_at or another agent as its target is
+    dead-lettered with its reason, not run; serving goes on."""
     server, client = await make_bus(), await make_bus()
     calls: list[str] = []
 
