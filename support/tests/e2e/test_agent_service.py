@@ -160,7 +160,12 @@ async def test_agent_http_and_bus_errors(
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         card = ParseDict((await http.get("/.well-known/agent-card.json")).json(), AgentCard())
         assert card.supported_interfaces[0].url == f"{base}/agent-request"
-        assert (await http.get("/metrics")).status_code == 200
+        scraped = await http.get("/metrics")
+        assert scraped.status_code == 200
+        # at zero from the start, so the first dead letter is an increase DeadLettersGrowing sees
+        for reason in metrics.AGENT_REFUSAL_REASONS:
+            assert f'agent_requests_dead_lettered_total{{reason="{reason}"}} 0.0' in scraped.text, reason
+        assert 'agent_requests_redelivered_total{agent="code-review"} 0.0' in scraped.text
 
         def envelope(request_type: str, payload: dict[str, Any]) -> dict[str, Any]:
             request = AgentRequestEvent.create(
