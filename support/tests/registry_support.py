@@ -81,12 +81,10 @@ def registration(name: str, **fields: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def serve_registry(settings_factory: Callable[..., Settings], **overrides: Any) -> AsyncIterator[RunningRegistry]:
-    """Serve a registry app on a free port until the block exits."""
-    settings = settings_factory(**overrides)
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+async def serve_in_loop(app: Any, port: int, *, stop_within_s: float = 15) -> AsyncIterator[None]:
+    """Serve ``app`` (its lifespan run) with uvicorn on ``port`` in this event loop until the
+    block exits; a start-up failure is raised here."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(15):
         while not server.started:
@@ -94,9 +92,17 @@ async def serve_registry(settings_factory: Callable[..., Settings], **overrides:
                 task.result()
             await asyncio.sleep(0.02)
     try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            yield RunningRegistry(url=f"http://127.0.0.1:{port}", settings=settings, http=http)
+        yield
     finally:
         server.should_exit = True
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(stop_within_s):
             await task
+
+
+@contextlib.asynccontextmanager
+async def serve_registry(settings_factory: Callable[..., Settings], **overrides: Any) -> AsyncIterator[RunningRegistry]:
+    """Serve a registry app on a free port until the block exits."""
+    settings = settings_factory(**overrides)
+    port = free_port()
+    async with serve_in_loop(create_app(settings), port), httpx.AsyncClient(timeout=10) as http:
+        yield RunningRegistry(url=f"http://127.0.0.1:{port}", settings=settings, http=http)

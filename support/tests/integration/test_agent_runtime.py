@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import BaseModel
 
 from agents.sdk.agent import Agent, skill
@@ -22,7 +21,7 @@ from shared.lib import redis_keys as keys
 from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.embedded import free_port
 from shared.lib.settings import Settings
-from support.tests.registry_support import API_KEY, RunningRegistry, serve_registry
+from support.tests.registry_support import API_KEY, RunningRegistry, serve_in_loop, serve_registry
 
 
 class _Wait(BaseModel):
@@ -61,19 +60,8 @@ async def serve_agent_app(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     app = create_agent_app(agent, instance_id="waiter-1", endpoint=url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(15):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-    try:
+    async with serve_in_loop(app, port, stop_within_s=30):
         yield RunningAgent(url=url, agent=agent, app=app)
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(30):
-            await task
 
 
 async def _until(check: Callable[[], Any], *, timeout_s: float) -> Any:

@@ -5,7 +5,6 @@ agent would refuse, and a caller's long header echoed whole."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +12,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
 from agent_orchestrator.app import create_app as create_orchestrator_app
@@ -23,7 +21,7 @@ from shared.lib.agent_events import AgentRequestEvent
 from shared.lib.safe_input import MAX_JSON_DEPTH
 from shared.lib.settings import Settings
 from support.tests.procs import free_port
-from support.tests.registry_support import API_KEY, SECRET, registration, serve_registry
+from support.tests.registry_support import API_KEY, SECRET, registration, serve_in_loop, serve_registry
 
 JSON = {"Content-Type": "application/json"}
 
@@ -83,19 +81,8 @@ async def _serving(make_app: Callable[[str], FastAPI]) -> AsyncIterator[str]:
     """The URL of ``make_app(url)`` served by uvicorn, its lifespan run, until the block exits."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = uvicorn.Server(uvicorn.Config(make_app(url), host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(15):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-    try:
+    async with serve_in_loop(make_app(url), port):
         yield url
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(15):
-            await task
 
 
 @contextlib.asynccontextmanager
