@@ -12,10 +12,13 @@ workflow's reason says it all), and its traceback when it is anything else (a de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import asyncpg
 import pytest
 
 from agent_orchestrator.execution import Outcome
@@ -29,42 +32,67 @@ from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
 
 
+class _Runs:
+    """A runner over ``pool`` whose runs succeed at once (their ids in ``executed``) and whose
+    endings, recorded as the service would, come to ``finished`` as (workflow id, outcome)."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, **runner_options: Any) -> None:
+        self.pool = pool
+        self.executed: list[str] = []
+        self.finished: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self.runner = WorkflowRunner(
+            pool, settings, execute=self._execute, on_finished=self._on_finished, **runner_options
+        )
+        self.records = WorkflowRecords(pool, WorkflowStateManager(pool), self.runner.store)
+
+    async def _execute(self, lr: LocalRun) -> Outcome:
+        self.executed.append(lr.run.workflow_id)
+        return Outcome(status="succeeded")
+
+    async def _on_finished(self, lr: LocalRun, outcome: object) -> None:
+        await self.runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await self.finished.put((lr.run.workflow_id, outcome))
+
+    async def create(self, workflow_id: str, workflow_type: str = "agent_chain") -> None:
+        await self.records.create(workflow_id, workflow_type, {"calls": []}, idempotency_key=None, trace={})
+
+    async def ended(self, count: int) -> dict[str, object]:
+        return dict([await asyncio.wait_for(self.finished.get(), 15) for _ in range(count)])
+
+
+@contextlib.asynccontextmanager
+async def _runs(database_url: str, settings: Settings, **runner_options: Any) -> AsyncIterator[_Runs]:
+    pool = await create_pg_pool(database_url)
+    runs = _Runs(pool, settings, **runner_options)
+    try:
+        yield runs
+    finally:
+        await runs.runner.stop()
+        await pool.close()
+
+
 @pytest.mark.parametrize("how", ["notice before the claim", "flag read by the claim"])
 async def test_a_cancel_that_comes_while_the_run_is_claimed_stops_it_as_it_starts(
     how: str, database_url: str, settings_factory: Callable[..., Settings]
 ) -> None:
-    pool = await create_pg_pool(database_url)
-    executed: list[str] = []
-    finished: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-
-    async def execute(lr: LocalRun) -> Outcome:
-        executed.append(lr.run.workflow_id)
-        return Outcome(status="succeeded")
-
-    async def on_finished(lr: LocalRun, outcome: object) -> None:
-        await runner.store.finish(lr.run.workflow_id)
-        lr.run_finished = True
-        await finished.put((lr.run.workflow_id, outcome))
-
-    runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
     cancelled, other = str(uuid.uuid4()), str(uuid.uuid4())
-    try:
+    async with _runs(database_url, settings_factory()) as runs:
         for workflow_id in (cancelled, other):
-            await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+            await runs.create(workflow_id)
         if how == "notice before the claim":
-            assert runner.cancel_local(cancelled, reason="cancelled") is False  # not here (yet)
+            assert runs.runner.cancel_local(cancelled, reason="cancelled") is False  # not here (yet)
         else:
-            await pool.execute("UPDATE workflow_runs SET cancel_requested = true WHERE workflow_id = $1", cancelled)
-        await runner.start()
-        ended = dict([await asyncio.wait_for(finished.get(), 15) for _ in range(2)])
+            await runs.pool.execute(
+                "UPDATE workflow_runs SET cancel_requested = true WHERE workflow_id = $1", cancelled
+            )
+        await runs.runner.start()
+        ended = await runs.ended(2)
         assert isinstance(ended[cancelled], asyncio.CancelledError), ended
         assert isinstance(ended[other], Outcome), ended  # only the cancelled one is stopped
-        assert executed == [other]
-        assert await pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", cancelled) == "done"
-    finally:
-        await runner.stop()
-        await pool.close()
+        assert runs.executed == [other]
+        state = await runs.pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", cancelled)
+        assert state == "done"
 
 
 async def test_a_failure_of_ours_is_one_line_and_a_defect_has_its_traceback(
@@ -142,34 +170,16 @@ async def test_a_replica_claims_only_runs_of_the_types_it_has(
 ) -> None:
     """A replica without a plug-in leaves that plug-in's runs queued for a replica that has it,
     instead of claiming them and failing them with a KeyError (approvals lost)."""
-    pool = await create_pg_pool(database_url)
-    executed: asyncio.Queue[str] = asyncio.Queue()
-
-    async def execute(lr: LocalRun) -> Outcome:
-        await executed.put(lr.run.workflow_type)
-        return Outcome(status="succeeded")
-
-    async def on_finished(lr: LocalRun, outcome: object) -> None:
-        await runner.store.finish(lr.run.workflow_id)
-        lr.run_finished = True
-
-    runner = WorkflowRunner(
-        pool, settings_factory(), execute=execute, on_finished=on_finished, workflow_types=["agent_chain"]
-    )
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
-    elsewhere = str(uuid.uuid4())
-    try:
-        await records.create(elsewhere, "my_plugin_type", {}, idempotency_key=None, trace={})
-        await records.create(str(uuid.uuid4()), "agent_chain", {"calls": []}, idempotency_key=None, trace={})
-        await runner.start()
-        assert await asyncio.wait_for(executed.get(), 15) == "agent_chain"
+    elsewhere, ours = str(uuid.uuid4()), str(uuid.uuid4())
+    async with _runs(database_url, settings_factory(), workflow_types=["agent_chain"]) as runs:
+        await runs.create(elsewhere, "my_plugin_type")
+        await runs.create(ours)
+        await runs.runner.start()
+        assert list(await runs.ended(1)) == [ours]
         await asyncio.sleep(1.5)  # a claiming pass after the first (they poll every second)
-        assert executed.empty()
-        state = await pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", elsewhere)
+        assert runs.executed == [ours]
+        state = await runs.pool.fetchval("SELECT state FROM workflow_runs WHERE workflow_id = $1", elsewhere)
         assert state == "queued"
-    finally:
-        await runner.stop()
-        await pool.close()
 
 
 async def test_a_run_that_took_its_replica_down_too_often_fails_instead_of_running_again(
@@ -178,43 +188,25 @@ async def test_a_run_that_took_its_replica_down_too_often_fails_instead_of_runni
     """Each claim of a run whose runner died (lease run out) counts a loss; at AO_MAX_RUN_LOSSES the
     run fails with RunLost instead of taking down the next replica too (a node that exits the
     process would otherwise crash every replica in turn). A first loss is simply taken over."""
-    pool = await create_pg_pool(database_url)
-    executed: list[str] = []
-    finished: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-
-    async def execute(lr: LocalRun) -> Outcome:
-        executed.append(lr.run.workflow_id)
-        return Outcome(status="succeeded")
-
-    async def on_finished(lr: LocalRun, outcome: object) -> None:
-        await runner.store.finish(lr.run.workflow_id)
-        lr.run_finished = True
-        await finished.put((lr.run.workflow_id, outcome))
-
-    runner = WorkflowRunner(pool, settings_factory(max_run_losses=3), execute=execute, on_finished=on_finished)
-    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
     poison, survivor = str(uuid.uuid4()), str(uuid.uuid4())
-    try:
+    async with _runs(database_url, settings_factory(max_run_losses=3)) as runs:
         for workflow_id, losses in ((poison, 2), (survivor, 0)):
-            await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
-            await pool.execute(  # its runner died: running, under a lease that ran out
+            await runs.create(workflow_id)
+            await runs.pool.execute(  # its runner died: running, under a lease that ran out
                 "UPDATE workflow_runs SET state = 'running', runner_id = 'dead', attempts = $2 + 1, losses = $2, "
                 "lease_expires_at = now() - interval '1 second' WHERE workflow_id = $1",
                 workflow_id,
                 losses,
             )
-        await runner.start()
-        ended = dict([await asyncio.wait_for(finished.get(), 15) for _ in range(2)])
-        assert executed == [survivor]
+        await runs.runner.start()
+        ended = await runs.ended(2)
+        assert runs.executed == [survivor]
         assert isinstance(ended[survivor], Outcome)
         lost = ended[poison]
         assert isinstance(lost, RunLost), lost
         assert "its replica stopped while running it 3 times" in lost.message
-        losses = await pool.fetchval("SELECT losses FROM workflow_runs WHERE workflow_id = $1", survivor)
+        losses = await runs.pool.fetchval("SELECT losses FROM workflow_runs WHERE workflow_id = $1", survivor)
         assert losses == 1
-    finally:
-        await runner.stop()
-        await pool.close()
 
 
 async def test_a_stuck_run_is_reported_retried_then_failed_and_the_gauge_comes_back_to_zero(
