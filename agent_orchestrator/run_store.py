@@ -169,15 +169,30 @@ class RunStore:
 
         return statement
 
-    async def requeue(self, workflow_id: str) -> None:
-        """Hand a run back (shutdown, stuck retry) so any replica resumes it from its checkpoint."""
+    async def requeue(self, workflow_id: str, *, lost: bool = False) -> None:
+        """Hand a run back (shutdown, stuck retry) so any replica resumes it from its checkpoint;
+        ``lost``: it is counted as a loss, as if its runner had died running it."""
         await self.pool.execute(
             "UPDATE workflow_runs SET state = 'queued', runner_id = NULL, lease_expires_at = NULL, "
-            "updated_at = now() WHERE workflow_id = $1 AND runner_id = $2 AND state = 'running'",
+            "losses = losses + $3::int, updated_at = now() "
+            "WHERE workflow_id = $1 AND runner_id = $2 AND state = 'running'",
             workflow_id,
             self.runner_id,
+            int(lost),
         )
         await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
+
+    async def requeue_abandoned(self, *, exclude: list[str]) -> None:
+        """Hand back every run this runner still holds in the table but not in memory (``exclude``:
+        those it runs): ones it stopped when its lock session was lost and could not hand back."""
+        await self.pool.execute(
+            "WITH handed AS (UPDATE workflow_runs SET state = 'queued', runner_id = NULL, lease_expires_at = NULL, "
+            "updated_at = now() WHERE runner_id = $1 AND state = 'running' AND NOT (workflow_id = ANY($2::text[])) "
+            "RETURNING workflow_id) SELECT count(pg_notify($3, workflow_id)) FROM handed",
+            self.runner_id,
+            exclude,
+            RUNS_CHANNEL,
+        )
 
     @staticmethod
     def resume_change(workflow_id: str, value: Any, *, expired: bool = False) -> tuple[str, list[Any]]:

@@ -49,6 +49,10 @@ _TAKE_SQL = (
 #: How long a cancel of a run not here is kept, in case this replica is claiming the run now
 #: (a claim that started before the cancel; later ones read the run's cancel_requested).
 _CANCEL_AHEAD_S = 30.0
+#: Why a run stopped that hands it back to be resumed from its checkpoint: this replica stops;
+#: its lock session was lost; it was stuck; its task was cancelled by nobody here (counted as a
+#: loss, as a replica dying while running it is: see ``Settings.max_run_losses``).
+_HANDED_BACK = frozenset({"shutdown", "lost-lock", "stuck", "vanished"})
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
 #: Up to which attempt a run that failed because a server connection was lost is handed back
@@ -141,7 +145,7 @@ class WorkflowRunner:
             self.settings.database_url,
             listeners={RUNS_CHANNEL: self._on_notify, CANCEL_CHANNEL: self._on_cancel_notify},
             on_lost=self._lock_session_lost,
-            on_back=self.wake,
+            on_back=self._lock_session_back,
         )
         await self._session.open()
         self._tasks = [
@@ -297,6 +301,18 @@ class WorkflowRunner:
             self.cancel_local(workflow_id, reason="lost-lock")
         self._unlocks.clear()  # the session held them
 
+    def _lock_session_back(self) -> None:
+        """The lock session is back: hand back the runs it lost that could not be handed back
+        then (PostgreSQL was down), so they are claimed again at once, with no loss counted."""
+        task = asyncio.create_task(self._hand_back_lost(), name="runner-hand-back")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _hand_back_lost(self) -> None:
+        with contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError):  # left to their leases
+            await self.store.requeue_abandoned(exclude=[*self._local, *self._reserved])
+        self.wake()
+
     # -- running ---------------------------------------------------------------------------------
     async def _run(self, lr: LocalRun) -> None:
         run = lr.run
@@ -308,9 +324,9 @@ class WorkflowRunner:
             _check_losses(run, self.settings.max_run_losses)
             outcome: Outcome | BaseException = await self._execute(lr)
         except asyncio.CancelledError:
-            # cancelled by nobody here: the event loop is being torn down (the process stops), or a
-            # node's own task went away (it raised SystemExit): handed back, not cancelled by request
-            lr.cancel_reason = lr.cancel_reason or "shutdown"
+            # cancelled by nobody here: the process stops without stopping the runner (its event
+            # loop torn down by a node's SystemExit, say): handed back as a loss, not cancelled by request
+            lr.cancel_reason = lr.cancel_reason or ("shutdown" if self._stopping else "vanished")
             outcome = asyncio.CancelledError(lr.cancel_reason)
         except Exception as e:  # noqa: BLE001 - any failure of the graph fails the workflow, with its reason
             _log_failure(run.workflow_id, e)
@@ -369,15 +385,16 @@ class WorkflowRunner:
     async def _settle(self, lr: LocalRun, outcome: Outcome | BaseException) -> None:
         """Record how the run ended; a run handed back is requeued, not finished."""
         run = lr.run
-        if isinstance(outcome, asyncio.CancelledError) and lr.cancel_reason in {"shutdown", "lost-lock", "stuck"}:
+        if isinstance(outcome, asyncio.CancelledError) and lr.cancel_reason in _HANDED_BACK:
             if lr.cancel_reason == "stuck" and run.attempts > _MAX_STUCK_RETRIES:
                 await self._finish(
                     lr,
                     RuntimeError(f"no progress for {self.settings.stuck_after_s:g}s after {run.attempts} attempts"),
                 )
                 return
-            if lr.cancel_reason != "lost-lock":
-                await self.store.requeue(run.workflow_id)
+            # a lost lock session is the database's trouble, not the run's: no loss (if PostgreSQL
+            # is down this fails, and the runs left are handed back when the session is)
+            await self.store.requeue(run.workflow_id, lost=lr.cancel_reason == "vanished")
             return
         if isinstance(outcome, Exception) and connection_lost(outcome) and run.attempts <= _MAX_HANDBACKS:
             _log.warning(

@@ -186,7 +186,8 @@ class Settings(BaseSettings):
     """A workflow run whose runner stopped renewing for this long is taken over."""
     max_run_losses: int = Field(default=3, ge=1)
     """A run whose replica died while running it this many times (a node that exits the process,
-    say) fails instead of being taken over again, so it cannot take down replica after replica."""
+    say) fails instead of being taken over again, so it cannot take down replica after replica.
+    A lost database connection counts no loss."""
     stuck_after_s: float = 600.0
     """A running workflow with no progress for this long is reported stuck."""
     checkpoint_retention_s: float = 7 * 24 * 3600.0

@@ -158,7 +158,7 @@ async def test_a_run_cancelled_by_nobody_here_is_handed_back_not_cancelled(
         assert lr.task is not None
         lr.task.cancel()  # not through cancel_local: nobody asked for it
         again = await asyncio.wait_for(started.get(), 15)  # handed back, and so claimed again
-        assert (again.run.workflow_id, again.run.attempts) == (workflow_id, 2)
+        assert (again.run.workflow_id, again.run.attempts, again.run.losses) == (workflow_id, 2, 1)  # a loss
         assert finished == []  # no outcome recorded
     finally:
         await runner.stop()
