@@ -67,6 +67,8 @@ JSON_INT_MAX = 2**64 - 1
 
 #: Path segments among which the field is named when JSON nests too deeply, not 129 levels of it.
 _DEPTH_PATH_SEGMENTS = 8
+#: Path segments kept while looking for the place: more than a message shows (cut to 80 characters).
+_KEPT_SEGMENTS = 40
 
 #: How much of a caller's value (a header, a key, a path, an id) an error message repeats.
 _ECHO_MAX_CHARS = 80
@@ -223,32 +225,34 @@ def find_json_past_limits(value: Any, *, path: str = "") -> tuple[str, str] | No
     object key of its first levels (``metadata.schema`` for ``metadata.schema.0.0...``)."""
     if _within_limits(value):
         return None
-    stack: list[tuple[list[str | int], Any]] = [([], value)]
+    # (depth, the first _KEPT_SEGMENTS of its path, value): a deeper value shares its parent's
+    # path (no copy per value: a 1 MB body of deep small items cost ~0.5 GB as full paths)
+    stack: list[tuple[int, tuple[str | int, ...], Any]] = [(0, (), value)]
     while stack:
-        where, item = stack.pop()
+        depth, where, item = stack.pop()
         if _int_outside(item):
             why = f"integer outside the 64-bit range ({JSON_INT_MIN} to {JSON_INT_MAX})"
             return _dotted(path, where), f"{why}; send so large a number as a string"
         if not isinstance(item, dict | list | tuple):
             continue
-        if len(where) >= MAX_JSON_DEPTH:
-            return _dotted(
-                path, _field_of(where)
-            ), f"JSON nested more than {MAX_JSON_DEPTH} levels deep; nest it less deeply"
+        if depth >= MAX_JSON_DEPTH:
+            why = f"JSON nested more than {MAX_JSON_DEPTH} levels deep; nest it less deeply"
+            return _dotted(path, _field_of(where)), why
         children = item.items() if isinstance(item, dict) else enumerate(item)
-        stack.extend(([*where, key], child) for key, child in reversed(list(children)))
+        kept = depth < _KEPT_SEGMENTS
+        stack.extend((depth + 1, (*where, key) if kept else where, child) for key, child in reversed(list(children)))
     return None
 
 
-def _field_of(where: list[str | int]) -> list[str | int]:
+def _field_of(where: tuple[str | int, ...]) -> tuple[str | int, ...]:
     """The first levels of ``where`` up to its last object key: the field, not its indices."""
-    named = where[:_DEPTH_PATH_SEGMENTS]
+    named = list(where[:_DEPTH_PATH_SEGMENTS])
     while named and isinstance(named[-1], int):
         named.pop()
-    return named
+    return tuple(named)
 
 
-def _dotted(path: str, where: list[str | int]) -> str:
+def _dotted(path: str, where: tuple[str | int, ...]) -> str:
     return ".".join([path] * bool(path) + [str(p) for p in where])
 
 
