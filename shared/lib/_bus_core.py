@@ -95,6 +95,8 @@ class Slots:
         self.size = size
         self.taken = 0
         self._semaphore = asyncio.Semaphore(size)
+        self.freed = asyncio.Event()
+        """Set when a slot is given back: a reader waiting for room clears it and waits."""
 
     @property
     def free(self) -> int:
@@ -115,6 +117,7 @@ class Slots:
     def give(self) -> None:
         self.taken -= 1
         self._semaphore.release()
+        self.freed.set()
 
     async def __aenter__(self) -> None:
         await self.take()

@@ -55,6 +55,9 @@ _log = logging.getLogger("shared.lib.event_bus")
 
 #: How long one XREADGROUP blocks; also the longest a stop waits for the reader.
 _BLOCK_MS = 250
+#: Longest wait for a slot to be given back before the read loop looks again (slots are also
+#: freed by a request's task ending, which wakes nothing).
+_ROOM_WAIT_S = 0.05
 #: Loop turns a fast handler needs to reach its reply write (task start, batch, flush).
 _REPLY_TURNS = 4
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -241,7 +244,7 @@ class Server:
         behind normal ones is started next; otherwise one blocking read serves (one round trip)."""
         free = min(self._free(), self._read_batch)
         if free <= 0:
-            await asyncio.sleep(0.001)
+            await self._room()
             return
         reply = None
         if self._backlog:
@@ -255,6 +258,15 @@ class Server:
                 self._dispatch(_Entry(stream, entry_id, _field(fields, b"e"), 1))
         if by_stream:
             await self._let_fast_handlers_reply()
+
+    async def _room(self) -> None:
+        """Wait until a slot is given back (a request ended, here or over HTTP), or
+        :data:`_ROOM_WAIT_S` at most: with every slot taken by long requests (test suites run
+        for minutes) the read loop no longer wakes every millisecond to look."""
+        self._slots.freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slots.freed.wait(), _ROOM_WAIT_S)
+        await asyncio.sleep(0)  # the ended request's task leaves self._tasks
 
     def _free(self) -> int:
         """How many more entries it may take on: slots neither running a request (off the stream
