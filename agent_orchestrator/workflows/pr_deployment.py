@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent_orchestrator.workflows.base import AbsolutePath, WorkflowContext, WorkflowInput, WorkflowType
 from agents.work.health import Target
+from shared.lib.errors import InvalidInput
 from shared.lib.multi_agent_state import MultiAgentState
 
 __all__ = ["PR_DEPLOYMENT", "ApprovalAnswer", "ApprovalDecision", "PrDeploymentInput"]
@@ -58,7 +59,14 @@ class ApprovalDecision(ApprovalAnswer):
 
 
 def _args(state: MultiAgentState) -> PrDeploymentInput:
-    return PrDeploymentInput.model_validate(state["input"])
+    """The input as this release reads it; one stored by an earlier release that it refuses (a
+    health target it no longer takes) fails the workflow naming the field, not with a traceback."""
+    try:
+        return PrDeploymentInput.model_validate(state["input"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(["input", *(str(p) for p in first["loc"])])
+        raise InvalidInput(f"{field}: {first['msg']} (stored by an earlier release)", field=field) from e
 
 
 def _revision(state: MultiAgentState) -> str:

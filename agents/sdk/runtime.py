@@ -75,9 +75,8 @@ class AgentRuntime:
         self._loop = asyncio.get_running_loop()
         metrics.preinitialize(metrics.AGENT_REQUEST_DURATION, (self.agent.name,))
         metrics.preinitialize(metrics.AGENT_REQUESTS_REDELIVERED, (self.agent.name,))
-        reasons = [(reason,) for reason in metrics.AGENT_REFUSAL_REASONS]
-        metrics.preinitialize(metrics.AGENT_REQUESTS_DEAD_LETTERED, *reasons)
-        metrics.preinitialize(metrics.AGENT_REQUESTS_REFUSED, *reasons)
+        metrics.preinitialize(metrics.AGENT_REQUESTS_DEAD_LETTERED, *((r,) for r in metrics.AGENT_DEAD_LETTER_REASONS))
+        metrics.preinitialize(metrics.AGENT_REQUESTS_REFUSED, *((r,) for r in metrics.AGENT_REFUSAL_REASONS))
         metrics.declare_request_types(self.agent.name, self.agent.request_types)
         registration = Registration(
             name=self.agent.name,

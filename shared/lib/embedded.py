@@ -310,12 +310,12 @@ class EmbeddedServers:
         URL (Redis reloads its append-only file); what it did, a line each."""
         said = []
         for name, server in (("PostgreSQL", self.postgres), ("Redis", self.redis)):
-            if server is None or not server.exited():
-                continue
             try:
+                if server is None or not server.exited():
+                    continue
                 server.restart()
-            except StartupError as e:
-                said.append(f"embedded {name} exited and could not be started again: {e.message}")
+            except Exception as e:  # noqa: BLE001 - the supervisor goes on; it tries again at its next turn
+                said.append(f"embedded {name} exited and could not be started again: {e}")
                 continue
             said.append(f"embedded {name} exited; started it again (log: {server.log_path})")
         return said

@@ -197,6 +197,7 @@ WORKFLOW_INTERRUPT_WAIT = Histogram(
 
 # -- messaging (shared.lib.event_bus) ------------------------------------------------
 __all__ += [
+    "AGENT_DEAD_LETTER_REASONS",
     "AGENT_REFUSAL_REASONS",
     "AGENT_REQUESTS",
     "AGENT_REQUESTS_ACTIVE",
@@ -235,10 +236,11 @@ AGENT_REQUESTS_DEAD_LETTERED = Counter(
     "Requests moved to a dead-letter stream (max_deliveries, bad_signature, payload_too_large...).",
     ["reason"],
 )
-#: The reasons a request is dead-lettered or refused for (error codes, and max_deliveries): each
-#: agent process creates these series at zero at start, so its first dead letter is an
-#: increase DeadLettersGrowing sees (a series born at 1 shows no increase).
-AGENT_REFUSAL_REASONS = ("max_deliveries", "bad_signature", "invalid_input", "payload_too_large", "busy")
+#: The reasons a request is dead-lettered (off the stream) or refused (over HTTP) for: each agent
+#: process creates these series at zero at start, so its first dead letter is an increase
+#: DeadLettersGrowing sees (a series born at 1 shows no increase).
+AGENT_DEAD_LETTER_REASONS = ("max_deliveries", "bad_signature", "invalid_input", "payload_too_large")
+AGENT_REFUSAL_REASONS = ("bad_signature", "invalid_input", "payload_too_large", "busy")
 AGENT_REQUESTS_REFUSED = Counter(
     "agent_requests_refused_total",
     "Requests refused over HTTP by the bus (bad_signature, payload_too_large, busy...): answered, not stored.",

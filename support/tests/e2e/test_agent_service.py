@@ -163,7 +163,7 @@ async def test_agent_http_and_bus_errors(
         scraped = await http.get("/metrics")
         assert scraped.status_code == 200
         # at zero from the start, so the first dead letter is an increase DeadLettersGrowing sees
-        for reason in metrics.AGENT_REFUSAL_REASONS:
+        for reason in metrics.AGENT_DEAD_LETTER_REASONS:
             assert f'agent_requests_dead_lettered_total{{reason="{reason}"}} 0.0' in scraped.text, reason
         assert 'agent_requests_redelivered_total{agent="code-review"} 0.0' in scraped.text
 
