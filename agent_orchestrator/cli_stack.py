@@ -5,10 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without the stack's dependencies
+    from agent_orchestrator.stack import Stack
 
 __all__ = ["demo", "serve", "up"]
 
@@ -66,12 +69,9 @@ def _stop_uninterrupted(stack: object) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _announce(stack: object) -> None:
+def _announce(stack: Stack) -> None:
     """What ``up`` prints once the stack is up: its services, the API key, where its secrets are,
     and in development mode, loudly, that nothing is checked."""
-    from agent_orchestrator.stack import Stack
-
-    assert isinstance(stack, Stack)
     _out.print("[bold green]stack is up[/]")
     for p in stack.processes:  # soft_wrap: a URL or path split across lines cannot be copied
         _out.print(f"  {p.name:<22} {p.url}  (log: {p.log})", soft_wrap=True, highlight=False, markup=False)

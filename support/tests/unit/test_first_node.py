@@ -20,6 +20,7 @@ def _type(build: Any) -> WorkflowType:
 
 
 def test_the_built_in_types_start_at_their_first_node() -> None:
+    """Each built-in graph starts at one fixed node, the step its runs show before any node ended."""
     firsts = {name: wtype.first_node for name, wtype in builtin_workflow_types().items()}
     assert firsts == {
         "agent_chain": "call_next",
@@ -30,6 +31,8 @@ def test_the_built_in_types_start_at_their_first_node() -> None:
 
 
 def test_a_graph_that_chooses_its_first_node_or_starts_two_has_none() -> None:
+    """No first node is claimed for a graph that picks it at run time or starts two at once."""
+
     def chosen() -> StateGraph[Any, Any, Any, Any]:
         g: StateGraph[Any, Any, Any, Any] = StateGraph(MultiAgentState)
         g.add_node("a", _node)

@@ -11,6 +11,7 @@ from shared.lib.settings import Settings
 
 @pytest.mark.parametrize("dev_mode", [True, False])
 def test_up_says_on_its_console_whether_keys_are_checked(dev_mode: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """In development mode the banner says loudly that keys are not checked; otherwise not a word of it."""
     stack = Stack(Settings(dev_mode=True), dev_mode=dev_mode, api_key="the-key")
     _announce(stack)
     out = capsys.readouterr().out
