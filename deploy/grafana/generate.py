@@ -113,10 +113,10 @@ OVERVIEW = Dashboard(
         ),
         Panel(
             "Agent request errors",
-            "Requests answered error, timeout or rejected, per agent and request type.",
+            "Requests answered error, timeout or rejected, per agent, request type and error code.",
             _q(
-                f'sum by (target_agent, request_type, status) (rate(agent_requests_total{{status!="success"}}[{_W}]))',
-                "{{target_agent}} {{request_type}} {{status}}",
+                f'sum by (target_agent, request_type, status, code) (rate(agent_requests_total{{status!="success"}}[{_W}]))',
+                "{{target_agent}} {{request_type}} {{status}} {{code}}",
             ),
             unit="reqps",
             quiet_empty=_NO_FAILURES,

@@ -261,6 +261,7 @@ class _Core:
             target,
             metrics.request_type_label(request.target_agent, request.request_type),
             status,
+            error["code"] if error else "",  # the error hierarchy's codes: a bounded set
         )  # bounded: a caller's random names add no series (nor entries to this cache)
         children = self._metric_children.get(labels)
         if children is None:  # labels() takes a lock and builds a tuple: cache it per label set

@@ -215,8 +215,9 @@ __all__ += [
 
 AGENT_REQUESTS = Counter(
     "agent_requests_total",
-    "Requests answered by this process's agent instances (stream and HTTP), by outcome.",
-    ["source_agent", "target_agent", "request_type", "status"],
+    "Requests answered by this process's agent instances (stream and HTTP), by outcome: the "
+    "response's status and, unless it succeeded, its error code (invalid_input, timeout...).",
+    ["source_agent", "target_agent", "request_type", "status", "code"],
 )
 AGENT_REQUEST_DURATION = Histogram(
     "agent_request_duration_seconds",

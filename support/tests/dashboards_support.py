@@ -42,6 +42,7 @@ ALLOWED_LABELS = {
     "request_type",
     "agent",
     "reason",
+    "code",  # an error code of shared/lib/errors.py: a closed set
     "event_type",
     "resource_type",
     "dependency",

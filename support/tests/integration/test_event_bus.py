@@ -81,7 +81,8 @@ async def test_round_trip_carries_payload_and_trace(make_bus: BusFactory) -> Non
 
 
 async def test_handler_errors_become_error_responses_and_serving_goes_on(make_bus: BusFactory) -> None:
-    """InvalidInput -> error naming the field, RequestRejected -> rejected; the loop keeps serving."""
+    """InvalidInput -> error naming the field, RequestRejected -> rejected; the loop keeps serving;
+    each is counted with its error code (AgentRequestErrorRateHigh leaves callers' mistakes out)."""
     server, client = await make_bus(), await make_bus()
     task = _serve(server, "echo", _echo)
     await _wait_live(client, "echo")
@@ -96,6 +97,8 @@ async def test_handler_errors_become_error_responses_and_serving_goes_on(make_bu
         rejected.raise_for_status()
     ok = await client.request_agent(_req(payload={"n": 2}), timeout_s=5)
     assert ok.raise_for_status() == {"echo": {"n": 2}, "trace": {}}
+    counted = {(s["status"], s["code"]) for s in _series("agent_requests_total", target_agent="echo")}
+    assert {("error", "invalid_input"), ("rejected", "rejected"), ("success", "")} <= counted
     await server.stop_serving(grace_s=1)
     await task
 
