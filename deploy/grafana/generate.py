@@ -115,7 +115,8 @@ OVERVIEW = Dashboard(
             "Agent request errors",
             "Requests answered error, timeout or rejected, per agent, request type and error code.",
             _q(
-                f'sum by (target_agent, request_type, status, code) (rate(agent_requests_total{{status!="success"}}[{_W}]))',
+                "sum by (target_agent, request_type, status, code)"
+                f' (rate(agent_requests_total{{status!="success"}}[{_W}]))',
                 "{{target_agent}} {{request_type}} {{status}} {{code}}",
             ),
             unit="reqps",
