@@ -237,7 +237,8 @@ def _workflow_views_router() -> APIRouter:
                     "mermaid": t.mermaid(),
                 }
                 for t in orch.types.values()
-            ]
+            ],
+            "skipped": [{"name": name, "reason": why} for name, why in sorted(orch.failed_types.items())],
         }
 
     return router

@@ -161,13 +161,19 @@ def test_broken_plug_ins_are_skipped_with_one_error_line_each(plugged: Stack) ->
     """An entry point that does not load, whose build() raises or returns a compiled graph, or
     whose type's name is taken (by a built-in type or an earlier plug-in) is one error line in
     the orchestrator's log naming it and saying why; the orchestrator started (a raising
-    build() stopped it) and lists its types (a compiled one made that a 500)."""
+    build() stopped it) and lists its types (a compiled one made that a 500), and the skipped
+    entry points beside them, each with why (they were only in the log)."""
     (orchestrator,) = plugged.find("orchestrator")
     log = orchestrator.log.read_text().splitlines()
     for name, (target, why) in BROKEN_ENTRY_POINTS.items():
         head = f"workflow entry point {name} ({target}) skipped: {why}"
         (line,) = [i for i, line in enumerate(log) if head in line]
         assert not [more for more in log[line + 1 : line + 2] if more.startswith(("Traceback", " "))], log[line:]
+    with httpx.Client(base_url=plugged.orchestrator_url, headers={"X-API-Key": plugged.api_key}, timeout=30) as api:
+        skipped = {s["name"]: s["reason"] for s in api.get("/workflow-types").json()["skipped"]}
+    assert set(skipped) == set(BROKEN_ENTRY_POINTS), skipped
+    for name, (target, why) in BROKEN_ENTRY_POINTS.items():
+        assert skipped[name].startswith(f"its entry point {name} ({target}) was skipped at start: {why}")
 
 
 @pytest.mark.parametrize("name", ["broken", "gen_raises", "gen_compiled", "shadow"])
