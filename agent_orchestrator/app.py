@@ -29,7 +29,7 @@ from agent_orchestrator.workflows import load_workflow_types
 from agents.sdk.routes import agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.event_bus import EventBus
-from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router
+from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router, stop_server
 from shared.lib.resource_lock import ResourceLockManager
 from shared.lib.settings import Settings
 from shared.lib.workflow_state import WorkflowStateManager
@@ -90,6 +90,7 @@ def create_app(settings: Settings, *, port: int | None = None) -> FastAPI:
                 ctx,
                 instance_id=instance,
                 endpoint=settings.url_for("orchestrator") if port is None else f"http://{settings.host}:{port}",
+                on_serving_failed=lambda: stop_server(app),
             )
             stack.push_async_callback(runtime.close)
             locks = await stack.enter_async_context(ResourceLockManager(ctx.pool, settings, emit=runtime.bus.emit))

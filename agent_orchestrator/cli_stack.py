@@ -21,18 +21,15 @@ _out = Console()
 def serve(port: int | None = typer.Option(None, help="Port (default: AO_PORTS['orchestrator'], 8001).")) -> None:
     """Run the orchestrator API and its workflow runner (one replica)."""
     from agent_orchestrator.app import create_app
+    from agents.sdk.app import exit_if_serving_failed
     from shared.lib.bootstrap import bootstrap
     from shared.lib.http_service import serve as serve_app
 
     settings = bootstrap("orchestrator")
     port = port or settings.port_for("orchestrator")
-    serve_app(
-        create_app(settings, port=port),
-        host=settings.host,
-        port=port,
-        service="orchestrator",
-        log_level=settings.log_level,
-    )
+    app = create_app(settings, port=port)
+    serve_app(app, host=settings.host, port=port, service="orchestrator", log_level=settings.log_level)
+    exit_if_serving_failed(app, "orchestrator")
 
 
 def _stack(*, docs_instances: int, replicas: int, env: dict[str, str] | None = None) -> object:

@@ -7,6 +7,9 @@ uvicorn; on SIGTERM the agent stops taking work at once (bus and HTTP), lets
 in-flight work finish for ``Settings.agent_drain_grace_s``, deregisters, and
 only then lets uvicorn close.
 
+An instance whose bus serving ends on its own drains and exits with status 1, after one
+line ``error: ...``, for its supervisor to start it again.
+
 A start-up failure (the port taken, a wrong registration secret, PostgreSQL,
 Redis or the registry out of reach) is one line, ``error: <what to do>``, and exit
 status 2, the same through ``agent-orchestrator agent`` and through a script
@@ -27,9 +30,9 @@ from agents.sdk.agent import Agent
 from agents.sdk.routes import ServingReadiness, agent_routes
 from agents.sdk.runtime import AgentRuntime
 from shared.lib.errors import OrchestratorError
-from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router, serve
+from shared.lib.http_service import guard_input, install_error_handlers, open_context, ops_router, serve, stop_server
 
-__all__ = ["create_agent_app", "serve_agent"]
+__all__ = ["create_agent_app", "exit_if_serving_failed", "serve_agent"]
 
 _log = logging.getLogger(__name__)
 
@@ -42,7 +45,9 @@ def create_agent_app(agent: Agent, *, instance_id: str, endpoint: str) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_context(settings) as ctx:
             app.state.ctx = ctx
-            runtime = AgentRuntime(agent, ctx, instance_id=instance_id, endpoint=endpoint)
+            runtime = AgentRuntime(
+                agent, ctx, instance_id=instance_id, endpoint=endpoint, on_serving_failed=lambda: stop_server(app)
+            )
             app.state.runtime = runtime
             try:
                 await runtime.start()
@@ -73,3 +78,20 @@ def serve_agent(app: FastAPI, *, host: str, port: int, service: str, log_level: 
     except OrchestratorError as e:
         print(f"error: {e.message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    exit_if_serving_failed(app, service)
+
+
+def exit_if_serving_failed(app: FastAPI, service: str) -> None:
+    """After :func:`~shared.lib.http_service.serve` returned: exit with status 1 and one error line
+    when it returned because the app's agent stopped serving its requests on the bus, so that a
+    supervisor starts it again (it stayed up, not ready, until someone restarted it by hand)."""
+    runtime: AgentRuntime | None = getattr(app.state, "runtime", None)
+    if runtime is None or runtime.serving_error is None:
+        return
+    print(
+        f"error: {service} stopped serving its requests on the bus ({runtime.serving_error}); "
+        "exiting with status 1, for its supervisor to start it again",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(1)

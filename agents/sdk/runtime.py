@@ -11,7 +11,9 @@ its TTL anyway.
 Should serving the bus stop on its own (a loop of the bus server ended: a bug), the
 instance says so rather than look healthy while nobody takes its requests: it logs it,
 ``/ready`` answers 503 naming it (:attr:`AgentRuntime.serving_error`) and the registry is
-told ``error``. ``POST /agent-request`` still answers; restart the instance to serve again.
+told ``error``. Then it calls ``on_serving_failed``: ``serve_agent`` (and ``agent-orchestrator
+serve``) drains and exits with status 1, for its supervisor (``up``, Compose, Kubernetes) to
+start it again; an app served otherwise (a test's own loop) stays up, not ready.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agents.sdk.agent import Agent
@@ -41,8 +44,17 @@ _CONSUMER_LIVE_TIMEOUT_S = 10.0
 class AgentRuntime:
     """One running instance of ``agent``: its bus server, registry client and status keeper."""
 
-    def __init__(self, agent: Agent, ctx: ServiceContext, *, instance_id: str, endpoint: str) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        ctx: ServiceContext,
+        *,
+        instance_id: str,
+        endpoint: str,
+        on_serving_failed: Callable[[], object] | None = None,
+    ) -> None:
         self.agent = agent
+        self.on_serving_failed = on_serving_failed
         self.ctx = ctx
         self.settings = ctx.settings
         self.instance_id = instance_id
@@ -114,9 +126,10 @@ class AgentRuntime:
         except Exception as e:  # noqa: BLE001 - kept, and raised at start or reported as error after it
             self.serving_error = e
             if self._status_task is not None and not self.draining:  # started: nobody else will say it
-                _log.critical(
-                    "%s (%s) no longer serves its requests on the bus: %s; restart it", name, self.instance_id, e
-                )
+                _log.critical("%s (%s) no longer serves its requests on the bus: %s", name, self.instance_id, e)
+                await self._report(AgentStatus.ERROR)
+                if self.on_serving_failed is not None:
+                    self.on_serving_failed()
 
     async def _wait_consumer_live(self) -> None:
         key = redis_keys.consumers_key(self.settings.redis_prefix, self.agent.name)

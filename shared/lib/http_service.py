@@ -76,6 +76,7 @@ __all__ = [
     "open_context",
     "ops_router",
     "serve",
+    "stop_server",
     "tune_gc_after_startup",
 ]
 
@@ -618,6 +619,13 @@ class _Server(uvicorn.Server):
         self._app = app
         self._on_signal = on_signal
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
+        app.state.server = self  # for stop_server
+
+    def stop(self) -> None:
+        """Shut down as SIGTERM does, without a signal (uvicorn raises a caught one again on exit)."""
+        if self._on_signal is not None:
+            self._on_signal()
+        self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         lifespan = self._app.router.lifespan_context(self._app)
@@ -644,6 +652,17 @@ class _Server(uvicorn.Server):
         if self._on_signal is not None:
             self._on_signal()
         super().handle_exit(sig, frame)
+
+
+def stop_server(app: FastAPI) -> bool:
+    """Shut down the :func:`serve` running ``app`` as SIGTERM does (``on_signal``, uvicorn's graceful
+    shutdown, the lifespan's exit), so that :func:`serve` returns; False when ``app`` is served
+    otherwise (in a test's own loop)."""
+    server = getattr(app.state, "server", None)
+    if not isinstance(server, _Server):
+        return False
+    server.stop()
+    return True
 
 
 def serve(

@@ -412,6 +412,40 @@ async def test_a_failed_start_is_one_line_through_the_cli_and_serve_agent(
     assert len(out.strip().splitlines()) == 1, out
 
 
+_FAILING_BUS_SCRIPT = """
+import asyncio
+from shared.lib import _bus_serve
+
+async def broken(self):
+    await asyncio.sleep(1.0)
+    raise RuntimeError("a bug in the maintenance")
+
+_bus_serve.Server._maintain_loop = broken
+""" + _SERVE_AGENT_SCRIPT
+
+
+async def test_an_instance_whose_bus_serving_ended_exits_1_for_its_supervisor(
+    spawn: Callable[..., ServiceProcess], ports: dict[str, int], service_env: dict[str, str], registry: RegistryClient
+) -> None:
+    """An agent process whose bus serving ends on its own (a bug in a loop) drains, deregisters and
+    exits with status 1 after one error line saying why, for its supervisor to start it again: it
+    stayed up for good, not ready, answering HTTP, until someone restarted it by hand."""
+    spawn("registry", url=f"http://127.0.0.1:{ports['agent-registry']}", name="registry")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FAILING_BUS_SCRIPT, str(ports["cicd"]), env=service_env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text, text
+    [line] = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert "cicd stopped serving its requests on the bus" in line, text
+    assert "a bug in the maintenance" in line, text
+    with pytest.raises(NotFound):
+        await registry.get("cicd-9")
+
+
 async def test_stale_instance_is_found_and_deregistered(
     spawn: Callable[..., ServiceProcess],
     ports: dict[str, int],
