@@ -123,8 +123,7 @@ async def _token_agent(runtime: AgentRuntime, request: Request) -> str | None:
 
     store = RegistryStore(runtime.ctx.pool)
     try:
-        await store.check_token(agent_id, token)
-        return (await store.get(agent_id)).name
+        return await store.check_token(agent_id, token)
     except OrchestratorError as e:
         raise Unauthorized(f"agent token refused: {e.message}", field="X-Agent-Token") from e
 

@@ -69,7 +69,7 @@ RETURNING a.name, a.status, old.prior_status AS revived_from,
           extract(epoch FROM now() - old.last_heartbeat)::float8 AS lag_s
 """
 
-_TOKEN_OF = "SELECT token_hash FROM agent_instances WHERE id = $1"  # noqa: S105 - a query, not a password
+_TOKEN_OF = "SELECT token_hash, name FROM agent_instances WHERE id = $1"  # noqa: S105 - a query, not a password
 
 _LOCK_FOR_STATUS = "SELECT name, status, prior_status, token_hash FROM agent_instances WHERE id = $1 FOR UPDATE"
 
@@ -254,12 +254,15 @@ class RegistryStore:
             await conn.execute(_SET_STATUS, agent_id, status.value, reason)
         return Transition(agent_id=agent_id, name=row["name"], previous=AgentStatus(row["status"]), status=status)
 
-    async def check_token(self, agent_id: str, token: str) -> None:
-        stored = await self._pool.fetchval(_TOKEN_OF, agent_id)
-        if stored is None:
+    async def check_token(self, agent_id: str, token: str) -> str:
+        """The agent name of instance ``agent_id`` if ``token`` is its token; else NotFound or Unauthorized."""
+        row = await self._pool.fetchrow(_TOKEN_OF, agent_id)
+        if row is None:
             raise _not_registered(agent_id)
-        if not secrets.compare_digest(stored, hash_token(token)):
+        if not secrets.compare_digest(row["token_hash"], hash_token(token)):
             raise _bad_token(agent_id)
+        name: str = row["name"]
+        return name
 
     async def delete(self, agent_id: str) -> Removed:
         row = await self._pool.fetchrow(_DELETE, agent_id)

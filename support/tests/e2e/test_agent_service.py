@@ -412,7 +412,8 @@ async def test_a_failed_start_is_one_line_through_the_cli_and_serve_agent(
     assert len(out.strip().splitlines()) == 1, out
 
 
-_FAILING_BUS_SCRIPT = """
+_FAILING_BUS_SCRIPT = (
+    """
 import asyncio
 from shared.lib import _bus_serve
 
@@ -421,7 +422,9 @@ async def broken(self):
     raise RuntimeError("a bug in the maintenance")
 
 _bus_serve.Server._maintain_loop = broken
-""" + _SERVE_AGENT_SCRIPT
+"""
+    + _SERVE_AGENT_SCRIPT
+)
 
 
 async def test_an_instance_whose_bus_serving_ended_exits_1_for_its_supervisor(
