@@ -247,6 +247,12 @@ def k8s_docs() -> list[dict[str, Any]]:
     return [d for r in kustomization["resources"] for d in yaml.safe_load_all((K8S / r).read_text()) if d]
 
 
+def secret_template() -> dict[str, Any]:
+    """deploy/k8s/base/secret.yaml: the Secret's keys, for the one created out of band."""
+    template: dict[str, Any] = yaml.safe_load((K8S / "secret.yaml").read_text())
+    return template
+
+
 def _containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if doc["kind"] in {"Deployment", "Job"}:
         yield from doc["spec"]["template"]["spec"]["containers"]
@@ -295,7 +301,8 @@ def test_k8s_deployments_probe_limit_and_expose_design_ports(manifests: list[dic
 
 
 def test_k8s_budgets_autoscalers_config_and_migration(manifests: list[dict[str, Any]]) -> None:
-    """A PodDisruptionBudget per Deployment, a CPU HPA per agent, ConfigMap, empty Secret template, migrate Job."""
+    """A PodDisruptionBudget per Deployment, a CPU HPA per agent, ConfigMap, migrate Job; the Secret is an
+    empty template beside the base, not in it (applying the base replaced the real one with empty values)."""
     deployments = set(_by_kind(manifests, "Deployment"))
     pdbs = _by_kind(manifests, "PodDisruptionBudget")
     assert {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] for p in pdbs.values()} == deployments
@@ -303,8 +310,8 @@ def test_k8s_budgets_autoscalers_config_and_migration(manifests: list[dict[str, 
     assert set(hpas) == deployments - {"orchestrator", "agent-registry"}
     for hpa in hpas.values():
         assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-    (secret,) = _by_kind(manifests, "Secret").values()
-    assert set(secret["stringData"].values()) == {""}, "the Secret is a template: no values"
+    assert not _by_kind(manifests, "Secret"), "applying the base must not overwrite the real Secret"
+    assert set(secret_template()["stringData"].values()) == {""}, "the Secret is a template: no values"
     (job,) = _by_kind(manifests, "Job").values()
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
     assert _by_kind(manifests, "ConfigMap")
@@ -316,8 +323,7 @@ def test_k8s_environment_matches_the_settings_class(
     """ConfigMap, Secret and container variables are each a setting (or LANGSMITH_*); required ones are provided."""
     known = set(env_names())
     (config,) = _by_kind(manifests, "ConfigMap").values()
-    (secret,) = _by_kind(manifests, "Secret").values()
-    provided = set(config["data"]) | set(secret["stringData"])
+    provided = set(config["data"]) | set(secret_template()["stringData"])
     for doc in manifests:
         for c in _containers(doc):
             names = provided | {e["name"] for e in c.get("env", [])}
