@@ -6,7 +6,8 @@ PostgreSQL and Redis unless URLs are configured, then each service as its own
 ``<data_dir>/logs``, waits until each answers ``/ready``, and stops everything
 it started on exit: agents and orchestrators first, the registry once they have
 deregistered, the servers last. While it runs, the secrets its services share (given, or
-generated where unset) are in ``<data_dir>/stack.env``, 0600, for the commands run beside it
+generated where unset) and where its servers and services are reached are in
+``<data_dir>/stack.env``, 0600, for the commands and programs run beside it
 (``shared.lib.running_stack``).
 """
 
@@ -173,17 +174,23 @@ class Stack:
         )
         self.settings = self.settings.model_copy(update={"database_url": db_url, "redis_url": redis_url})
         secrets_env = self._secrets()
-        self.secrets_file = write_stack_env(self.settings.data_dir, _stack_secrets(secrets_env), pid=os.getpid())
+        reach = {
+            "DATABASE_URL": db_url,
+            "REDIS_URL": redis_url,
+            "AO_REDIS_PREFIX": self.settings.redis_prefix,
+            "REGISTRY_URL": self.settings.url_for("agent-registry"),
+            "ORCHESTRATOR_URL": self.settings.url_for("orchestrator"),
+        }
+        self.secrets_file = write_stack_env(
+            self.settings.data_dir, {**_stack_secrets(secrets_env), **reach}, pid=os.getpid()
+        )
         self._env = {
             **os.environ,
             **secrets_env,
             **self.env_overrides,
-            "DATABASE_URL": db_url,
-            "REDIS_URL": redis_url,
-            "REGISTRY_URL": self.settings.url_for("agent-registry"),
+            **reach,
             "AO_PORTS": json.dumps(self.settings.ports),
             "AO_DATA_DIR": str(self.settings.data_dir.resolve()),
-            "AO_REDIS_PREFIX": self.settings.redis_prefix,
             "AO_HOST": self.settings.host,
         }
 

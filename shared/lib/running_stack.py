@@ -3,8 +3,10 @@ run beside it: its embedded servers, and ``stack.env``, the secrets it runs with
 
 ``up`` generates the secrets the environment does not give (the registration secret, the
 signing key, an API key) and hands them to its own services; it keeps them in
-``<data_dir>/stack.env``, readable by the user alone (0600), and removes the file when it
-stops. A command started by hand with the same data dir (``dlq requeue``, ``agent NAME``,
+``<data_dir>/stack.env``, readable by the user alone (0600), with the URLs its services
+are reached at (``DATABASE_URL``, ``REDIS_URL`` and ``AO_REDIS_PREFIX``, ``REGISTRY_URL``,
+``ORCHESTRATOR_URL``: a program of one's own sources the file to reach the stack), and
+removes the file when it stops. A command started by hand with the same data dir (``dlq requeue``, ``agent NAME``,
 ``serve``, ``run``) takes from it the secrets its environment leaves unset, as it takes the
 embedded servers' URLs when DATABASE_URL or REDIS_URL is unset (:func:`server_urls`).
 """
@@ -34,8 +36,8 @@ def write_stack_env(data_dir: Path, values: dict[str, str], *, pid: int) -> Path
     0600 and moved into place whole; a file a shell can source. Returns its path."""
     path = (data_dir / STACK_ENV_FILE).resolve()
     lines = [
-        f"# The secrets of the stack `agent-orchestrator up` (pid {pid}) runs with data under {path.parent}.",
-        "# agent-orchestrator commands run with this data dir take those their environment leaves unset.",
+        f"# The secrets and URLs of the stack `agent-orchestrator up` (pid {pid}) runs with data under {path.parent}.",
+        "# agent-orchestrator commands run with this data dir take the secrets their environment leaves unset.",
         f"# Removed when the stack stops. In a shell: set -a; . {shlex.quote(str(path))}; set +a",
         *(f"{name}={shlex.quote(value)}" for name, value in values.items()),
     ]

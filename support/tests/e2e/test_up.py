@@ -97,9 +97,10 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         assert re.search(rf"^  secrets: {re.escape(str(secrets))}   \(mode 0600", shown, re.M), shown
         assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
         written = read_stack_env(secrets.parent)
-        assert set(written) == {"AO_API_KEYS", "AO_REGISTRATION_SECRET", "AO_SIGNING_KEY"}
+        assert set(written) == {"AO_API_KEYS", "AO_REGISTRATION_SECRET", "AO_SIGNING_KEY", *_REACH}
         assert f"API key: {written['AO_API_KEYS']} " in shown
         _agent_by_hand_registers(up_env, tmp_path)
+        _the_worked_example_runs_with_stack_env_alone(written, tmp_path)
         _a_killed_agent_starts_again(up_env, log)
         _a_killed_redis_starts_again(up_env, log)
         repo, _, _ = make_sample_repo(tmp_path / "repo")
@@ -119,6 +120,29 @@ def test_up_prints_whole_paths_follows_and_stops_clean(up_env: dict[str, str], t
         proc.wait(timeout=60)
     assert asyncio.run(registered_instances(up_env["DATABASE_URL"])) == {}, log.read_text()[-3000:]
     assert not secrets.exists()
+
+
+#: What stack.env says, beside the secrets, of where the stack is reached.
+_REACH = ("DATABASE_URL", "REDIS_URL", "AO_REDIS_PREFIX", "REGISTRY_URL", "ORCHESTRATOR_URL")
+
+
+def _the_worked_example_runs_with_stack_env_alone(written: dict[str, str], tmp_path: Path) -> None:
+    """docs/EVENT_PROTOCOL.md's worked example, run from the repository's root in an environment
+    of stack.env alone (as `set -a; . .data/stack.env` gives a shell), reaches the stack's
+    code-review agent: stack.env held only the secrets, and the example failed with
+    "cannot connect to Redis at None"."""
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "EVENT_PROTOCOL.md").read_text()
+    example = re.search(r"## A worked example\n.*?```python\n(.*?)```", doc, re.S)
+    assert example is not None
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AO_DATA_DIR": str(tmp_path / "elsewhere"), **written}
+    ran = subprocess.run(
+        [sys.executable, "-c", example.group(1)],
+        cwd=Path(__file__).resolve().parents[3], env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.stdout.startswith("code-review-1 {'module': 'shared.lib.errors', 'path': 'shared/lib/errors.py'"), (
+        ran.stdout
+    )
 
 
 def _pid_serving(port: int) -> int:
