@@ -35,7 +35,7 @@ from agent_registry.deps import (
 )
 from agent_registry.store import Discovery
 from agent_registry.watch import ChangeFeed
-from shared.lib.errors import InvalidInput
+from shared.lib.errors import InvalidInput, ServiceUnavailable
 from shared.lib.http_service import ApiKeyDep
 from shared.lib.metrics import REGISTRY_HEARTBEAT_LAG, REGISTRY_HEARTBEATS
 from shared.lib.registry_models import (
@@ -134,6 +134,11 @@ async def watch(
     registry: RegistryDep, name: Annotated[str | None, Query(pattern=AGENT_ID_PATTERN)] = None
 ) -> EventSourceResponse:
     """Server-sent events: one per registration, status change or removal, from any replica."""
+    if not registry.feed.listening:
+        raise ServiceUnavailable(
+            "the registry is not following changes right now (its PostgreSQL connection is being made again); "
+            "retry in a few seconds"
+        )
     shutdown = anyio.Event()
     return EventSourceResponse(
         _changes(registry.feed, name=name, shutdown=shutdown),

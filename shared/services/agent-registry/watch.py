@@ -3,9 +3,11 @@
 A trigger on the table NOTIFYs every registration, status change and removal,
 whichever replica made it. Each registry process holds one dedicated LISTEN
 connection and fans the notifications out to its subscribers' queues. A lost
-connection is re-established with backoff; a subscriber too slow to keep up is
-dropped (its stream ends and the client reconnects) rather than letting its
-queue grow without bound.
+connection is re-established with backoff; what was notified meanwhile is missed,
+so every subscriber is dropped when it is lost (its stream ends: the client lists
+again and watches again), and :attr:`ChangeFeed.listening` is false until it is back.
+A subscriber too slow to keep up is dropped too, rather than letting its queue grow
+without bound.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ChangeFeed:
         self._subscribers: set[asyncio.Queue[AgentChange | None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        self._stopping = False
 
     async def start(self, *, timeout_s: float = 10.0) -> None:
         """Start listening; returns once the first LISTEN is in place."""
@@ -57,6 +60,7 @@ class ChangeFeed:
             raise StartupError(f"could not LISTEN on {CHANNEL} within {timeout_s}s; is PostgreSQL reachable?")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -83,6 +87,11 @@ class ChangeFeed:
             with attempt:
                 await self._listen_until_lost()
 
+    @property
+    def listening(self) -> bool:
+        """Whether changes are followed right now (False while the LISTEN connection is re-made)."""
+        return self._listening.is_set()
+
     async def _listen_until_lost(self) -> None:
         conn = await connect_postgres(self._url)
         try:
@@ -93,9 +102,18 @@ class ChangeFeed:
                 async with asyncio.timeout(_ALIVE_CHECK_S):
                     await conn.execute("SELECT 1")
         finally:
+            self._lost()
             with contextlib.suppress(Exception):
                 await conn.close(timeout=1.0)
         raise ConnectionError("LISTEN connection closed")
+
+    def _lost(self) -> None:
+        """End every stream: the changes notified until the connection is back are missed."""
+        if self._listening.is_set() and not self._stopping:
+            _log.warning("the registry's LISTEN connection was lost; ending %d watch streams", len(self._subscribers))
+        self._listening.clear()
+        for queue in list(self._subscribers):
+            self._close(queue)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:

@@ -481,6 +481,47 @@ async def test_watch_streams_changes_made_on_another_replica(
     assert (events[1][1]["previous_status"], events[1][1]["status"]) == ("initializing", "active")
 
 
+async def test_watch_streams_end_when_the_listen_connection_is_lost(
+    registry: RunningRegistry, database_url: str
+) -> None:
+    """When the registry's LISTEN connection is lost (PostgreSQL restarted, the backend killed),
+    the changes notified until it is back are missed: open streams end, so their clients list and
+    watch again (they went on, silently missing changes); once it is back a new watch streams."""
+    headers = {"X-API-Key": API_KEY}
+    async with registry.http.stream("GET", f"{registry.url}/agents/watch", headers=headers) as response:
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith(": watching")
+        conn = await asyncpg.connect(database_url)
+        try:
+            killed = await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND (query ILIKE 'LISTEN%' OR query = 'SELECT 1')"
+            )
+        finally:
+            await conn.close()
+        assert killed >= 1
+        async with asyncio.timeout(15):
+            rest = [line async for line in lines]
+    assert not [line for line in rest if line.startswith("data:")], rest
+
+    async def watch_again() -> list[tuple[str, dict[str, Any]]]:
+        while True:
+            async with registry.http.stream("GET", f"{registry.url}/agents/watch", headers=headers) as again:
+                if again.status_code == 503:
+                    assert "retry" in (await again.aread()).decode()
+                    await asyncio.sleep(0.2)
+                    continue
+                assert again.status_code == 200
+                lines = again.aiter_lines()
+                assert (await anext(lines)).startswith(": watching")
+                await registry.register("code-review")
+                return await _read_events(lines, 1)
+
+    async with asyncio.timeout(20):
+        events = await watch_again()
+    assert [k for k, _ in events] == ["registered"]
+
+
 # -- client ------------------------------------------------------------------------------------
 
 
