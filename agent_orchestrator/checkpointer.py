@@ -362,14 +362,18 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         saved: RunnableConfig = {
             "configurable": {"thread_id": key[0], "checkpoint_ns": key[1], "checkpoint_id": checkpoint["id"]}
         }
-        if failed := self._failed.pop(key, None):
-            raise failed
+        if (failed := self._failed.get(key)) is not None:
+            raise failed  # until the run stops: no checkpoint goes in over one that was lost
         if _first_of_new_thread(configurable, metadata) or (key in self._deferred and _opening(metadata)):
             self._defer(key, rows)
             return saved
         if window_s := configurable.get(WRITE_BEHIND_KEY):
             self._defer(key, rows, write_within_s=float(window_s))
             return saved
+        if (writing := self._writing.get(key)) is not None:  # held rows on their way: this one goes after
+            await asyncio.wait([writing])
+            if (failed := self._failed.get(key)) is not None:
+                raise failed
         batches = self._take(key)
         self.stats.merged_write_batches += len(batches)
         params = self._statement_params(key, rows, batches)
@@ -458,16 +462,25 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         task.add_done_callback(lambda t: self._writing.pop(key) if self._writing.get(key) is t else None)
 
     async def _write_held(self, key: tuple[str, str], *, after: asyncio.Task[None] | None = None) -> None:
-        """Write what is held for ``key``; a failure is raised to the thread's next put, take or flush."""
+        """Write what is held for ``key``. A failure is raised by each of the thread's next puts and
+        writes, and by its take or flush, which end it; what is held then, and held later, is
+        dropped: a checkpoint stored without its lost parents (and their blobs) breaks the chain a
+        resume reads (a PostgreSQL restart left a run whose newest checkpoint had no ``input``)."""
         if after is not None:
             await asyncio.wait([after])
-        if key not in self._deferred:
+        if key not in self._deferred or key in self._failed:
             return
         params = self._statement_params(key, None, [])
         try:
             await self._execute(_statement_for(params), params, [])
-        except Exception as e:  # noqa: BLE001 - the run hears of it at its next put or flush
+        except Exception as e:  # noqa: BLE001 - the run hears of it at its next put, write or flush
             self._failed[key] = e
+            self._drop_held(key)
+
+    def _drop_held(self, key: tuple[str, str]) -> None:
+        held = self._deferred.pop(key, None)
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
 
     async def flush(self, thread_id: str) -> None:
         """Write what is held back for ``thread_id`` (every namespace), if anything, once the
@@ -486,8 +499,11 @@ class PooledPostgresSaver(AsyncPostgresSaver):
         writes of its windows that ran out; raise the first of those that failed."""
         if writing := [task for key, task in self._writing.items() if key[0] == thread_id]:
             await asyncio.wait(writing)
-        for key in [k for k in self._failed if k[0] == thread_id]:
-            raise self._failed.pop(key)
+        if failed := [k for k in self._failed if k[0] == thread_id]:  # the run stops here: forget it
+            errors = [self._failed.pop(key) for key in failed]
+            for key in [k for k in self._deferred if k[0] == thread_id]:
+                self._drop_held(key)
+            raise errors[0]
         return [self._statement_params(key, None, []) for key in [k for k in self._deferred if k[0] == thread_id]]
 
     async def aput_writes(
@@ -501,6 +517,8 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             return
         configurable = config["configurable"]
         key = (configurable["thread_id"], configurable["checkpoint_ns"])
+        if (failed := self._failed.get(key)) is not None:
+            raise failed
         batch = self._batch(configurable, writes, task_id, task_path)
         self._waiting.setdefault(key, []).append(batch)
         try:

@@ -42,11 +42,13 @@ def _config(thread_id: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread_id or uuid.uuid4().hex, **extra}}
 
 
-def _chain() -> StateGraph[Any, Any, Any, Any]:
+def _chain(*, second_takes_s: float = 0.0) -> StateGraph[Any, Any, Any, Any]:
     async def first(s: State) -> dict[str, Any]:
         return {"n": s.get("n", 0) + 1, "log": ["first"], "doc": {"seen": [s.get("n", 0)]}}
 
     async def second(s: State) -> dict[str, Any]:
+        if second_takes_s:
+            await asyncio.sleep(second_takes_s)
         return {"n": s["n"] * 10, "log": ["second"]}
 
     g = StateGraph(State)
@@ -296,6 +298,44 @@ async def test_a_held_write_that_fails_is_raised_by_the_flush(saver: PooledPostg
         await saver.flush(thread)  # raised once
     finally:
         await conn.close()
+
+
+async def test_a_checkpoint_held_while_a_write_before_it_fails_is_never_stored_alone(
+    saver: PooledPostgresSaver, database_url: str
+) -> None:
+    """A window's write that fails (step 1, refused here; a dead connection after a PostgreSQL
+    restart in the field) while the next step is already held: the next step is not written on
+    its own, every put after it raises until the run's flush, and the flush ends that. Step 2
+    was written without its parents and their blobs, and the run resumed from it without its
+    ``input`` (KeyError)."""
+    import asyncpg
+
+    # step 1's window runs out while the second node runs, and its write blocks on the lock
+    graph = _chain(second_takes_s=0.3).compile(checkpointer=saver)
+    thread = f"doomed-{uuid.uuid4().hex}"
+    refused = "thread_id NOT LIKE 'doomed-%' OR (metadata->>'step')::int <> 1"
+    conn, blocker = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"ALTER TABLE checkpoints ADD CONSTRAINT refuse_step_1 CHECK ({refused})")
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE checkpoints IN SHARE MODE")  # step 1's write waits here
+        await graph.ainvoke({"n": 2}, _config(thread, **{WRITE_BEHIND_KEY: 0.05}), durability="async")  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)  # step 2 is held, its window ran out: its write waits for step 1's
+        await blocking.rollback()
+        for _ in range(100):
+            if not saver._writing:
+                break
+            await asyncio.sleep(0.02)
+        steps = await conn.fetch("SELECT metadata->>'step' AS step FROM checkpoints WHERE thread_id = $1", thread)
+        with pytest.raises(Exception, match="refuse_step_1"):
+            await saver.flush(thread)
+    finally:
+        await blocker.close()
+        await conn.close()
+    assert steps == []
+    assert not [k for k in saver._deferred if k[0] == thread]
+    await saver.flush(thread)  # the flush ended it
 
 
 async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: PooledPostgresSaver) -> None:
