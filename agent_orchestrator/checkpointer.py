@@ -61,6 +61,7 @@ import contextlib
 import functools
 import json
 import re
+import select
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -332,7 +333,7 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             async with super()._cursor(pipeline=pipeline) as cur:
                 yield cur
             return
-        async with _ainternal.get_connection(self.conn) as conn:
+        async with _live_connection(self.conn) as conn:
             if pipeline and self.supports_pipeline:
                 async with conn.pipeline(), conn.cursor(binary=True, row_factory=dict_row) as cur:
                     yield cur
@@ -624,6 +625,60 @@ class PooledPostgresSaver(AsyncPostgresSaver):
             parent_config,
             self._load_writes(value["pending_writes"]),
         )
+
+
+def _looks_dead(conn: AsyncConnection[DictRow]) -> bool:
+    """Whether an idle pooled connection may be dead: closed, broken, or with something to read
+    (a server that went away left its farewell, or EOF, on the socket). One ``select`` with no
+    wait (~1 µs), where the pool's own check (``check_connection``) is a round trip per checkout."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError):  # no socket left
+        return True
+    return bool(readable)
+
+
+async def _confirmed_dead(conn: AsyncConnection[DictRow]) -> bool:
+    """A connection that looks dead, checked with a round trip; closed if it is (the pool then
+    discards it when it comes back)."""
+    try:
+        await conn.execute("")
+        return False
+    except Exception:  # noqa: BLE001 - whatever it says, it cannot serve
+        await conn.close()
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _live_connection(pool: AsyncConnectionPool[Any]) -> AsyncIterator[AsyncConnection[DictRow]]:
+    """A connection of ``pool`` that is not known to be dead. After a PostgreSQL restart every idle
+    connection of the pool is dead, and psycopg finds out only when one is used: each cost a run
+    an attempt (runs failed with ``AdminShutdown`` after PostgreSQL was back and ``/ready`` said
+    so), and reads answered 503. A dead one is dropped and another taken; the first found also
+    has the pool check the idle rest in the background (``AsyncConnectionPool.check``)."""
+    for _ in range(pool.max_size + 1):
+        async with pool.connection() as conn:
+            if not (_looks_dead(conn) and await _confirmed_dead(conn)):
+                yield conn
+                return
+        _sweep(pool)
+    async with pool.connection() as conn:  # every one was dead: let this one raise what it raises
+        yield conn
+
+
+#: The background check of each pool (by id) while one runs.
+_sweeps: dict[int, asyncio.Task[None]] = {}
+
+
+def _sweep(pool: AsyncConnectionPool[Any]) -> None:
+    """Check ``pool``'s idle connections in the background, one check at a time."""
+    if id(pool) in _sweeps:
+        return
+    task = asyncio.get_running_loop().create_task(pool.check(), name="checkpointer-pool-check")
+    _sweeps[id(pool)] = task
+    task.add_done_callback(lambda t: (_sweeps.pop(id(pool), None), t.cancelled() or t.exception()))
 
 
 def _conn_kwargs(settings: Settings) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
+from psycopg_pool import AsyncConnectionPool
 
 from agent_orchestrator.checkpointer import NEW_THREAD_KEY, WRITE_BEHIND_KEY, PooledPostgresSaver, open_checkpointer
 from shared.lib.connections import create_pg_pool, with_ctes
@@ -336,6 +337,37 @@ async def test_a_checkpoint_held_while_a_write_before_it_fails_is_never_stored_a
     assert steps == []
     assert not [k for k in saver._deferred if k[0] == thread]
     await saver.flush(thread)  # the flush ended it
+
+
+async def test_idle_connections_a_restart_killed_are_dropped_not_used(
+    saver: PooledPostgresSaver, database_url: str
+) -> None:
+    """Every idle connection of the pool killed by the server (as a PostgreSQL restart leaves
+    them): the next runs and reads take live ones, and none fails (each dead one failed a run's
+    attempt with AdminShutdown, and reads answered 503, long after PostgreSQL was back)."""
+    import asyncpg
+
+    graph = _chain().compile(checkpointer=saver)
+    await asyncio.gather(*(graph.ainvoke({"n": i}, _config(), durability="sync") for i in range(8)))  # type: ignore[arg-type]
+    pool = saver.conn
+    assert isinstance(pool, AsyncConnectionPool)
+    opened = pool.get_stats()["pool_size"]
+    assert opened >= 2
+    conn = await asyncpg.connect(database_url)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle'"
+        )
+    finally:
+        await conn.close()
+    assert killed >= opened
+    await asyncio.sleep(0.2)  # the backends are gone and their sockets say so
+    for i in range(opened + 2):
+        thread = uuid.uuid4().hex
+        out = await graph.ainvoke({"n": i}, _config(thread), durability="sync")  # type: ignore[arg-type]
+        assert out["n"] == (i + 1) * 10
+        assert (await graph.aget_state(_config(thread))).values["n"] == (i + 1) * 10  # type: ignore[arg-type]
 
 
 async def test_a_new_thread_failing_at_once_keeps_its_input_checkpoint(saver: PooledPostgresSaver) -> None:
