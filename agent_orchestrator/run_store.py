@@ -38,6 +38,8 @@ class RunRow:
     lease_expires_at: datetime | None = None
     losses: int = 0
     """How many times a runner died while running it (claimed again after its lease ran out)."""
+    handbacks: int = 0
+    """How many times it was handed back for a lost server connection since it last waited."""
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> RunRow:
@@ -144,7 +146,7 @@ class RunStore:
         """The run waits for a human: give up the lease until someone answers or ``deadline``."""
         await self.pool.execute(
             "UPDATE workflow_runs SET state = 'waiting', runner_id = NULL, lease_expires_at = NULL, "
-            "resume_value = NULL, pending_interrupt = $2, wait_deadline = $3, "
+            "resume_value = NULL, pending_interrupt = $2, wait_deadline = $3, handbacks = 0, "
             "updated_at = now() WHERE workflow_id = $1 AND runner_id = $4",
             workflow_id,
             interrupt,
@@ -169,16 +171,18 @@ class RunStore:
 
         return statement
 
-    async def requeue(self, workflow_id: str, *, lost: bool = False) -> None:
+    async def requeue(self, workflow_id: str, *, lost: bool = False, connection_lost: bool = False) -> None:
         """Hand a run back (shutdown, stuck retry) so any replica resumes it from its checkpoint;
-        ``lost``: it is counted as a loss, as if its runner had died running it."""
+        ``lost``: it is counted as a loss, as if its runner had died running it;
+        ``connection_lost``: as a handback for a lost server connection (``handbacks``)."""
         await self.pool.execute(
             "UPDATE workflow_runs SET state = 'queued', runner_id = NULL, lease_expires_at = NULL, "
-            "losses = losses + $3::int, updated_at = now() "
+            "losses = losses + $3::int, handbacks = handbacks + $4::int, updated_at = now() "
             "WHERE workflow_id = $1 AND runner_id = $2 AND state = 'running'",
             workflow_id,
             self.runner_id,
             int(lost),
+            int(connection_lost),
         )
         await self.pool.execute("SELECT pg_notify($1, $2)", RUNS_CHANNEL, workflow_id)
 

@@ -55,8 +55,9 @@ _CANCEL_AHEAD_S = 30.0
 _HANDED_BACK = frozenset({"shutdown", "lost-lock", "stuck", "vanished"})
 #: How many times a stuck run is retried before it fails.
 _MAX_STUCK_RETRIES = 2
-#: Up to which attempt a run that failed because a server connection was lost is handed back
-#: (resumed from its last checkpoint) instead of failed.
+#: How many times a run that failed because a server connection was lost is handed back (resumed
+#: from its last checkpoint) instead of failed, since it last waited for a person. Counted apart
+#: from its attempts: a pr_deployment resumed after its approval had used two or three of five.
 _MAX_HANDBACKS = 5
 
 RunExecutor = Callable[["LocalRun"], Any]
@@ -396,13 +397,13 @@ class WorkflowRunner:
             # is down this fails, and the runs left are handed back when the session is)
             await self.store.requeue(run.workflow_id, lost=lr.cancel_reason == "vanished")
             return
-        if isinstance(outcome, Exception) and connection_lost(outcome) and run.attempts <= _MAX_HANDBACKS:
+        if isinstance(outcome, Exception) and connection_lost(outcome) and run.handbacks < _MAX_HANDBACKS:
             _log.warning(
                 "workflow %s lost a connection to a server (%s); handed back to resume from its last checkpoint",
                 run.workflow_id,
                 outcome,
             )
-            await self.store.requeue(run.workflow_id)
+            await self.store.requeue(run.workflow_id, connection_lost=True)
             return
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             deadline = _wait_deadline(outcome.interrupt or {}, self.settings.approval_timeout_s)

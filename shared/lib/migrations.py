@@ -31,6 +31,7 @@ MIGRATIONS: list[str] = [
     "workflow_runs.sql",
     "resource_locks_fast_path.sql",
     "workflow_runs_losses.sql",
+    "workflow_runs_handbacks.sql",
 ]
 
 #: Advisory-lock key guarding migrations (an arbitrary constant: "ao-migr" in ASCII).

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 
 from agent_orchestrator.execution import Outcome
@@ -163,6 +164,41 @@ async def test_a_run_cancelled_by_nobody_here_is_handed_back_not_cancelled(
     finally:
         await runner.stop()
         await pool.close()
+
+
+async def test_a_lost_connection_hands_a_run_back_five_times_whatever_its_attempts(
+    database_url: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """A run that fails on a lost server connection is handed back to resume from its checkpoint,
+    up to five such handbacks since it last waited for a person, however many times it was
+    claimed before: a pr_deployment resumed after its approval was already at attempt 3 of the 5
+    it had, and a PostgreSQL restart then failed it for good."""
+    pool = await create_pg_pool(database_url)
+    claims: list[tuple[int, int]] = []
+    finished: asyncio.Queue[object] = asyncio.Queue()
+
+    async def execute(lr: LocalRun) -> Outcome:
+        claims.append((lr.run.attempts, lr.run.handbacks))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    async def on_finished(lr: LocalRun, outcome: object) -> None:
+        await runner.store.finish(lr.run.workflow_id)
+        lr.run_finished = True
+        await finished.put(outcome)
+
+    runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
+    records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
+    workflow_id = str(uuid.uuid4())
+    try:
+        await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
+        await pool.execute("UPDATE workflow_runs SET attempts = 4 WHERE workflow_id = $1", workflow_id)  # resumed often
+        await runner.start()
+        outcome = await asyncio.wait_for(finished.get(), 30)
+    finally:
+        await runner.stop()
+        await pool.close()
+    assert isinstance(outcome, psycopg.OperationalError), outcome
+    assert claims == [(5 + i, i) for i in range(6)]  # handed back five times, failed at the sixth
 
 
 async def test_a_replica_claims_only_runs_of_the_types_it_has(
