@@ -395,7 +395,13 @@ class Orchestrator:
         else:
             status = "cancelled" if type(outcome).__name__ == "CancelledError" else "failed"
             reason = "cancelled by request" if status == "cancelled" else _reason(outcome)
-            result, errors = {}, [{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}]
+            result = {}
+            # a cancel is no error: recorded as a waiting or queued run's cancel is, reason alone
+            errors = (
+                []
+                if status == "cancelled"
+                else [{"code": getattr(outcome, "code", type(outcome).__name__), "message": str(outcome)}]
+            )
         try:
             await finish(status, result=result, reason=reason, errors=errors)
         except InvalidInput as e:  # what the graph left cannot be stored (a result that is not JSON, say)

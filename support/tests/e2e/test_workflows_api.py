@@ -422,20 +422,24 @@ def test_cancel_waiting_workflow_and_refuse_finished(api: httpx.Client, sample_r
     wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cancelme"))
     follow(api, wf_id, {"interrupted"})
     assert api.post(f"/workflows/{wf_id}/cancel").status_code == 202
-    assert follow(api, wf_id, TERMINAL)["status"] == "cancelled"
+    waiting = follow(api, wf_id, TERMINAL)
+    assert (waiting["status"], waiting["reason"], waiting["errors"]) == ("cancelled", "cancelled by request", [])
     again = api.post(f"/workflows/{wf_id}/cancel")
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "conflict"
 
 
 def test_cancel_running_workflow_stops_it(api: httpx.Client, sample_repo: tuple[Path, str, str]) -> None:
-    """Cancelling a workflow while a node runs stops it as cancelled; it never reaches approval."""
+    """Cancelling a workflow while a node runs stops it as cancelled, recorded as a waiting one's
+    cancel is; it never reaches approval."""
     wf_id = launch(api, "pr_deployment", pr_input(sample_repo, environment="cancel-running"))
     follow(api, wf_id, {"running"} | TERMINAL | {"interrupted"})
     r = api.post(f"/workflows/{wf_id}/cancel")
     assert r.status_code == 202, r.text
     wf = follow(api, wf_id, TERMINAL | {"interrupted"})
     assert wf["status"] == "cancelled", wf
+    # as a waiting workflow's cancel: the reason, no error (it was a CancelledError "error")
+    assert (wf["reason"], wf["errors"]) == ("cancelled by request", []), wf
     time.sleep(1)
     assert api.get(f"/workflows/{wf_id}").json()["status"] == "cancelled"
 
