@@ -60,6 +60,11 @@ _MAX_STUCK_RETRIES = 2
 #: from its attempts: a pr_deployment resumed after its approval had used two or three of five.
 _MAX_HANDBACKS = 5
 
+
+def _count_handback(run: RunRow, reason: str) -> None:
+    metrics.labels(metrics.WORKFLOWS_HANDED_BACK, run.workflow_type, reason).inc()
+
+
 RunExecutor = Callable[["LocalRun"], Any]
 """``async def execute(local_run) -> Outcome``: runs the graph; raising means the workflow failed."""
 RunFinished = Callable[["LocalRun", Any], Any]
@@ -396,6 +401,7 @@ class WorkflowRunner:
             # a lost lock session is the database's trouble, not the run's: no loss (if PostgreSQL
             # is down this fails, and the runs left are handed back when the session is)
             await self.store.requeue(run.workflow_id, lost=lr.cancel_reason == "vanished")
+            _count_handback(run, lr.cancel_reason.replace("-", "_"))
             return
         if isinstance(outcome, Exception) and connection_lost(outcome) and run.handbacks < _MAX_HANDBACKS:
             _log.warning(
@@ -404,6 +410,7 @@ class WorkflowRunner:
                 outcome,
             )
             await self.store.requeue(run.workflow_id, connection_lost=True)
+            _count_handback(run, "connection_lost")
             return
         if isinstance(outcome, Outcome) and outcome.status == "interrupted":
             deadline = _wait_deadline(outcome.interrupt or {}, self.settings.approval_timeout_s)

@@ -77,6 +77,9 @@ class Orchestrator:
             metrics.preinitialize(metrics.WORKFLOWS_FINISHED, *((name, s) for s in sorted(TERMINAL_STATUSES)))
             metrics.preinitialize(metrics.WORKFLOWS_ACTIVE, (name,))
             metrics.preinitialize(metrics.WORKFLOWS_STUCK, (name,))
+            metrics.preinitialize(
+                metrics.WORKFLOWS_HANDED_BACK, *((name, r) for r in metrics.WORKFLOW_HANDBACK_REASONS)
+            )
         # the resource types the built-in workflows lock (repo:<path>, env:<environment>)
         metrics.preinitialize(metrics.RESOURCE_LOCK_WAIT, ("repo",), ("env",))
 

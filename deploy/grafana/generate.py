@@ -237,6 +237,15 @@ WORKFLOWS = Dashboard(
             kind="stat",
         ),
         Panel(
+            "Workflows handed back",
+            "Running workflows a replica handed back to resume from their checkpoint, per type and why: "
+            "a lost server connection or lock session (PostgreSQL or Redis restarting), a shutdown, a stuck retry.",
+            _q(
+                f"sum by (type, reason) (increase(workflows_handed_back_total[{_W}]))",
+                "{{type}} {{reason}}",
+            ),
+        ),
+        Panel(
             "Approval wait p50 / p99",
             "Time a workflow waited for a human answer before it was resumed.",
             _quantiles("workflow_interrupt_wait_seconds", "", ""),

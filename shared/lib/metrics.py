@@ -154,12 +154,14 @@ REGISTRY_HEARTBEAT_LAG = Histogram(
 __all__ += [
     "WORKFLOWS_ACTIVE",
     "WORKFLOWS_FINISHED",
+    "WORKFLOWS_HANDED_BACK",
     "WORKFLOWS_STARTED",
     "WORKFLOWS_STUCK",
     "WORKFLOW_APPROVALS_PENDING",
     "WORKFLOW_APPROVAL_OLDEST_WAIT",
     "WORKFLOW_DURATION",
     "WORKFLOW_EVENT_STREAMS",
+    "WORKFLOW_HANDBACK_REASONS",
     "WORKFLOW_INTERRUPT_WAIT",
     "WORKFLOW_NODE_DURATION",
 ]
@@ -177,6 +179,14 @@ WORKFLOW_NODE_DURATION = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 WORKFLOWS_ACTIVE = Gauge("workflows_active", "Workflows this replica is running now.", ["type"])
+#: Why a replica hands a running workflow back to be resumed from its checkpoint (runner).
+WORKFLOW_HANDBACK_REASONS = ("connection_lost", "lost_lock", "shutdown", "stuck", "vanished")
+WORKFLOWS_HANDED_BACK = Counter(
+    "workflows_handed_back_total",
+    "Running workflows this replica handed back to resume from their checkpoint, by why: a lost server "
+    "connection, a lost lock session, a shutdown, a stuck retry, a task ended by nobody here.",
+    ["type", "reason"],
+)
 WORKFLOWS_STUCK = Gauge("workflows_stuck", "Running workflows with no progress for AO_STUCK_AFTER_S.", ["type"])
 WORKFLOW_APPROVALS_PENDING = Gauge(
     "workflow_approvals_pending", "Workflows waiting on a human answer now (all replicas see the same value)."

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from agent_orchestrator.execution import Outcome
 from agent_orchestrator.records import WorkflowRecords
@@ -172,7 +173,7 @@ async def test_a_lost_connection_hands_a_run_back_five_times_whatever_its_attemp
     """A run that fails on a lost server connection is handed back to resume from its checkpoint,
     up to five such handbacks since it last waited for a person, however many times it was
     claimed before: a pr_deployment resumed after its approval was already at attempt 3 of the 5
-    it had, and a PostgreSQL restart then failed it for good."""
+    it had, and a PostgreSQL restart then failed it for good. Each handback is counted, by why."""
     pool = await create_pg_pool(database_url)
     claims: list[tuple[int, int]] = []
     finished: asyncio.Queue[object] = asyncio.Queue()
@@ -189,6 +190,8 @@ async def test_a_lost_connection_hands_a_run_back_five_times_whatever_its_attemp
     runner = WorkflowRunner(pool, settings_factory(), execute=execute, on_finished=on_finished)
     records = WorkflowRecords(pool, WorkflowStateManager(pool), runner.store)
     workflow_id = str(uuid.uuid4())
+    handed_back = {"type": "agent_chain", "reason": "connection_lost"}
+    before = REGISTRY.get_sample_value("workflows_handed_back_total", handed_back) or 0.0
     try:
         await records.create(workflow_id, "agent_chain", {"calls": []}, idempotency_key=None, trace={})
         await pool.execute("UPDATE workflow_runs SET attempts = 4 WHERE workflow_id = $1", workflow_id)  # resumed often
@@ -199,6 +202,7 @@ async def test_a_lost_connection_hands_a_run_back_five_times_whatever_its_attemp
         await pool.close()
     assert isinstance(outcome, psycopg.OperationalError), outcome
     assert claims == [(5 + i, i) for i in range(6)]  # handed back five times, failed at the sixth
+    assert REGISTRY.get_sample_value("workflows_handed_back_total", handed_back) == before + 5
 
 
 async def test_a_replica_claims_only_runs_of_the_types_it_has(
