@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,6 +78,14 @@ def _wait_ready(stack: Stack, timeout_s: float = 60) -> None:
     assert not pending, [sp.name for sp in pending]
 
 
+def _read_states(stack: Stack, api: httpx.Client, ids: list[str], *, times: int) -> list[int]:
+    """Read each workflow's state (through the checkpointer) ``times`` times, all at once: the
+    status codes."""
+    urls = [f"/workflows/{i}" for i in ids] * times
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(lambda url: api.get(url, params={"state": "true"}).status_code, urls))
+
+
 def _status(url: str) -> int:
     try:
         return httpx.get(url, timeout=2).status_code
@@ -88,7 +97,7 @@ def test_workflows_finish_across_a_postgres_crash(
     own_postgres: EmbeddedPostgres, server_urls: tuple[str, str], tmp_path: Path
 ) -> None:
     """Workflows running when PostgreSQL crashes all succeed once it is back, each deploy made once;
-    every service is ready again, still registered, and serves new workflows."""
+    every service is ready again, still registered, and serves new workflows and reads at once."""
     admin_url = own_postgres.running_url()
     assert admin_url is not None
     stack, db_name = start_stack((admin_url, server_urls[1]), tmp_path, docs=2)
@@ -102,8 +111,12 @@ def test_workflows_finish_across_a_postgres_crash(
             ids.append(_launch(api, "parallel_docs", {"repo_path": str(repos[0][0]), "modules": ["calc", "calc.ops"]}))
             while not any(wf["status"] == "running" for wf in api.get("/workflows").json()["items"]):
                 time.sleep(0.05)
+            _read_states(stack, api, ids, times=8)  # the checkpointer's pool opens several connections
             _crash_and_restart(own_postgres)
             _wait_ready(stack)
+            # ready means ready: no read meets a connection the crash killed (they answered 503)
+            codes = _read_states(stack, api, ids, times=4)
+            assert set(codes) == {200}, codes
             after = make_sample_repo(tmp_path / "after")
             ids.append(
                 _launch(
