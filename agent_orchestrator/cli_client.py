@@ -29,6 +29,8 @@ _STOPPED = TERMINAL_STATUSES | {"interrupted"}
 #: How long ``run --follow`` keeps reconnecting to a lost event stream before it gives up.
 _RECONNECT_S = 120.0
 _RECONNECT_PAUSE_S = 0.5
+#: How often ``run --follow`` says it is still reconnecting (a line every pause was noise).
+_RECONNECT_SAY_S = 10.0
 #: What a refused key means for the CLI, whose key is a setting, not a header the user writes.
 _KEY_HINT = (
     "the CLI sends AO_API_KEY, else the first of AO_API_KEYS, else the key of the stack `make up` "
@@ -170,6 +172,7 @@ def _see(ev: dict[str, Any], view: dict[str, Any]) -> str | None:
     """Take an event into the view; the status the workflow stopped at, if it did."""
     data = ev.get("data") or {}
     view["alive"] = time.monotonic()
+    view.pop("said_lost", None)  # back: the next loss is said at once
     view["last_id"] = ev.get("id", view.get("last_id"))
     if ev["event"] == "workflow.launched":
         view["workflow_id"] = data["workflow_id"]
@@ -227,7 +230,9 @@ def _leg(client: httpx.Client, body: dict[str, Any], view: dict[str, Any]) -> st
         if time.monotonic() - view["alive"] > _RECONNECT_S:
             see = f"; `agent-orchestrator status {view['workflow_id']}` shows it" if "workflow_id" in view else ""
             raise ServiceUnavailable(f"{e.message}; gave up after {_RECONNECT_S:.0f}s{see}") from e
-        _out.print(f"{e.message}; reconnecting", style="yellow")
+        if time.monotonic() - view.get("said_lost", -_RECONNECT_SAY_S) >= _RECONNECT_SAY_S:
+            _out.print(f"{e.message}; reconnecting", style="yellow")
+            view["said_lost"] = time.monotonic()
         time.sleep(_RECONNECT_PAUSE_S)
         return None
     return stopped

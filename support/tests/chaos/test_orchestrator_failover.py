@@ -113,7 +113,7 @@ def test_cli_follow_reconnects_across_an_orchestrator_restart(server_urls: tuple
             stack.restart(orchestrator)
             out, _ = cli.communicate("y\nbea\nafter a restart\n", timeout=180)
             assert cli.returncode == 0, out
-            assert "reconnecting" in out
+            assert 1 <= out.count("reconnecting") <= 2, out  # said once, not every half second
             assert "approve?" in out
             wf = api.get(f"/workflows/{wf_id}").json()
         assert wf["status"] == "succeeded", wf
